@@ -8,6 +8,7 @@
 pub mod assets;
 pub mod error;
 pub mod eval;
+pub mod inspect;
 pub mod io;
 pub mod kernels;
 pub mod model;

@@ -1,1 +1,34 @@
-fn main() {}
+//! The `lopper` command line. Raw flags are turned into validated requests here; the work is
+//! done by the library. Errors are printed with their cause chain and a hint, exit code 1.
+
+mod cli;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    if let Err(e) = run(args) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        if let Some(hint) = cli::hint(&e) {
+            eprintln!("hint: {hint}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(args: cli::Cli) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    match args.command {
+        cli::Command::Eval(a) => cli::eval::run(a),
+        cli::Command::Inspect(a) => cli::inspect::run(a),
+        cli::Command::Convert(a) => cli::convert::run(a),
+        cli::Command::Bench(a) => cli::bench::run(a),
+        cli::Command::Fetch => cli::fetch(),
+    }
+}

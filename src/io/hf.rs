@@ -1,9 +1,848 @@
-//! HF model directories: `config.json`, safetensors (single or sharded), `tokenizer.json`.
-use crate::{Model, Result};
-use std::path::Path;
+//! HF model directories: `config.json`, safetensors weights (single or sharded), `tokenizer.json`.
+//!
+//! [`load_dir`] reads a Llama / Mistral / Qwen2 directory as written by transformers (4.x or 5.x)
+//! or by [`crate::io::save::save_hf`]. Weights are memory-mapped: f32 tensors become zero-copy
+//! [`Tensor::mapped`] views, f16 / bf16 are converted to owned f32. Every tensor shape is checked
+//! against the config before it is used, and every byte range against the file, so a corrupt or
+//! mismatched directory gives an error naming the file instead of a panic.
+//!
+//! Structured pruning makes layers differ; such models carry a lopper extension in `config.json`,
+//! `"lopper_layers": [{"num_attention_heads", "num_key_value_heads", "intermediate_size"}, ...]`
+//! (one entry per layer, see [`LayerSpec`]). Without it every layer has the nominal shapes.
+//!
+//! The safetensors reader is public ([`SafetensorsFile`]) for other tools and tests.
+
+use crate::model::config::{Arch, Config, RopeScaling};
+use crate::model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
+use crate::{Error, Model, Result};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `config.json`.
+pub const CONFIG_FILE: &str = "config.json";
+/// Single-file weights.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Index of sharded weights.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// HF fast tokenizer.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Tokenizer settings (holds `chat_template` in transformers 4).
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// Chat template file written by transformers 5.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+/// The lopper per-layer shape extension key in `config.json`.
+pub const LOPPER_LAYERS_KEY: &str = "lopper_layers";
+
+/// Per-layer shapes: what structured pruning changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSpec {
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+}
+
+impl LayerSpec {
+    /// The nominal (unpruned) shapes of `config`.
+    pub fn nominal(config: &Config) -> LayerSpec {
+        LayerSpec {
+            num_attention_heads: config.num_attention_heads,
+            num_key_value_heads: config.num_key_value_heads,
+            intermediate_size: config.intermediate_size,
+        }
+    }
+
+    /// The shapes of a loaded layer (head counts from q/k rows divided by `head_dim`).
+    pub fn of_layer(layer: &LayerWeights, head_dim: usize) -> LayerSpec {
+        LayerSpec {
+            num_attention_heads: layer.n_heads(head_dim.max(1)),
+            num_key_value_heads: layer.n_kv_heads(head_dim.max(1)),
+            intermediate_size: layer.intermediate(),
+        }
+    }
+
+    /// Expected `[out, in]` weight shape of linear `kind` in a layer with these shapes.
+    pub fn linear_shape(&self, kind: LinearKind, hidden: usize, head_dim: usize) -> [usize; 2] {
+        let q = self.num_attention_heads * head_dim;
+        let kv = self.num_key_value_heads * head_dim;
+        let f = self.intermediate_size;
+        match kind {
+            LinearKind::Q => [q, hidden],
+            LinearKind::K | LinearKind::V => [kv, hidden],
+            LinearKind::O => [hidden, q],
+            LinearKind::Gate | LinearKind::Up => [f, hidden],
+            LinearKind::Down => [hidden, f],
+        }
+    }
+}
+
+/// Whether `config` gives linear `kind` a bias.
+pub fn has_bias(config: &Config, kind: LinearKind) -> bool {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V => config.qkv_bias,
+        LinearKind::O => config.o_bias,
+        LinearKind::Gate | LinearKind::Up | LinearKind::Down => config.mlp_bias,
+    }
+}
 
 /// Load an HF model directory.
 pub fn load_dir(dir: &Path) -> Result<Model> {
-    let _ = dir;
-    todo!("hf loader")
+    let cfg_path = dir.join(CONFIG_FILE);
+    let json = read_json(&cfg_path, |p, m| Error::config(p, m))?;
+    let config = parse_config(&json, &cfg_path)?;
+    let specs = parse_layer_specs(&json, &config, &cfg_path)?;
+    let store = TensorStore::open(dir)?;
+    let weights = load_weights(&store, &config, &specs)?;
+    let tokenizer = load_tokenizer(dir)?;
+    let chat_template = load_chat_template(dir)?;
+    Ok(Model {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+        source: dir.to_path_buf(),
+    })
+}
+
+/// Read and parse a JSON file; a parse failure becomes `err(path, msg)`.
+pub(crate) fn read_json(path: &Path, err: impl Fn(&Path, String) -> Error) -> Result<Value> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| err(path, format!("not valid JSON: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// config.json
+// ---------------------------------------------------------------------------------------------
+
+/// Parse an HF `config.json` (transformers 4 or 5 style) into a validated [`Config`].
+///
+/// `path` names the file in errors. The lopper per-layer extension is read separately by
+/// [`parse_layer_specs`].
+pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
+    let obj = json
+        .as_object()
+        .ok_or_else(|| Error::config(path, "the top level is not a JSON object"))?;
+    let f = Fields {
+        obj,
+        path,
+        what: "",
+    };
+    let arch = match f.str("model_type")? {
+        Some(t) => Arch::parse(t).ok_or_else(|| Error::UnsupportedArch {
+            path: path.to_path_buf(),
+            arch: t.to_string(),
+            supported: Arch::SUPPORTED,
+        })?,
+        None => arch_from_architectures(obj, path)?,
+    };
+    if let Some(act) = f.str("hidden_act")? {
+        if act != "silu" && act != "swish" {
+            return Err(Error::config(
+                path,
+                format!("unsupported hidden_act `{act}` (lopper implements silu)"),
+            ));
+        }
+    }
+    let hidden_size = f.req_usize("hidden_size")?;
+    let num_attention_heads = f.req_usize("num_attention_heads")?;
+    let num_key_value_heads = f
+        .usize("num_key_value_heads")?
+        .unwrap_or(num_attention_heads);
+    let head_dim = match f.usize("head_dim")? {
+        Some(d) => d,
+        None => {
+            if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "no head_dim and hidden_size {hidden_size} is not a multiple of \
+                         num_attention_heads {num_attention_heads}"
+                    ),
+                ));
+            }
+            hidden_size / num_attention_heads
+        }
+    };
+    let (rope_theta, rope_scaling) = parse_rope(obj, path)?;
+    let (qkv_bias, o_bias, mlp_bias) = match arch {
+        Arch::Llama => {
+            let ab = f.bool("attention_bias")?.unwrap_or(false);
+            (ab, ab, f.bool("mlp_bias")?.unwrap_or(false))
+        }
+        Arch::Mistral => (false, false, false),
+        Arch::Qwen2 => (true, false, false),
+    };
+    let default_max_pos = match arch {
+        Arch::Llama => 2048,
+        Arch::Mistral => 131072,
+        Arch::Qwen2 => 32768,
+    };
+    let config = Config {
+        arch,
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: f.req_usize("intermediate_size")?,
+        num_hidden_layers: f.req_usize("num_hidden_layers")?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings: f
+            .usize("max_position_embeddings")?
+            .unwrap_or(default_max_pos),
+        tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        bos_token_id: f.token_id("bos_token_id")?,
+        eos_token_id: f.token_id("eos_token_id")?,
+    };
+    config.validate(path)?;
+    Ok(config)
+}
+
+/// Per-layer shapes: the `lopper_layers` extension when present, else the nominal shapes.
+pub fn parse_layer_specs(json: &Value, config: &Config, path: &Path) -> Result<Vec<LayerSpec>> {
+    let n = config.num_hidden_layers;
+    let list = match json.get(LOPPER_LAYERS_KEY) {
+        None | Some(Value::Null) => return Ok(vec![LayerSpec::nominal(config); n]),
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            return Err(Error::config(
+                path,
+                format!("`{LOPPER_LAYERS_KEY}` must be a list"),
+            ))
+        }
+    };
+    if list.len() != n {
+        return Err(Error::config(
+            path,
+            format!(
+                "`{LOPPER_LAYERS_KEY}` has {} entries but num_hidden_layers is {n}",
+                list.len()
+            ),
+        ));
+    }
+    let mut specs = Vec::with_capacity(n);
+    for (i, entry) in list.iter().enumerate() {
+        let what = format!("{LOPPER_LAYERS_KEY}[{i}].");
+        let obj = entry
+            .as_object()
+            .ok_or_else(|| Error::config(path, format!("{what} is not an object")))?;
+        let f = Fields {
+            obj,
+            path,
+            what: &what,
+        };
+        let spec = LayerSpec {
+            num_attention_heads: f.req_usize("num_attention_heads")?,
+            num_key_value_heads: f.req_usize("num_key_value_heads")?,
+            intermediate_size: f.req_usize("intermediate_size")?,
+        };
+        let (h, kv) = (spec.num_attention_heads, spec.num_key_value_heads);
+        if (kv == 0 && h != 0) || (kv != 0 && h % kv != 0) {
+            return Err(Error::config(
+                path,
+                format!("layer {i}: num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"),
+            ));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn arch_from_architectures(obj: &Map<String, Value>, path: &Path) -> Result<Arch> {
+    let class = obj
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::config(path, "missing required field `model_type`"))?;
+    [Arch::Llama, Arch::Mistral, Arch::Qwen2]
+        .into_iter()
+        .find(|a| a.hf_class() == class)
+        .ok_or_else(|| Error::UnsupportedArch {
+            path: path.to_path_buf(),
+            arch: class.to_string(),
+            supported: Arch::SUPPORTED,
+        })
+}
+
+/// Both RoPE spellings: transformers 5 `rope_parameters`, or top-level `rope_theta` + `rope_scaling`.
+fn parse_rope(obj: &Map<String, Value>, path: &Path) -> Result<(f64, RopeScaling)> {
+    let top = Fields {
+        obj,
+        path,
+        what: "",
+    };
+    let top_theta = top.f64("rope_theta")?;
+    let (params, what) = match obj.get("rope_parameters") {
+        Some(Value::Object(p)) => {
+            // Per-attention-type form ({"full_attention": {...}}) used by some v5 models.
+            let p = match p.get("full_attention") {
+                Some(Value::Object(inner)) if !p.contains_key("rope_type") => inner,
+                _ => p,
+            };
+            (Some(p), "rope_parameters.")
+        }
+        None | Some(Value::Null) => match obj.get("rope_scaling") {
+            Some(Value::Object(s)) => (Some(s), "rope_scaling."),
+            None | Some(Value::Null) => (None, ""),
+            Some(_) => {
+                return Err(Error::config(
+                    path,
+                    "`rope_scaling` must be an object or null",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(Error::config(
+                path,
+                "`rope_parameters` must be an object or null",
+            ))
+        }
+    };
+    let Some(params) = params else {
+        return Ok((top_theta.unwrap_or(10000.0), RopeScaling::Default));
+    };
+    let f = Fields {
+        obj: params,
+        path,
+        what,
+    };
+    let theta = f.f64("rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let kind = match f.str("rope_type")? {
+        Some(t) => t,
+        None => f.str("type")?.unwrap_or("default"),
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: f.req_f64("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: f.req_f64("factor")?,
+            low_freq_factor: f.req_f64("low_freq_factor")?,
+            high_freq_factor: f.req_f64("high_freq_factor")?,
+            original_max_position_embeddings: f.req_usize("original_max_position_embeddings")?,
+        },
+        other => return Err(Error::config(
+            path,
+            format!(
+                "{what}rope_type `{other}` is not supported (supported: default, linear, llama3)"
+            ),
+        )),
+    };
+    Ok((theta, scaling))
+}
+
+/// Typed field access on a JSON object, with errors naming the file and the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+    /// Prefix for field names in messages (e.g. `rope_scaling.`).
+    what: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+    fn bad(&self, key: &str, want: &str, got: &Value) -> Error {
+        Error::config(
+            self.path,
+            format!("field `{}{key}` must be {want}, got {got}", self.what),
+        )
+    }
+    fn missing(&self, key: &str) -> Error {
+        Error::config(
+            self.path,
+            format!("missing required field `{}{key}`", self.what),
+        )
+    }
+    fn str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a string", v)),
+        }
+    }
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a non-negative integer", v)),
+        }
+    }
+    fn req_usize(&self, key: &str) -> Result<usize> {
+        self.usize(key)?.ok_or_else(|| self.missing(key))
+    }
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a number", v)),
+        }
+    }
+    fn req_f64(&self, key: &str) -> Result<f64> {
+        self.f64(key)?.ok_or_else(|| self.missing(key))
+    }
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "true or false", v)),
+        }
+    }
+    /// A token id: a number, or a list whose first element is used (HF allows several EOS ids).
+    fn token_id(&self, key: &str) -> Result<Option<u32>> {
+        let v = match self.get(key) {
+            None => return Ok(None),
+            Some(Value::Array(a)) => match a.first() {
+                None => return Ok(None),
+                Some(first) => first,
+            },
+            Some(v) => v,
+        };
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| self.bad(key, "a token id (or a list of them)", v))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+// ---------------------------------------------------------------------------------------------
+
+/// One tensor's header entry; `start..end` are absolute byte offsets into the mapped file.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A memory-mapped safetensors file whose header has been checked against the file size.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Arc<memmap2::Mmap>,
+    entries: HashMap<String, Entry>,
+}
+
+/// Bytes per element of a safetensors dtype, when known.
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    /// Map `path` and parse its header. Every data range is checked to lie inside the file.
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let bad = |msg: String| Error::format(path, "safetensors", msg);
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 8 {
+            return Err(bad(format!(
+                "file is {len} bytes, too short for the 8-byte header length"
+            )));
+        }
+        // SAFETY: the file is opened read-only; lopper never writes to a file it has mapped.
+        // (Another process truncating it meanwhile is outside what any mmap reader can defend.)
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let map = Arc::new(map);
+        let file_len = map.len();
+        let mut n8 = [0u8; 8];
+        n8.copy_from_slice(&map[..8]);
+        let n = u64::from_le_bytes(n8);
+        let avail = (file_len - 8) as u64;
+        if n > avail {
+            return Err(bad(format!(
+                "header length {n} runs past the end of the file ({file_len} bytes): \
+                 truncated or not a safetensors file"
+            )));
+        }
+        let data_start = 8 + n as usize;
+        let header: Value = serde_json::from_slice(&map[8..data_start])
+            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let data_len = file_len - data_start;
+        let mut entries = HashMap::with_capacity(obj.len());
+        for (name, v) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let field = |k: &str| {
+                v.get(k)
+                    .ok_or_else(|| bad(format!("tensor `{name}` has no `{k}`")))
+            };
+            let dtype = field("dtype")?
+                .as_str()
+                .ok_or_else(|| bad(format!("tensor `{name}`: dtype is not a string")))?
+                .to_string();
+            let shape = field("shape")?
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                        .collect::<Option<Vec<usize>>>()
+                })
+                .ok_or_else(|| bad(format!("tensor `{name}`: shape is not a list of sizes")))?;
+            let offs = field("data_offsets")?
+                .as_array()
+                .filter(|a| a.len() == 2)
+                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+                .ok_or_else(|| bad(format!("tensor `{name}`: data_offsets is not [begin, end]")))?;
+            let (b, e) = offs;
+            if b > e || e > data_len as u64 {
+                return Err(bad(format!(
+                    "tensor `{name}`: data offsets [{b}, {e}] lie outside the {data_len}-byte data \
+                     section (truncated file?)"
+                )));
+            }
+            if let Some(size) = dtype_size(&dtype) {
+                let need = shape
+                    .iter()
+                    .try_fold(size, |acc, &d| acc.checked_mul(d))
+                    .ok_or_else(|| bad(format!("tensor `{name}`: shape {shape:?} overflows")))?;
+                if need as u64 != e - b {
+                    return Err(bad(format!(
+                        "tensor `{name}`: {dtype} {shape:?} needs {need} bytes but its data \
+                         offsets span {}",
+                        e - b
+                    )));
+                }
+            }
+            let entry = Entry {
+                dtype,
+                shape,
+                start: data_start + b as usize,
+                end: data_start + e as usize,
+            };
+            entries.insert(name.clone(), entry);
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            entries,
+        })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// True when the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The safetensors dtype (e.g. `"F32"`) and shape of `name`.
+    pub fn info(&self, name: &str) -> Option<(&str, &[usize])> {
+        self.entries
+            .get(name)
+            .map(|e| (e.dtype.as_str(), e.shape.as_slice()))
+    }
+
+    /// Raw little-endian bytes of `name` (for integer tensors and other non-float data).
+    pub fn raw(&self, name: &str) -> Option<&[u8]> {
+        self.entries.get(name).map(|e| &self.map[e.start..e.end])
+    }
+
+    /// `name` as f32: F32 mapped without copying when aligned, F16 / BF16 converted.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })?;
+        let bytes = &self.map[e.start..e.end];
+        let shape = e.shape.clone();
+        let data = match e.dtype.as_str() {
+            "F32" => {
+                if cfg!(target_endian = "little") {
+                    if let Some(t) = Tensor::mapped(shape.clone(), self.map.clone(), e.start) {
+                        return Ok(t);
+                    }
+                }
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            }
+            "F16" => convert_half::<f16>(bytes),
+            "BF16" => convert_half::<bf16>(bytes),
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    dtype: format!("{other} (lopper reads F32, F16 and BF16)"),
+                })
+            }
+        };
+        Ok(Tensor::new(shape, data))
+    }
+}
+
+/// Little-endian 16-bit floats to f32, in parallel for large tensors.
+fn convert_half<T>(bytes: &[u8]) -> Vec<f32>
+where
+    T: bytemuck::Pod + Send + Sync + HalfFrom16,
+    [T]: HalfFloatSliceExt,
+{
+    let n = bytes.len() / 2;
+    let mut out = vec![0f32; n];
+    const CHUNK: usize = 1 << 16;
+    let aligned = bytes.as_ptr() as usize % 2 == 0 && cfg!(target_endian = "little");
+    if aligned {
+        let src: &[T] = bytemuck::cast_slice(&bytes[..n * 2]);
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, s)| s.convert_to_f32_slice(o));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(bytes.par_chunks(CHUNK * 2))
+            .for_each(|(o, s)| {
+                for (o, c) in o.iter_mut().zip(s.chunks_exact(2)) {
+                    *o = T::from_le(u16::from_le_bytes([c[0], c[1]]));
+                }
+            });
+    }
+    out
+}
+
+/// 16-bit float types built from their bits.
+trait HalfFrom16 {
+    fn from_le(bits: u16) -> f32;
+}
+impl HalfFrom16 for f16 {
+    fn from_le(bits: u16) -> f32 {
+        f16::from_bits(bits).to_f32()
+    }
+}
+impl HalfFrom16 for bf16 {
+    fn from_le(bits: u16) -> f32 {
+        bf16::from_bits(bits).to_f32()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// weights
+// ---------------------------------------------------------------------------------------------
+
+/// The safetensors files of a directory and which holds each tensor.
+struct TensorStore {
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    owner: HashMap<String, usize>,
+    /// The file named in "missing tensor" errors (the weights file or the shard index).
+    root: PathBuf,
+}
+
+impl TensorStore {
+    fn open(dir: &Path) -> Result<TensorStore> {
+        let single = dir.join(WEIGHTS_FILE);
+        if single.is_file() {
+            let file = SafetensorsFile::open(&single)?;
+            let owner = file.entries.keys().map(|k| (k.clone(), 0)).collect();
+            return Ok(TensorStore {
+                files: vec![file],
+                owner,
+                root: single,
+            });
+        }
+        let index = dir.join(INDEX_FILE);
+        if !index.is_file() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors weights are supported)"),
+                ),
+            ));
+        }
+        let bad = |msg: String| Error::format(&index, "safetensors index", msg);
+        let json = read_json(&index, |p, m| Error::format(p, "safetensors index", m))?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut shard_names = BTreeSet::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                bad(format!(
+                    "weight_map entry for `{tensor}` is not a file name"
+                ))
+            })?;
+            let p = Path::new(file);
+            let plain = p.components().count() == 1
+                && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                return Err(bad(format!(
+                    "shard `{file}` is not a plain file name in the directory"
+                )));
+            }
+            shard_names.insert(file);
+        }
+        let shard_names: Vec<&str> = shard_names.into_iter().collect();
+        let files = shard_names
+            .iter()
+            .map(|f| SafetensorsFile::open(&dir.join(f)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut owner = HashMap::with_capacity(map.len());
+        for (tensor, file) in map {
+            if let Some(i) = shard_names.iter().position(|s| Some(*s) == file.as_str()) {
+                owner.insert(tensor.clone(), i);
+            }
+        }
+        Ok(TensorStore {
+            files,
+            owner,
+            root: index,
+        })
+    }
+
+    /// Tensor `name`, checked to have shape `expected`.
+    fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let missing = |path: &Path| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+        };
+        let file = match self.owner.get(name) {
+            Some(&i) => &self.files[i],
+            None => return Err(missing(&self.root)),
+        };
+        let (_, shape) = file.info(name).ok_or_else(|| missing(file.path()))?;
+        if shape != expected {
+            return Err(Error::Shape {
+                path: file.path().to_path_buf(),
+                tensor: name.to_string(),
+                got: shape.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        file.tensor(name)
+    }
+}
+
+fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Result<Weights> {
+    let (h, hd, vocab) = (config.hidden_size, config.head_dim, config.vocab_size);
+    let embed = store.get("model.embed_tokens.weight", &[vocab, h])?;
+    let mut layers = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let lin = |kind: LinearKind| -> Result<Linear> {
+            let shape = spec.linear_shape(kind, h, hd);
+            let weight = store.get(&format!("{p}.{}.weight", kind.hf_name()), &shape)?;
+            let bias = if has_bias(config, kind) {
+                Some(store.get(&format!("{p}.{}.bias", kind.hf_name()), &shape[..1])?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        };
+        layers.push(LayerWeights {
+            attn_norm: store.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            q: lin(LinearKind::Q)?,
+            k: lin(LinearKind::K)?,
+            v: lin(LinearKind::V)?,
+            o: lin(LinearKind::O)?,
+            mlp_norm: store.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            gate: lin(LinearKind::Gate)?,
+            up: lin(LinearKind::Up)?,
+            down: lin(LinearKind::Down)?,
+        });
+    }
+    let final_norm = store.get("model.norm.weight", &[h])?;
+    let lm_head = if config.tie_word_embeddings {
+        None
+    } else {
+        Some(store.get("lm_head.weight", &[vocab, h])?)
+    };
+    Ok(Weights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokenizer
+// ---------------------------------------------------------------------------------------------
+
+fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    tokenizers::Tokenizer::from_file(&path)
+        .map(Some)
+        .map_err(|e| Error::Tokenizer {
+            path,
+            msg: format!("cannot load: {e}"),
+        })
+}
+
+/// `chat_template.jinja` (transformers 5), else `chat_template` of `tokenizer_config.json`.
+fn load_chat_template(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join(CHAT_TEMPLATE_FILE);
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| Error::io(&jinja, e));
+    }
+    let path = dir.join(TOKENIZER_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let json = read_json(&path, |p, msg| Error::Tokenizer {
+        path: p.to_path_buf(),
+        msg,
+    })?;
+    Ok(match json.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        // Older form: a list of {"name", "template"}; prefer "default".
+        Some(Value::Array(list)) => {
+            let named = |n: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some(n))
+            };
+            named("default")
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        _ => None,
+    })
 }

@@ -1,0 +1,148 @@
+//! Numeric kernels. They work on plain `f32` slices and know nothing about models.
+//!
+//! Every kernel with a fast path (GEMM via the `gemm` crate, SIMD-vectorised loops, threads) has
+//! a `*_naive` reference next to it; `tests/kernels.rs` checks one against the other.
+//!
+//! SIMD: element-wise loops are written once as `#[inline(always)]` scalar code and compiled a
+//! second time inside a `#[target_feature(enable = "avx512f,...")]` wrapper, picked at run time
+//! ([`has_avx512`]); LLVM vectorises the loop body in that copy. The code stays portable.
+
+pub mod attention;
+pub mod ops;
+pub mod probe;
+
+pub use attention::{causal_attention, causal_attention_naive};
+pub use ops::*;
+
+/// Number of threads the kernels may use (rayon's pool size).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// True when the CPU has the AVX-512 subset the vectorised paths use.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (+ `out` when `accumulate`), row-major, via the `gemm` crate.
+///
+/// This is a linear layer's product: `w` is the PyTorch `[out_features, in_features]` weight.
+/// Uses all rayon threads when the problem is large enough.
+pub fn matmul_t(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_t: bad sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let flops = 2 * m * n * k;
+    let par = if flops >= 1 << 22 && threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: sizes checked above; strides describe row-major x, transposed w, row-major out.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Reference for [`matmul_t`]: triple loop with f64 accumulation.
+pub fn matmul_t_naive(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                s += x[i * k + p] as f64 * w[j * k + p] as f64;
+            }
+            let prev = if accumulate { out[i * n + j] } else { 0.0 };
+            out[i * n + j] = prev + s as f32;
+        }
+    }
+}
+
+/// A general strided single-threaded GEMM: `dst = (accumulate ? dst : 0) + alpha · lhs · rhs`.
+///
+/// Matrices are given as (pointer, row stride, column stride) in elements.
+/// # Safety
+/// All pointers must be valid for the strided extents `m×k`, `k×n`, `m×n`, and `dst` must not
+/// alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    alpha: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0f32,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// A raw pointer that may cross threads; users guarantee disjoint writes.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}

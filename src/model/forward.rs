@@ -1,0 +1,183 @@
+//! The forward pass of a Llama-family decoder, as plain functions over plain data.
+//!
+//! `h` (the residual stream) is `[batch·seq, hidden]`; each of the `batch` sequences is an
+//! independent window starting at position 0. Per block (HF `LlamaDecoderLayer`):
+//! `h += o(attn(rope(q(n₁(h))), rope(k(n₁(h))), v(n₁(h))))`, then
+//! `h += down(silu(gate(n₂(h))) · up(n₂(h)))`, with RMSNorms `n₁`, `n₂`.
+//! Head counts and widths are read from each layer's weight shapes, so structurally pruned
+//! models with non-uniform layers run through the same code.
+//!
+//! An [`Observer`] sees every linear layer's input and each block's input/output.
+
+use crate::kernels::{self, attention::AttnDims};
+use crate::model::config::Config;
+use crate::model::observer::{Observer, Site};
+use crate::model::rope::Rope;
+use crate::model::weights::{LayerWeights, Linear, Weights};
+use crate::{Error, Model, Result};
+
+/// Reusable activation buffers for [`block_forward`].
+#[derive(Debug, Default)]
+pub struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+fn resize(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `out[rows, out_features] = x · Wᵀ + b` (or `out += …` when `accumulate`).
+pub fn linear(lin: &Linear, x: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
+    let (n, k) = (lin.out_features(), lin.in_features());
+    kernels::matmul_t(x, lin.weight.data(), out, rows, k, n, accumulate);
+    if let Some(b) = &lin.bias {
+        kernels::add_bias(&mut out[..rows * n], b.data());
+    }
+}
+
+/// Run block `layer` over `h` in place.
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward(
+    cfg: &Config,
+    layer: usize,
+    lw: &LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    batch: usize,
+    seq: usize,
+    s: &mut Scratch,
+    obs: &mut dyn Observer,
+) {
+    let d = cfg.hidden_size;
+    let rows = batch * seq;
+    let hd = cfg.head_dim;
+    let dims = AttnDims {
+        n_heads: lw.n_heads(hd),
+        n_kv_heads: lw.n_kv_heads(hd),
+        head_dim: hd,
+    };
+    let (qw, kw) = (dims.n_heads * hd, dims.n_kv_heads * hd);
+    let inter = lw.intermediate();
+    let eps = cfg.rms_norm_eps as f32;
+    let want = obs.wants_linear_inputs(layer);
+    obs.block_input(layer, h, rows, d);
+
+    // Attention.
+    let xn = resize(&mut s.xn, rows * d);
+    kernels::rmsnorm(h, lw.attn_norm.data(), eps, xn);
+    if want {
+        obs.linear_input(layer, Site::AttnIn, xn, rows, d);
+    }
+    let q = resize(&mut s.q, rows * qw);
+    linear(&lw.q, xn, rows, q, false);
+    let k = resize(&mut s.k, rows * kw);
+    linear(&lw.k, xn, rows, k, false);
+    let v = resize(&mut s.v, rows * kw);
+    linear(&lw.v, xn, rows, v, false);
+    rope.apply(q, dims.n_heads, seq, 0);
+    rope.apply(k, dims.n_kv_heads, seq, 0);
+    let attn = resize(&mut s.attn, rows * qw);
+    let scale = 1.0 / (hd as f32).sqrt();
+    for b in 0..batch {
+        let (r0, r1) = (b * seq, (b + 1) * seq);
+        kernels::causal_attention(
+            &q[r0 * qw..r1 * qw],
+            &k[r0 * kw..r1 * kw],
+            &v[r0 * kw..r1 * kw],
+            &mut attn[r0 * qw..r1 * qw],
+            seq,
+            seq,
+            dims,
+            scale,
+        );
+    }
+    if want {
+        obs.linear_input(layer, Site::AttnOut, attn, rows, qw);
+    }
+    linear(&lw.o, attn, rows, h, true);
+
+    // MLP.
+    let xn = resize(&mut s.xn, rows * d);
+    kernels::rmsnorm(h, lw.mlp_norm.data(), eps, xn);
+    if want {
+        obs.linear_input(layer, Site::MlpIn, xn, rows, d);
+    }
+    let gate = resize(&mut s.gate, rows * inter);
+    linear(&lw.gate, xn, rows, gate, false);
+    let up = resize(&mut s.up, rows * inter);
+    linear(&lw.up, xn, rows, up, false);
+    kernels::silu_mul(gate, up);
+    if want {
+        obs.linear_input(layer, Site::MlpDown, gate, rows, inter);
+    }
+    linear(&lw.down, gate, rows, h, true);
+    obs.block_output(layer, h, rows, d);
+}
+
+/// Embedding lookup: `[tokens.len(), hidden]`.
+pub fn embed(w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
+    let (vocab, d) = (w.embed.rows(), w.embed.cols());
+    let e = w.embed.data();
+    let mut h = vec![0f32; tokens.len() * d];
+    for (row, &t) in h.chunks_mut(d).zip(tokens) {
+        let t = t as usize;
+        if t >= vocab {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        row.copy_from_slice(&e[t * d..(t + 1) * d]);
+    }
+    Ok(h)
+}
+
+/// Run `batch` windows of `seq` tokens (`tokens.len() == batch·seq`) through every block and
+/// the final norm; returns the normed hidden states `[batch·seq, hidden]`.
+pub fn forward_hidden(
+    model: &Model,
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    obs: &mut dyn Observer,
+) -> Result<Vec<f32>> {
+    if tokens.len() != batch * seq {
+        return Err(Error::Invalid(format!(
+            "{} tokens do not form {batch} windows of {seq}",
+            tokens.len()
+        )));
+    }
+    let cfg = &model.config;
+    let mut h = embed(&model.weights, tokens)?;
+    let rope = Rope::new(cfg, seq);
+    let mut scratch = Scratch::default();
+    for (i, lw) in model.weights.layers.iter().enumerate() {
+        block_forward(cfg, i, lw, &rope, &mut h, batch, seq, &mut scratch, obs);
+    }
+    let mut out = vec![0f32; h.len()];
+    kernels::rmsnorm(&h, model.weights.final_norm.data(), cfg.rms_norm_eps as f32, &mut out);
+    Ok(out)
+}
+
+/// Logits `[rows, vocab]` for normed hidden states `[rows, hidden]`.
+pub fn logits(w: &Weights, hidden: &[f32], rows: usize) -> Vec<f32> {
+    let head = w.lm_head();
+    let (vocab, d) = (head.rows(), head.cols());
+    let mut out = vec![0f32; rows * vocab];
+    kernels::matmul_t(hidden, head.data(), &mut out, rows, d, vocab, false);
+    out
+}
+
+/// Full logits `[tokens.len(), vocab]` of one window (for short inputs and tests).
+pub fn forward_logits(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
+    let h = forward_hidden(model, tokens, 1, tokens.len(), &mut crate::model::observer::NoObserver)?;
+    Ok(logits(&model.weights, &h, tokens.len()))
+}

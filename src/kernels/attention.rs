@@ -1,0 +1,159 @@
+//! Causal grouped-query attention (softmax(QKᵀ·scale + causal mask)·V) for one sequence.
+//!
+//! Layout: `q` is `[tq, n_heads·head_dim]`, `k`/`v` are `[tk, n_kv_heads·head_dim]`, row-major,
+//! RoPE already applied. Query row `i` sits at absolute position `tk − tq + i` and sees keys
+//! `0..=tk − tq + i`, which covers full-sequence prefill (`tq == tk`) and cached decode
+//! (`tq == 1`). Query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
+//!
+//! The fast path splits work into (head, block of 64 query rows) tasks over rayon; each task
+//! computes its score block with one GEMM, only up to the last key its rows can see, applies the
+//! causal softmax and multiplies by V with a second GEMM, writing a disjoint tile of `out`.
+
+use super::{gemm_strided, softmax_prefix, SendPtr};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Head counts of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+const QB: usize = 64;
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn check(q: &[f32], k: &[f32], v: &[f32], out: &[f32], tq: usize, tk: usize, d: AttnDims) {
+    assert!(tq <= tk, "attention: more queries than keys");
+    assert!(d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0, "attention: bad GQA grouping");
+    let qw = d.n_heads * d.head_dim;
+    let kw = d.n_kv_heads * d.head_dim;
+    assert!(q.len() >= tq * qw && out.len() >= tq * qw, "attention: q/out too small");
+    assert!(k.len() >= tk * kw && v.len() >= tk * kw, "attention: k/v too small");
+}
+
+/// Fast causal attention; see the module docs for layouts.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tq: usize,
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+) {
+    check(q, k, v, out, tq, tk, d);
+    if tq == 0 {
+        return;
+    }
+    let hd = d.head_dim;
+    let qw = (d.n_heads * hd) as isize;
+    let kw = (d.n_kv_heads * hd) as isize;
+    let group = d.n_heads / d.n_kv_heads;
+    let blocks = tq.div_ceil(QB);
+    let past = tk - tq;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..d.n_heads * blocks).into_par_iter().for_each(|task| {
+        let out_ptr = out_ptr;
+        let (h, b) = (task / blocks, task % blocks);
+        let g = h / group;
+        let r0 = b * QB;
+        let r1 = (r0 + QB).min(tq);
+        let rows = r1 - r0;
+        let kend = past + r1;
+        SCORES.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < rows * kend {
+                s.resize(rows * kend, 0.0);
+            }
+            let scores = &mut s[..rows * kend];
+            // SAFETY: all extents are within the slices checked in `check`; `scores` is a
+            // private buffer; each task writes a distinct (rows r0..r1, head h) tile of `out`.
+            unsafe {
+                gemm_strided(
+                    rows,
+                    kend,
+                    hd,
+                    scores.as_mut_ptr(),
+                    kend as isize,
+                    1,
+                    false,
+                    q.as_ptr().offset(r0 as isize * qw + (h * hd) as isize),
+                    qw,
+                    1,
+                    k.as_ptr().add(g * hd),
+                    1,
+                    kw,
+                    scale,
+                );
+            }
+            for (i, row) in scores.chunks_mut(kend).enumerate() {
+                softmax_prefix(row, past + r0 + i + 1);
+            }
+            unsafe {
+                gemm_strided(
+                    rows,
+                    hd,
+                    kend,
+                    out_ptr.0.offset(r0 as isize * qw + (h * hd) as isize),
+                    qw,
+                    1,
+                    false,
+                    scores.as_ptr(),
+                    kend as isize,
+                    1,
+                    v.as_ptr().add(g * hd),
+                    kw,
+                    1,
+                    1.0,
+                );
+            }
+        });
+    });
+}
+
+/// Reference causal attention with f64 accumulation and exact `exp`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_naive(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tq: usize,
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+) {
+    check(q, k, v, out, tq, tk, d);
+    let hd = d.head_dim;
+    let qw = d.n_heads * hd;
+    let kw = d.n_kv_heads * hd;
+    let group = d.n_heads / d.n_kv_heads;
+    for h in 0..d.n_heads {
+        let g = h / group;
+        for i in 0..tq {
+            let n = tk - tq + i + 1;
+            let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
+            let sc: Vec<f64> = (0..n)
+                .map(|j| {
+                    let kj = &k[j * kw + g * hd..j * kw + (g + 1) * hd];
+                    qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for c in 0..hd {
+                let acc: f64 = (0..n).map(|j| e[j] * v[j * kw + g * hd + c] as f64).sum();
+                out[i * qw + h * hd + c] = (acc / z) as f32;
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Machine probes for reading benchmark figures against physical limits: peak FMA rate and
+//! attainable GEMM rate. They measure; they do not assume a clock frequency.
+
+use std::time::Instant;
+
+/// FLOPs of one call of the FMA loop per iteration: 12 accumulators × lanes × 2.
+const ACC: usize = 12;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: usize) -> (f32, usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(0.0); ACC];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm512_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut s = 0.0;
+    for r in acc {
+        s += _mm512_reduce_add_ps(r);
+    }
+    (s, iters * ACC * 16 * 2)
+}
+
+fn fma_loop_scalar(iters: usize) -> (f32, usize) {
+    let mut acc = [0f32; ACC * 8];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = r.mul_add(0.999_999, 1e-7);
+        }
+    }
+    (acc.iter().sum(), iters * ACC * 8 * 2)
+}
+
+fn fma_loop(iters: usize) -> (f32, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: feature checked at run time.
+        return unsafe { fma_loop_avx512(iters) };
+    }
+    fma_loop_scalar(iters)
+}
+
+/// Peak f32 FMA throughput in GFLOP/s with `threads` threads all running (rayon pool).
+pub fn peak_fma_gflops(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let iters = 20_000_000;
+    let _ = fma_loop(iters / 20); // warm up clocks
+    let t0 = Instant::now();
+    let flops: usize = (0..threads)
+        .into_par_iter()
+        .map(|_| {
+            let (s, f) = fma_loop(iters);
+            std::hint::black_box(s);
+            f
+        })
+        .sum();
+    flops as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// Attained GFLOP/s of [`super::matmul_t`] on an `m×k · (n×k)ᵀ` product (best of `reps`).
+pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) * 0.01).collect();
+    let mut out = vec![0f32; m * n];
+    super::matmul_t(&x, &w, &mut out, m, k, n, false);
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        super::matmul_t(&x, &w, &mut out, m, k, n, false);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&out);
+    2.0 * (m * n * k) as f64 / best / 1e9
+}

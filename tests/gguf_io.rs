@@ -1,0 +1,451 @@
+//! GGUF loading: the real default model against transformers' golden weights, dequantization of
+//! every supported type on synthetic files, tiny synthetic llama/qwen2 models (q/k un-permutation,
+//! biases, per-layer head counts), and corrupt input that must fail with a useful error.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use lopper::io::gguf::{self, permute_rows, GgufFile};
+use lopper::{Arch, Error, LinearKind};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+// ---------------------------------------------------------------- helpers
+
+/// Deterministic values in [-1, 1).
+fn rnd(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn qt(shape: &[usize], data: &[f32], dtype: GgmlDType) -> QTensor {
+    let t = candle_core::Tensor::from_vec(data.to_vec(), shape, &candle_core::Device::Cpu).expect("tensor");
+    QTensor::quantize(&t, dtype).expect("quantize")
+}
+
+fn write_gguf(path: &Path, meta: &[(String, Value)], tensors: &[(String, QTensor)]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &m, &t).expect("write gguf");
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Assert `r` failed, its message names `path` and contains every one of `needles`.
+fn expect_err<T>(r: lopper::Result<T>, path: &Path, needles: &[&str]) -> Error {
+    let e = match r {
+        Ok(_) => panic!("{} loaded but should have failed", path.display()),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(msg.contains(&path.display().to_string()), "message does not name the file: {msg}");
+    for n in needles {
+        assert!(msg.contains(n), "message lacks `{n}`: {msg}");
+    }
+    e
+}
+
+/// Byte position of tensor `name`'s ggml type field in a GGUF v2/v3 file written by candle.
+fn dtype_field(bytes: &[u8], name: &str) -> usize {
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name.as_bytes());
+    let p = bytes.windows(needle.len()).position(|w| w == needle).expect("tensor name in file");
+    let dims_at = p + needle.len();
+    let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    dims_at + 4 + 8 * n_dims
+}
+
+// ------------------------------------------------------ tiny synthetic models
+
+/// Shapes of a tiny model; `layer_heads` etc. give one entry per layer.
+struct Tiny {
+    arch: &'static str,
+    hidden: usize,
+    head_dim: usize,
+    layer_heads: Vec<(usize, usize, usize)>, // (heads, kv_heads, ffn)
+    tied: bool,
+    bias: bool,
+}
+
+impl Tiny {
+    fn llama() -> Tiny {
+        Tiny { arch: "llama", hidden: 256, head_dim: 64, layer_heads: vec![(4, 2, 512)], tied: true, bias: false }
+    }
+}
+
+const VOCAB: usize = 256;
+
+/// Metadata, GGUF tensors (F32, q/k permuted for llama) and the HF-layout source tensors.
+type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>, HashMap<String, Vec<f32>>);
+
+fn tiny_parts(spec: &Tiny) -> Parts {
+    let (a, h, hd) = (spec.arch, spec.hidden, spec.head_dim);
+    let n = spec.layer_heads.len();
+    let per_layer = spec.layer_heads.windows(2).any(|w| w[0] != w[1]);
+    let arr = |f: fn(&(usize, usize, usize)) -> usize| -> Value {
+        if per_layer {
+            Value::Array(spec.layer_heads.iter().map(|x| Value::U32(f(x) as u32)).collect())
+        } else {
+            Value::U32(f(&spec.layer_heads[0]) as u32)
+        }
+    };
+    let meta = vec![
+        ("general.architecture".to_string(), Value::String(a.into())),
+        (format!("{a}.block_count"), Value::U32(n as u32)),
+        (format!("{a}.embedding_length"), Value::U32(h as u32)),
+        (format!("{a}.feed_forward_length"), arr(|x| x.2)),
+        (format!("{a}.attention.head_count"), arr(|x| x.0)),
+        (format!("{a}.attention.head_count_kv"), arr(|x| x.1)),
+        (format!("{a}.attention.key_length"), Value::U32(hd as u32)),
+        (format!("{a}.rope.freq_base"), Value::F32(100000.0)),
+        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{a}.context_length"), Value::U32(1024)),
+    ];
+    let mut hf = HashMap::new();
+    let mut tensors = Vec::new();
+    let mut seed = 1;
+    let mut add = |name: String, shape: Vec<usize>, permute: Option<usize>| {
+        seed += 1;
+        let data = rnd(seed, shape.iter().product());
+        let stored = match permute {
+            Some(heads) if a == "llama" => permute_rows(&data, heads, hd, if shape.len() == 2 { shape[1] } else { 1 }),
+            _ => data.clone(),
+        };
+        tensors.push((name.clone(), qt(&shape, &stored, GgmlDType::F32)));
+        hf.insert(name, data);
+    };
+    add("token_embd.weight".into(), vec![VOCAB, h], None);
+    for (i, &(nh, nkv, ff)) in spec.layer_heads.iter().enumerate() {
+        let p = format!("blk.{i}");
+        add(format!("{p}.attn_norm.weight"), vec![h], None);
+        for (name, out, inp, heads) in [
+            ("attn_q", nh * hd, h, Some(nh)),
+            ("attn_k", nkv * hd, h, Some(nkv)),
+            ("attn_v", nkv * hd, h, None),
+            ("attn_output", h, nh * hd, None),
+            ("ffn_gate", ff, h, None),
+            ("ffn_up", ff, h, None),
+            ("ffn_down", h, ff, None),
+        ] {
+            add(format!("{p}.{name}.weight"), vec![out, inp], heads);
+            let qkv = matches!(name, "attn_q" | "attn_k" | "attn_v");
+            if (spec.bias && !(a == "qwen2" && !qkv)) || (a == "qwen2" && qkv) {
+                add(format!("{p}.{name}.bias"), vec![out], heads);
+            }
+        }
+        add(format!("{p}.ffn_norm.weight"), vec![h], None);
+    }
+    add("output_norm.weight".into(), vec![h], None);
+    if !spec.tied {
+        add("output.weight".into(), vec![VOCAB, h], None);
+    }
+    (meta, tensors, hf)
+}
+
+fn write_parts(dir: &Path, file: &str, parts: &Parts) -> PathBuf {
+    let p = dir.join(file);
+    write_gguf(&p, &parts.0, &parts.1);
+    p
+}
+
+fn tiny_file(dir: &Path, file: &str, spec: &Tiny) -> (PathBuf, HashMap<String, Vec<f32>>) {
+    let parts = tiny_parts(spec);
+    (write_parts(dir, file, &parts), parts.2)
+}
+
+/// Check every loaded tensor equals its HF-layout source exactly.
+fn check_tiny(model: &lopper::Model, hf: &HashMap<String, Vec<f32>>) {
+    let w = &model.weights;
+    assert_eq!(w.embed.data(), &hf["token_embd.weight"][..]);
+    assert_eq!(w.final_norm.data(), &hf["output_norm.weight"][..]);
+    match &w.lm_head {
+        Some(t) => assert_eq!(t.data(), &hf["output.weight"][..]),
+        None => assert!(!hf.contains_key("output.weight")),
+    }
+    let names = [
+        (LinearKind::Q, "attn_q"),
+        (LinearKind::K, "attn_k"),
+        (LinearKind::V, "attn_v"),
+        (LinearKind::O, "attn_output"),
+        (LinearKind::Gate, "ffn_gate"),
+        (LinearKind::Up, "ffn_up"),
+        (LinearKind::Down, "ffn_down"),
+    ];
+    for (i, l) in w.layers.iter().enumerate() {
+        assert_eq!(l.attn_norm.data(), &hf[&format!("blk.{i}.attn_norm.weight")][..]);
+        assert_eq!(l.mlp_norm.data(), &hf[&format!("blk.{i}.ffn_norm.weight")][..]);
+        for (kind, name) in names {
+            let lin = l.linear(kind);
+            assert_eq!(lin.weight.data(), &hf[&format!("blk.{i}.{name}.weight")][..], "layer {i} {name}");
+            match (&lin.bias, hf.get(&format!("blk.{i}.{name}.bias"))) {
+                (Some(b), Some(want)) => assert_eq!(b.data(), &want[..], "layer {i} {name} bias"),
+                (None, None) => {}
+                (got, want) => panic!("layer {i} {name} bias: got {got:?}, expected present={}", want.is_some()),
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ real model
+
+fn golden_layer0() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let dir = lopper::assets::golden_dir().expect("golden directory ../shared/golden (or $LOPPER_GOLDEN)");
+    let bytes = std::fs::read(dir.join("layer0_dense.safetensors")).expect("read layer0_dense.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse golden");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+#[test]
+fn default_model_matches_transformers() {
+    let path = lopper::assets::default_model().expect("default model");
+    let t0 = std::time::Instant::now();
+    let model = gguf::load(&path).expect("load default model");
+    eprintln!("loaded {} in {:.2?}", path.display(), t0.elapsed());
+    let c = &model.config;
+    assert_eq!(c.arch, Arch::Llama);
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
+        (30, 576, 9, 3)
+    );
+    assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 49152));
+    assert!(c.tie_word_embeddings && model.weights.lm_head.is_none());
+    assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+    assert_eq!(c.rope_theta, 100000.0);
+    assert_eq!(c.rms_norm_eps, 1e-5);
+    assert!(c.bos_token_id.is_some() && c.eos_token_id.is_some());
+    assert!(model.chat_template.is_some());
+    assert_eq!(model.weights.layers.len(), 30);
+    assert_eq!(model.weights.embed.shape, vec![49152, 576]);
+
+    let golden = golden_layer0();
+    let l0 = &model.weights.layers[0];
+    for kind in LinearKind::ALL {
+        let name = format!("model.layers.0.{}.weight", kind.hf_name());
+        let (shape, want) = golden.get(&name).unwrap_or_else(|| panic!("golden lacks {name}"));
+        let got = &l0.linear(kind).weight;
+        assert_eq!(&got.shape, shape, "{name}");
+        let d = max_diff(got.data(), want);
+        assert!(d <= 1e-6, "{name}: max |lopper - transformers| = {d}");
+    }
+}
+
+#[test]
+fn truncated_real_file_fails_cleanly() {
+    let path = lopper::assets::default_model().expect("default model");
+    let bytes = std::fs::read(&path).expect("read model");
+    let len = bytes.len();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Header, metadata (vocabulary strings), then tensor data near the start, middle and end.
+    for (cut, what) in [(6, "header"), (20, "header"), (300, "metadata"), (400_000, "metadata"), (len / 3, "data"), (len - 7, "data")] {
+        let p = dir.path().join(format!("cut_{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut]).expect("write");
+        let e = expect_err(gguf::load(&p), &p, &["truncated"]);
+        assert!(matches!(e, Error::Format { .. }), "cut at {cut} ({what}): {e:?}");
+        eprintln!("cut at {cut} ({what}): {e}");
+    }
+}
+
+// ------------------------------------------------------- dequantization
+
+#[test]
+fn dequantizes_every_supported_type() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shape = [4usize, 512];
+    let src = rnd(7, shape.iter().product());
+    // (type, max abs error allowed vs the source values in [-1, 1))
+    let cases = [
+        (GgmlDType::F32, 0.0),
+        (GgmlDType::F16, 5e-4),
+        (GgmlDType::BF16, 4e-3),
+        (GgmlDType::Q8_0, 5e-3),
+        (GgmlDType::Q4_0, 0.08),
+        (GgmlDType::Q4_1, 0.08),
+        (GgmlDType::Q5_0, 0.04),
+        (GgmlDType::Q5_1, 0.04),
+        (GgmlDType::Q2K, 0.35),
+        (GgmlDType::Q3K, 0.2),
+        (GgmlDType::Q4K, 0.08),
+        (GgmlDType::Q5K, 0.04),
+        (GgmlDType::Q6K, 0.02),
+    ];
+    for (dtype, tol) in cases {
+        let q = qt(&shape, &src, dtype);
+        let reference = q.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let p = dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf(&p, &[("general.architecture".into(), Value::String("llama".into()))], &[("t".into(), q)]);
+        let f = GgufFile::open(&p).expect("open");
+        assert_eq!(f.tensor_info("t"), Some((dtype, shape.to_vec())));
+        let t = f.read_tensor("t").expect("read");
+        assert_eq!(t.shape, shape.to_vec());
+        assert_eq!(t.data(), &reference[..], "{dtype:?}: differs from candle's dequantization");
+        let err = max_diff(t.data(), &src);
+        eprintln!("{dtype:?}: max abs error {err:.2e}");
+        assert!(err <= tol * 100.0, "{dtype:?}: max abs error {err} > {tol}");
+    }
+}
+
+// ------------------------------------------------------ synthetic models
+
+#[test]
+fn tiny_llama_unpermutes_q_and_k() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, hf) = tiny_file(dir.path(), "llama.gguf", &Tiny::llama());
+    let m = gguf::load(&p).expect("load");
+    let c = &m.config;
+    assert_eq!((c.arch, c.hidden_size, c.num_attention_heads, c.num_key_value_heads), (Arch::Llama, 256, 4, 2));
+    assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size, c.max_position_embeddings), (64, 512, VOCAB, 1024));
+    assert!(c.tie_word_embeddings && !c.qkv_bias);
+    assert_eq!((c.rope_theta, c.rms_norm_eps), (100000.0, 1e-5));
+    assert!(m.tokenizer.is_none() && m.chat_template.is_none());
+    check_tiny(&m, &hf);
+}
+
+#[test]
+fn tiny_llama_biases_untied_per_layer_heads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = Tiny { layer_heads: vec![(4, 2, 512), (2, 1, 256), (4, 4, 768)], tied: false, bias: true, ..Tiny::llama() };
+    let (p, hf) = tiny_file(dir.path(), "pruned.gguf", &spec);
+    let m = gguf::load(&p).expect("load");
+    let c = &m.config;
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.intermediate_size), (4, 4, 768));
+    assert!(!c.tie_word_embeddings && c.qkv_bias && c.o_bias && c.mlp_bias);
+    let l = &m.weights.layers;
+    assert_eq!((l[1].n_heads(64), l[1].n_kv_heads(64), l[1].intermediate()), (2, 1, 256));
+    check_tiny(&m, &hf);
+}
+
+#[test]
+fn tiny_qwen2_is_not_permuted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = Tiny { arch: "qwen2", ..Tiny::llama() };
+    let (p, hf) = tiny_file(dir.path(), "qwen2.gguf", &spec);
+    let m = gguf::load(&p).expect("load");
+    assert_eq!(m.config.arch, Arch::Qwen2);
+    assert!(m.config.qkv_bias && !m.config.o_bias && !m.config.mlp_bias);
+    check_tiny(&m, &hf);
+}
+
+#[test]
+fn quantized_tiny_model_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut parts = tiny_parts(&Tiny::llama());
+    for (name, t) in parts.1.iter_mut() {
+        if name.ends_with(".weight") && t.shape().dims().len() == 2 {
+            let data = t.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            *t = qt(t.shape().dims(), &data, GgmlDType::Q4K);
+        }
+    }
+    let p = write_parts(dir.path(), "q4k.gguf", &parts);
+    let m = gguf::load(&p).expect("load");
+    let d = max_diff(m.weights.layers[0].q.weight.data(), &parts.2["blk.0.attn_q.weight"]);
+    assert!(d < 0.08, "Q4_K q_proj error {d}");
+}
+
+// ------------------------------------------------------------- bad input
+
+#[test]
+fn rejects_bad_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (good, _) = tiny_file(d, "good.gguf", &Tiny::llama());
+    let bytes = std::fs::read(&good).unwrap();
+    let patched = |name: &str, f: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
+        let mut b = bytes.clone();
+        f(&mut b);
+        let p = d.join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+
+    let p = d.join("missing.gguf");
+    let e = expect_err(gguf::load(&p), &p, &[]);
+    assert!(matches!(e, Error::Io { .. }));
+
+    let p = patched("empty.gguf", &|b| b.clear());
+    expect_err(gguf::load(&p), &p, &["too short"]);
+
+    let p = patched("magic.gguf", &|b| b[..4].copy_from_slice(b"GGML"));
+    expect_err(gguf::load(&p), &p, &["magic", "not a GGUF file"]);
+
+    let p = patched("text.gguf", &|b| *b = b"hello, this is a text file\n".to_vec());
+    expect_err(gguf::load(&p), &p, &["magic"]);
+
+    let p = patched("version.gguf", &|b| b[4..8].copy_from_slice(&7u32.to_le_bytes()));
+    expect_err(gguf::load(&p), &p, &["version"]);
+
+    let p = patched("counts.gguf", &|b| b[8..16].copy_from_slice(&u64::MAX.to_le_bytes()));
+    expect_err(gguf::load(&p), &p, &["truncated or corrupt"]);
+
+    let at = dtype_field(&bytes, "blk.0.ffn_down.weight");
+    let p = patched("offset.gguf", &|b| b[at + 4..at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes()));
+    expect_err(gguf::load(&p), &p, &["blk.0.ffn_down.weight", "past the end of the file"]);
+    let p = patched("offset_max.gguf", &|b| b[at + 4..at + 12].copy_from_slice(&u64::MAX.to_le_bytes()));
+    expect_err(gguf::load(&p), &p, &["blk.0.ffn_down.weight", "past the end of the file"]);
+
+    for (id, what) in [(99u32, "99"), (16, "IQ2_XXS"), (9, "Q8_1")] {
+        let p = patched(&format!("dtype{id}.gguf"), &|b| b[at..at + 4].copy_from_slice(&id.to_le_bytes()));
+        let e = expect_err(gguf::load(&p), &p, &["blk.0.ffn_down.weight", "unsupported type", what]);
+        assert!(matches!(e, Error::UnsupportedDtype { .. }), "{e:?}");
+    }
+
+    // Metadata-level problems, written as whole files.
+    let variant = |name: &str, f: &dyn Fn(&mut Parts)| -> PathBuf {
+        let mut parts = tiny_parts(&Tiny::llama());
+        f(&mut parts);
+        write_parts(d, name, &parts)
+    };
+    let p = variant("arch.gguf", &|x| x.0[0].1 = Value::String("gpt2".into()));
+    let e = expect_err(gguf::load(&p), &p, &["gpt2", "unsupported architecture"]);
+    assert!(matches!(e, Error::UnsupportedArch { .. }));
+
+    let p = variant("noarch.gguf", &|x| {
+        x.0.remove(0);
+    });
+    expect_err(gguf::load(&p), &p, &["general.architecture"]);
+
+    let p = variant("noblocks.gguf", &|x| x.0.retain(|(k, _)| k != "llama.block_count"));
+    expect_err(gguf::load(&p), &p, &["llama.block_count", "missing"]);
+
+    let p = variant("narrow.gguf", &|x| {
+        for (name, t) in x.1.iter_mut() {
+            if name == "blk.0.attn_norm.weight" {
+                *t = qt(&[128], &rnd(3, 128), GgmlDType::F32);
+            }
+        }
+    });
+    let e = expect_err(gguf::load(&p), &p, &["blk.0.attn_norm.weight", "[128]", "[256]"]);
+    assert!(matches!(e, Error::Shape { .. }));
+
+    let p = variant("nodown.gguf", &|x| x.1.retain(|(k, _)| k != "blk.0.ffn_down.weight"));
+    let e = expect_err(gguf::load(&p), &p, &["blk.0.ffn_down.weight", "missing"]);
+    assert!(matches!(e, Error::MissingTensor { .. }));
+
+    let p = variant("heads.gguf", &|x| {
+        for (k, v) in x.0.iter_mut() {
+            if k == "llama.attention.head_count" {
+                *v = Value::Array(vec![Value::U32(4), Value::U32(4)]);
+            }
+        }
+    });
+    expect_err(gguf::load(&p), &p, &["llama.attention.head_count", "2 entries for 1 layers"]);
+
+    let p = variant("align0.gguf", &|x| x.0.push(("general.alignment".into(), Value::U32(0))));
+    expect_err(gguf::load(&p), &p, &["alignment"]);
+}

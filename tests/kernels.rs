@@ -1,0 +1,135 @@
+//! Every fast kernel against its `*_naive` reference, on random and edge-case shapes.
+
+use lopper::kernels::{self, attention::AttnDims};
+
+/// Small deterministic PRNG (xorshift) so tests need no extra crates.
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+}
+
+fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn matmul_matches_naive_on_odd_shapes() {
+    let mut rng = Rng(1);
+    for &(m, k, n) in &[(1, 1, 1), (3, 17, 5), (64, 576, 192), (130, 33, 257), (0, 4, 4), (4, 0, 4), (2, 8, 0)] {
+        let x = rng.vec(m * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let mut a = rng.vec(m * n, 1.0);
+        let mut b = a.clone();
+        kernels::matmul_t(&x, &w, &mut a, m, k, n, false);
+        kernels::matmul_t_naive(&x, &w, &mut b, m, k, n, false);
+        assert!(max_rel_err(&a, &b) < 1e-5, "m={m} k={k} n={n}");
+        // accumulate mode
+        let mut a2 = a.clone();
+        let mut b2 = a.clone();
+        kernels::matmul_t(&x, &w, &mut a2, m, k, n, true);
+        kernels::matmul_t_naive(&x, &w, &mut b2, m, k, n, true);
+        assert!(max_rel_err(&a2, &b2) < 1e-5, "accumulate m={m} k={k} n={n}");
+    }
+}
+
+#[test]
+fn exp_fast_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let e = kernels::exp_fast(x) as f64;
+        let r = (x as f64).exp();
+        worst = worst.max(((e - r) / r).abs());
+        x += 0.0137;
+    }
+    assert!(worst < 4e-7, "exp_fast worst relative error {worst}");
+    assert_eq!(kernels::exp_fast(0.0), 1.0);
+    assert!(kernels::exp_fast(-1000.0) < 1e-37);
+    assert!(kernels::exp_fast(f32::NEG_INFINITY) < 1e-37);
+    let mut v = vec![0.5f32, -3.0, 10.0];
+    kernels::exp_slice(&mut v);
+    assert!((v[2] as f64 - 10f64.exp()).abs() / 10f64.exp() < 4e-7);
+}
+
+#[test]
+fn rowwise_kernels_match_naive() {
+    let mut rng = Rng(7);
+    for &(rows, d) in &[(1, 1), (3, 15), (5, 576), (2, 1000)] {
+        let x = rng.vec(rows * d, 3.0);
+        let w = rng.vec(d, 1.0);
+        let (mut a, mut b) = (vec![0f32; rows * d], vec![0f32; rows * d]);
+        kernels::rmsnorm(&x, &w, 1e-5, &mut a);
+        kernels::rmsnorm_naive(&x, &w, 1e-5, &mut b);
+        assert!(max_rel_err(&a, &b) < 1e-5, "rmsnorm {rows}x{d}");
+
+        let up = rng.vec(rows * d, 2.0);
+        let (mut g1, mut g2) = (x.clone(), x.clone());
+        kernels::silu_mul(&mut g1, &up);
+        kernels::silu_mul_naive(&mut g2, &up);
+        assert!(max_rel_err(&g1, &g2) < 1e-5, "silu_mul {rows}x{d}");
+
+        for n in [1, d / 2 + 1, d] {
+            let (mut s1, mut s2) = (x[..d].to_vec(), x[..d].to_vec());
+            kernels::softmax_prefix(&mut s1, n);
+            kernels::softmax_prefix_naive(&mut s2, n);
+            assert!(max_rel_err(&s1, &s2) < 1e-5, "softmax d={d} n={n}");
+            assert!(s1[n..].iter().all(|&v| v == 0.0));
+        }
+        let l1 = kernels::logsumexp(&x[..d]);
+        let l2 = kernels::logsumexp_naive(&x[..d]);
+        assert!((l1 - l2).abs() < 1e-5, "logsumexp {l1} vs {l2}");
+    }
+    // a row with huge spread (vocab-sized logits)
+    let big: Vec<f32> = (0..49152).map(|i| ((i * 7919) % 1000) as f32 * 0.03 - 10.0).collect();
+    assert!((kernels::logsumexp(&big) - kernels::logsumexp_naive(&big)).abs() < 1e-5);
+}
+
+#[test]
+fn attention_matches_naive() {
+    let mut rng = Rng(42);
+    let cases = [
+        (1, 1, 9, 3, 64),    // single token
+        (1, 70, 9, 3, 64),   // decode with cache, beyond one query block
+        (65, 65, 4, 2, 8),   // prefill crossing a block edge
+        (130, 200, 8, 8, 16), // MHA, chunked prefill after a cached prefix
+        (33, 33, 6, 1, 10),  // MQA, head_dim not a SIMD multiple
+    ];
+    for &(tq, tk, h, kvh, hd) in &cases {
+        let d = AttnDims { n_heads: h, n_kv_heads: kvh, head_dim: hd };
+        let q = rng.vec(tq * h * hd, 2.0);
+        let k = rng.vec(tk * kvh * hd, 2.0);
+        let v = rng.vec(tk * kvh * hd, 1.0);
+        let (mut a, mut b) = (vec![0f32; tq * h * hd], vec![0f32; tq * h * hd]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        kernels::causal_attention(&q, &k, &v, &mut a, tq, tk, d, scale);
+        kernels::causal_attention_naive(&q, &k, &v, &mut b, tq, tk, d, scale);
+        assert!(max_rel_err(&a, &b) < 1e-5, "attention tq={tq} tk={tk} h={h} kvh={kvh} hd={hd}");
+    }
+}
+
+#[test]
+fn attention_first_query_copies_first_value() {
+    // Position 0 sees only key 0, so its output is exactly v[0] of its KV head.
+    let d = AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 4 };
+    let mut rng = Rng(3);
+    let q = rng.vec(5 * 16, 1.0);
+    let k = rng.vec(5 * 8, 1.0);
+    let v = rng.vec(5 * 8, 1.0);
+    let mut out = vec![0f32; 5 * 16];
+    kernels::causal_attention(&q, &k, &v, &mut out, 5, 5, d, 0.5);
+    for h in 0..4 {
+        let g = h / 2;
+        for c in 0..4 {
+            assert!((out[h * 4 + c] - v[g * 4 + c]).abs() < 1e-6);
+        }
+    }
+}
