@@ -6,12 +6,14 @@
 //! `eval` (perplexity) — with `assets` fetching the default model and texts.
 
 pub mod assets;
+pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod inspect;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod prune;
 pub mod text;
 pub mod tokenizer;
 pub mod util;

@@ -60,10 +60,8 @@ fn dec(ids: &[u32]) -> String {
 
 /// Compare a processed text and its ids with a golden `tokenizer_*.json`.
 fn check_golden(name: &str, text: &str) {
-    let Some(dir) = lopper::assets::golden_dir() else {
-        eprintln!("SKIPPED {name}: no golden directory (set LOPPER_GOLDEN)");
-        return;
-    };
+    let dir = lopper::assets::golden_dir()
+        .expect("golden reference directory ../shared/golden (or $LOPPER_GOLDEN) is missing");
     let gpath = dir.join(name);
     let golden: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&gpath).expect("read golden json"))

@@ -4,7 +4,7 @@
 //! model has them, `tokenizer.json` and `tokenizer_config.json` (with the chat template).
 //!
 //! Saving is atomic: everything is written into a temporary directory next to the output
-//! (`.<name>.tmp-<pid>`), synced, and only then renamed into place. An existing output is refused
+//! (`.<name>.tmp-<pid>-<n>`), synced, and only then renamed into place. An existing output is refused
 //! unless `force` is set, and even then it is replaced only once the new directory is complete.
 //! The input model is never modified: an output that is (or contains) the model's source is refused.
 //!
@@ -24,6 +24,7 @@ use half::{bf16, f16};
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Element type of the saved weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -118,7 +119,13 @@ pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Resu
 
     std::fs::create_dir_all(&parent)
         .map_err(|e| out_err(format!("creating {}: {e}", parent.display())))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let tmp = parent.join(format!(".{name}.tmp-{tag}"));
     if tmp.symlink_metadata().is_ok() {
         remove_any(&tmp).map_err(|e| out_err(format!("removing stale {}: {e}", tmp.display())))?;
     }
@@ -158,7 +165,7 @@ pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Resu
         if !force {
             return Err(out_err("exists; pass --force to replace it".into()));
         }
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let old = parent.join(format!(".{name}.old-{tag}"));
         if old.symlink_metadata().is_ok() {
             remove_any(&old)
                 .map_err(|e| out_err(format!("removing stale {}: {e}", old.display())))?;
@@ -184,7 +191,10 @@ pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Resu
     Ok(())
 }
 
-/// Write `tensors` (HF names) as one safetensors file, streaming; `path` is created or replaced.
+/// Write `tensors` as one safetensors file, streaming.
+///
+/// `path` is replaced atomically (written beside it, then renamed), so even a file that a loaded
+/// model still maps can be replaced safely.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], dtype: SaveDtype) -> Result<()> {
     let entries: Vec<Entry> = tensors
         .iter()
@@ -194,7 +204,25 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], dtype: SaveDt
             src: Some(t),
         })
         .collect();
-    write_entries(path, &entries, dtype)
+    let name = path.file_name().ok_or_else(|| Error::Output {
+        path: path.to_path_buf(),
+        msg: "the output must name a file".into(),
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = write_entries(&tmp, &entries, dtype).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| Error::Output {
+            path: path.to_path_buf(),
+            msg: format!("renaming {} into place: {e}", tmp.display()),
+        })
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// A tensor to write: its values, or zeros (a bias HF needs that the model lacks).
@@ -310,7 +338,9 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
         && first.num_attention_heads > 0
         && first.num_key_value_heads > 0
         && first.intermediate_size > 0
-        && first.num_attention_heads % first.num_key_value_heads == 0;
+        && first
+            .num_attention_heads
+            .is_multiple_of(first.num_key_value_heads);
     let top = if uniform {
         first
     } else {

@@ -91,6 +91,7 @@ pub fn causal_attention(
                     1,
                     kw,
                     scale,
+                    false,
                 );
             }
             for (i, row) in scores.chunks_mut(kend).enumerate() {
@@ -112,6 +113,7 @@ pub fn causal_attention(
                     kw,
                     1,
                     1.0,
+                    false,
                 );
             }
         });

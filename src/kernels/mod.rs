@@ -95,7 +95,7 @@ pub fn matmul_t_naive(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize,
     }
 }
 
-/// A general strided single-threaded GEMM: `dst = (accumulate ? dst : 0) + alpha · lhs · rhs`.
+/// A general strided GEMM (multi-threaded when `parallel`): `dst = (accumulate ? dst : 0) + alpha · lhs · rhs`.
 ///
 /// Matrices are given as (pointer, row stride, column stride) in elements.
 /// # Safety
@@ -117,7 +117,9 @@ pub unsafe fn gemm_strided(
     rhs_rs: isize,
     rhs_cs: isize,
     alpha: f32,
+    parallel: bool,
 ) {
+    let par = if parallel && threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
     gemm::gemm(
         m,
         n,
@@ -137,7 +139,7 @@ pub unsafe fn gemm_strided(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        par,
     )
 }
 
@@ -146,3 +148,50 @@ pub unsafe fn gemm_strided(
 pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Gram matrix `out[cols, cols] = xᵀ·x` of row-major `x[rows, cols]`, via the `gemm` crate.
+pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    assert!(x.len() >= rows * cols && out.len() >= cols * cols, "gram: bad sizes");
+    if cols == 0 {
+        return;
+    }
+    if rows == 0 {
+        out[..cols * cols].fill(0.0);
+        return;
+    }
+    let par = if threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    // SAFETY: lhs = xᵀ (rs 1, cs cols), rhs = x (rs cols, cs 1), dst row-major; sizes checked.
+    unsafe {
+        gemm::gemm(
+            cols,
+            cols,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            x.as_ptr(),
+            cols as isize,
+            1,
+            x.as_ptr(),
+            1,
+            cols as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Reference for [`gram`] with f64 accumulation.
+pub fn gram_naive(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    for i in 0..cols {
+        for j in 0..cols {
+            let s: f64 = (0..rows).map(|r| x[r * cols + i] as f64 * x[r * cols + j] as f64).sum();
+            out[i * cols + j] = s as f32;
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The layer-sequential calibration driver shared by every pruning method
+//! (the scheme of SparseGPT §3 and Wanda's `prune_wanda`):
+//!
+//! for each block *i*: (1) run the calibration activations through the *unpruned* block with a
+//! [`StatsObserver`] to collect every linear input's statistics; (2) prune the block's linears;
+//! (3) re-run the *pruned* block to produce block *i+1*'s inputs.
+//!
+//! Memory: the model plus one `[samples·len, hidden]` activation buffer; samples go through a
+//! block in chunks of about [`CHUNK_ROWS`] tokens, so the block's scratch stays small.
+//! OWL allocation adds one dense pass (statistics only) before the pruning pass.
+
+use super::owl::{self, Allocation};
+use super::stats::StatsObserver;
+use super::{mask, pruner, wanda, Method, Needs, Pattern, Scope, Target};
+use crate::calibrate::CalibSet;
+use crate::model::forward::{block_forward, embed, Scratch};
+use crate::model::observer::{NoObserver, Observer, Site};
+use crate::model::rope::Rope;
+use crate::{Error, LinearKind, Model, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Calibration tokens pushed through a block at once.
+pub const CHUNK_ROWS: usize = 8192;
+
+/// A validated pruning request.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrunePlan {
+    pub method: Method,
+    /// Comparison group for magnitude scores.
+    pub scope: Scope,
+    pub pattern: Pattern,
+    /// Target sparsity of the pruned linears.
+    pub sparsity: f64,
+    pub allocation: Allocation,
+    /// Overrides of the target for attention (q,k,v,o) / MLP (gate,up,down) linears.
+    pub attn_sparsity: Option<f64>,
+    pub mlp_sparsity: Option<f64>,
+    /// Blocks left dense.
+    pub skip_layers: Vec<usize>,
+    /// Linear kinds left dense.
+    pub skip_modules: Vec<LinearKind>,
+}
+
+impl PrunePlan {
+    /// A plan with defaults: uniform allocation, nothing skipped.
+    pub fn new(method: Method, pattern: Pattern, sparsity: f64) -> PrunePlan {
+        PrunePlan {
+            method,
+            scope: Scope::Matrix,
+            pattern,
+            sparsity,
+            allocation: Allocation::Uniform,
+            attn_sparsity: None,
+            mlp_sparsity: None,
+            skip_layers: Vec::new(),
+            skip_modules: Vec::new(),
+        }
+    }
+
+    /// Check values against each other and against the model's shapes.
+    pub fn validate(&self, model: &Model) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        for (what, s) in [("--sparsity", Some(self.sparsity)), ("--attn-sparsity", self.attn_sparsity), ("--mlp-sparsity", self.mlp_sparsity)] {
+            if let Some(s) = s {
+                if !(0.0..1.0).contains(&s) {
+                    return bad(format!("{what} must be in [0, 1), got {s}"));
+                }
+            }
+        }
+        if let Some(implied) = self.pattern.implied_sparsity() {
+            if (implied - self.sparsity).abs() > 1e-9 || self.attn_sparsity.is_some() || self.mlp_sparsity.is_some() {
+                return bad(format!(
+                    "pattern {} fixes the sparsity at {implied} (at most N nonzero of every M); do not ask for {} as well",
+                    self.pattern, self.sparsity
+                ));
+            }
+            if matches!(self.allocation, Allocation::Owl { .. }) {
+                return bad("OWL allocation needs a pattern whose sparsity can vary per layer (unstructured, block or vector), not N:M".into());
+            }
+        }
+        if let Allocation::Owl { m, lambda } = self.allocation {
+            if !(m > 0.0) || !(0.0..0.5).contains(&lambda) {
+                return bad(format!("OWL needs M > 0 and 0 <= lambda < 0.5, got M={m} lambda={lambda}"));
+            }
+        }
+        let n = model.weights.layers.len();
+        if let Some(&l) = self.skip_layers.iter().find(|&&l| l >= n) {
+            return bad(format!("--skip-layers: layer {l} does not exist (the model has {n})"));
+        }
+        for (i, l) in model.weights.layers.iter().enumerate() {
+            for kind in LinearKind::ALL {
+                let lin = l.linear(kind);
+                mask::check_shape(self.pattern, lin.out_features(), lin.in_features(), &tensor_name(i, kind))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Base target for `kind` before per-layer allocation.
+    fn base(&self, kind: LinearKind) -> f64 {
+        if kind.is_attention() { self.attn_sparsity } else { self.mlp_sparsity }.unwrap_or(self.sparsity)
+    }
+
+    fn prunes(&self, layer: usize, kind: LinearKind) -> bool {
+        !self.skip_layers.contains(&layer) && !self.skip_modules.contains(&kind)
+    }
+}
+
+/// HF name of a block linear's weight.
+pub fn tensor_name(layer: usize, kind: LinearKind) -> String {
+    format!("model.layers.{layer}.{}.weight", kind.hf_name())
+}
+
+/// What happened to one tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorOutcome {
+    pub name: String,
+    pub shape: [usize; 2],
+    pub sparsity_target: f64,
+    pub zeros: usize,
+    pub sparsity: f64,
+}
+
+/// What the driver did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneOutcome {
+    pub tensors: Vec<TensorOutcome>,
+    /// Target sparsity per block (after allocation).
+    pub layer_sparsity: Vec<f64>,
+    /// OWL's layerwise outlier distribution (%), when used.
+    pub owl_lod: Option<Vec<f64>>,
+    /// Zeros / parameters over all block linears (pruned or not).
+    pub sparsity_measured: f64,
+    pub pruned_params: usize,
+    pub zeros: usize,
+    pub seconds_forward: f64,
+    pub seconds_stats: f64,
+    pub seconds_prune: f64,
+    pub seconds_total: f64,
+}
+
+/// Run `block` over `h` in chunks of whole samples; with `keep == false` the block runs on a
+/// copy (statistics only) and `h` is left unchanged.
+#[allow(clippy::too_many_arguments)]
+fn run_block(model: &Model, layer: usize, rope: &Rope, h: &mut [f32], n: usize, len: usize, keep: bool, obs: &mut dyn Observer, scratch: &mut Scratch) -> Result<()> {
+    let d = model.config.hidden_size;
+    let per = (CHUNK_ROWS / len).max(1);
+    let lw = &model.weights.layers[layer];
+    let mut tmp = Vec::new();
+    for s0 in (0..n).step_by(per) {
+        let b = per.min(n - s0);
+        let chunk = &mut h[s0 * len * d..(s0 + b) * len * d];
+        if keep {
+            block_forward(&model.config, layer, lw, rope, chunk, b, len, scratch, obs);
+            if chunk.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Numeric(format!(
+                    "NaN/Inf in the output of block {layer} (model.layers.{layer}) on calibration samples {s0}..{}",
+                    s0 + b
+                )));
+            }
+        } else {
+            tmp.clear();
+            tmp.extend_from_slice(chunk);
+            block_forward(&model.config, layer, lw, rope, &mut tmp, b, len, scratch, obs);
+        }
+    }
+    Ok(())
+}
+
+/// Prune `model` in place with `plan`, calibrating on `calib` (unused for magnitude with
+/// uniform allocation). `progress(stage, done, total)` reports blocks.
+pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<PruneOutcome> {
+    plan.validate(model)?;
+    let t_all = Instant::now();
+    let method = pruner(plan.method, plan.scope);
+    let needs = method.needs();
+    let owl = matches!(plan.allocation, Allocation::Owl { .. });
+    let calibrated = needs != Needs::default() || owl;
+    let n_layers = model.weights.layers.len();
+    let (n, len) = (calib.n, calib.len);
+    let rope = Rope::new(&model.config, len);
+    let mut scratch = Scratch::default();
+    let (mut t_fwd, mut t_stats, mut t_prune) = (0f64, 0f64, 0f64);
+
+    // Per-layer targets.
+    let mut owl_lod = None;
+    let layer_sparsity = match plan.allocation {
+        Allocation::Uniform => vec![plan.sparsity; n_layers],
+        Allocation::Owl { m, lambda } => {
+            let mut h = embed(&model.weights, &calib.ids)?;
+            let mut lods = Vec::with_capacity(n_layers);
+            for i in 0..n_layers {
+                progress("OWL scan", i, n_layers);
+                let t = Instant::now();
+                let mut obs = StatsObserver::new(i, Needs { col_sq: true, hessian: false }, len);
+                run_block(model, i, &rope, &mut h, n, len, true, &mut obs, &mut scratch)?;
+                t_stats += t.elapsed().as_secs_f64();
+                let lw = &model.weights.layers[i];
+                let scores: Vec<Vec<f32>> = LinearKind::ALL
+                    .iter()
+                    .filter_map(|&k| {
+                        let lin = lw.linear(k);
+                        wanda::scores(lin.weight.data(), lin.in_features(), &obs.sites[&Site::of(k)])
+                    })
+                    .collect();
+                lods.push(owl::outlier_ratio(&scores, m));
+            }
+            progress("OWL scan", n_layers, n_layers);
+            let alloc = owl::allocate(&lods, plan.sparsity, lambda);
+            owl_lod = Some(lods);
+            alloc
+        }
+    };
+
+    let mut h = if calibrated { embed(&model.weights, &calib.ids)? } else { Vec::new() };
+    let mut tensors = Vec::new();
+    for i in 0..n_layers {
+        progress("pruning", i, n_layers);
+        let to_prune: Vec<LinearKind> = LinearKind::ALL.into_iter().filter(|&k| plan.prunes(i, k)).collect();
+        let mut obs = StatsObserver::new(i, needs, len);
+        if needs != Needs::default() && !to_prune.is_empty() {
+            let t = Instant::now();
+            run_block(model, i, &rope, &mut h, n, len, false, &mut obs, &mut scratch)?;
+            t_stats += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        let offset = layer_sparsity[i] - plan.sparsity;
+        for &kind in &to_prune {
+            let name = tensor_name(i, kind);
+            let target = Target { sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99), pattern: plan.pattern };
+            let empty = super::SiteStats::new(0, Needs::default());
+            let stats = obs.sites.get(&Site::of(kind)).unwrap_or(&empty);
+            let lin = model.weights.layers[i].linear_mut(kind);
+            let (rows, cols) = (lin.out_features(), lin.in_features());
+            method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
+            let zeros = lin.weight.count_zeros();
+            tensors.push(TensorOutcome {
+                name,
+                shape: [rows, cols],
+                sparsity_target: target.sparsity,
+                zeros,
+                sparsity: zeros as f64 / (rows * cols) as f64,
+            });
+        }
+        t_prune += t.elapsed().as_secs_f64();
+        if calibrated && i + 1 < n_layers {
+            let t = Instant::now();
+            run_block(model, i, &rope, &mut h, n, len, true, &mut NoObserver, &mut scratch)?;
+            t_fwd += t.elapsed().as_secs_f64();
+        }
+    }
+    progress("pruning", n_layers, n_layers);
+    let (mut params, mut zeros) = (0usize, 0usize);
+    for l in &model.weights.layers {
+        for k in LinearKind::ALL {
+            let w = &l.linear(k).weight;
+            params += w.len();
+            zeros += w.count_zeros();
+        }
+    }
+    Ok(PruneOutcome {
+        tensors,
+        layer_sparsity,
+        owl_lod,
+        sparsity_measured: zeros as f64 / params.max(1) as f64,
+        pruned_params: params,
+        zeros,
+        seconds_forward: t_fwd,
+        seconds_stats: t_stats,
+        seconds_prune: t_prune,
+        seconds_total: t_all.elapsed().as_secs_f64(),
+    })
+}
+
+/// Statistics of every linear input of block `layer` for block inputs `h` (`n` samples of
+/// `len` tokens), without changing `h`. Used by tests and tools that inspect one block.
+pub fn layer_stats(model: &Model, layer: usize, h: &mut [f32], n: usize, len: usize, needs: Needs) -> Result<std::collections::HashMap<Site, super::SiteStats>> {
+    let rope = Rope::new(&model.config, len);
+    let mut obs = StatsObserver::new(layer, needs, len);
+    run_block(model, layer, &rope, h, n, len, false, &mut obs, &mut Scratch::default())?;
+    Ok(obs.sites)
+}

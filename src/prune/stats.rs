@@ -1,0 +1,113 @@
+//! Input statistics of linear layers, collected by an [`Observer`] during the calibration pass.
+//!
+//! Per site (one per distinct linear input: q/k/v share one, gate/up share one) we keep sums
+//! over all calibration tokens in f64: `Σ x_j²` per input column (Wanda's `scaler_row` is this
+//! divided by the number of samples) and `Σ x xᵀ` (SparseGPT's `H` is 2/n_samples times this).
+
+use crate::kernels;
+use crate::model::observer::{Observer, Site};
+use crate::prune::Needs;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Statistics of one linear input.
+#[derive(Debug, Clone)]
+pub struct SiteStats {
+    pub cols: usize,
+    /// Calibration sequences seen.
+    pub samples: usize,
+    /// Tokens (rows) seen.
+    pub tokens: usize,
+    /// `Σ x_j²` per column, when collected.
+    pub col_sq: Option<Vec<f64>>,
+    /// `Σ x xᵀ`, `[cols, cols]` row-major, when collected.
+    pub xtx: Option<Vec<f64>>,
+}
+
+impl SiteStats {
+    pub fn new(cols: usize, needs: Needs) -> SiteStats {
+        SiteStats {
+            cols,
+            samples: 0,
+            tokens: 0,
+            col_sq: needs.col_sq.then(|| vec![0.0; cols]),
+            xtx: needs.hessian.then(|| vec![0.0; cols * cols]),
+        }
+    }
+
+    /// Wanda's `scaler_row`: `Σ x_j² / n_samples` as f32.
+    pub fn scaler_row(&self) -> Option<Vec<f32>> {
+        let n = self.samples.max(1) as f64;
+        self.col_sq.as_ref().map(|v| v.iter().map(|s| (s / n) as f32).collect())
+    }
+
+    /// SparseGPT's Hessian `H = 2/n_samples · Σ x xᵀ` in f64.
+    pub fn hessian(&self) -> Option<Vec<f64>> {
+        let n = self.samples.max(1) as f64;
+        self.xtx.as_ref().map(|v| v.iter().map(|s| 2.0 * s / n).collect())
+    }
+
+    /// Add `rows` rows of `x` (`[rows, cols]`), which hold `samples` sequences.
+    pub fn add(&mut self, x: &[f32], rows: usize, samples: usize) {
+        let cols = self.cols;
+        self.samples += samples;
+        self.tokens += rows;
+        if let Some(acc) = &mut self.col_sq {
+            // Column chunks in parallel; each sums its columns over all rows.
+            const CH: usize = 64;
+            acc.par_chunks_mut(CH).enumerate().for_each(|(ci, a)| {
+                let c0 = ci * CH;
+                for r in 0..rows {
+                    let row = &x[r * cols + c0..r * cols + c0 + a.len()];
+                    for (s, &v) in a.iter_mut().zip(row) {
+                        *s += (v as f64) * (v as f64);
+                    }
+                }
+            });
+        }
+        if let Some(acc) = &mut self.xtx {
+            // XᵀX with the f32 GEMM (as the reference implementation does in float32), then
+            // accumulated in f64 across chunks.
+            let mut g = vec![0f32; cols * cols];
+            kernels::gram(x, rows, cols, &mut g);
+            acc.par_iter_mut().zip(g.par_iter()).for_each(|(a, &v)| *a += v as f64);
+        }
+    }
+}
+
+/// An observer that accumulates [`SiteStats`] for every site of one layer.
+pub struct StatsObserver {
+    pub layer: usize,
+    pub needs: Needs,
+    /// Tokens per calibration sequence (to count samples).
+    pub seq_len: usize,
+    pub sites: HashMap<Site, SiteStats>,
+}
+
+impl StatsObserver {
+    pub fn new(layer: usize, needs: Needs, seq_len: usize) -> StatsObserver {
+        StatsObserver {
+            layer,
+            needs,
+            seq_len,
+            sites: HashMap::new(),
+        }
+    }
+}
+
+impl Observer for StatsObserver {
+    fn wants_linear_inputs(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+    fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
+        if layer != self.layer {
+            return;
+        }
+        let needs = self.needs;
+        let samples = rows / self.seq_len.max(1);
+        self.sites
+            .entry(site)
+            .or_insert_with(|| SiteStats::new(cols, needs))
+            .add(&x[..rows * cols], rows, samples);
+    }
+}
