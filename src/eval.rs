@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Rows of logits materialised at once.
-pub const LOGIT_CHUNK: usize = 128;
+pub const LOGIT_CHUNK: usize = 512;
 
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]

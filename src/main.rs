@@ -25,6 +25,7 @@ fn run(args: cli::Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
     match args.command {
+        cli::Command::Prune(a) => cli::prune::run(a),
         cli::Command::Eval(a) => cli::eval::run(a),
         cli::Command::Inspect(a) => cli::inspect::run(a),
         cli::Command::Convert(a) => cli::convert::run(a),

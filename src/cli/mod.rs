@@ -4,6 +4,7 @@ pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod prune;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Prune a model (magnitude, Wanda, SparseGPT; unstructured, N:M, block, vector; OWL).
+    Prune(prune::PruneArgs),
     /// Measure perplexity on a text (default: wiki-16x2048 on wiki.utf8).
     Eval(eval::EvalArgs),
     /// Show a model's architecture, tensors (shape, dtype, sparsity) and parameter counts.

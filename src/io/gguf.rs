@@ -5,6 +5,11 @@
 //! llama.cpp's interleaved-RoPE order back into the Hugging Face layout (see [`unpermute_rows`]),
 //! so the result is the same model `transformers` would load from this file.
 //!
+//! The config comes from the `{arch}.*` metadata (`meta`; per-layer arrays for head counts and
+//! FFN widths are accepted, the [`Config`](crate::Config) then holds the maxima), the tokenizer
+//! from `tokenizer.ggml.*` via [`crate::tokenizer::from_gguf`] (built while the tensors
+//! dequantize; a file without `tokenizer.ggml.tokens` loads with no tokenizer).
+//!
 //! Corrupt input never panics: every failure is an [`Error`] naming the file and the problem
 //! (truncation, bad magic, data past the end of the file, unknown quantization types, shapes that
 //! disagree with the metadata, missing tensors, unknown architectures).

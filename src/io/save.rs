@@ -95,6 +95,12 @@ impl std::fmt::Display for SaveDtype {
 
 /// Save `model` as an HF directory at `out` (see the module docs for the guarantees).
 pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Result<()> {
+    save_hf_with_extras(model, out, dtype, force, &[])
+}
+
+/// [`save_hf`] plus extra files (e.g. `report.json`) written into the directory before it is
+/// renamed into place, so the model and its report appear together or not at all.
+pub fn save_hf_with_extras(model: &Model, out: &Path, dtype: SaveDtype, force: bool, extras: &[(&str, &[u8])]) -> Result<()> {
     let out_err = |msg: String| Error::Output {
         path: out.to_path_buf(),
         msg,
@@ -157,6 +163,9 @@ pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Resu
     if model.tokenizer.is_some() || model.chat_template.is_some() {
         let tc = tokenizer_config(model);
         write_file(&tmp.join(hf::TOKENIZER_CONFIG_FILE), &pretty(&tc)?)?;
+    }
+    for (name, bytes) in extras {
+        write_file(&tmp.join(name), bytes)?;
     }
     sync_path(&tmp)?;
 

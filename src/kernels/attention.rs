@@ -21,7 +21,7 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
-const QB: usize = 64;
+const QB: usize = 128;
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

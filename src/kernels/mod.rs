@@ -34,6 +34,19 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// True when the CPU has AVX2 and FMA.
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (+ `out` when `accumulate`), row-major, via the `gemm` crate.
 ///
 /// This is a linear layer's product: `w` is the PyTorch `[out_features, in_features]` weight.

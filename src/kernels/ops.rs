@@ -11,18 +11,24 @@ use rayon::prelude::*;
 /// finite input). Branch-free so the loops around it vectorise.
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
+    // Round to nearest with the 1.5·2²³ trick: `xm` holds n in its low mantissa bits, so n is
+    // read back with integer ops (Rust's saturating `as i32` and `f32::round` don't vectorise).
+    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let xm = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = xm - MAGIC;
+    let ni = (xm.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     // r = x - n·ln2 in two steps (Cody–Waite) to keep precision.
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    // Plain multiply-adds: `mul_add` is a libm call where FMA is not enabled.
     let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let e = (p * r).mul_add(r, r) + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
 macro_rules! simd_dispatch {
@@ -35,9 +41,15 @@ macro_rules! simd_dispatch {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 if super::has_avx512() {
                     // SAFETY: the CPU supports the enabled features (checked at run time).
                     return unsafe { avx512($($arg),*) };
+                }
+                if super::has_avx2() {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             imp($($arg),*)
@@ -127,16 +139,37 @@ pub fn silu_mul_naive(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Maximum of a slice (−inf when empty), vectorisable.
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    lanes.iter().fold(m, |a, &b| if b > a { b } else { a })
+}
+
 simd_dispatch! {
     /// Softmax of one row in place over its first `n` entries (the rest are set to 0).
     pub fn softmax_prefix(row: &mut [f32], n: usize) {
         let (live, dead) = row.split_at_mut(n);
-        let mut m = f32::NEG_INFINITY;
-        for &v in live.iter() {
-            m = m.max(v);
+        let m = max_of(live);
+        let mut acc = [0f32; 16];
+        let mut chunks = live.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                let e = exp_fast(c[l] - m);
+                c[l] = e;
+                acc[l] += e;
+            }
         }
-        let mut s = 0f32;
-        for v in live.iter_mut() {
+        let mut s: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
             let e = exp_fast(*v - m);
             *v = e;
             s += e;
@@ -161,30 +194,35 @@ pub fn softmax_prefix_naive(row: &mut [f32], n: usize) {
 
 simd_dispatch! {
     /// `log Σ exp(row)`: max in f32, exponentials in f32, sum in f64 (the eval protocol's
-    /// float64 log-softmax to ~1e-7 relative).
+    /// float64 log-softmax to ~1e-7 relative). Empty rows give -inf.
     pub fn logsumexp(row: &[f32]) -> f64 {
-        let mut m = f32::NEG_INFINITY;
-        for &v in row {
-            m = m.max(v);
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let chunks = row.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..16 {
+                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+            }
         }
-        let mut acc = [0f32; 16];
+        let mut m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        for v in lanes {
+            m = if v > m { v } else { m };
+        }
+        if m == f32::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
         let mut total = 0f64;
         for block in row.chunks(1024) {
-            let chunks = block.len() / 16;
-            for c in 0..chunks {
+            let mut acc = [0f32; 16];
+            let chunks = block.chunks_exact(16);
+            let tail = chunks.remainder();
+            for c in chunks {
                 for l in 0..16 {
-                    acc[l] += exp_fast(block[c * 16 + l] - m);
+                    acc[l] += exp_fast(c[l] - m);
                 }
             }
-            let mut s = 0f64;
-            for a in acc.iter_mut() {
-                s += *a as f64;
-                *a = 0.0;
-            }
-            for &v in &block[chunks * 16..] {
-                s += exp_fast(v - m) as f64;
-            }
-            total += s;
+            total += acc.iter().map(|&a| a as f64).sum::<f64>();
+            total += tail.iter().map(|&v| exp_fast(v - m) as f64).sum::<f64>();
         }
         m as f64 + total.ln()
     }

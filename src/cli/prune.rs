@@ -1,0 +1,219 @@
+//! `lopper prune`: calibrated pruning of a whole model, written as an HF directory with a
+//! `report.json` of what was actually done.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lopper::prune::owl::Allocation;
+use lopper::prune::{Method, Pattern, PrunePlan, Scope};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// GGUF file or HF directory (default: SmolLM2-135M-Instruct, fetched).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Pruning method.
+    #[arg(long, value_enum, default_value_t = Method::Wanda)]
+    pub method: Method,
+    /// Target sparsity of the block linear layers, in [0, 1). Implied by N:M patterns.
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// unstructured | N:M (at most N nonzero in every M consecutive inputs of a row, NVIDIA's
+    /// convention: 2:4 and 4:8 are 50%, 1:4 is 75%) | block:RxC (whole R×C tiles) |
+    /// vector:V (runs of V consecutive inputs in a row).
+    #[arg(long, default_value = "unstructured")]
+    pub pattern: String,
+    /// Per-layer sparsity allocation.
+    #[arg(long, value_enum, default_value_t = AllocArg::Uniform)]
+    pub allocation: AllocArg,
+    /// OWL outlier threshold M (scores above M × mean count as outliers).
+    #[arg(long, default_value_t = 5.0)]
+    pub owl_m: f64,
+    /// OWL spread λ: layer sparsities lie in [S − λ, S + λ].
+    #[arg(long, default_value_t = 0.08)]
+    pub owl_lambda: f64,
+    /// Sparsity of attention linears (q,k,v,o) instead of --sparsity.
+    #[arg(long)]
+    pub attn_sparsity: Option<f64>,
+    /// Sparsity of MLP linears (gate,up,down) instead of --sparsity.
+    #[arg(long)]
+    pub mlp_sparsity: Option<f64>,
+    /// Blocks to leave dense, e.g. `0,1,29`.
+    #[arg(long, value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
+    /// Linear layers to leave dense: q,k,v,o,gate,up,down, attn or mlp.
+    #[arg(long)]
+    pub skip_modules: Option<String>,
+    /// Magnitude only: compare |W| within the whole matrix (official) or within each row.
+    #[arg(long, value_enum, default_value_t = Scope::Matrix)]
+    pub magnitude_scope: Scope,
+    /// Calibration text (default: exllamav2's c4.utf8, fetched): one document per line.
+    #[arg(long, conflicts_with = "calib_ids")]
+    pub calib: Option<PathBuf>,
+    /// Exact calibration ids: a safetensors file with `input_ids` [n, len].
+    #[arg(long)]
+    pub calib_ids: Option<PathBuf>,
+    /// Calibration windows drawn from the text.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub calib_len: usize,
+    /// Seed for the calibration window offsets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output HF directory (written atomically; must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Weight dtype of the output: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Measure perplexity before and after (wiki-16x2048 on wiki.utf8 unless a text is given).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub eval: Option<String>,
+    /// Windows for --eval.
+    #[arg(long, default_value_t = 16)]
+    pub eval_windows: usize,
+    /// Tokens per window for --eval.
+    #[arg(long, default_value_t = 2048)]
+    pub eval_seq_len: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllocArg {
+    Uniform,
+    Owl,
+}
+
+/// Turn raw flags into a validated plan.
+pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
+    let pattern: Pattern = a.pattern.parse()?;
+    let sparsity = match (a.sparsity, pattern.implied_sparsity()) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s,
+        (None, None) => 0.5,
+    };
+    let mut plan = PrunePlan::new(a.method, pattern, sparsity);
+    plan.scope = a.magnitude_scope;
+    plan.allocation = match a.allocation {
+        AllocArg::Uniform => Allocation::Uniform,
+        AllocArg::Owl => Allocation::Owl { m: a.owl_m, lambda: a.owl_lambda },
+    };
+    plan.attn_sparsity = a.attn_sparsity;
+    plan.mlp_sparsity = a.mlp_sparsity;
+    plan.skip_layers = a.skip_layers.clone();
+    if let Some(s) = &a.skip_modules {
+        plan.skip_modules = lopper::prune::parse_kinds(s)?;
+    }
+    Ok(plan)
+}
+
+pub fn run(a: PruneArgs) -> Result<()> {
+    let t_all = Instant::now();
+    let plan = plan_from_args(&a)?;
+    let dtype: lopper::io::save::SaveDtype = a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    if a.out.symlink_metadata().is_ok() && !a.force {
+        bail!(lopper::Error::Output { path: a.out.clone(), msg: "exists; pass --force to replace it".into() });
+    }
+    let model_path = super::model_path(&a.model)?;
+    let mut model = super::load_model(&model_path, a.json)?;
+    plan.validate(&model)?;
+
+    // Calibration data (magnitude with uniform allocation needs none).
+    let needs_calib = a.method != Method::Magnitude || plan.allocation != Allocation::Uniform;
+    let calib = if let Some(p) = &a.calib_ids {
+        lopper::calibrate::from_ids_file(p, model.config.vocab_size)?
+    } else if needs_calib {
+        let p = match &a.calib {
+            Some(p) => p.clone(),
+            None => lopper::assets::c4_text().context("fetching c4.utf8")?,
+        };
+        lopper::calibrate::from_text(model.tokenizer()?, &p, a.samples, a.calib_len, a.seed)?
+    } else {
+        lopper::calibrate::CalibSet { ids: vec![], n: 0, len: 1, source: "none (magnitude)".into() }
+    };
+
+    // Evaluation text, tokenized once.
+    let eval_text = match &a.eval {
+        None => None,
+        Some(s) if s.is_empty() => Some(lopper::assets::wiki_text().context("fetching wiki.utf8")?),
+        Some(s) => Some(PathBuf::from(s)),
+    };
+    let eval_ids = match &eval_text {
+        Some(p) => Some(super::eval::tokenize_text(&model, p)?),
+        None => None,
+    };
+    let evaluate = |model: &lopper::Model, label: &str| -> Result<Option<lopper::eval::EvalResult>> {
+        let (Some(ids), Some(p)) = (&eval_ids, &eval_text) else { return Ok(None) };
+        let pb = super::bar(a.json, a.eval_windows.min(ids.len() / a.eval_seq_len.max(1)) as u64, label);
+        let r = lopper::eval::perplexity(model, ids, a.eval_seq_len, a.eval_windows, p, &mut |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        Ok(Some(r))
+    };
+    let before = evaluate(&model, "eval dense")?;
+
+    let pb = super::bar(a.json, model.weights.layers.len() as u64, "pruning");
+    let outcome = lopper::prune::prune_model(&mut model, &calib, &plan, &mut |stage, d, _| {
+        pb.set_message(stage.to_string());
+        pb.set_position(d as u64);
+    })?;
+    pb.finish_and_clear();
+    let peak_rss_prune = lopper::util::peak_rss_bytes();
+    let after = evaluate(&model, "eval pruned")?;
+
+    let summary = lopper::inspect::summarize(&model);
+    let report = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "model": model_path.display().to_string(),
+        "method": plan.method,
+        "pattern": plan.pattern.to_string(),
+        "sparsity_requested": plan.sparsity,
+        "sparsity_measured": outcome.sparsity_measured,
+        "plan": plan,
+        "calibration": { "source": calib.source, "samples": calib.n, "len": calib.len },
+        "pruned_linear_params": outcome.pruned_params,
+        "zeros": outcome.zeros,
+        "total_params": summary.total_params,
+        "nonzero_params": summary.total_params - summary.tensors.iter().map(|t| t.zeros).sum::<usize>(),
+        "layer_sparsity": outcome.layer_sparsity,
+        "owl_lod": outcome.owl_lod,
+        "tensors": outcome.tensors,
+        "prune_seconds": outcome.seconds_total,
+        "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
+        "peak_rss_bytes": peak_rss_prune,
+        "perplexity_before": before.as_ref().map(|r| r.perplexity),
+        "perplexity_after": after.as_ref().map(|r| r.perplexity),
+        "eval": { "before": before, "after": after },
+        "output": a.out.display().to_string(),
+        "output_dtype": dtype.to_string(),
+        "total_seconds": t_all.elapsed().as_secs_f64(),
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
+    lopper::io::save::save_hf_with_extras(&model, &a.out, dtype, a.force, &[("report.json", text.as_bytes())])
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    sp.finish_and_clear();
+    if a.json {
+        println!("{text}");
+    } else {
+        println!("method        {:?} {} (requested {:.4}, measured {:.5} over {} linear weights)", plan.method, plan.pattern, plan.sparsity, outcome.sparsity_measured, outcome.pruned_params);
+        println!("calibration   {}", calib.source);
+        println!("prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)", outcome.seconds_total, outcome.seconds_stats, outcome.seconds_prune, outcome.seconds_forward);
+        if let (Some(b), Some(a2)) = (&before, &after) {
+            println!("perplexity    dense {:.3} -> pruned {:.3} ({} x {} tokens)", b.perplexity, a2.perplexity, a2.windows, a2.seq_len);
+        }
+        if let Some(r) = peak_rss_prune {
+            println!("peak RSS      {:.2} GB", r as f64 / 1e9);
+        }
+        println!("wrote         {} (report.json inside)", a.out.display());
+    }
+    Ok(())
+}
