@@ -7,11 +7,18 @@ use anyhow::Result;
 use clap::Parser;
 
 fn main() {
+    lopper::util::limit_heap_fragmentation();
     let args = cli::Cli::parse();
     if let Err(e) = run(args) {
         eprintln!("error: {e}");
+        let mut shown = e.to_string();
         for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+            // Library errors already include their source in their message (e.g. `path: os error`).
+            let c = cause.to_string();
+            if !shown.contains(&c) {
+                eprintln!("  caused by: {c}");
+            }
+            shown = c;
         }
         if let Some(hint) = cli::hint(&e) {
             eprintln!("hint: {hint}");

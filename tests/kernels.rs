@@ -133,3 +133,17 @@ fn attention_first_query_copies_first_value() {
         }
     }
 }
+
+#[test]
+fn gram_matches_naive() {
+    let mut rng = Rng(9);
+    for &(rows, cols) in &[(1, 1), (7, 5), (300, 200), (64, 577), (0, 3)] {
+        let x = rng.vec(rows * cols, 1.0);
+        let (mut a, mut b) = (vec![1f32; cols * cols], vec![0f32; cols * cols]);
+        kernels::gram(&x, rows, cols, &mut a);
+        kernels::gram_naive(&x, rows, cols, &mut b);
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(d / scale < 1e-5, "gram {rows}x{cols}: {d}");
+    }
+}

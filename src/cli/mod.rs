@@ -104,7 +104,7 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 lopper::Error::Format { .. } => "the file looks truncated or corrupt: download it again",
                 lopper::Error::UnsupportedArch { .. } => "lopper supports llama-family models (llama, mistral, qwen2)",
                 lopper::Error::Tokenizer { .. } => "an HF directory needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata",
-                lopper::Error::Text { .. } => "pass a longer UTF-8 text with --text, or lower --seq-len / --windows",
+                lopper::Error::Text { .. } => "use a longer UTF-8 text (eval: --text, or lower --seq-len / --windows; prune: --calib, or lower --samples / --calib-len)",
                 lopper::Error::Output { .. } => "choose another --out directory or pass --force",
                 _ => return None,
             });

@@ -18,7 +18,7 @@ pub struct PruneArgs {
     #[arg(long, value_enum, default_value_t = Method::Wanda)]
     pub method: Method,
     /// Target sparsity of the block linear layers, in [0, 1). Implied by N:M patterns.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sparsity: Option<f64>,
     /// unstructured | N:M (at most N nonzero in every M consecutive inputs of a row, NVIDIA's
     /// convention: 2:4 and 4:8 are 50%, 1:4 is 75%) | block:RxC (whole R×C tiles) |
@@ -29,16 +29,16 @@ pub struct PruneArgs {
     #[arg(long, value_enum, default_value_t = AllocArg::Uniform)]
     pub allocation: AllocArg,
     /// OWL outlier threshold M (scores above M × mean count as outliers).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub owl_m: f64,
-    /// OWL spread λ: layer sparsities lie in [S − λ, S + λ].
-    #[arg(long, default_value_t = 0.08)]
+    /// OWL spread λ: layer sparsities span a range of width 2λ whose mean is the target.
+    #[arg(long, default_value_t = 0.08, allow_negative_numbers = true)]
     pub owl_lambda: f64,
     /// Sparsity of attention linears (q,k,v,o) instead of --sparsity.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub attn_sparsity: Option<f64>,
     /// Sparsity of MLP linears (gate,up,down) instead of --sparsity.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub mlp_sparsity: Option<f64>,
     /// Blocks to leave dense, e.g. `0,1,29`.
     #[arg(long, value_delimiter = ',')]

@@ -162,8 +162,12 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Gram matrix `out[cols, cols] = xᵀ·x` of row-major `x[rows, cols]`, via the `gemm` crate.
+/// Gram matrix `out[cols, cols] = xᵀ·x` of row-major `x[rows, cols]`.
+///
+/// Symmetric, so only tiles on and above the diagonal are computed (GEMMs on column tiles,
+/// in parallel), then mirrored: about 60% of the full product's work.
 pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
     assert!(x.len() >= rows * cols && out.len() >= cols * cols, "gram: bad sizes");
     if cols == 0 {
         return;
@@ -172,30 +176,39 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
         out[..cols * cols].fill(0.0);
         return;
     }
-    let par = if threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
-    // SAFETY: lhs = xᵀ (rs 1, cs cols), rhs = x (rs cols, cs 1), dst row-major; sizes checked.
-    unsafe {
-        gemm::gemm(
-            cols,
-            cols,
-            rows,
-            out.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            x.as_ptr(),
-            cols as isize,
-            1,
-            x.as_ptr(),
-            1,
-            cols as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
+    const T: usize = 192;
+    let tiles = cols.div_ceil(T);
+    let pairs: Vec<(usize, usize)> = (0..tiles).flat_map(|i| (i..tiles).map(move |j| (i, j))).collect();
+    let dst = SendPtr(out.as_mut_ptr());
+    pairs.par_iter().for_each(|&(bi, bj)| {
+        let dst = dst;
+        let (i0, j0) = (bi * T, bj * T);
+        let (mi, nj) = (T.min(cols - i0), T.min(cols - j0));
+        // SAFETY: lhs = x[:, i0..]ᵀ, rhs = x[:, j0..]; each task writes its own tile of `out`.
+        unsafe {
+            gemm_strided(
+                mi,
+                nj,
+                rows,
+                dst.0.add(i0 * cols + j0),
+                cols as isize,
+                1,
+                false,
+                x.as_ptr().add(i0),
+                1,
+                cols as isize,
+                x.as_ptr().add(j0),
+                cols as isize,
+                1,
+                1.0,
+                false,
+            );
+        }
+    });
+    for i in 0..cols {
+        for j in 0..i {
+            out[i * cols + j] = out[j * cols + i];
+        }
     }
 }
 

@@ -119,6 +119,9 @@ pub fn block_forward(
     if want {
         obs.linear_input(layer, Site::MlpDown, gate, rows, inter);
     }
+    if !obs.wants_block_output(layer) {
+        return;
+    }
     linear(&lw.down, gate, rows, h, true);
     obs.block_output(layer, h, rows, d);
 }

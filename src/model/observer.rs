@@ -49,6 +49,12 @@ pub trait Observer {
     fn wants_linear_inputs(&self, _layer: usize) -> bool {
         false
     }
+    /// Whether the pass over block `layer` must produce the block's output. An observer that
+    /// only collects linear inputs returns false, and the block stops after the last linear
+    /// input it needs (down_proj's) — the residual stream is then left unfinished.
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        true
+    }
     /// Input `x` of the linear layers at `site` of block `layer`.
     fn linear_input(&mut self, _layer: usize, _site: Site, _x: &[f32], _rows: usize, _cols: usize) {}
     /// Hidden state entering block `layer`.

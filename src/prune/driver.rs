@@ -21,7 +21,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// Calibration tokens pushed through a block at once.
-pub const CHUNK_ROWS: usize = 8192;
+pub const CHUNK_ROWS: usize = 4096;
 
 /// A validated pruning request.
 #[derive(Debug, Clone, Serialize)]
@@ -86,7 +86,7 @@ impl PrunePlan {
         }
         let n = model.weights.layers.len();
         if let Some(&l) = self.skip_layers.iter().find(|&&l| l >= n) {
-            return bad(format!("--skip-layers: layer {l} does not exist (the model has {n})"));
+            return bad(format!("--skip-layers: layer {l} does not exist (the model has {n} layers, 0..={})", n - 1));
         }
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
@@ -160,6 +160,7 @@ fn run_block(model: &Model, layer: usize, rope: &Rope, h: &mut [f32], n: usize, 
                 )));
             }
         } else {
+            // The block runs on a copy; with a statistics-only observer it stops early.
             tmp.clear();
             tmp.extend_from_slice(chunk);
             block_forward(&model.config, layer, lw, rope, &mut tmp, b, len, scratch, obs);
@@ -213,16 +214,20 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
         }
     };
 
+    crate::util::trace_rss("prune start");
     let mut h = if calibrated { embed(&model.weights, &calib.ids)? } else { Vec::new() };
+    crate::util::trace_rss("calibration embedded");
     let mut tensors = Vec::new();
     for i in 0..n_layers {
         progress("pruning", i, n_layers);
         let to_prune: Vec<LinearKind> = LinearKind::ALL.into_iter().filter(|&k| plan.prunes(i, k)).collect();
         let mut obs = StatsObserver::new(i, needs, len);
+        obs.statistics_only = true;
         if needs != Needs::default() && !to_prune.is_empty() {
             let t = Instant::now();
             run_block(model, i, &rope, &mut h, n, len, false, &mut obs, &mut scratch)?;
             t_stats += t.elapsed().as_secs_f64();
+            crate::util::trace_rss(&format!("block {i} statistics"));
         }
         let t = Instant::now();
         let offset = layer_sparsity[i] - plan.sparsity;
@@ -233,6 +238,11 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
             let stats = obs.sites.get(&Site::of(kind)).unwrap_or(&empty);
             let lin = model.weights.layers[i].linear_mut(kind);
             let (rows, cols) = (lin.out_features(), lin.in_features());
+            // A NaN/Inf weight would otherwise pass silently (magnitude and the last block run no
+            // forward pass that could catch it).
+            if lin.weight.data().iter().any(|v| !v.is_finite()) {
+                return Err(Error::Numeric(format!("block {i}: {name} contains NaN/Inf weights")));
+            }
             method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
             let zeros = lin.weight.count_zeros();
             tensors.push(TensorOutcome {
@@ -244,6 +254,7 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
             });
         }
         t_prune += t.elapsed().as_secs_f64();
+        crate::util::trace_rss(&format!("block {i} pruned"));
         if calibrated && i + 1 < n_layers {
             let t = Instant::now();
             run_block(model, i, &rope, &mut h, n, len, true, &mut NoObserver, &mut scratch)?;
@@ -278,6 +289,7 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
 pub fn layer_stats(model: &Model, layer: usize, h: &mut [f32], n: usize, len: usize, needs: Needs) -> Result<std::collections::HashMap<Site, super::SiteStats>> {
     let rope = Rope::new(&model.config, len);
     let mut obs = StatsObserver::new(layer, needs, len);
+    obs.statistics_only = true;
     run_block(model, layer, &rope, h, n, len, false, &mut obs, &mut Scratch::default())?;
     Ok(obs.sites)
 }

@@ -83,8 +83,8 @@ impl FromStr for Pattern {
         }
         if let Some((n, m)) = s.split_once(':') {
             let (n, m) = (num(n)?, num(m)?);
-            if m == 0 || n >= m {
-                return Err(bad(format!("N:M needs 0 <= N < M (at most N nonzero of every M), got {n}:{m}")));
+            if n == 0 || n >= m {
+                return Err(bad(format!("N:M needs 1 <= N < M (at most N nonzero of every M), got {n}:{m}")));
             }
             return Ok(Pattern::NM { n, m });
         }

@@ -3,8 +3,9 @@
 //!
 //! OWL measures each block's *layerwise outlier distribution* (LOD): the share (in %) of Wanda
 //! scores `|W|·‖X‖` over all the block's linears that exceed `M ×` their mean. Blocks with more
-//! outliers keep more weights: the LODs are mapped linearly onto a spread of `2λ` and shifted so
-//! the mean density is `1 − S`; block sparsity is `1 − density`, so it lies in `[S − λ, S + λ]`.
+//! outliers keep more weights: the LODs are mapped linearly onto a range of width `2λ` and
+//! shifted so the mean density is `1 − S`; block sparsity is `1 − density`. As in the official
+//! code the range is not centred on `S` (its mean is): sparsities lie within `S ± 2λ(n−1)/n`.
 //! Defaults as published: `M = 5`, `λ = 0.08`.
 
 use serde::Serialize;

@@ -82,6 +82,8 @@ pub struct StatsObserver {
     /// Tokens per calibration sequence (to count samples).
     pub seq_len: usize,
     pub sites: HashMap<Site, SiteStats>,
+    /// When set, blocks stop after their last linear input (no block output is produced).
+    pub statistics_only: bool,
 }
 
 impl StatsObserver {
@@ -91,6 +93,7 @@ impl StatsObserver {
             needs,
             seq_len,
             sites: HashMap::new(),
+            statistics_only: false,
         }
     }
 }
@@ -98,6 +101,9 @@ impl StatsObserver {
 impl Observer for StatsObserver {
     fn wants_linear_inputs(&self, layer: usize) -> bool {
         layer == self.layer
+    }
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        !self.statistics_only
     }
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
         if layer != self.layer {

@@ -1,0 +1,453 @@
+//! The `lopper` binary end to end: every bad input exits non-zero with a message that names the
+//! offending file or value and never panics; failed runs lose nothing (an existing output is left
+//! as it was, no temporary directory is left behind) and fail fast; and the cheap success paths
+//! (inspect, magnitude prune of a tiny model, convert of the default model) write what they say.
+
+mod common;
+use common::*;
+use lopper::model::forward::forward_logits;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a run of the binary produced.
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    seconds: f64,
+}
+
+/// Run `lopper args…`; kill it and fail the test if it runs longer than `limit`
+/// (every error case here must be detected before any heavy computation).
+fn lopper_limit<S: AsRef<OsStr>>(args: &[S], limit: Duration) -> Out {
+    let logs = tempfile::tempdir().unwrap();
+    let (so, se) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lopper"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&so).unwrap())
+        .stderr(fs::File::create(&se).unwrap())
+        .spawn()
+        .expect("start lopper");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`lopper {}` still running after {limit:?}: it does not fail fast\nstderr so far:\n{}",
+                shown.join(" "),
+                fs::read_to_string(&se).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Out {
+        code: status.code(),
+        stdout: fs::read_to_string(&so).unwrap(),
+        stderr: fs::read_to_string(&se).unwrap(),
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    eprintln!("$ lopper {}  [{:.1} s, exit {:?}]\n{}", shown.join(" "), out.seconds, out.code, out.stderr.trim_end());
+    out
+}
+
+/// Error cases: 60 s is far more than loading the default model (~1 s) takes.
+fn lopper<S: AsRef<OsStr>>(args: &[S]) -> Out {
+    lopper_limit(args, Duration::from_secs(60))
+}
+
+/// The run failed cleanly: non-zero exit, every needle in stderr, no panic.
+fn assert_fails(out: &Out, needles: &[&str]) {
+    assert!(out.code.is_some_and(|c| c != 0), "expected a failure exit status, got {:?}\nstderr: {}", out.code, out.stderr);
+    assert!(!out.stderr.contains("panicked"), "lopper panicked:\n{}", out.stderr);
+    assert!(out.stderr.contains("error"), "no error message:\n{}", out.stderr);
+    for n in needles {
+        assert!(out.stderr.contains(n), "stderr should mention `{n}`:\n{}", out.stderr);
+    }
+}
+
+fn assert_ok(out: &Out) {
+    assert_eq!(out.code, Some(0), "lopper failed:\n{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "lopper panicked:\n{}", out.stderr);
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn default_model_path() -> PathBuf {
+    lopper::assets::default_model().expect("default model")
+}
+
+fn tiny(name: &str) -> PathBuf {
+    golden().join("tiny").join(name)
+}
+
+/// A writable copy of a tiny model directory.
+fn copy_tiny(name: &str, into: &Path) -> PathBuf {
+    let dir = into.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        fs::copy(tiny(name).join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Names in `dir` that look like leftovers of an interrupted atomic write.
+fn leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp") || n.contains(".old"))
+        .collect()
+}
+
+/// Every file under `dir` with its bytes (to check a directory was left untouched).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(snapshot(&p));
+        } else {
+            v.push((p.clone(), fs::read(&p).unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// eval: bad models and texts
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn eval_bad_model_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+
+    // A GGUF cut after 1 MB.
+    let trunc = t.join("truncated.gguf");
+    let mut bytes = fs::read(default_model_path()).unwrap();
+    bytes.truncate(1 << 20);
+    fs::write(&trunc, &bytes).unwrap();
+    let out = lopper(&["eval", "--model", &s(&trunc)]);
+    assert_fails(&out, &[&s(&trunc), "GGUF", "truncated"]);
+
+    // A text file named .gguf.
+    let fake = t.join("fake.gguf");
+    fs::write(&fake, "this is not a model\n").unwrap();
+    let out = lopper(&["eval", "--model", &s(&fake)]);
+    assert_fails(&out, &[&s(&fake), "not a GGUF file"]);
+
+    // An empty .gguf.
+    let empty = t.join("empty.gguf");
+    fs::write(&empty, b"").unwrap();
+    let out = lopper(&["eval", "--model", &s(&empty)]);
+    assert_fails(&out, &[&s(&empty), "GGUF"]);
+
+    // A path that does not exist.
+    let missing = t.join("no-such-model");
+    let out = lopper(&["eval", "--model", &s(&missing)]);
+    assert_fails(&out, &[&s(&missing), "No such file"]);
+    assert_eq!(out.stderr.matches("No such file").count(), 1, "the cause is printed twice:\n{}", out.stderr);
+
+    // An HF directory whose model.safetensors is truncated.
+    let hf = copy_tiny("tiny-llama3", &t.join("trunc"));
+    let st = hf.join("model.safetensors");
+    let full = fs::read(&st).unwrap();
+    fs::write(&st, &full[..full.len() / 2]).unwrap();
+    let out = lopper(&["eval", "--model", &s(&hf)]);
+    assert_fails(&out, &[&s(&st), "safetensors", "truncated"]);
+
+    // Unknown architecture.
+    let neox = copy_tiny("tiny-llama3", &t.join("neox"));
+    edit_config(&neox, |v| {
+        v["model_type"] = "gpt_neox".into();
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    });
+    let out = lopper(&["eval", "--model", &s(&neox)]);
+    assert_fails(&out, &[&s(&neox.join("config.json")), "unsupported architecture", "gpt_neox"]);
+
+    // A config whose hidden_size disagrees with the tensors.
+    let shape = copy_tiny("tiny-llama3", &t.join("shape"));
+    edit_config(&shape, |v| v["hidden_size"] = 96.into());
+    let out = lopper(&["eval", "--model", &s(&shape)]);
+    assert_fails(&out, &[&s(&shape), "shape", "expected"]);
+
+    // A broken config.json.
+    let badjson = copy_tiny("tiny-llama3", &t.join("badjson"));
+    fs::write(badjson.join("config.json"), "{ not json").unwrap();
+    let out = lopper(&["eval", "--model", &s(&badjson)]);
+    assert_fails(&out, &[&s(&badjson.join("config.json"))]);
+
+    // A valid HF directory without tokenizer.json: eval needs a tokenizer.
+    let notok = copy_tiny("tiny-llama3", &t.join("notok"));
+    let text = t.join("some.txt");
+    fs::write(&text, "Some text to evaluate on.\n".repeat(50)).unwrap();
+    let out = lopper(&["eval", "--model", &s(&notok), "--text", &s(&text)]);
+    assert_fails(&out, &[&s(&notok), "no tokenizer", "tokenizer.json"]);
+}
+
+#[test]
+fn eval_bad_texts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = s(&default_model_path());
+
+    let empty = tmp.path().join("empty.txt");
+    fs::write(&empty, b"").unwrap();
+    let out = lopper(&["eval", "--model", &model, "--text", &s(&empty)]);
+    assert_fails(&out, &[&s(&empty), "empty"]);
+
+    let short = tmp.path().join("short.txt");
+    fs::write(&short, "Just a few words.\n").unwrap();
+    let out = lopper(&["eval", "--model", &model, "--text", &s(&short)]);
+    assert_fails(&out, &[&s(&short), "too short", "one window needs 2048"]);
+
+    let binary = tmp.path().join("binary.txt");
+    fs::write(&binary, [b'a', b'b', 0xff, 0xfe, b'c']).unwrap();
+    let out = lopper(&["eval", "--model", &model, "--text", &s(&binary)]);
+    assert_fails(&out, &[&s(&binary), "UTF-8", "offset 2"]);
+
+    let missing = tmp.path().join("missing.txt");
+    let out = lopper(&["eval", "--model", &model, "--text", &s(&missing)]);
+    assert_fails(&out, &[&s(&missing), "No such file"]);
+    assert_eq!(out.stderr.matches("No such file").count(), 1, "the cause is printed twice:\n{}", out.stderr);
+
+    let out = lopper(&["eval", "--model", &model, "--text", &s(&short), "--seq-len", "1"]);
+    assert_fails(&out, &["--seq-len"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// prune: bad requests fail fast and lose nothing
+// ---------------------------------------------------------------------------------------------
+
+/// Run a prune that must fail; check the message, and that nothing was written beside `--out`.
+fn prune_fails(extra: &[&str], needles: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let mut args = vec!["prune".to_string(), "--out".into(), s(&out_dir)];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let out = lopper(&args);
+    assert_fails(&out, needles);
+    assert!(!out_dir.exists(), "a failed prune created {}", out_dir.display());
+    assert!(leftovers(tmp.path()).is_empty(), "leftovers beside --out: {:?}", leftovers(tmp.path()));
+}
+
+#[test]
+fn prune_bad_values() {
+    let model = s(&default_model_path());
+    let m = ["--model", model.as_str()];
+    let with = |x: &[&'static str]| -> Vec<&str> { m.iter().copied().chain(x.iter().copied()).collect() };
+
+    prune_fails(&with(&["--sparsity", "1.0"]), &["--sparsity", "[0, 1)", "got 1"]);
+    // Without --model: the (cached) default model.
+    prune_fails(&["--sparsity", "1.0"], &["--sparsity", "[0, 1)"]);
+    prune_fails(&with(&["--sparsity", "-0.1"]), &["--sparsity", "-0.1"]);
+    prune_fails(&with(&["--sparsity", "abc"]), &["--sparsity", "abc"]);
+    prune_fails(&with(&["--pattern", "4:4"]), &["4:4", "N:M"]);
+    prune_fails(&with(&["--pattern", "5:4"]), &["5:4", "N:M"]);
+    prune_fails(&with(&["--pattern", "block:5"]), &["block:5", "block:RxC"]);
+    prune_fails(&with(&["--pattern", "2:4", "--sparsity", "0.6"]), &["2:4", "0.6"]);
+    prune_fails(&with(&["--pattern", "2:4", "--allocation", "owl"]), &["OWL", "N:M"]);
+    prune_fails(&with(&["--attn-sparsity", "-0.5"]), &["--attn-sparsity", "-0.5"]);
+    prune_fails(&with(&["--skip-layers", "30"]), &["layer 30", "30"]);
+    prune_fails(&with(&["--skip-modules", "q,bogus"]), &["bogus"]);
+    prune_fails(&with(&["--dtype", "int4"]), &["--dtype", "int4"]);
+    prune_fails(&with(&["--method", "obs"]), &["obs"]);
+    // A block shape that does not divide 576: the message names the matrix and says it refuses.
+    prune_fails(
+        &with(&["--pattern", "block:5x5"]),
+        &["block 5x5", "model.layers.0.self_attn.q_proj.weight", "576x576", "refuses"],
+    );
+    prune_fails(&with(&["--pattern", "vector:7"]), &["model.layers.0.self_attn.q_proj.weight", "vector length 7"]);
+}
+
+#[test]
+fn prune_bad_calibration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = s(&default_model_path());
+
+    let small = tmp.path().join("small.txt");
+    fs::write(&small, "A tiny calibration text.\nAnother short document.\n").unwrap();
+    let sm = s(&small);
+    prune_fails(&["--model", &model, "--calib", &sm], &[&sm, "too little calibration text", "--samples"]);
+    prune_fails(&["--model", &model, "--method", "sparsegpt", "--calib", &sm], &[&sm, "too little calibration text"]);
+
+    let empty = tmp.path().join("empty.txt");
+    fs::write(&empty, "\n\n\n").unwrap();
+    let em = s(&empty);
+    prune_fails(&["--model", &model, "--calib", &em], &[&em, "no documents"]);
+
+    let ids = tmp.path().join("ids.safetensors");
+    fs::write(&ids, b"garbage").unwrap();
+    let id = s(&ids);
+    prune_fails(&["--model", &model, "--calib-ids", &id], &[&id, "safetensors"]);
+
+    prune_fails(&["--model", &model, "--calib", &sm, "--samples", "0"], &["--samples 0"]);
+}
+
+#[test]
+fn prune_existing_output_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = s(&default_model_path());
+    let existing = tmp.path().join("existing");
+    fs::create_dir(&existing).unwrap();
+    fs::write(existing.join("precious.txt"), "do not lose me").unwrap();
+    fs::create_dir(existing.join("sub")).unwrap();
+    fs::write(existing.join("sub").join("more.bin"), [1u8, 2, 3]).unwrap();
+    let before = snapshot(&existing);
+
+    // Without --force: refused, before loading anything.
+    let out = lopper(&["prune", "--model", &model, "--method", "magnitude", "--out", &s(&existing)]);
+    assert_fails(&out, &[&s(&existing), "exists", "--force"]);
+    assert_eq!(snapshot(&existing), before, "the existing output was modified");
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+
+    // With --force but a request that fails: still untouched.
+    let out = lopper(&["prune", "--model", &model, "--sparsity", "1.0", "--force", "--out", &s(&existing)]);
+    assert_fails(&out, &["--sparsity"]);
+    assert_eq!(snapshot(&existing), before, "a failed --force prune modified the existing output");
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+
+    // A plain file in the way is refused too.
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let out = lopper(&["prune", "--model", &model, "--method", "magnitude", "--out", &s(&file)]);
+    assert_fails(&out, &[&s(&file), "exists"]);
+    assert_eq!(fs::read_to_string(&file).unwrap(), "x");
+
+    // convert refuses an existing output the same way.
+    let out = lopper(&["convert", "--model", &s(&tiny("tiny-llama3")), "--out", &s(&existing)]);
+    assert_fails(&out, &[&s(&existing), "exists"]);
+    assert_eq!(snapshot(&existing), before);
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Success paths
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn inspect_tiny_models_as_json() {
+    for name in ["tiny-llama3", "tiny-qwen2"] {
+        let out = lopper(&["inspect", &s(&tiny(name)), "--json"]);
+        assert_ok(&out);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{name}: not JSON ({e}):\n{}", out.stdout));
+        assert!(v["total_params"].as_u64().unwrap() > 0, "{name}: {v}");
+        assert_eq!(v["layers"], 3);
+        assert_eq!(v["config"]["hidden_size"], 64);
+        assert_eq!(v["linear_sparsity"], 0.0);
+    }
+    // Text output too.
+    let out = lopper(&["inspect", &s(&tiny("tiny-mistral"))]);
+    assert_ok(&out);
+    assert!(out.stdout.contains("mistral") && out.stdout.contains("model.layers.2.mlp.down_proj.weight"), "{}", out.stdout);
+}
+
+#[test]
+fn prune_tiny_magnitude_writes_model_and_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pruned");
+    let out = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--sparsity", "0.5", "--out", &s(&dir), "--json"]);
+    assert_ok(&out);
+    for f in ["config.json", "model.safetensors", "report.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing from the output");
+    }
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let stdout: serde_json::Value = serde_json::from_str(&out.stdout).expect("--json prints the report");
+    assert_eq!(report, stdout, "report.json and the printed report differ");
+    let measured = report["sparsity_measured"].as_f64().unwrap();
+    assert!((measured - 0.5).abs() < 1e-3, "sparsity_measured {measured}");
+    assert_eq!(report["method"], "magnitude");
+    assert_eq!(report["tensors"].as_array().unwrap().len(), 21);
+
+    let orig = lopper::io::load_model(&tiny("tiny-llama3")).unwrap();
+    let m = lopper::io::load_model(&dir).unwrap();
+    let (mut zeros, mut params) = (0, 0);
+    for (l, o) in m.weights.layers.iter().zip(&orig.weights.layers) {
+        for k in lopper::LinearKind::ALL {
+            let (w, w0) = (&l.linear(k).weight, &o.linear(k).weight);
+            assert_eq!(w.shape, w0.shape);
+            let z = w.count_zeros();
+            assert!((z as f64 / w.len() as f64 - 0.5).abs() < 1e-3, "{k:?}: sparsity {}", z as f64 / w.len() as f64);
+            // Kept weights are the original ones, bit for bit.
+            assert!(w.data().iter().zip(w0.data()).all(|(a, b)| *a == 0.0 || a == b), "{k:?}: kept weights changed");
+            zeros += z;
+            params += w.len();
+        }
+    }
+    assert_eq!(report["zeros"].as_u64().unwrap() as usize, zeros);
+    assert_eq!(report["pruned_linear_params"].as_u64().unwrap() as usize, params);
+    assert_eq!(m.weights.embed.data(), orig.weights.embed.data(), "the embedding must be unchanged");
+
+    // Writing again needs --force, and with it succeeds.
+    let again = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--out", &s(&dir)]);
+    assert_fails(&again, &["exists"]);
+    let forced = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--sparsity", "0.25", "--out", &s(&dir), "--force"]);
+    assert_ok(&forced);
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert!((report["sparsity_measured"].as_f64().unwrap() - 0.25).abs() < 1e-3);
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn convert_default_model_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = default_model();
+    let dir32 = tmp.path().join("smollm2-f32");
+    let dir16 = tmp.path().join("smollm2-f16");
+    let limit = Duration::from_secs(300);
+    assert_ok(&lopper_limit(&["convert", "--model", &s(&default_model_path()), "--out", &s(&dir32)], limit));
+    assert_ok(&lopper_limit(&["convert", "--model", &s(&default_model_path()), "--out", &s(&dir16), "--dtype", "f16"], limit));
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+
+    // The same tokenizer: identical ids on a slice of the wiki text and on awkward strings.
+    let wiki_path = lopper::assets::wiki_text().unwrap();
+    let wiki = lopper::text::load_eval_text(&wiki_path).unwrap();
+    let mut cut = 20_000.min(wiki.len());
+    while !wiki.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let samples = [&wiki[..cut], "In 1984, 12345 cafés — naïve Ünïcode 😀\n\n  tabs\tand   spaces <|im_start|>user"];
+    let tok = |m: &lopper::Model, t: &str| lopper::tokenizer::encode(m.tokenizer().unwrap(), t, &wiki_path).unwrap();
+    let ids = tok(gguf, samples[0]);
+    assert!(ids.len() > 64);
+    let ids = &ids[..64];
+    let ref_logits = forward_logits(gguf, ids).unwrap();
+
+    for (dir, tol) in [(&dir32, 1e-5f32), (&dir16, 0.05)] {
+        let m = lopper::io::load_model(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for t in samples {
+            assert_eq!(tok(&m, t), tok(gguf, t), "{}: tokenizer ids differ", dir.display());
+        }
+        let logits = forward_logits(&m, ids).unwrap();
+        let d = max_abs_diff(&logits, &ref_logits);
+        eprintln!("{}: max |Δlogit| on 64 wiki tokens = {d:.2e}", dir.display());
+        assert!(d <= tol, "{}: max logit difference {d} > {tol}", dir.display());
+    }
+    let st16 = fs::metadata(dir16.join("model.safetensors")).unwrap().len();
+    let st32 = fs::metadata(dir32.join("model.safetensors")).unwrap().len();
+    assert!((st16 as i64 * 2 - st32 as i64).abs() < 1 << 20, "f16 file {st16} bytes vs f32 {st32}");
+}
