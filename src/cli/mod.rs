@@ -5,6 +5,7 @@ pub mod convert;
 pub mod eval;
 pub mod inspect;
 pub mod prune;
+pub mod run;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a model (e.g. GGUF) into an HF directory that transformers can load.
     Convert(convert::ConvertArgs),
+    /// Generate text from a prompt (KV cache; greedy or temperature/top-k/top-p sampling).
+    Run(run::RunArgs),
     /// Benchmark prefill throughput and the GEMM rate it implies.
     Bench(bench::BenchArgs),
     /// Download and cache the default model and texts; print their paths.

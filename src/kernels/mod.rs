@@ -167,6 +167,17 @@ unsafe impl Sync for SendPtr {}
 /// Symmetric, so only tiles on and above the diagonal are computed (GEMMs on column tiles,
 /// in parallel), then mirrored: about 60% of the full product's work.
 pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    gram_upper(x, rows, cols, out);
+    for i in 0..cols {
+        for j in 0..i {
+            out[i * cols + j] = out[j * cols + i];
+        }
+    }
+}
+
+/// The upper triangle (`j >= i`, plus some entries below it inside diagonal tiles) of
+/// `xᵀ·x`; entries strictly below the diagonal tiles are left untouched. See [`gram`].
+pub fn gram_upper(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     use rayon::prelude::*;
     assert!(x.len() >= rows * cols && out.len() >= cols * cols, "gram: bad sizes");
     if cols == 0 {
@@ -205,11 +216,6 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
             );
         }
     });
-    for i in 0..cols {
-        for j in 0..i {
-            out[i * cols + j] = out[j * cols + i];
-        }
-    }
 }
 
 /// Reference for [`gram`] with f64 accumulation.

@@ -44,6 +44,16 @@ pub fn linear(lin: &Linear, x: &[f32], rows: usize, out: &mut [f32], accumulate:
     }
 }
 
+/// A layer's key/value cache for [`block_forward_cached`]: `k`/`v` are `[capacity,
+/// n_kv_heads·head_dim]`; rows `0..pos0` hold the earlier positions.
+#[derive(Debug)]
+pub struct KvSlot<'a> {
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+    /// Absolute position of the first row of `h`.
+    pub pos0: usize,
+}
+
 /// Run block `layer` over `h` in place.
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward(
@@ -56,6 +66,25 @@ pub fn block_forward(
     seq: usize,
     s: &mut Scratch,
     obs: &mut dyn Observer,
+) {
+    block_forward_cached(cfg, layer, lw, rope, h, batch, seq, s, obs, None);
+}
+
+/// [`block_forward`], optionally against a KV cache: with `kv`, `h` is one sequence (`batch`
+/// must be 1) of `seq` tokens at positions `kv.pos0..kv.pos0 + seq`; their keys and values are
+/// written to rows `pos0..pos0 + seq` of the cache and attention reads rows `0..pos0 + seq`.
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_cached(
+    cfg: &Config,
+    layer: usize,
+    lw: &LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    batch: usize,
+    seq: usize,
+    s: &mut Scratch,
+    obs: &mut dyn Observer,
+    kv: Option<KvSlot<'_>>,
 ) {
     let d = cfg.hidden_size;
     let rows = batch * seq;
@@ -83,22 +112,32 @@ pub fn block_forward(
     linear(&lw.k, xn, rows, k, false);
     let v = resize(&mut s.v, rows * kw);
     linear(&lw.v, xn, rows, v, false);
-    rope.apply(q, dims.n_heads, seq, 0);
-    rope.apply(k, dims.n_kv_heads, seq, 0);
+    let pos0 = kv.as_ref().map_or(0, |c| c.pos0);
+    rope.apply(q, dims.n_heads, seq, pos0);
+    rope.apply(k, dims.n_kv_heads, seq, pos0);
     let attn = resize(&mut s.attn, rows * qw);
     let scale = 1.0 / (hd as f32).sqrt();
-    for b in 0..batch {
-        let (r0, r1) = (b * seq, (b + 1) * seq);
-        kernels::causal_attention(
-            &q[r0 * qw..r1 * qw],
-            &k[r0 * kw..r1 * kw],
-            &v[r0 * kw..r1 * kw],
-            &mut attn[r0 * qw..r1 * qw],
-            seq,
-            seq,
-            dims,
-            scale,
-        );
+    if let Some(c) = kv {
+        assert_eq!(batch, 1, "a KV cache holds one sequence");
+        let tk = pos0 + seq;
+        assert!(c.k.len() >= tk * kw && c.v.len() >= tk * kw, "KV cache too short");
+        c.k[pos0 * kw..tk * kw].copy_from_slice(k);
+        c.v[pos0 * kw..tk * kw].copy_from_slice(v);
+        kernels::causal_attention(q, &c.k[..tk * kw], &c.v[..tk * kw], attn, seq, tk, dims, scale);
+    } else {
+        for b in 0..batch {
+            let (r0, r1) = (b * seq, (b + 1) * seq);
+            kernels::causal_attention(
+                &q[r0 * qw..r1 * qw],
+                &k[r0 * kw..r1 * kw],
+                &v[r0 * kw..r1 * kw],
+                &mut attn[r0 * qw..r1 * qw],
+                seq,
+                seq,
+                dims,
+                scale,
+            );
+        }
     }
     if want {
         obs.linear_input(layer, Site::AttnOut, attn, rows, qw);

@@ -12,7 +12,8 @@
 //!    `(w − q)/Hinv_jj` is spread over the block's remaining columns; after the block the
 //!    accumulated error updates all later columns with one GEMM ("lazy batch" update).
 //!
-//! Weights are processed transposed (`[cols, rows]`) so each column is contiguous.
+//! Each row's column-by-column OBS updates are independent of the other rows, so rows run in
+//! parallel on the row-major weights; the lazy update is one GEMM per block.
 
 use super::{mask, Needs, Pattern, Pruner, Scope, SiteStats, Target};
 use crate::kernels;
@@ -104,98 +105,92 @@ impl Pruner for SparseGpt {
             .hessian()
             .ok_or_else(|| Error::Invalid(format!("{name}: SparseGPT needs the input Hessian, none was collected")))?;
         let (hinv, dead) = inverse_hessian_factor(&mut h, cols, self.percdamp, name)?;
-        // Transposed working copy: wt[c][r] = w[r][c].
-        let mut wt = vec![0f32; rows * cols];
-        wt.par_chunks_mut(rows).enumerate().for_each(|(c, col)| {
-            if !dead[c] {
-                for (r, v) in col.iter_mut().enumerate() {
-                    *v = w[r * cols + c];
+        drop(h);
+        // Dead inputs carry no signal: their weights are zeroed (as the official code does).
+        w.par_chunks_mut(cols).for_each(|row| {
+            for (v, &d) in row.iter_mut().zip(&dead) {
+                if d {
+                    *v = 0.0;
                 }
             }
         });
+        let diag: Vec<f32> = (0..cols).map(|c| hinv[c * cols + c]).collect();
         let bs = self.block_for(target.pattern);
-        let mut err = vec![0f32; bs * rows];
+        let mut err = vec![0f32; rows * bs];
         let mut i1 = 0;
         while i1 < cols {
             let i2 = (i1 + bs).min(cols);
             let count = i2 - i1;
-            // Prune mask of this block, transposed like wt: pm[i * rows + r].
-            let mut pm = vec![false; count * rows];
-            if !matches!(target.pattern, Pattern::NM { .. }) {
+            // Adaptive mask of this block (row-major [rows, count]); N:M is chosen per row below.
+            let pm: Vec<bool> = if let Pattern::NM { .. } = target.pattern {
+                vec![false; rows * count]
+            } else {
                 let mut sc = vec![0f32; rows * count];
-                for i in 0..count {
-                    let d = hinv[(i1 + i) * cols + i1 + i];
-                    let col = &wt[(i1 + i) * rows..(i1 + i + 1) * rows];
-                    for r in 0..rows {
-                        sc[r * count + i] = col[r] * col[r] / (d * d);
+                sc.par_chunks_mut(count).zip(w.par_chunks(cols)).for_each(|(srow, wrow)| {
+                    for i in 0..count {
+                        let (v, d) = (wrow[i1 + i], diag[i1 + i]);
+                        srow[i] = v * v / (d * d);
                     }
-                }
-                let m = if target.pattern == Pattern::Unstructured {
+                });
+                if target.pattern == Pattern::Unstructured {
                     threshold_mask(&sc, target.sparsity)
                 } else {
                     mask::select(&sc, rows, count, target.pattern, target.sparsity, Scope::Matrix, name)?
-                };
-                for r in 0..rows {
-                    for i in 0..count {
-                        pm[i * rows + r] = m[r * count + i];
-                    }
                 }
-            }
-            let block = &mut wt[i1 * rows..i2 * rows];
-            for i in 0..count {
-                if let Pattern::NM { n, m } = target.pattern {
-                    if i % m == 0 {
-                        let g = m.min(count - i);
-                        let mut sc = vec![0f32; g];
-                        for r in 0..rows {
-                            for j in 0..g {
-                                let d = hinv[(i1 + i + j) * cols + i1 + i + j];
-                                let v = block[(i + j) * rows + r];
-                                sc[j] = v * v / (d * d);
-                            }
-                            for j in mask::smallest_k(&sc, g - n.min(g)) {
-                                pm[(i + j) * rows + r] = true;
+            };
+            // OBS column by column; every row is independent, so rows run in parallel.
+            w.par_chunks_mut(cols)
+                .zip(err.par_chunks_mut(bs))
+                .zip(pm.par_chunks(count))
+                .for_each(|((wrow, erow), prow)| {
+                    let wb = &mut wrow[i1..i2];
+                    let mut pruned = prow.to_vec();
+                    let mut sc = Vec::new();
+                    for i in 0..count {
+                        if let Pattern::NM { n, m } = target.pattern {
+                            if i % m == 0 {
+                                let g = m.min(count - i);
+                                sc.clear();
+                                sc.extend((0..g).map(|j| {
+                                    let d = diag[i1 + i + j];
+                                    wb[i + j] * wb[i + j] / (d * d)
+                                }));
+                                for j in mask::smallest_k(&sc, g - n.min(g)) {
+                                    pruned[i + j] = true;
+                                }
                             }
                         }
-                    }
-                }
-                let d = hinv[(i1 + i) * cols + i1 + i];
-                let (done, rest) = block.split_at_mut((i + 1) * rows);
-                let col = &mut done[i * rows..];
-                let e = &mut err[i * rows..(i + 1) * rows];
-                for r in 0..rows {
-                    let q = if pm[i * rows + r] { 0.0 } else { col[r] };
-                    e[r] = (col[r] - q) / d;
-                    col[r] = q;
-                }
-                // Spread the error over the block's remaining columns.
-                let hrow = &hinv[(i1 + i) * cols..(i1 + i + 1) * cols];
-                rest.par_chunks_mut(rows).with_min_len(8).enumerate().for_each(|(jj, cj)| {
-                    let hij = hrow[i1 + i + 1 + jj];
-                    for (v, &ev) in cj.iter_mut().zip(e.iter()) {
-                        *v -= ev * hij;
+                        let wv = wb[i];
+                        let q = if pruned[i] { 0.0 } else { wv };
+                        let e = (wv - q) / diag[i1 + i];
+                        wb[i] = q;
+                        erow[i] = e;
+                        // Spread the error over the block's remaining columns.
+                        let hrow = &hinv[(i1 + i) * cols + i1..(i1 + i) * cols + i2];
+                        for (v, &hij) in wb[i + 1..].iter_mut().zip(&hrow[i + 1..]) {
+                            *v -= e * hij;
+                        }
                     }
                 });
-            }
-            // Lazy batch update of all later columns: wt[i2..] -= Hinv[i1..i2, i2..]ᵀ · err.
+            // Lazy batch update of all later columns: W[:, i2..] -= Err · Hinv[i1..i2, i2..].
             if i2 < cols {
-                let tail = &mut wt[i2 * rows..];
-                // SAFETY: dst `tail` is [(cols−i2) × rows]; lhs reads Hinv[i1+i][i2+jj] for
-                // i < count, jj < cols−i2; rhs is err [count × rows]; no aliasing.
+                // SAFETY: dst is W[:, i2..] ([rows × (cols−i2)], row stride cols); lhs is err
+                // [rows × count] (row stride bs); rhs is Hinv[i1..i2, i2..] (row stride cols);
+                // err and hinv are separate buffers from w.
                 unsafe {
                     kernels::gemm_strided(
-                        cols - i2,
                         rows,
+                        cols - i2,
                         count,
-                        tail.as_mut_ptr(),
-                        rows as isize,
+                        w.as_mut_ptr().add(i2),
+                        cols as isize,
                         1,
                         true,
-                        hinv.as_ptr().add(i1 * cols + i2),
-                        1,
-                        cols as isize,
                         err.as_ptr(),
-                        rows as isize,
+                        bs as isize,
+                        1,
+                        hinv.as_ptr().add(i1 * cols + i2),
+                        cols as isize,
                         1,
                         -1.0,
                         true,
@@ -204,14 +199,9 @@ impl Pruner for SparseGpt {
             }
             i1 = i2;
         }
-        if wt.iter().any(|v| !v.is_finite()) {
+        if w.iter().any(|v| !v.is_finite()) {
             return Err(Error::Numeric(format!("{name}: SparseGPT produced NaN/Inf weights")));
         }
-        w.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-            for (c, v) in row.iter_mut().enumerate() {
-                *v = wt[c * rows + r];
-            }
-        });
         Ok(())
     }
 }

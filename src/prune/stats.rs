@@ -20,7 +20,7 @@ pub struct SiteStats {
     pub tokens: usize,
     /// `Σ x_j²` per column, when collected.
     pub col_sq: Option<Vec<f64>>,
-    /// `Σ x xᵀ`, `[cols, cols]` row-major, when collected.
+    /// `Σ x xᵀ`, `[cols, cols]` row-major, upper triangle (`j >= i`) valid, when collected.
     pub xtx: Option<Vec<f64>>,
 }
 
@@ -41,14 +41,31 @@ impl SiteStats {
         self.col_sq.as_ref().map(|v| v.iter().map(|s| (s / n) as f32).collect())
     }
 
-    /// SparseGPT's Hessian `H = 2/n_samples · Σ x xᵀ` in f64.
+    /// SparseGPT's Hessian `H = 2/n_samples · Σ x xᵀ` in f64 (full symmetric matrix).
     pub fn hessian(&self) -> Option<Vec<f64>> {
         let n = self.samples.max(1) as f64;
-        self.xtx.as_ref().map(|v| v.iter().map(|s| 2.0 * s / n).collect())
+        let c = self.cols;
+        self.xtx.as_ref().map(|v| {
+            let mut h = vec![0f64; c * c];
+            for i in 0..c {
+                for j in i..c {
+                    let x = 2.0 * v[i * c + j] / n;
+                    h[i * c + j] = x;
+                    h[j * c + i] = x;
+                }
+            }
+            h
+        })
     }
 
     /// Add `rows` rows of `x` (`[rows, cols]`), which hold `samples` sequences.
     pub fn add(&mut self, x: &[f32], rows: usize, samples: usize) {
+        self.add_buffered(x, rows, samples, &mut Vec::new());
+    }
+
+    /// [`SiteStats::add`] with a caller-owned scratch buffer for the Gram matrix (avoids a
+    /// large allocation per call).
+    pub fn add_buffered(&mut self, x: &[f32], rows: usize, samples: usize, buf: &mut Vec<f32>) {
         let cols = self.cols;
         self.samples += samples;
         self.tokens += rows;
@@ -66,11 +83,18 @@ impl SiteStats {
             });
         }
         if let Some(acc) = &mut self.xtx {
-            // XᵀX with the f32 GEMM (as the reference implementation does in float32), then
-            // accumulated in f64 across chunks.
-            let mut g = vec![0f32; cols * cols];
-            kernels::gram(x, rows, cols, &mut g);
-            acc.par_iter_mut().zip(g.par_iter()).for_each(|(a, &v)| *a += v as f64);
+            // XᵀX with the f32 GEMM (as the reference implementation does in float32), upper
+            // triangle only, accumulated in f64 across chunks; mirrored once in `hessian()`.
+            if buf.len() < cols * cols {
+                buf.resize(cols * cols, 0.0);
+            }
+            let g = &mut buf[..cols * cols];
+            kernels::gram_upper(x, rows, cols, g);
+            acc.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(|(i, (a, gr))| {
+                for j in i..cols {
+                    a[j] += gr[j] as f64;
+                }
+            });
         }
     }
 }
@@ -84,6 +108,7 @@ pub struct StatsObserver {
     pub sites: HashMap<Site, SiteStats>,
     /// When set, blocks stop after their last linear input (no block output is produced).
     pub statistics_only: bool,
+    gram_buf: Vec<f32>,
 }
 
 impl StatsObserver {
@@ -94,6 +119,7 @@ impl StatsObserver {
             seq_len,
             sites: HashMap::new(),
             statistics_only: false,
+            gram_buf: Vec::new(),
         }
     }
 }
@@ -114,6 +140,6 @@ impl Observer for StatsObserver {
         self.sites
             .entry(site)
             .or_insert_with(|| SiteStats::new(cols, needs))
-            .add(&x[..rows * cols], rows, samples);
+            .add_buffered(&x[..rows * cols], rows, samples, &mut self.gram_buf);
     }
 }

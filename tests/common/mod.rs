@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 /// The golden directory; tests that need it fail loudly when it is missing.
 pub fn golden() -> PathBuf {
-    lopper::assets::golden_dir().expect("golden reference directory ../shared/golden (or $LOPPER_GOLDEN) is missing")
+    lopper::assets::golden_dir()
+        .expect("golden reference directory ../shared/golden (or $LOPPER_GOLDEN) is missing")
 }
 
 /// A tensor read from a safetensors file, as f32 or i64 values.
@@ -24,13 +25,23 @@ pub fn read_safetensors(path: &std::path::Path) -> HashMap<String, GoldenTensor>
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
-        let mut t = GoldenTensor { shape: view.shape().to_vec(), f32: vec![], i64: vec![] };
+        let mut t = GoldenTensor {
+            shape: view.shape().to_vec(),
+            f32: vec![],
+            i64: vec![],
+        };
         match view.dtype() {
             safetensors::Dtype::F32 => {
-                t.f32 = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+                t.f32 = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
             }
             safetensors::Dtype::I64 => {
-                t.i64 = data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+                t.i64 = data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
             }
             d => panic!("unexpected dtype {d:?} for {name}"),
         }

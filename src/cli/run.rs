@@ -1,0 +1,122 @@
+//! `lopper run`: generate text from a prompt with a KV cache, streaming tokens to stdout.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lopper::runtime::{generate, GenerateOpts, SampleOpts, TextStream};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// GGUF file or HF directory (default: SmolLM2-135M-Instruct, fetched).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt text (encoded without BOS; special-token text such as `<|im_start|>` is
+    /// recognised).
+    #[arg(long)]
+    pub prompt: String,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    pub max_new: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Sample only from the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1].
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// RNG seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Wrap the prompt as one user turn of the model's chat template. Only ChatML templates
+    /// (`<|im_start|>…`, e.g. SmolLM2, Qwen2) are supported — no Jinja engine; the template's
+    /// default system prompt, if any, is not added.
+    #[arg(long)]
+    pub chat: bool,
+    /// Extra stop token id (repeatable). The model's eos token always stops generation unless
+    /// --ignore-eos.
+    #[arg(long = "stop-id")]
+    pub stop_ids: Vec<u32>,
+    /// Do not stop at the model's eos token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+/// The ChatML wrapping of one user message.
+pub fn chatml(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let sampling = SampleOpts {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    if a.prompt.is_empty() {
+        bail!("--prompt must not be empty");
+    }
+    let path = super::model_path(&a.model)?;
+    let model = super::load_model(&path, false)?;
+    let tok = model.tokenizer()?;
+    let mut stop_tokens = a.stop_ids.clone();
+    let text = if a.chat {
+        match &model.chat_template {
+            Some(t) if t.contains("<|im_start|>") => {
+                stop_tokens.extend(tok.token_to_id("<|im_end|>"));
+                chatml(&a.prompt)
+            }
+            Some(_) => bail!(
+                "--chat: the chat template of {} is not ChatML (<|im_start|>); only ChatML templates are supported — pass the formatted prompt without --chat",
+                path.display()
+            ),
+            None => bail!("--chat: {} has no chat template; pass the formatted prompt without --chat", path.display()),
+        }
+    } else {
+        a.prompt.clone()
+    };
+    let ids = lopper::tokenizer::encode(tok, &text, &path)?;
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let opts = GenerateOpts {
+        max_new: a.max_new,
+        sampling,
+        stop_at_eos: !a.ignore_eos,
+        stop_tokens,
+    };
+    let mut stream = TextStream::new(tok, &ids, true);
+    let mut out = std::io::stdout().lock();
+    let mut ended_nl = true;
+    let mut io_err: Option<std::io::Error> = None;
+    let stats = generate(&model, &ids, &opts, &mut |id| {
+        let piece = stream.push(id);
+        if !piece.is_empty() && io_err.is_none() {
+            ended_nl = piece.ends_with('\n');
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                io_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        return Err(e).context("writing to stdout");
+    }
+    if !ended_nl {
+        writeln!(out)?;
+    }
+    eprintln!(
+        "prompt {} tokens, prefill {:.3} s ({:.1} tokens/s); generated {} tokens, decode {:.3} s ({:.1} tokens/s); stop: {:?}",
+        stats.prompt_tokens,
+        stats.prefill_seconds,
+        stats.prefill_tokens_per_s,
+        stats.new_tokens,
+        stats.decode_seconds,
+        stats.decode_tokens_per_s,
+        stats.stop
+    );
+    Ok(())
+}

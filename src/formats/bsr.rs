@@ -1,0 +1,215 @@
+//! Block-sparse rows: the matrix is cut into R×C tiles (edge tiles are zero-padded) and only
+//! tiles with a nonzero are stored, row of tiles by row of tiles, with their block-column index.
+
+use super::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Largest tile height the kernels accept.
+pub const MAX_BLOCK_ROWS: usize = 32;
+/// Largest tile width accepted.
+pub const MAX_BLOCK_COLS: usize = 4096;
+
+/// Block-sparse-row matrix with R×C tiles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bsr {
+    rows: usize,
+    cols: usize,
+    br: usize,
+    bc: usize,
+    /// `rows.div_ceil(br) + 1` offsets into `bcol`.
+    brp: Vec<usize>,
+    bcol: Vec<u32>,
+    /// `bcol.len() · br · bc` values, each tile row-major.
+    values: Vec<f32>,
+}
+
+impl Bsr {
+    /// Keeps every `br × bc` tile of `w` that has a nonzero (`1 ≤ br ≤ 32`, `1 ≤ bc ≤ 4096`).
+    pub fn from_dense(w: &[f32], rows: usize, cols: usize, br: usize, bc: usize) -> Result<Self> {
+        check_dense("bsr", w, rows, cols)?;
+        if !(1..=MAX_BLOCK_ROWS).contains(&br) || !(1..=MAX_BLOCK_COLS).contains(&bc) {
+            return Err(Error::Invalid(format!("bsr: tile {br}×{bc} outside 1..={MAX_BLOCK_ROWS} × 1..={MAX_BLOCK_COLS}")));
+        }
+        let (nbr, nbc) = (rows.div_ceil(br), cols.div_ceil(bc));
+        let mut brp = vec![0];
+        let (mut bcol, mut values) = (Vec::new(), Vec::new());
+        for b in 0..nbr {
+            for c in 0..nbc {
+                let (r0, c0) = (b * br, c * bc);
+                let (rn, cn) = (br.min(rows - r0), bc.min(cols - c0));
+                let nz = (0..rn).any(|i| w[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + cn].iter().any(|&v| v != 0.0));
+                if nz {
+                    bcol.push(c as u32);
+                    for i in 0..br {
+                        for j in 0..bc {
+                            values.push(if i < rn && j < cn { w[(r0 + i) * cols + c0 + j] } else { 0.0 });
+                        }
+                    }
+                }
+            }
+            brp.push(bcol.len());
+        }
+        Ok(Bsr { rows, cols, br, bc, brp, bcol, values })
+    }
+    /// Number of stored tiles.
+    pub fn blocks(&self) -> usize {
+        self.bcol.len()
+    }
+    /// Tile shape (R, C).
+    pub fn block_shape(&self) -> (usize, usize) {
+        (self.br, self.bc)
+    }
+    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
+        const K: &str = "bsr";
+        let s = read_shape(tensors, name, 4, K)?;
+        let (rows, cols, br, bc) = (s[0], s[1], s[2], s[3]);
+        if !(1..=MAX_BLOCK_ROWS).contains(&br) || !(1..=MAX_BLOCK_COLS).contains(&bc) {
+            return Err(ferr(format!("{name}.shape"), K, format!("tile {br}×{bc} out of range")));
+        }
+        let (nbr, nbc) = (rows.div_ceil(br), cols.div_ceil(bc));
+        let pt = find(tensors, name, "block_row_ptr", Dtype::U64, K)?;
+        expect_len(pt, Some(nbr + 1), K)?;
+        let ct = find(tensors, name, "block_col", Dtype::U32, K)?;
+        let nblocks = ct.data.len() / 4;
+        let vt = find(tensors, name, "values", Dtype::F32, K)?;
+        expect_len(vt, nblocks.checked_mul(br * bc), K)?;
+        let p64 = read_u64(pt);
+        if p64[0] != 0 || p64[nbr] != nblocks as u64 {
+            return Err(ferr(pt.name.clone(), K, format!("must start at 0 and end at {nblocks} blocks")));
+        }
+        if let Some(b) = p64.windows(2).position(|w| w[1] < w[0]) {
+            return Err(ferr(pt.name.clone(), K, format!("decreases at block row {b}")));
+        }
+        let brp: Vec<usize> = p64.into_iter().map(|p| p as usize).collect();
+        let bcol = read_u32(ct);
+        for b in 0..nbr {
+            let c = &bcol[brp[b]..brp[b + 1]];
+            if c.iter().any(|&k| k as usize >= nbc) || c.windows(2).any(|w| w[1] <= w[0]) {
+                return Err(ferr(ct.name.clone(), K, format!("block row {b}: block columns must be increasing and < {nbc}")));
+            }
+        }
+        Ok(Bsr { rows, cols, br, bc, brp, bcol, values: read_f32(vt) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (br, bc) = (self.br, self.bc);
+        let tile = br * bc;
+        for b in r0 / br..r1.div_ceil(br) {
+            let rn = br.min(self.rows - b * br);
+            for i in 0..m {
+                let xp = x.as_ptr().add(i * self.cols);
+                let mut acc = [_mm512_setzero_ps(); MAX_BLOCK_ROWS];
+                for t in self.brp[b]..self.brp[b + 1] {
+                    let c0 = self.bcol[t] as usize * bc;
+                    let valid = bc.min(self.cols - c0);
+                    let vp = self.values.as_ptr().add(t * tile);
+                    let mut q = 0;
+                    while q < valid {
+                        let mk: __mmask16 = if valid - q >= 16 { 0xffff } else { (1u16 << (valid - q)) - 1 };
+                        let xv = _mm512_maskz_loadu_ps(mk, xp.add(c0 + q));
+                        for (rr, a) in acc.iter_mut().enumerate().take(rn) {
+                            *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, vp.add(rr * bc + q)), xv, *a);
+                        }
+                        q += 16;
+                    }
+                }
+                for (rr, a) in acc.iter().enumerate().take(rn) {
+                    out.put(i, b * br + rr, _mm512_reduce_add_ps(*a));
+                }
+            }
+        }
+    }
+
+    fn tiles(&self, b: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.brp[b]..self.brp[b + 1]).map(move |t| (t, self.bcol[t] as usize * self.bc))
+    }
+}
+
+impl WeightFormat for Bsr {
+    fn kind(&self) -> &'static str {
+        "bsr"
+    }
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn nbytes(&self) -> usize {
+        self.values.len() * 4 + self.bcol.len() * 4 + self.brp.len() * 8
+    }
+    fn stored(&self) -> usize {
+        self.values.len()
+    }
+    fn to_dense(&self) -> Vec<f32> {
+        let mut d = vec![0f32; self.rows * self.cols];
+        for b in 0..self.brp.len() - 1 {
+            for (t, c0) in self.tiles(b) {
+                for i in 0..self.br.min(self.rows - b * self.br) {
+                    for j in 0..self.bc.min(self.cols - c0) {
+                        d[(b * self.br + i) * self.cols + c0 + j] = self.values[t * self.br * self.bc + i * self.bc + j];
+                    }
+                }
+            }
+        }
+        d
+    }
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        check_sizes("bsr", self.rows, self.cols, x, m, y);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512 checked; sizes checked; block columns validated; disjoint rows
+            // (ranges aligned to the tile height).
+            drive(self.rows, m, self.nbytes(), self.br, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            return;
+        }
+        let (br, bc) = (self.br, self.bc);
+        drive(self.rows, m, self.nbytes(), br, y, |r0, r1, out| {
+            for b in r0 / br..r1.div_ceil(br) {
+                for i in 0..m {
+                    let xi = &x[i * self.cols..];
+                    for rr in 0..br.min(self.rows - b * br) {
+                        let mut s = 0f32;
+                        for (t, c0) in self.tiles(b) {
+                            let row = &self.values[t * br * bc + rr * bc..][..bc.min(self.cols - c0)];
+                            s += row.iter().zip(&xi[c0..]).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                        // SAFETY: row inside this aligned block range, i < m.
+                        unsafe { out.put(i, b * br + rr, s) };
+                    }
+                }
+            }
+        });
+    }
+    fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        check_sizes("bsr", self.rows, self.cols, x, m, y);
+        let (br, bc) = (self.br, self.bc);
+        for i in 0..m {
+            for b in 0..self.brp.len() - 1 {
+                for rr in 0..br.min(self.rows - b * br) {
+                    let mut s = 0f64;
+                    for (t, c0) in self.tiles(b) {
+                        for j in 0..bc.min(self.cols - c0) {
+                            s += self.values[t * br * bc + rr * bc + j] as f64 * x[i * self.cols + c0 + j] as f64;
+                        }
+                    }
+                    y[i * self.rows + b * br + rr] = s as f32;
+                }
+            }
+        }
+    }
+    fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
+        let ptr: Vec<u64> = self.brp.iter().map(|&p| p as u64).collect();
+        let mut bcol = RawTensor::bytes(format!("{name}.block_col"), Dtype::U32, self.bcol.iter().flat_map(|c| c.to_le_bytes()).collect());
+        bcol.shape = vec![self.bcol.len()];
+        vec![
+            shape_tensor(name, &[self.rows, self.cols, self.br, self.bc]),
+            RawTensor::u64(format!("{name}.block_row_ptr"), &ptr),
+            bcol,
+            RawTensor::f32(format!("{name}.values"), &self.values),
+        ]
+    }
+}

@@ -1,0 +1,268 @@
+//! Compressed weight formats and their matrix–vector / matrix–matrix kernels.
+//!
+//! A weight is a row-major `[rows = out, cols = in]` f32 matrix `W`; every format computes
+//! `y[m, rows] = x[m, cols] · Wᵀ` (`m = 1` for decode). Like [`crate::kernels`], nothing here
+//! knows about models.
+//!
+//! | format | storage | fast path |
+//! |---|---|---|
+//! | [`Dense`] | f32 | own AVX-512 row dots for `m = 1`, [`crate::kernels::matmul_t`] for `m > 1` |
+//! | [`DenseBf16`] | bf16 (`half`) | bf16 → f32 by a 16-bit shift, f32 FMA |
+//! | [`DenseI8`] | i8 + per-row f32 scale | i8 → f32 convert, FMA, scale per row |
+//! | [`Bitmask`] | per-row u64 bitmask + packed f32 nonzeros | `vexpandps` (`_mm512_maskz_expandloadu_ps`) per 16 columns |
+//! | [`BitmaskI8`] | bitmask + packed i8 nonzeros + per-row scale | masked byte load, convert, `_mm512_maskz_expand_ps` |
+//! | [`Csr`] | row pointers + u16 column indices + f32 values | 16-wide gathers of `x` |
+//! | [`NM`] | N kept values per group of M + packed in-group indices (2 bits for M=4, 3 for M=8) | `_mm512_permutex2var_ps` over a 32-column window of `x` (when M = 2N, N | 16) |
+//! | [`Bsr`] | R×C tiles + block-column indices | FMAs along tile rows |
+//!
+//! Every format has a single-threaded scalar `matmul_naive` (f64 accumulation) read straight
+//! from its own storage; the fast path ([`WeightFormat::matmul`]) uses AVX-512 when the CPU has
+//! it (scalar code otherwise) and rayon over row ranges once the weights exceed
+//! [`PAR_BYTES`].
+//!
+//! Serialization: [`WeightFormat::to_tensors`] gives named raw little-endian arrays
+//! (`<name>.shape` as u64 plus the format's arrays); each format's `from_tensors(name, &[...])`
+//! validates every count, index and shape and returns [`crate::Error::Format`] naming the
+//! offending tensor — it never panics or reads out of bounds on corrupt input.
+
+mod bitmask;
+mod bsr;
+mod csr;
+mod dense;
+mod nm;
+
+pub use bitmask::{Bitmask, BitmaskI8};
+pub use bsr::Bsr;
+pub use csr::Csr;
+pub use dense::{Dense, DenseBf16, DenseI8};
+pub use nm::NM;
+
+use crate::{Error, Result};
+use rayon::prelude::*;
+
+/// Weights (bytes) above which the fast paths split rows over rayon threads.
+pub const PAR_BYTES: usize = 256 * 1024;
+
+/// Element type of a [`RawTensor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    I8,
+    U8,
+    U16,
+    U32,
+    U64,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::U16 => 2,
+            Dtype::I8 | Dtype::U8 => 1,
+            Dtype::U32 => 4,
+            Dtype::U64 => 8,
+        }
+    }
+}
+
+/// A named raw array: little-endian bytes, element type and shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    pub(crate) fn f32(name: String, v: &[f32]) -> RawTensor {
+        RawTensor { name, dtype: Dtype::F32, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+    pub(crate) fn u16(name: String, dtype: Dtype, v: &[u16]) -> RawTensor {
+        RawTensor { name, dtype, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+    pub(crate) fn u64(name: String, v: &[u64]) -> RawTensor {
+        RawTensor { name, dtype: Dtype::U64, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+    pub(crate) fn bytes(name: String, dtype: Dtype, v: Vec<u8>) -> RawTensor {
+        RawTensor { name, dtype, shape: vec![v.len()], data: v }
+    }
+}
+
+/// A compressed (or dense) weight matrix with matrix–vector and matrix–matrix products.
+pub trait WeightFormat: Send + Sync {
+    /// Short format name (`"bitmask"`, `"csr"`, ...).
+    fn kind(&self) -> &'static str;
+    /// Output features.
+    fn rows(&self) -> usize;
+    /// Input features.
+    fn cols(&self) -> usize;
+    /// Bytes a product reads from the weight storage (values, indices, masks, scales).
+    fn nbytes(&self) -> usize;
+    /// Number of stored (possibly zero) values.
+    fn stored(&self) -> usize;
+    /// The dense row-major `[rows, cols]` matrix this format represents.
+    fn to_dense(&self) -> Vec<f32>;
+    /// `y[m, rows] = x[m, cols] · Wᵀ`, fast path (SIMD + threads).
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]);
+    /// Scalar single-threaded reference for [`WeightFormat::matmul`] (f64 accumulation).
+    fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]);
+    /// `y[rows] = W · x`.
+    fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        self.matmul(x, 1, y)
+    }
+    /// Reference for [`WeightFormat::matvec`].
+    fn matvec_naive(&self, x: &[f32], y: &mut [f32]) {
+        self.matmul_naive(x, 1, y)
+    }
+    /// Named raw arrays, `<name>.shape` first.
+    fn to_tensors(&self, name: &str) -> Vec<RawTensor>;
+}
+
+/// True when the AVX-512 subset the format kernels use is available.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+pub(crate) fn check_sizes(kind: &str, rows: usize, cols: usize, x: &[f32], m: usize, y: &[f32]) {
+    assert!(
+        x.len() >= m * cols && y.len() >= m * rows,
+        "{kind} matmul: x has {} values (need {}), y has {} (need {})",
+        x.len(),
+        m * cols,
+        y.len(),
+        m * rows
+    );
+}
+
+/// Disjoint-write output pointer for `y[m, rows]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    ptr: *mut f32,
+    rows: usize,
+}
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `i < m`, `r < rows`, and no other thread writes the same element.
+    #[inline(always)]
+    pub(crate) unsafe fn put(&self, i: usize, r: usize, v: f32) {
+        *self.ptr.add(i * self.rows + r) = v;
+    }
+}
+
+/// Runs `block(r0, r1, out)` over row ranges covering `0..rows` (in parallel when `bytes` is
+/// large); ranges start at multiples of `align`. `block` must write exactly `y[i, r0..r1]`.
+pub(crate) fn drive(rows: usize, m: usize, bytes: usize, align: usize, y: &mut [f32], block: impl Fn(usize, usize, Out) + Sync) {
+    assert!(y.len() >= m * rows);
+    if rows == 0 || m == 0 {
+        return;
+    }
+    let out = Out { ptr: y.as_mut_ptr(), rows };
+    let threads = rayon::current_num_threads();
+    if bytes < PAR_BYTES || threads < 2 || rows <= align {
+        block(0, rows, out);
+        return;
+    }
+    let chunks = (threads * 8).min(rows.div_ceil(align));
+    let chunk = rows.div_ceil(chunks).div_ceil(align) * align;
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let r0 = c * chunk;
+        block(r0, (r0 + chunk).min(rows), out);
+    });
+}
+
+// ---- validation helpers -------------------------------------------------------------------
+
+pub(crate) fn ferr(tensor: impl Into<String>, kind: &'static str, msg: impl Into<String>) -> Error {
+    Error::Format { path: tensor.into().into(), format: kind, msg: msg.into() }
+}
+
+/// Finds `<name>.<suffix>` and checks its dtype and that its bytes match its shape.
+pub(crate) fn find<'a>(tensors: &'a [RawTensor], name: &str, suffix: &str, dtype: Dtype, kind: &'static str) -> Result<&'a RawTensor> {
+    let full = format!("{name}.{suffix}");
+    let t = tensors
+        .iter()
+        .find(|t| t.name == full)
+        .ok_or_else(|| ferr(full.clone(), kind, "tensor missing"))?;
+    if t.dtype != dtype {
+        return Err(ferr(full, kind, format!("dtype {:?}, expected {:?}", t.dtype, dtype)));
+    }
+    let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n.and_then(|n| n.checked_mul(dtype.size())) {
+        Some(b) if b == t.data.len() => Ok(t),
+        _ => Err(ferr(full, kind, format!("shape {:?} does not match {} data bytes", t.shape, t.data.len()))),
+    }
+}
+
+pub(crate) fn expect_len(t: &RawTensor, len: Option<usize>, kind: &'static str) -> Result<()> {
+    let have = t.data.len() / t.dtype.size();
+    match len {
+        Some(l) if l == have => Ok(()),
+        Some(l) => Err(ferr(t.name.clone(), kind, format!("has {have} elements, expected {l}"))),
+        None => Err(ferr(t.name.clone(), kind, "expected size overflows")),
+    }
+}
+
+pub(crate) fn read_f32(t: &RawTensor) -> Vec<f32> {
+    t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+pub(crate) fn read_u16(t: &RawTensor) -> Vec<u16> {
+    t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}
+pub(crate) fn read_u32(t: &RawTensor) -> Vec<u32> {
+    t.data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+pub(crate) fn read_u64(t: &RawTensor) -> Vec<u64> {
+    t.data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Reads `<name>.shape` (u64) with exactly `n` entries, each ≤ 2⁴⁰.
+pub(crate) fn read_shape(tensors: &[RawTensor], name: &str, n: usize, kind: &'static str) -> Result<Vec<usize>> {
+    let t = find(tensors, name, "shape", Dtype::U64, kind)?;
+    expect_len(t, Some(n), kind)?;
+    let v = read_u64(t);
+    if v.iter().any(|&d| d > 1 << 40) {
+        return Err(ferr(t.name.clone(), kind, format!("implausible dimensions {v:?}")));
+    }
+    Ok(v.into_iter().map(|d| d as usize).collect())
+}
+
+pub(crate) fn shape_tensor(name: &str, dims: &[usize]) -> RawTensor {
+    RawTensor::u64(format!("{name}.shape"), &dims.iter().map(|&d| d as u64).collect::<Vec<_>>())
+}
+
+/// Checks a dense input's length.
+pub(crate) fn check_dense(kind: &'static str, w: &[f32], rows: usize, cols: usize) -> Result<()> {
+    match rows.checked_mul(cols) {
+        Some(n) if n == w.len() => Ok(()),
+        _ => Err(Error::Invalid(format!("{kind}: dense matrix has {} values, expected {rows}×{cols}", w.len()))),
+    }
+}
+
+/// Symmetric per-row int8 quantization: returns (i8 values, scale) with `w ≈ q · scale`.
+pub(crate) fn quantize_row(w: &[f32]) -> (Vec<i8>, f32) {
+    let amax = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        return (vec![0; w.len()], if amax.is_finite() { 0.0 } else { 1.0 });
+    }
+    let scale = amax / 127.0;
+    let inv = 1.0 / scale;
+    (w.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8).collect(), scale)
+}

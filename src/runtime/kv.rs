@@ -1,0 +1,141 @@
+//! The KV cache and the cached forward step.
+//!
+//! [`KvCache`] holds, per layer, keys and values `[max_len, n_kv_heads·head_dim]` (head counts
+//! read from each layer's weights, so structurally pruned models work) plus the RoPE table for
+//! positions `0..max_len`. [`forward_step`] runs `tokens` at positions `len..len + tokens.len()`
+//! through every block via [`block_forward_cached`], appends their keys/values and returns the
+//! last position's logits; [`forward_step_all`] returns every position's logits (for tests).
+
+use crate::model::forward::{block_forward_cached, embed, KvSlot, Scratch};
+use crate::model::observer::NoObserver;
+use crate::model::rope::Rope;
+use crate::{kernels, Error, Model, Result};
+
+/// Keys and values of every layer for one sequence, and how many positions are filled.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per layer: keys `[max_len, kv_width]`.
+    pub k: Vec<Vec<f32>>,
+    /// Per layer: values `[max_len, kv_width]`.
+    pub v: Vec<Vec<f32>>,
+    /// Per layer: `n_kv_heads·head_dim`.
+    pub kv_width: Vec<usize>,
+    /// Positions filled so far.
+    pub len: usize,
+    /// Capacity in positions.
+    pub max_len: usize,
+    rope: Rope,
+    scratch: Scratch,
+}
+
+impl KvCache {
+    /// An empty cache for up to `max_len` positions of `model`.
+    pub fn new(model: &Model, max_len: usize) -> KvCache {
+        let hd = model.config.head_dim;
+        let kv_width: Vec<usize> = model
+            .weights
+            .layers
+            .iter()
+            .map(|lw| lw.n_kv_heads(hd) * hd)
+            .collect();
+        KvCache {
+            k: kv_width.iter().map(|w| vec![0f32; max_len * w]).collect(),
+            v: kv_width.iter().map(|w| vec![0f32; max_len * w]).collect(),
+            kv_width,
+            len: 0,
+            max_len,
+            rope: Rope::new(&model.config, max_len),
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Positions still free.
+    pub fn remaining(&self) -> usize {
+        self.max_len - self.len
+    }
+
+    /// Forget every position (keeps the buffers).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Cut the cache back to `len` positions (e.g. to re-run from a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes held by the K/V buffers.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|b| b.len() * 4).sum()
+    }
+}
+
+/// Run `tokens` through all blocks at the cache's next positions; returns the final-normed
+/// hidden states `[tokens.len(), hidden]` (all rows, or only the last when `last_only`).
+fn step_hidden(model: &Model, tokens: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Err(Error::Invalid("forward_step needs at least one token".into()));
+    }
+    if cache.k.len() != model.weights.layers.len() {
+        return Err(Error::Invalid(format!(
+            "KV cache has {} layers but the model has {}",
+            cache.k.len(),
+            model.weights.layers.len()
+        )));
+    }
+    if tokens.len() > cache.remaining() {
+        return Err(Error::Invalid(format!(
+            "KV cache full: {} positions used of {}, {} more requested",
+            cache.len,
+            cache.max_len,
+            tokens.len()
+        )));
+    }
+    let cfg = &model.config;
+    let seq = tokens.len();
+    let mut h = embed(&model.weights, tokens)?;
+    let pos0 = cache.len;
+    for (i, lw) in model.weights.layers.iter().enumerate() {
+        let slot = KvSlot {
+            k: &mut cache.k[i],
+            v: &mut cache.v[i],
+            pos0,
+        };
+        block_forward_cached(
+            cfg,
+            i,
+            lw,
+            &cache.rope,
+            &mut h,
+            1,
+            seq,
+            &mut cache.scratch,
+            &mut NoObserver,
+            Some(slot),
+        );
+    }
+    cache.len += seq;
+    let d = cfg.hidden_size;
+    let rows = if last_only { &h[(seq - 1) * d..] } else { &h[..] };
+    let mut out = vec![0f32; rows.len()];
+    kernels::rmsnorm(
+        rows,
+        model.weights.final_norm.data(),
+        cfg.rms_norm_eps as f32,
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// Run `tokens` (a prompt chunk or one token) at positions `cache.len..cache.len + tokens.len()`,
+/// append their keys/values to `cache`, and return the logits `[vocab]` of the last position.
+pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let h = step_hidden(model, tokens, cache, true)?;
+    Ok(crate::model::forward::logits(&model.weights, &h, 1))
+}
+
+/// [`forward_step`], returning the logits of every position `[tokens.len(), vocab]`.
+pub fn forward_step_all(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let h = step_hidden(model, tokens, cache, false)?;
+    Ok(crate::model::forward::logits(&model.weights, &h, tokens.len()))
+}

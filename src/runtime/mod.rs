@@ -1,0 +1,14 @@
+//! The runtime: autoregressive generation with a KV cache.
+//!
+//! [`kv`] holds the per-layer key/value cache and [`forward_step`], which runs a chunk of new
+//! tokens (a prompt or one sampled token) against it; [`sample`] turns logits into the next token
+//! (greedy, temperature, top-k, top-p with a seeded RNG); [`generate`](mod@generate) drives the
+//! prefill → decode loop with stop tokens, streams tokens to a callback and times both phases.
+
+pub mod generate;
+pub mod kv;
+pub mod sample;
+
+pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};
+pub use kv::{forward_step, forward_step_all, KvCache};
+pub use sample::{SampleOpts, Sampler};
