@@ -169,6 +169,15 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let peak_rss_prune = lopper::util::peak_rss_bytes();
     let after = evaluate(&model, "eval pruned")?;
 
+    // The work is essentially two forward passes of the calibration set through every block:
+    // report the time next to that compute bound at the GEMM rate measured now.
+    let (gemm_gflops, compute_bound_s) = if calib.n > 0 {
+        let rate = lopper::kernels::probe::gemm_gflops(4096, model.config.hidden_size, model.config.intermediate_size, 3);
+        let per_window = lopper::model::flops::prefill_flops(&model.weights, model.config.head_dim, calib.len, false);
+        (Some(rate), Some(2.0 * calib.n as f64 * per_window / (rate * 1e9)))
+    } else {
+        (None, None)
+    };
     let summary = lopper::inspect::summarize(&model);
     let report = json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -188,6 +197,8 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "tensors": outcome.tensors,
         "prune_seconds": outcome.seconds_total,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
+        "gemm_gflops": gemm_gflops,
+        "compute_bound_seconds": compute_bound_s,
         "peak_rss_bytes": peak_rss_prune,
         "perplexity_before": before.as_ref().map(|r| r.perplexity),
         "perplexity_after": after.as_ref().map(|r| r.perplexity),
@@ -207,6 +218,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
         println!("method        {:?} {} (requested {:.4}, measured {:.5} over {} linear weights)", plan.method, plan.pattern, plan.sparsity, outcome.sparsity_measured, outcome.pruned_params);
         println!("calibration   {}", calib.source);
         println!("prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)", outcome.seconds_total, outcome.seconds_stats, outcome.seconds_prune, outcome.seconds_forward);
+        if let (Some(b), Some(r)) = (compute_bound_s, gemm_gflops) {
+            println!("compute bound {:.1} s (2 calibration passes at the measured GEMM rate {:.0} GFLOP/s): {:.2}x of it", b, r, outcome.seconds_total / b);
+        }
         if let (Some(b), Some(a2)) = (&before, &after) {
             println!("perplexity    dense {:.3} -> pruned {:.3} ({} x {} tokens)", b.perplexity, a2.perplexity, a2.windows, a2.seq_len);
         }

@@ -89,20 +89,22 @@ impl Bitmask {
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.values.as_ptr().add(self.off[r]);
-                let mut a = [_mm512_setzero_ps(); 4];
+                let (mut a0, mut a1, mut a2, mut a3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
                 for w in 0..wpr {
                     let word = *words.add(w);
                     let base = xp.wrapping_add(w * 64);
-                    for q in 0..4 {
-                        let k = (word >> (16 * q)) as __mmask16;
-                        // Lanes outside `k` are neither read nor faulted; `k` has no bits past `cols`.
-                        let wv = _mm512_maskz_expandloadu_ps(k, vp);
-                        let xv = _mm512_maskz_loadu_ps(k, base.wrapping_add(16 * q));
-                        a[q] = _mm512_fmadd_ps(wv, xv, a[q]);
-                        vp = vp.wrapping_add(k.count_ones() as usize);
-                    }
+                    // Lanes outside a mask are neither read nor faulted; masks have no bits past `cols`.
+                    let (k0, k1, k2, k3) = (word as __mmask16, (word >> 16) as __mmask16, (word >> 32) as __mmask16, (word >> 48) as __mmask16);
+                    let p1 = vp.wrapping_add(k0.count_ones() as usize);
+                    let p2 = p1.wrapping_add(k1.count_ones() as usize);
+                    let p3 = p2.wrapping_add(k2.count_ones() as usize);
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, vp), _mm512_maskz_loadu_ps(k0, base), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, p1), _mm512_maskz_loadu_ps(k1, base.wrapping_add(16)), a1);
+                    a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k2, p2), _mm512_maskz_loadu_ps(k2, base.wrapping_add(32)), a2);
+                    a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k3, p3), _mm512_maskz_loadu_ps(k3, base.wrapping_add(48)), a3);
+                    vp = vp.wrapping_add(word.count_ones() as usize);
                 }
-                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
                 out.put(i, r, _mm512_reduce_add_ps(s));
             }
         }

@@ -241,7 +241,27 @@ pub(crate) fn read_shape(tensors: &[RawTensor], name: &str, n: usize, kind: &'st
     if v.iter().any(|&d| d > 1 << 40) {
         return Err(ferr(t.name.clone(), kind, format!("implausible dimensions {v:?}")));
     }
+    // An empty matrix has no buffers to check `rows` against: bound it so row-indexed
+    // bookkeeping stays small.
+    if v.len() >= 2 && (v[0] == 0 || v[1] == 0) && (v[0] > 1 << 20 || v[1] > 1 << 20) {
+        return Err(ferr(t.name.clone(), kind, format!("implausible empty matrix {v:?}")));
+    }
     Ok(v.into_iter().map(|d| d as usize).collect())
+}
+
+/// Rebuilds a format from [`WeightFormat::to_tensors`] output given its [`WeightFormat::kind`].
+pub fn from_tensors(kind: &str, name: &str, tensors: &[RawTensor]) -> Result<Box<dyn WeightFormat>> {
+    Ok(match kind {
+        "dense-f32" => Box::new(Dense::from_tensors(name, tensors)?),
+        "dense-bf16" => Box::new(DenseBf16::from_tensors(name, tensors)?),
+        "dense-i8" => Box::new(DenseI8::from_tensors(name, tensors)?),
+        "bitmask" => Box::new(Bitmask::from_tensors(name, tensors)?),
+        "bitmask-i8" => Box::new(BitmaskI8::from_tensors(name, tensors)?),
+        "csr" => Box::new(Csr::from_tensors(name, tensors)?),
+        "nm" => Box::new(NM::from_tensors(name, tensors)?),
+        "bsr" => Box::new(Bsr::from_tensors(name, tensors)?),
+        _ => return Err(Error::Invalid(format!("unknown weight format `{kind}`"))),
+    })
 }
 
 pub(crate) fn shape_tensor(name: &str, dims: &[usize]) -> RawTensor {

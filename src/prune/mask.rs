@@ -22,6 +22,20 @@ pub fn smallest_k(scores: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// The official codes' whole-group selection: prune every score `<=` the `⌊n·sparsity⌋`-th
+/// smallest (0-based), i.e. `⌊n·sparsity⌋ + 1` weights plus ties. Wanda's `prune_magnitude` and
+/// SparseGPT's adaptive mask both do this; matching it reproduces their results exactly.
+pub fn threshold_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
+    let k = (scores.len() as f64 * sparsity) as usize;
+    if sparsity <= 0.0 || k >= scores.len() {
+        return vec![sparsity > 0.0 && !scores.is_empty(); scores.len()];
+    }
+    let mut sorted = scores.to_vec();
+    let (_, thr, _) = sorted.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    let thr = *thr;
+    scores.iter().map(|&v| v <= thr).collect()
+}
+
 /// Check that `pattern` tiles a `[rows, cols]` matrix named `name`.
 pub fn check_shape(pattern: Pattern, rows: usize, cols: usize, name: &str) -> Result<()> {
     let bad = |m: String| Err(Error::Invalid(format!("{name} [{rows}x{cols}]: {m}")));

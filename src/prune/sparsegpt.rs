@@ -67,20 +67,6 @@ pub fn inverse_hessian_factor(h: &mut [f64], n: usize, percdamp: f64, name: &str
     Ok((u, dead))
 }
 
-/// The official adaptive mask: prune every score `<=` the `⌊n·sparsity⌋`-th smallest
-/// (0-based), i.e. one more than `⌊n·sparsity⌋` plus ties — this is what `fasterprune` does and
-/// matching it keeps the OBS updates identical to the reference.
-fn threshold_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
-    let k = (scores.len() as f64 * sparsity) as usize;
-    if sparsity <= 0.0 || k >= scores.len() {
-        return vec![sparsity > 0.0; scores.len()];
-    }
-    let mut sorted = scores.to_vec();
-    let (_, thr, _) = sorted.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
-    let thr = *thr;
-    scores.iter().map(|&v| v <= thr).collect()
-}
-
 impl SparseGpt {
     /// Block size adjusted so block/vector tiles never straddle a block boundary.
     fn block_for(&self, pattern: Pattern) -> usize {
@@ -133,7 +119,7 @@ impl Pruner for SparseGpt {
                     }
                 });
                 if target.pattern == Pattern::Unstructured {
-                    threshold_mask(&sc, target.sparsity)
+                    mask::threshold_mask(&sc, target.sparsity)
                 } else {
                     mask::select(&sc, rows, count, target.pattern, target.sparsity, Scope::Matrix, name)?
                 }

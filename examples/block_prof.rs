@@ -1,3 +1,5 @@
+//! Times one transformer block of the default model at calibration and eval shapes.
+//! `cargo run --release --example block_prof`
 use lopper::model::{forward, observer::NoObserver, rope::Rope};
 use std::time::Instant;
 fn main() {

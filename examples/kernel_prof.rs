@@ -1,3 +1,5 @@
+//! Times the kernels on the shapes of the default model (f32, 2048-token windows).
+//! `cargo run --release --example kernel_prof`
 use lopper::kernels::{self, attention::AttnDims};
 use std::time::Instant;
 fn t<F: FnMut()>(name: &str, flops: f64, mut f: F) {
@@ -32,5 +34,3 @@ fn main() {
     t("logsumexp_naive 1 row", 0.0, || { std::hint::black_box(kernels::logsumexp_naive(&lg[..49152])); });
     t("logsumexp 128 rows", 0.0, || { let s: f64 = lg.chunks(49152).map(kernels::logsumexp).sum(); std::hint::black_box(s); });
 }
-#[allow(dead_code)]
-fn extra() {}
