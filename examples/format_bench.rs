@@ -21,7 +21,12 @@ impl Rng {
 }
 
 /// Seconds per matvec, cycling over `copies` until at least 0.4 s have passed (after one warm pass).
-fn time_matvec(copies: &[Box<dyn WeightFormat>], x: &[f32], y: &mut [f32], f: &dyn Fn(&dyn WeightFormat, &[f32], &mut [f32])) -> f64 {
+fn time_matvec(
+    copies: &[Box<dyn WeightFormat>],
+    x: &[f32],
+    y: &mut [f32],
+    f: &dyn Fn(&dyn WeightFormat, &[f32], &mut [f32]),
+) -> f64 {
     for c in copies {
         f(c.as_ref(), x, y);
     }
@@ -37,7 +42,10 @@ fn time_matvec(copies: &[Box<dyn WeightFormat>], x: &[f32], y: &mut [f32], f: &d
 }
 
 fn main() {
-    let ws_mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let ws_mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
     println!(
         "threads: {}, avx512: {}, dense f32 working set ≈ {ws_mib} MiB per format (copies cycled)",
         rayon::current_num_threads(),
@@ -50,17 +58,32 @@ fn main() {
         let x: Vec<f32> = (0..cols).map(|_| rng.unif() - 0.5).collect();
         let mut y = vec![0f32; rows];
         println!("\n== {rows}×{cols}, {copies} copies ==");
-        println!("{:<24} {:>10} {:>10} {:>9} {:>9}", "format", "MiB/copy", "µs/matvec", "GB/s", "speedup");
-        let build = |mk: &dyn Fn() -> Box<dyn WeightFormat>| -> Vec<Box<dyn WeightFormat>> { (0..copies).map(|_| mk()).collect() };
+        println!(
+            "{:<24} {:>10} {:>10} {:>9} {:>9}",
+            "format", "MiB/copy", "µs/matvec", "GB/s", "speedup"
+        );
+        let build = |mk: &dyn Fn() -> Box<dyn WeightFormat>| -> Vec<Box<dyn WeightFormat>> {
+            (0..copies).map(|_| mk()).collect()
+        };
         let mv = |f: &dyn WeightFormat, x: &[f32], y: &mut [f32]| f.matvec(x, y);
         let row = |name: &str, c: &[Box<dyn WeightFormat>], s: f64, base: f64| {
             let b = c[0].nbytes();
-            println!("{:<24} {:>10.2} {:>10.1} {:>9.1} {:>8.2}x", name, b as f64 / (1 << 20) as f64, s * 1e6, b as f64 / s / 1e9, base / s);
+            println!(
+                "{:<24} {:>10.2} {:>10.1} {:>9.1} {:>8.2}x",
+                name,
+                b as f64 / (1 << 20) as f64,
+                s * 1e6,
+                b as f64 / s / 1e9,
+                base / s
+            );
         };
         // Dense baselines.
-        let d: Vec<Box<dyn WeightFormat>> = build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
+        let d: Vec<Box<dyn WeightFormat>> =
+            build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
         let t_own = time_matvec(&d, &x, &mut y, &mv);
-        let dg: Vec<Dense> = (0..copies).map(|_| Dense::from_dense(&dense, rows, cols).unwrap()).collect();
+        let dg: Vec<Dense> = (0..copies)
+            .map(|_| Dense::from_dense(&dense, rows, cols).unwrap())
+            .collect();
         drop(d);
         let t = Instant::now();
         let mut n = 0;
@@ -73,7 +96,8 @@ fn main() {
         let t_gemm = t.elapsed().as_secs_f64() / n as f64;
         drop(dg);
         let base = t_own.min(t_gemm);
-        let dref: Vec<Box<dyn WeightFormat>> = build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
+        let dref: Vec<Box<dyn WeightFormat>> =
+            build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
         row("dense f32 (avx512 rows)", &dref, t_own, base);
         row("dense f32 (matmul_t)", &dref, t_gemm, base);
         drop(dref);
@@ -84,7 +108,10 @@ fn main() {
         row("dense int8", &c, time_matvec(&c, &x, &mut y, &mv), base);
         drop(c);
         for sp in [0.5f32, 0.7] {
-            let w: Vec<f32> = dense.iter().map(|&v| if rng.unif() < sp { 0.0 } else { v }).collect();
+            let w: Vec<f32> = dense
+                .iter()
+                .map(|&v| if rng.unif() < sp { 0.0 } else { v })
+                .collect();
             println!("-- {:.0}% unstructured sparsity --", sp * 100.0);
             let c = build(&|| Box::new(Bitmask::from_dense(&w, rows, cols).unwrap()));
             row("bitmask f32", &c, time_matvec(&c, &x, &mut y, &mv), base);
@@ -107,7 +134,12 @@ fn main() {
                         }
                     }
                     let c = build(&|| Box::new(NM::from_dense(&s, rows, cols, n, m).unwrap()));
-                    row(&format!("{n}:{m} packed"), &c, time_matvec(&c, &x, &mut y, &mv), base);
+                    row(
+                        &format!("{n}:{m} packed"),
+                        &c,
+                        time_matvec(&c, &x, &mut y, &mv),
+                        base,
+                    );
                 }
             }
         }

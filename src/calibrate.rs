@@ -61,7 +61,13 @@ fn check_request(samples: usize, len: usize) -> Result<()> {
 }
 
 /// Draw `samples` windows of `len` tokens from token stream `stream` (of the text at `path`).
-pub fn sample_windows(stream: &[u32], samples: usize, len: usize, seed: u64, path: &Path) -> Result<CalibSet> {
+pub fn sample_windows(
+    stream: &[u32],
+    samples: usize,
+    len: usize,
+    seed: u64,
+    path: &Path,
+) -> Result<CalibSet> {
     check_request(samples, len)?;
     let needed = samples * len;
     if stream.len() <= len || stream.len() < needed {
@@ -88,7 +94,13 @@ pub fn sample_windows(stream: &[u32], samples: usize, len: usize, seed: u64, pat
 }
 
 /// Calibration windows from a text file with the model's tokenizer.
-pub fn from_text(tok: &tokenizers::Tokenizer, path: &Path, samples: usize, len: usize, seed: u64) -> Result<CalibSet> {
+pub fn from_text(
+    tok: &tokenizers::Tokenizer,
+    path: &Path,
+    samples: usize,
+    len: usize,
+    seed: u64,
+) -> Result<CalibSet> {
     check_request(samples, len)?;
     let text = crate::text::load_calib_text(path)?;
     let stream = crate::tokenizer::encode(tok, &text, path)?;
@@ -101,20 +113,39 @@ pub fn from_ids_file(path: &Path, vocab: usize) -> Result<CalibSet> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |m: String| Error::format(path, "safetensors", m);
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let view = st.tensor("input_ids").map_err(|_| bad("no `input_ids` tensor".into()))?;
+    let view = st
+        .tensor("input_ids")
+        .map_err(|_| bad("no `input_ids` tensor".into()))?;
     let shape = view.shape().to_vec();
     if shape.len() != 2 || shape[0] == 0 || shape[1] < 2 {
-        return Err(bad(format!("`input_ids` must be [n, len] with len >= 2, got {shape:?}")));
+        return Err(bad(format!(
+            "`input_ids` must be [n, len] with len >= 2, got {shape:?}"
+        )));
     }
     let d = view.data();
     let ids: Vec<i64> = match view.dtype() {
-        safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-        safetensors::Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
-        safetensors::Dtype::U32 => d.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
-        other => return Err(bad(format!("`input_ids` has dtype {other:?}; expected I64, I32 or U32"))),
+        safetensors::Dtype::I64 => d
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        safetensors::Dtype::I32 => d
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+            .collect(),
+        safetensors::Dtype::U32 => d
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+            .collect(),
+        other => {
+            return Err(bad(format!(
+                "`input_ids` has dtype {other:?}; expected I64, I32 or U32"
+            )))
+        }
     };
     if let Some(v) = ids.iter().find(|&&v| v < 0 || v as usize >= vocab) {
-        return Err(bad(format!("`input_ids` contains id {v}, outside the model's vocabulary of {vocab}")));
+        return Err(bad(format!(
+            "`input_ids` contains id {v}, outside the model's vocabulary of {vocab}"
+        )));
     }
     Ok(CalibSet {
         ids: ids.into_iter().map(|v| v as u32).collect(),

@@ -39,9 +39,16 @@ pub struct EvalResult {
 
 /// Split `ids` into the first `windows` windows of `seq_len`; fewer if the text is shorter
 /// (at least one is required). `path` names the text in errors.
-pub fn make_windows<'a>(ids: &'a [u32], seq_len: usize, windows: usize, path: &Path) -> Result<Vec<&'a [u32]>> {
+pub fn make_windows<'a>(
+    ids: &'a [u32],
+    seq_len: usize,
+    windows: usize,
+    path: &Path,
+) -> Result<Vec<&'a [u32]>> {
     if seq_len < 2 {
-        return Err(Error::Invalid(format!("--seq-len must be at least 2, got {seq_len}")));
+        return Err(Error::Invalid(format!(
+            "--seq-len must be at least 2, got {seq_len}"
+        )));
     }
     if windows == 0 {
         return Err(Error::Invalid("--windows must be at least 1".into()));
@@ -83,7 +90,9 @@ pub fn window_nll(model: &Model, window: &[u32]) -> Result<(f64, usize)> {
         r0 = r1;
     }
     if !total.is_finite() {
-        return Err(Error::Numeric(format!("NLL is {total} on a window: the model produced NaN/Inf")));
+        return Err(Error::Numeric(format!(
+            "NLL is {total} on a window: the model produced NaN/Inf"
+        )));
     }
     Ok((total, l - 1))
 }

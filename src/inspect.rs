@@ -55,13 +55,25 @@ pub fn summarize(model: &Model) -> ModelSummary {
                 },
                 params: t.len(),
                 zeros,
-                sparsity: if t.is_empty() { 0.0 } else { zeros as f64 / t.len() as f64 },
+                sparsity: if t.is_empty() {
+                    0.0
+                } else {
+                    zeros as f64 / t.len() as f64
+                },
             }
         })
         .collect();
     let is_linear = |n: &str| n.contains("_proj.weight");
-    let linear_params: usize = tensors.iter().filter(|t| is_linear(&t.name)).map(|t| t.params).sum();
-    let linear_zeros: usize = tensors.iter().filter(|t| is_linear(&t.name)).map(|t| t.zeros).sum();
+    let linear_params: usize = tensors
+        .iter()
+        .filter(|t| is_linear(&t.name))
+        .map(|t| t.params)
+        .sum();
+    let linear_zeros: usize = tensors
+        .iter()
+        .filter(|t| is_linear(&t.name))
+        .map(|t| t.zeros)
+        .sum();
     ModelSummary {
         source: model.source.display().to_string(),
         config: model.config.clone(),
@@ -74,7 +86,11 @@ pub fn summarize(model: &Model) -> ModelSummary {
         total_params: tensors.iter().map(|t| t.params).sum(),
         linear_params,
         linear_zeros,
-        linear_sparsity: if linear_params == 0 { 0.0 } else { linear_zeros as f64 / linear_params as f64 },
+        linear_sparsity: if linear_params == 0 {
+            0.0
+        } else {
+            linear_zeros as f64 / linear_params as f64
+        },
         embedding_params: w.embed.len() + w.lm_head.as_ref().map_or(0, |h| h.len()),
         tensors,
     }

@@ -29,7 +29,9 @@ fn main() {
 
 fn run(args: cli::Cli) -> Result<()> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
     match args.command {
         cli::Command::Prune(a) => cli::prune::run(a),

@@ -25,7 +25,10 @@ struct Out {
 fn lopper_limit<S: AsRef<OsStr>>(args: &[S], limit: Duration) -> Out {
     let logs = tempfile::tempdir().unwrap();
     let (so, se) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
     let t = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lopper"))
         .args(args)
@@ -55,7 +58,13 @@ fn lopper_limit<S: AsRef<OsStr>>(args: &[S], limit: Duration) -> Out {
         stderr: fs::read_to_string(&se).unwrap(),
         seconds: t.elapsed().as_secs_f64(),
     };
-    eprintln!("$ lopper {}  [{:.1} s, exit {:?}]\n{}", shown.join(" "), out.seconds, out.code, out.stderr.trim_end());
+    eprintln!(
+        "$ lopper {}  [{:.1} s, exit {:?}]\n{}",
+        shown.join(" "),
+        out.seconds,
+        out.code,
+        out.stderr.trim_end()
+    );
     out
 }
 
@@ -66,17 +75,38 @@ fn lopper<S: AsRef<OsStr>>(args: &[S]) -> Out {
 
 /// The run failed cleanly: non-zero exit, every needle in stderr, no panic.
 fn assert_fails(out: &Out, needles: &[&str]) {
-    assert!(out.code.is_some_and(|c| c != 0), "expected a failure exit status, got {:?}\nstderr: {}", out.code, out.stderr);
-    assert!(!out.stderr.contains("panicked"), "lopper panicked:\n{}", out.stderr);
-    assert!(out.stderr.contains("error"), "no error message:\n{}", out.stderr);
+    assert!(
+        out.code.is_some_and(|c| c != 0),
+        "expected a failure exit status, got {:?}\nstderr: {}",
+        out.code,
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "lopper panicked:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("error"),
+        "no error message:\n{}",
+        out.stderr
+    );
     for n in needles {
-        assert!(out.stderr.contains(n), "stderr should mention `{n}`:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains(n),
+            "stderr should mention `{n}`:\n{}",
+            out.stderr
+        );
     }
 }
 
 fn assert_ok(out: &Out) {
     assert_eq!(out.code, Some(0), "lopper failed:\n{}", out.stderr);
-    assert!(!out.stderr.contains("panicked"), "lopper panicked:\n{}", out.stderr);
+    assert!(
+        !out.stderr.contains("panicked"),
+        "lopper panicked:\n{}",
+        out.stderr
+    );
 }
 
 fn s(p: &Path) -> String {
@@ -165,7 +195,12 @@ fn eval_bad_model_files() {
     let missing = t.join("no-such-model");
     let out = lopper(&["eval", "--model", &s(&missing)]);
     assert_fails(&out, &[&s(&missing), "No such file"]);
-    assert_eq!(out.stderr.matches("No such file").count(), 1, "the cause is printed twice:\n{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("No such file").count(),
+        1,
+        "the cause is printed twice:\n{}",
+        out.stderr
+    );
 
     // An HF directory whose model.safetensors is truncated.
     let hf = copy_tiny("tiny-llama3", &t.join("trunc"));
@@ -182,7 +217,14 @@ fn eval_bad_model_files() {
         v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
     });
     let out = lopper(&["eval", "--model", &s(&neox)]);
-    assert_fails(&out, &[&s(&neox.join("config.json")), "unsupported architecture", "gpt_neox"]);
+    assert_fails(
+        &out,
+        &[
+            &s(&neox.join("config.json")),
+            "unsupported architecture",
+            "gpt_neox",
+        ],
+    );
 
     // A config whose hidden_size disagrees with the tensors.
     let shape = copy_tiny("tiny-llama3", &t.join("shape"));
@@ -227,9 +269,22 @@ fn eval_bad_texts() {
     let missing = tmp.path().join("missing.txt");
     let out = lopper(&["eval", "--model", &model, "--text", &s(&missing)]);
     assert_fails(&out, &[&s(&missing), "No such file"]);
-    assert_eq!(out.stderr.matches("No such file").count(), 1, "the cause is printed twice:\n{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("No such file").count(),
+        1,
+        "the cause is printed twice:\n{}",
+        out.stderr
+    );
 
-    let out = lopper(&["eval", "--model", &model, "--text", &s(&short), "--seq-len", "1"]);
+    let out = lopper(&[
+        "eval",
+        "--model",
+        &model,
+        "--text",
+        &s(&short),
+        "--seq-len",
+        "1",
+    ]);
     assert_fails(&out, &["--seq-len"]);
 }
 
@@ -245,17 +300,29 @@ fn prune_fails(extra: &[&str], needles: &[&str]) {
     args.extend(extra.iter().map(|a| a.to_string()));
     let out = lopper(&args);
     assert_fails(&out, needles);
-    assert!(!out_dir.exists(), "a failed prune created {}", out_dir.display());
-    assert!(leftovers(tmp.path()).is_empty(), "leftovers beside --out: {:?}", leftovers(tmp.path()));
+    assert!(
+        !out_dir.exists(),
+        "a failed prune created {}",
+        out_dir.display()
+    );
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "leftovers beside --out: {:?}",
+        leftovers(tmp.path())
+    );
 }
 
 #[test]
 fn prune_bad_values() {
     let model = s(&default_model_path());
     let m = ["--model", model.as_str()];
-    let with = |x: &[&'static str]| -> Vec<&str> { m.iter().copied().chain(x.iter().copied()).collect() };
+    let with =
+        |x: &[&'static str]| -> Vec<&str> { m.iter().copied().chain(x.iter().copied()).collect() };
 
-    prune_fails(&with(&["--sparsity", "1.0"]), &["--sparsity", "[0, 1)", "got 1"]);
+    prune_fails(
+        &with(&["--sparsity", "1.0"]),
+        &["--sparsity", "[0, 1)", "got 1"],
+    );
     // Without --model: the (cached) default model.
     prune_fails(&["--sparsity", "1.0"], &["--sparsity", "[0, 1)"]);
     prune_fails(&with(&["--sparsity", "-0.1"]), &["--sparsity", "-0.1"]);
@@ -263,9 +330,18 @@ fn prune_bad_values() {
     prune_fails(&with(&["--pattern", "4:4"]), &["4:4", "N:M"]);
     prune_fails(&with(&["--pattern", "5:4"]), &["5:4", "N:M"]);
     prune_fails(&with(&["--pattern", "block:5"]), &["block:5", "block:RxC"]);
-    prune_fails(&with(&["--pattern", "2:4", "--sparsity", "0.6"]), &["2:4", "0.6"]);
-    prune_fails(&with(&["--pattern", "2:4", "--allocation", "owl"]), &["OWL", "N:M"]);
-    prune_fails(&with(&["--attn-sparsity", "-0.5"]), &["--attn-sparsity", "-0.5"]);
+    prune_fails(
+        &with(&["--pattern", "2:4", "--sparsity", "0.6"]),
+        &["2:4", "0.6"],
+    );
+    prune_fails(
+        &with(&["--pattern", "2:4", "--allocation", "owl"]),
+        &["OWL", "N:M"],
+    );
+    prune_fails(
+        &with(&["--attn-sparsity", "-0.5"]),
+        &["--attn-sparsity", "-0.5"],
+    );
     prune_fails(&with(&["--skip-layers", "30"]), &["layer 30", "30"]);
     prune_fails(&with(&["--skip-modules", "q,bogus"]), &["bogus"]);
     prune_fails(&with(&["--dtype", "int4"]), &["--dtype", "int4"]);
@@ -273,9 +349,17 @@ fn prune_bad_values() {
     // A block shape that does not divide 576: the message names the matrix and says it refuses.
     prune_fails(
         &with(&["--pattern", "block:5x5"]),
-        &["block 5x5", "model.layers.0.self_attn.q_proj.weight", "576x576", "refuses"],
+        &[
+            "block 5x5",
+            "model.layers.0.self_attn.q_proj.weight",
+            "576x576",
+            "refuses",
+        ],
     );
-    prune_fails(&with(&["--pattern", "vector:7"]), &["model.layers.0.self_attn.q_proj.weight", "vector length 7"]);
+    prune_fails(
+        &with(&["--pattern", "vector:7"]),
+        &["model.layers.0.self_attn.q_proj.weight", "vector length 7"],
+    );
 }
 
 #[test]
@@ -284,10 +368,20 @@ fn prune_bad_calibration() {
     let model = s(&default_model_path());
 
     let small = tmp.path().join("small.txt");
-    fs::write(&small, "A tiny calibration text.\nAnother short document.\n").unwrap();
+    fs::write(
+        &small,
+        "A tiny calibration text.\nAnother short document.\n",
+    )
+    .unwrap();
     let sm = s(&small);
-    prune_fails(&["--model", &model, "--calib", &sm], &[&sm, "too little calibration text", "--samples"]);
-    prune_fails(&["--model", &model, "--method", "sparsegpt", "--calib", &sm], &[&sm, "too little calibration text"]);
+    prune_fails(
+        &["--model", &model, "--calib", &sm],
+        &[&sm, "too little calibration text", "--samples"],
+    );
+    prune_fails(
+        &["--model", &model, "--method", "sparsegpt", "--calib", &sm],
+        &[&sm, "too little calibration text"],
+    );
 
     let empty = tmp.path().join("empty.txt");
     fs::write(&empty, "\n\n\n").unwrap();
@@ -297,9 +391,15 @@ fn prune_bad_calibration() {
     let ids = tmp.path().join("ids.safetensors");
     fs::write(&ids, b"garbage").unwrap();
     let id = s(&ids);
-    prune_fails(&["--model", &model, "--calib-ids", &id], &[&id, "safetensors"]);
+    prune_fails(
+        &["--model", &model, "--calib-ids", &id],
+        &[&id, "safetensors"],
+    );
 
-    prune_fails(&["--model", &model, "--calib", &sm, "--samples", "0"], &["--samples 0"]);
+    prune_fails(
+        &["--model", &model, "--calib", &sm, "--samples", "0"],
+        &["--samples 0"],
+    );
 }
 
 #[test]
@@ -314,29 +414,80 @@ fn prune_existing_output_is_kept() {
     let before = snapshot(&existing);
 
     // Without --force: refused, before loading anything.
-    let out = lopper(&["prune", "--model", &model, "--method", "magnitude", "--out", &s(&existing)]);
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &model,
+        "--method",
+        "magnitude",
+        "--out",
+        &s(&existing),
+    ]);
     assert_fails(&out, &[&s(&existing), "exists", "--force"]);
-    assert_eq!(snapshot(&existing), before, "the existing output was modified");
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    assert_eq!(
+        snapshot(&existing),
+        before,
+        "the existing output was modified"
+    );
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
 
     // With --force but a request that fails: still untouched.
-    let out = lopper(&["prune", "--model", &model, "--sparsity", "1.0", "--force", "--out", &s(&existing)]);
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &model,
+        "--sparsity",
+        "1.0",
+        "--force",
+        "--out",
+        &s(&existing),
+    ]);
     assert_fails(&out, &["--sparsity"]);
-    assert_eq!(snapshot(&existing), before, "a failed --force prune modified the existing output");
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    assert_eq!(
+        snapshot(&existing),
+        before,
+        "a failed --force prune modified the existing output"
+    );
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
 
     // A plain file in the way is refused too.
     let file = tmp.path().join("a-file");
     fs::write(&file, "x").unwrap();
-    let out = lopper(&["prune", "--model", &model, "--method", "magnitude", "--out", &s(&file)]);
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &model,
+        "--method",
+        "magnitude",
+        "--out",
+        &s(&file),
+    ]);
     assert_fails(&out, &[&s(&file), "exists"]);
     assert_eq!(fs::read_to_string(&file).unwrap(), "x");
 
     // convert refuses an existing output the same way.
-    let out = lopper(&["convert", "--model", &s(&tiny("tiny-llama3")), "--out", &s(&existing)]);
+    let out = lopper(&[
+        "convert",
+        "--model",
+        &s(&tiny("tiny-llama3")),
+        "--out",
+        &s(&existing),
+    ]);
     assert_fails(&out, &[&s(&existing), "exists"]);
     assert_eq!(snapshot(&existing), before);
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,7 +499,8 @@ fn inspect_tiny_models_as_json() {
     for name in ["tiny-llama3", "tiny-qwen2"] {
         let out = lopper(&["inspect", &s(&tiny(name)), "--json"]);
         assert_ok(&out);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{name}: not JSON ({e}):\n{}", out.stdout));
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{name}: not JSON ({e}):\n{}", out.stdout));
         assert!(v["total_params"].as_u64().unwrap() > 0, "{name}: {v}");
         assert_eq!(v["layers"], 3);
         assert_eq!(v["config"]["hidden_size"], 64);
@@ -357,24 +509,49 @@ fn inspect_tiny_models_as_json() {
     // Text output too.
     let out = lopper(&["inspect", &s(&tiny("tiny-mistral"))]);
     assert_ok(&out);
-    assert!(out.stdout.contains("mistral") && out.stdout.contains("model.layers.2.mlp.down_proj.weight"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("mistral")
+            && out.stdout.contains("model.layers.2.mlp.down_proj.weight"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
 fn prune_tiny_magnitude_writes_model_and_report() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pruned");
-    let out = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--sparsity", "0.5", "--out", &s(&dir), "--json"]);
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &s(&tiny("tiny-llama3")),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--out",
+        &s(&dir),
+        "--json",
+    ]);
     assert_ok(&out);
     for f in ["config.json", "model.safetensors", "report.json"] {
         assert!(dir.join(f).is_file(), "{f} missing from the output");
     }
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
-    let report: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
-    let stdout: serde_json::Value = serde_json::from_str(&out.stdout).expect("--json prints the report");
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let stdout: serde_json::Value =
+        serde_json::from_str(&out.stdout).expect("--json prints the report");
     assert_eq!(report, stdout, "report.json and the printed report differ");
     let measured = report["sparsity_measured"].as_f64().unwrap();
-    assert!((measured - 0.5).abs() < 1e-3, "sparsity_measured {measured}");
+    assert!(
+        (measured - 0.5).abs() < 1e-3,
+        "sparsity_measured {measured}"
+    );
     assert_eq!(report["method"], "magnitude");
     assert_eq!(report["tensors"].as_array().unwrap().len(), 21);
 
@@ -386,25 +563,66 @@ fn prune_tiny_magnitude_writes_model_and_report() {
             let (w, w0) = (&l.linear(k).weight, &o.linear(k).weight);
             assert_eq!(w.shape, w0.shape);
             let z = w.count_zeros();
-            assert!((z as f64 / w.len() as f64 - 0.5).abs() < 1e-3, "{k:?}: sparsity {}", z as f64 / w.len() as f64);
+            assert!(
+                (z as f64 / w.len() as f64 - 0.5).abs() < 1e-3,
+                "{k:?}: sparsity {}",
+                z as f64 / w.len() as f64
+            );
             // Kept weights are the original ones, bit for bit.
-            assert!(w.data().iter().zip(w0.data()).all(|(a, b)| *a == 0.0 || a == b), "{k:?}: kept weights changed");
+            assert!(
+                w.data()
+                    .iter()
+                    .zip(w0.data())
+                    .all(|(a, b)| *a == 0.0 || a == b),
+                "{k:?}: kept weights changed"
+            );
             zeros += z;
             params += w.len();
         }
     }
     assert_eq!(report["zeros"].as_u64().unwrap() as usize, zeros);
-    assert_eq!(report["pruned_linear_params"].as_u64().unwrap() as usize, params);
-    assert_eq!(m.weights.embed.data(), orig.weights.embed.data(), "the embedding must be unchanged");
+    assert_eq!(
+        report["pruned_linear_params"].as_u64().unwrap() as usize,
+        params
+    );
+    assert_eq!(
+        m.weights.embed.data(),
+        orig.weights.embed.data(),
+        "the embedding must be unchanged"
+    );
 
     // Writing again needs --force, and with it succeeds.
-    let again = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--out", &s(&dir)]);
+    let again = lopper(&[
+        "prune",
+        "--model",
+        &s(&tiny("tiny-llama3")),
+        "--method",
+        "magnitude",
+        "--out",
+        &s(&dir),
+    ]);
     assert_fails(&again, &["exists"]);
-    let forced = lopper(&["prune", "--model", &s(&tiny("tiny-llama3")), "--method", "magnitude", "--sparsity", "0.25", "--out", &s(&dir), "--force"]);
+    let forced = lopper(&[
+        "prune",
+        "--model",
+        &s(&tiny("tiny-llama3")),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.25",
+        "--out",
+        &s(&dir),
+        "--force",
+    ]);
     assert_ok(&forced);
-    let report: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
     assert!((report["sparsity_measured"].as_f64().unwrap() - 0.25).abs() < 1e-3);
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -419,9 +637,33 @@ fn convert_default_model_round_trip() {
     let dir32 = tmp.path().join("smollm2-f32");
     let dir16 = tmp.path().join("smollm2-f16");
     let limit = Duration::from_secs(300);
-    assert_ok(&lopper_limit(&["convert", "--model", &s(&default_model_path()), "--out", &s(&dir32)], limit));
-    assert_ok(&lopper_limit(&["convert", "--model", &s(&default_model_path()), "--out", &s(&dir16), "--dtype", "f16"], limit));
-    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    assert_ok(&lopper_limit(
+        &[
+            "convert",
+            "--model",
+            &s(&default_model_path()),
+            "--out",
+            &s(&dir32),
+        ],
+        limit,
+    ));
+    assert_ok(&lopper_limit(
+        &[
+            "convert",
+            "--model",
+            &s(&default_model_path()),
+            "--out",
+            &s(&dir16),
+            "--dtype",
+            "f16",
+        ],
+        limit,
+    ));
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "{:?}",
+        leftovers(tmp.path())
+    );
 
     // The same tokenizer: identical ids on a slice of the wiki text and on awkward strings.
     let wiki_path = lopper::assets::wiki_text().unwrap();
@@ -430,8 +672,13 @@ fn convert_default_model_round_trip() {
     while !wiki.is_char_boundary(cut) {
         cut -= 1;
     }
-    let samples = [&wiki[..cut], "In 1984, 12345 cafés — naïve Ünïcode 😀\n\n  tabs\tand   spaces <|im_start|>user"];
-    let tok = |m: &lopper::Model, t: &str| lopper::tokenizer::encode(m.tokenizer().unwrap(), t, &wiki_path).unwrap();
+    let samples = [
+        &wiki[..cut],
+        "In 1984, 12345 cafés — naïve Ünïcode 😀\n\n  tabs\tand   spaces <|im_start|>user",
+    ];
+    let tok = |m: &lopper::Model, t: &str| {
+        lopper::tokenizer::encode(m.tokenizer().unwrap(), t, &wiki_path).unwrap()
+    };
     let ids = tok(gguf, samples[0]);
     assert!(ids.len() > 64);
     let ids = &ids[..64];
@@ -440,14 +687,29 @@ fn convert_default_model_round_trip() {
     for (dir, tol) in [(&dir32, 1e-5f32), (&dir16, 0.05)] {
         let m = lopper::io::load_model(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for t in samples {
-            assert_eq!(tok(&m, t), tok(gguf, t), "{}: tokenizer ids differ", dir.display());
+            assert_eq!(
+                tok(&m, t),
+                tok(gguf, t),
+                "{}: tokenizer ids differ",
+                dir.display()
+            );
         }
         let logits = forward_logits(&m, ids).unwrap();
         let d = max_abs_diff(&logits, &ref_logits);
-        eprintln!("{}: max |Δlogit| on 64 wiki tokens = {d:.2e}", dir.display());
-        assert!(d <= tol, "{}: max logit difference {d} > {tol}", dir.display());
+        eprintln!(
+            "{}: max |Δlogit| on 64 wiki tokens = {d:.2e}",
+            dir.display()
+        );
+        assert!(
+            d <= tol,
+            "{}: max logit difference {d} > {tol}",
+            dir.display()
+        );
     }
     let st16 = fs::metadata(dir16.join("model.safetensors")).unwrap().len();
     let st32 = fs::metadata(dir32.join("model.safetensors")).unwrap().len();
-    assert!((st16 as i64 * 2 - st32 as i64).abs() < 1 << 20, "f16 file {st16} bytes vs f32 {st32}");
+    assert!(
+        (st16 as i64 * 2 - st32 as i64).abs() < 1 << 20,
+        "f16 file {st16} bytes vs f32 {st32}"
+    );
 }

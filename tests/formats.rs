@@ -24,7 +24,15 @@ impl Rng {
 }
 
 fn random(rng: &mut Rng, rows: usize, cols: usize, sparsity: f32) -> Vec<f32> {
-    (0..rows * cols).map(|_| if rng.unif() < sparsity { 0.0 } else { rng.normal() + 0.01 }).collect()
+    (0..rows * cols)
+        .map(|_| {
+            if rng.unif() < sparsity {
+                0.0
+            } else {
+                rng.normal() + 0.01
+            }
+        })
+        .collect()
 }
 
 /// N:M along rows; some groups keep fewer than N.
@@ -36,7 +44,11 @@ fn nm_matrix(rng: &mut Rng, rows: usize, cols: usize, n: usize, m: usize) -> Vec
             for i in (1..m).rev() {
                 idx.swap(i, rng.below(i + 1));
             }
-            let keep = if rng.below(5) == 0 { rng.below(n + 1) } else { n };
+            let keep = if rng.below(5) == 0 {
+                rng.below(n + 1)
+            } else {
+                n
+            };
             for &k in &idx[keep..] {
                 w[r * cols + g * m + k] = 0.0;
             }
@@ -45,7 +57,14 @@ fn nm_matrix(rng: &mut Rng, rows: usize, cols: usize, n: usize, m: usize) -> Vec
     w
 }
 
-fn block_matrix(rng: &mut Rng, rows: usize, cols: usize, br: usize, bc: usize, density: f32) -> Vec<f32> {
+fn block_matrix(
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+    br: usize,
+    bc: usize,
+    density: f32,
+) -> Vec<f32> {
     let mut w = vec![0f32; rows * cols];
     for b in 0..rows.div_ceil(br) {
         for c in 0..cols.div_ceil(bc) {
@@ -80,7 +99,10 @@ fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize) -> (Vec<f
 fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64], tol: f64) {
     for (j, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         let err = (g as f64 - w).abs();
-        assert!(err <= tol * (s + 1e-20), "{what}: entry {j}: got {g}, want {w} (scale {s}, err {err})");
+        assert!(
+            err <= tol * (s + 1e-20),
+            "{what}: entry {j}: got {g}, want {w} (scale {s}, err {err})"
+        );
     }
 }
 
@@ -95,14 +117,23 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
     let d = f.to_dense();
     assert_eq!(d.len(), rows * cols);
     if lossless(kind) {
-        assert_eq!(d, w, "{kind}: to_dense differs from the source ({rows}×{cols})");
+        assert_eq!(
+            d, w,
+            "{kind}: to_dense differs from the source ({rows}×{cols})"
+        );
     } else {
         // Quantized formats: within half a step of the row's scale (bf16: 2⁻⁸ relative).
         for r in 0..rows {
-            let amax = w[r * cols..(r + 1) * cols].iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let amax = w[r * cols..(r + 1) * cols]
+                .iter()
+                .fold(0f32, |a, &v| a.max(v.abs()));
             for k in 0..cols {
                 let (a, b) = (w[r * cols + k], d[r * cols + k]);
-                let tol = if kind == "dense-bf16" { a.abs() / 256.0 } else { amax / 254.0 * 1.001 };
+                let tol = if kind == "dense-bf16" {
+                    a.abs() / 256.0
+                } else {
+                    amax / 254.0 * 1.001
+                };
                 assert!((a - b).abs() <= tol + 1e-30, "{kind}: ({r},{k}) {a} vs {b}");
                 if a == 0.0 {
                     assert_eq!(b, 0.0, "{kind}: ({r},{k}) a zero became nonzero");
@@ -132,7 +163,8 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
     }
     // Serialization round trip.
     let t = f.to_tensors("layer.w");
-    let back = from_tensors(kind, "layer.w", &t).unwrap_or_else(|e| panic!("{kind}: round trip failed: {e}"));
+    let back = from_tensors(kind, "layer.w", &t)
+        .unwrap_or_else(|e| panic!("{kind}: round trip failed: {e}"));
     assert_eq!(back.to_dense(), d, "{kind}: round trip");
     assert_eq!(back.to_tensors("layer.w"), t, "{kind}: round trip tensors");
 }
@@ -151,8 +183,20 @@ fn general_formats(w: &[f32], rows: usize, cols: usize) -> Vec<Box<dyn WeightFor
     ]
 }
 
-const SHAPES: &[(usize, usize)] =
-    &[(0, 0), (0, 7), (6, 0), (1, 1), (1, 16), (7, 13), (3, 64), (33, 100), (17, 129), (64, 64), (300, 577), (160, 1024)];
+const SHAPES: &[(usize, usize)] = &[
+    (0, 0),
+    (0, 7),
+    (6, 0),
+    (1, 1),
+    (1, 16),
+    (7, 13),
+    (3, 64),
+    (33, 100),
+    (17, 129),
+    (64, 64),
+    (300, 577),
+    (160, 1024),
+];
 
 #[test]
 fn general_formats_match_dense() {
@@ -175,8 +219,26 @@ fn general_formats_match_dense() {
 fn nm_formats_match_dense() {
     let mut rng = Rng(2);
     // (n, m): the first four take the permute kernel, the rest the scalar path.
-    for (n, m) in [(2, 4), (4, 8), (1, 2), (8, 16), (1, 4), (3, 8), (2, 8), (3, 4)] {
-        for (rows, cols) in [(0, 0), (1, m), (3, 2 * m), (5, 3 * m), (7, 8 * m), (19, 9 * m), (33, 40 * m), (256, 1024)] {
+    for (n, m) in [
+        (2, 4),
+        (4, 8),
+        (1, 2),
+        (8, 16),
+        (1, 4),
+        (3, 8),
+        (2, 8),
+        (3, 4),
+    ] {
+        for (rows, cols) in [
+            (0, 0),
+            (1, m),
+            (3, 2 * m),
+            (5, 3 * m),
+            (7, 8 * m),
+            (19, 9 * m),
+            (33, 40 * m),
+            (256, 1024),
+        ] {
             if cols % m != 0 {
                 continue;
             }
@@ -191,7 +253,13 @@ fn nm_formats_match_dense() {
         }
         // All-zero matrix.
         let z = vec![0f32; 4 * 2 * m];
-        check(&NM::from_dense(&z, 4, 2 * m, n, m).unwrap(), &z, 4, 2 * m, &mut rng);
+        check(
+            &NM::from_dense(&z, 4, 2 * m, n, m).unwrap(),
+            &z,
+            4,
+            2 * m,
+            &mut rng,
+        );
     }
 }
 
@@ -202,8 +270,14 @@ fn nm_violation_names_row_and_group() {
     let e = NM::from_dense(&w, 3, 8, 2, 4).unwrap_err().to_string();
     assert!(e.contains("row 1") && e.contains("group 1"), "{e}");
     assert!(NM::from_dense(&w, 3, 8, 4, 8).is_ok());
-    assert!(NM::from_dense(&vec![0.0; 6], 1, 6, 2, 4).is_err(), "cols not a multiple of M");
-    assert!(NM::from_dense(&vec![0.0; 8], 1, 8, 4, 4).is_err(), "N must be < M");
+    assert!(
+        NM::from_dense(&vec![0.0; 6], 1, 6, 2, 4).is_err(),
+        "cols not a multiple of M"
+    );
+    assert!(
+        NM::from_dense(&vec![0.0; 8], 1, 8, 4, 4).is_err(),
+        "N must be < M"
+    );
 }
 
 #[test]
@@ -228,7 +302,13 @@ fn csr_rejects_wide_matrices() {
     let w = vec![0f32; cols];
     assert!(Csr::from_dense(&w, 1, cols).is_err());
     let w = vec![1f32; 65536];
-    check(&Csr::from_dense(&w, 1, 65536).unwrap(), &w, 1, 65536, &mut Rng(9));
+    check(
+        &Csr::from_dense(&w, 1, 65536).unwrap(),
+        &w,
+        1,
+        65536,
+        &mut Rng(9),
+    );
 }
 
 #[test]
@@ -241,12 +321,24 @@ fn from_dense_rejects_bad_lengths() {
 fn all_serialized(rng: &mut Rng) -> Vec<(String, Vec<RawTensor>)> {
     let (rows, cols) = (9, 70);
     let w = random(rng, rows, cols, 0.5);
-    let mut v: Vec<(String, Vec<RawTensor>)> =
-        general_formats(&w, rows, cols).iter().map(|f| (f.kind().to_string(), f.to_tensors("blk.0.w"))).collect();
+    let mut v: Vec<(String, Vec<RawTensor>)> = general_formats(&w, rows, cols)
+        .iter()
+        .map(|f| (f.kind().to_string(), f.to_tensors("blk.0.w")))
+        .collect();
     let nm = nm_matrix(rng, rows, 64, 2, 4);
-    v.push(("nm".into(), NM::from_dense(&nm, rows, 64, 2, 4).unwrap().to_tensors("blk.0.w")));
+    v.push((
+        "nm".into(),
+        NM::from_dense(&nm, rows, 64, 2, 4)
+            .unwrap()
+            .to_tensors("blk.0.w"),
+    ));
     let nm = nm_matrix(rng, rows, 64, 4, 8);
-    v.push(("nm".into(), NM::from_dense(&nm, rows, 64, 4, 8).unwrap().to_tensors("blk.0.w")));
+    v.push((
+        "nm".into(),
+        NM::from_dense(&nm, rows, 64, 4, 8)
+            .unwrap()
+            .to_tensors("blk.0.w"),
+    ));
     v
 }
 
@@ -261,13 +353,20 @@ fn corrupt_inputs_are_rejected_by_name() {
     let vals = t.iter_mut().find(|t| t.name == "blk.0.w.values").unwrap();
     vals.data.truncate(vals.data.len() - 4);
     vals.shape = vec![vals.data.len() / 4];
-    let e = Bitmask::from_tensors("blk.0.w", &t).unwrap_err().to_string();
-    assert!(e.contains("blk.0.w.values") && e.contains("popcount"), "{e}");
+    let e = Bitmask::from_tensors("blk.0.w", &t)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("blk.0.w.values") && e.contains("popcount"),
+        "{e}"
+    );
     // Bits past the last column.
     let mut t = bm.clone();
     let mk = t.iter_mut().find(|t| t.name == "blk.0.w.bitmask").unwrap();
     mk.data[15] |= 0x80; // row 0, word 1, bit 63 → column 127 ≥ 70
-    let e = Bitmask::from_tensors("blk.0.w", &t).unwrap_err().to_string();
+    let e = Bitmask::from_tensors("blk.0.w", &t)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("blk.0.w.bitmask"), "{e}");
     // CSR: index ≥ cols and non-increasing.
     let (_, csr) = fmts.iter().find(|(k, _)| k == "csr").unwrap();
@@ -280,19 +379,30 @@ fn corrupt_inputs_are_rejected_by_name() {
     let ci = t.iter_mut().find(|t| t.name == "blk.0.w.col_idx").unwrap();
     ci.data.swap(0, 2);
     ci.data.swap(1, 3);
-    assert!(Csr::from_tensors("blk.0.w", &t).unwrap_err().to_string().contains("increasing"));
+    assert!(Csr::from_tensors("blk.0.w", &t)
+        .unwrap_err()
+        .to_string()
+        .contains("increasing"));
     // N:M: in-group indices out of order.
     let mut t = nm.clone();
     let ix = t.iter_mut().find(|t| t.name == "blk.0.w.indices").unwrap();
     ix.data[0] = 0b0000_0111; // group 0: indices 3, 1
     let e = NM::from_tensors("blk.0.w", &t).unwrap_err().to_string();
-    assert!(e.contains("blk.0.w.indices") && e.contains("group 0"), "{e}");
+    assert!(
+        e.contains("blk.0.w.indices") && e.contains("group 0"),
+        "{e}"
+    );
     // Missing tensor, wrong dtype.
-    let e = NM::from_tensors("blk.0.w", &nm[1..]).unwrap_err().to_string();
+    let e = NM::from_tensors("blk.0.w", &nm[1..])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("blk.0.w.shape") && e.contains("missing"), "{e}");
     let mut t = nm.clone();
     t[1].dtype = Dtype::U8;
-    assert!(NM::from_tensors("blk.0.w", &t).unwrap_err().to_string().contains("dtype"));
+    assert!(NM::from_tensors("blk.0.w", &t)
+        .unwrap_err()
+        .to_string()
+        .contains("dtype"));
 }
 
 #[test]
@@ -324,7 +434,8 @@ fn fuzzed_tensors_never_panic() {
                     }
                 }
                 5 => {
-                    tt.data.extend((0..1 + rng.below(16)).map(|_| rng.next() as u8));
+                    tt.data
+                        .extend((0..1 + rng.below(16)).map(|_| rng.next() as u8));
                     if rng.below(2) == 0 {
                         tt.shape = vec![tt.data.len() / tt.dtype.size()];
                     }
@@ -355,7 +466,10 @@ fn fuzzed_tensors_never_panic() {
             }
             Err(e) => {
                 let s = e.to_string();
-                assert!(s.contains("blk.0.w."), "error does not name the tensor: {s}");
+                assert!(
+                    s.contains("blk.0.w."),
+                    "error does not name the tensor: {s}"
+                );
             }
         }
     }

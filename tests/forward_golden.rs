@@ -30,7 +30,10 @@ fn smollm2_matches_transformers_on_128_tokens() {
     let mut worst_logit = 0f32;
     for t in 0..ids.len() {
         let row = &logits[t * vocab..(t + 1) * vocab];
-        let argmax = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+        let argmax = row
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
         assert_eq!(argmax as i64, top5[t * 5], "top-1 differs at position {t}");
         for j in 0..5 {
             worst_logit = worst_logit.max((row[top5[t * 5 + j] as usize] - top5l[t * 5 + j]).abs());
@@ -44,7 +47,10 @@ fn smollm2_matches_transformers_on_128_tokens() {
     for (i, &pos) in [0usize, 63, 127].iter().enumerate() {
         let row = &logits[pos * vocab..(pos + 1) * vocab];
         let r = &at[i * vocab..(i + 1) * vocab];
-        let d = row.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let d = row
+            .iter()
+            .zip(r)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!("position {pos}: max |Δlogit| = {d:.2e}");
         assert!(d < 2e-3, "position {pos}: max logit difference {d}");
     }
@@ -53,7 +59,12 @@ fn smollm2_matches_transformers_on_128_tokens() {
 /// The four tiny random models cover llama3 RoPE scaling, biases, qwen2 and mistral.
 #[test]
 fn tiny_models_match_transformers_logits() {
-    for name in ["tiny-llama3", "tiny-llama-tied-bias", "tiny-qwen2", "tiny-mistral"] {
+    for name in [
+        "tiny-llama3",
+        "tiny-llama-tied-bias",
+        "tiny-qwen2",
+        "tiny-mistral",
+    ] {
         let dir = golden().join("tiny").join(name);
         let model = lopper::io::load_model(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let g = read_safetensors(&dir.join("golden_logits.safetensors"));
@@ -63,10 +74,16 @@ fn tiny_models_match_transformers_logits() {
         let vocab = g["logits"].shape[2];
         let mut worst = 0f32;
         for s in 0..b {
-            let seq: Vec<u32> = ids.i64[s * t..(s + 1) * t].iter().map(|&v| v as u32).collect();
+            let seq: Vec<u32> = ids.i64[s * t..(s + 1) * t]
+                .iter()
+                .map(|&v| v as u32)
+                .collect();
             let logits = forward_logits(&model, &seq).unwrap();
             let r = &reference[s * t * vocab..(s + 1) * t * vocab];
-            worst = logits.iter().zip(r).fold(worst, |m, (a, b)| m.max((a - b).abs()));
+            worst = logits
+                .iter()
+                .zip(r)
+                .fold(worst, |m, (a, b)| m.max((a - b).abs()));
         }
         eprintln!("{name}: max |Δlogit| = {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: max logit difference {worst}");
@@ -86,6 +103,9 @@ fn batched_forward_equals_single_windows() {
     let a = lopper::model::forward::forward_hidden(&model, &ids[..t], 1, t, obs).unwrap();
     let b = lopper::model::forward::forward_hidden(&model, &ids[t..], 1, t, obs).unwrap();
     let single: Vec<f32> = a.into_iter().chain(b).collect();
-    let d = both.iter().zip(&single).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let d = both
+        .iter()
+        .zip(&single)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(d < 1e-5, "batched vs single max difference {d}");
 }

@@ -7,7 +7,8 @@ use common::*;
 use lopper::model::forward::forward_logits;
 use lopper::runtime::sample::{argmax, distribution};
 use lopper::runtime::{
-    forward_step, forward_step_all, generate, GenerateOpts, KvCache, SampleOpts, Sampler, StopReason,
+    forward_step, forward_step_all, generate, GenerateOpts, KvCache, SampleOpts, Sampler,
+    StopReason,
 };
 use std::process::Command;
 
@@ -111,7 +112,9 @@ fn kv_cache_chunks_match_full_forward_smollm2() {
 
 #[test]
 fn sampling_is_seeded_and_top_k_1_is_greedy() {
-    let mut logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+    let mut logits: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
     logits[123] = 50.0;
     let o = SampleOpts {
         temperature: 1.5,
@@ -203,8 +206,14 @@ fn sampling_distribution_matches_softmax_and_filters() {
     assert_eq!(dp.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
     assert!((dp[0].1 - 2.0 / 3.0).abs() < 1e-6);
     // top-p 0.5 keeps only the first; top-k 3 drops the last.
-    assert_eq!(distribution(&logits, &SampleOpts { top_p: 0.5, ..o }).len(), 1);
-    assert_eq!(distribution(&logits, &SampleOpts { top_k: 3, ..o }).len(), 3);
+    assert_eq!(
+        distribution(&logits, &SampleOpts { top_p: 0.5, ..o }).len(),
+        1
+    );
+    assert_eq!(
+        distribution(&logits, &SampleOpts { top_k: 3, ..o }).len(),
+        3
+    );
 
     // Empirical frequencies of 40 000 draws are within 1% of the distribution.
     let n = 40_000;
@@ -307,7 +316,13 @@ fn lopper(args: &[&str]) -> (Option<i32>, String, String) {
 #[test]
 fn cli_run_generates_text() {
     default_model(); // fetch once
-    let (code, out, err) = lopper(&["run", "--prompt", "The capital of France is", "--max-new", "8"]);
+    let (code, out, err) = lopper(&[
+        "run",
+        "--prompt",
+        "The capital of France is",
+        "--max-new",
+        "8",
+    ]);
     assert_eq!(code, Some(0), "stderr: {err}");
     assert!(out.trim().len() >= 2, "no text: {out:?}");
     assert!(err.contains("tokens/s"), "no stats: {err}");
@@ -344,8 +359,14 @@ fn cli_run_rejects_bad_flags() {
         let mut a = vec!["run", "--prompt", "hi"];
         a.extend(args);
         let (code, out, err) = lopper(&a);
-        assert!(code.is_some() && code != Some(0), "{args:?} exited {code:?}");
-        assert!(err.contains(msg), "{args:?}: error does not name {msg}: {err}");
+        assert!(
+            code.is_some() && code != Some(0),
+            "{args:?} exited {code:?}"
+        );
+        assert!(
+            err.contains(msg),
+            "{args:?}: error does not name {msg}: {err}"
+        );
         assert!(out.is_empty(), "{args:?} printed {out:?}");
         assert!(!err.contains("panicked"), "{err}");
     }

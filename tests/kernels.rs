@@ -24,7 +24,15 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn matmul_matches_naive_on_odd_shapes() {
     let mut rng = Rng(1);
-    for &(m, k, n) in &[(1, 1, 1), (3, 17, 5), (64, 576, 192), (130, 33, 257), (0, 4, 4), (4, 0, 4), (2, 8, 0)] {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (3, 17, 5),
+        (64, 576, 192),
+        (130, 33, 257),
+        (0, 4, 4),
+        (4, 0, 4),
+        (2, 8, 0),
+    ] {
         let x = rng.vec(m * k, 1.0);
         let w = rng.vec(n * k, 1.0);
         let mut a = rng.vec(m * n, 1.0);
@@ -89,7 +97,9 @@ fn rowwise_kernels_match_naive() {
         assert!((l1 - l2).abs() < 1e-5, "logsumexp {l1} vs {l2}");
     }
     // a row with huge spread (vocab-sized logits)
-    let big: Vec<f32> = (0..49152).map(|i| ((i * 7919) % 1000) as f32 * 0.03 - 10.0).collect();
+    let big: Vec<f32> = (0..49152)
+        .map(|i| ((i * 7919) % 1000) as f32 * 0.03 - 10.0)
+        .collect();
     assert!((kernels::logsumexp(&big) - kernels::logsumexp_naive(&big)).abs() < 1e-5);
 }
 
@@ -97,14 +107,18 @@ fn rowwise_kernels_match_naive() {
 fn attention_matches_naive() {
     let mut rng = Rng(42);
     let cases = [
-        (1, 1, 9, 3, 64),    // single token
-        (1, 70, 9, 3, 64),   // decode with cache, beyond one query block
-        (65, 65, 4, 2, 8),   // prefill crossing a block edge
+        (1, 1, 9, 3, 64),     // single token
+        (1, 70, 9, 3, 64),    // decode with cache, beyond one query block
+        (65, 65, 4, 2, 8),    // prefill crossing a block edge
         (130, 200, 8, 8, 16), // MHA, chunked prefill after a cached prefix
-        (33, 33, 6, 1, 10),  // MQA, head_dim not a SIMD multiple
+        (33, 33, 6, 1, 10),   // MQA, head_dim not a SIMD multiple
     ];
     for &(tq, tk, h, kvh, hd) in &cases {
-        let d = AttnDims { n_heads: h, n_kv_heads: kvh, head_dim: hd };
+        let d = AttnDims {
+            n_heads: h,
+            n_kv_heads: kvh,
+            head_dim: hd,
+        };
         let q = rng.vec(tq * h * hd, 2.0);
         let k = rng.vec(tk * kvh * hd, 2.0);
         let v = rng.vec(tk * kvh * hd, 1.0);
@@ -112,14 +126,21 @@ fn attention_matches_naive() {
         let scale = 1.0 / (hd as f32).sqrt();
         kernels::causal_attention(&q, &k, &v, &mut a, tq, tk, d, scale);
         kernels::causal_attention_naive(&q, &k, &v, &mut b, tq, tk, d, scale);
-        assert!(max_rel_err(&a, &b) < 1e-5, "attention tq={tq} tk={tk} h={h} kvh={kvh} hd={hd}");
+        assert!(
+            max_rel_err(&a, &b) < 1e-5,
+            "attention tq={tq} tk={tk} h={h} kvh={kvh} hd={hd}"
+        );
     }
 }
 
 #[test]
 fn attention_first_query_copies_first_value() {
     // Position 0 sees only key 0, so its output is exactly v[0] of its KV head.
-    let d = AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 4 };
+    let d = AttnDims {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 4,
+    };
     let mut rng = Rng(3);
     let q = rng.vec(5 * 16, 1.0);
     let k = rng.vec(5 * 8, 1.0);
@@ -143,7 +164,10 @@ fn gram_matches_naive() {
         kernels::gram(&x, rows, cols, &mut a);
         kernels::gram_naive(&x, rows, cols, &mut b);
         let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let d = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(d / scale < 1e-5, "gram {rows}x{cols}: {d}");
     }
 }

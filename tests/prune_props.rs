@@ -44,8 +44,12 @@ fn dense(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 fn stats(cols: usize, seed: u64) -> SiteStats {
     let tokens = 4 * cols;
     let mut rng = SplitMix64(seed ^ 0xABCD);
-    let scale: Vec<f64> = (0..cols).map(|_| 0.1 + 2.0 * unit(&mut rng) as f64).collect();
-    let x: Vec<f64> = (0..tokens * cols).map(|i| (unit(&mut rng) as f64 * 2.0 - 1.0) * scale[i % cols]).collect();
+    let scale: Vec<f64> = (0..cols)
+        .map(|_| 0.1 + 2.0 * unit(&mut rng) as f64)
+        .collect();
+    let x: Vec<f64> = (0..tokens * cols)
+        .map(|i| (unit(&mut rng) as f64 * 2.0 - 1.0) * scale[i % cols])
+        .collect();
     let mut xtx = vec![0f64; cols * cols];
     for t in 0..tokens {
         let row = &x[t * cols..(t + 1) * cols];
@@ -58,7 +62,13 @@ fn stats(cols: usize, seed: u64) -> SiteStats {
         }
     }
     let col_sq = (0..cols).map(|j| xtx[j * cols + j]).collect();
-    SiteStats { cols, samples: 4, tokens, col_sq: Some(col_sq), xtx: Some(xtx) }
+    SiteStats {
+        cols,
+        samples: 4,
+        tokens,
+        col_sq: Some(col_sq),
+        xtx: Some(xtx),
+    }
 }
 
 /// Statistics for `COLS` inputs, computed once.
@@ -84,11 +94,24 @@ const ROWS: usize = 32;
 const COLS: usize = 256;
 
 /// Prune a fresh random matrix; returns the pruned weights.
-fn prune_random(method: Method, scope: Scope, pattern: Pattern, sparsity: f64, seed: u64) -> Vec<f32> {
+fn prune_random(
+    method: Method,
+    scope: Scope,
+    pattern: Pattern,
+    sparsity: f64,
+    seed: u64,
+) -> Vec<f32> {
     let mut w = dense(ROWS, COLS, seed);
     let st = shared_stats();
     prune::pruner(method, scope)
-        .prune(&mut w, ROWS, COLS, st, Target { sparsity, pattern }, "test.weight")
+        .prune(
+            &mut w,
+            ROWS,
+            COLS,
+            st,
+            Target { sparsity, pattern },
+            "test.weight",
+        )
         .unwrap_or_else(|e| panic!("{method:?}/{scope:?} {pattern}: {e}"));
     w
 }
@@ -102,7 +125,12 @@ fn assert_nm(w: &[f32], rows: usize, cols: usize, n: usize, m: usize, what: &str
     for r in 0..rows {
         for g in 0..cols / m {
             let z = zeros(&w[r * cols + g * m..r * cols + (g + 1) * m]);
-            assert_eq!(z, m - n, "{what}: row {r} group {g} has {z} zeros, expected {}", m - n);
+            assert_eq!(
+                z,
+                m - n,
+                "{what}: row {r} group {g} has {z} zeros, expected {}",
+                m - n
+            );
         }
     }
 }
@@ -126,7 +154,11 @@ fn assert_tiles(w: &[f32], rows: usize, cols: usize, pattern: Pattern, what: &st
             for i in bi * r..(bi + 1) * r {
                 z += zeros(&w[i * cols + bj * c..i * cols + (bj + 1) * c]);
             }
-            assert!(z == 0 || z == r * c, "{what}: tile ({bi},{bj}) has {z} zeros of {}", r * c);
+            assert!(
+                z == 0 || z == r * c,
+                "{what}: tile ({bi},{bj}) has {z} zeros of {}",
+                r * c
+            );
             out[bi * tc + bj] = z == r * c;
         }
     }
@@ -135,14 +167,24 @@ fn assert_tiles(w: &[f32], rows: usize, cols: usize, pattern: Pattern, what: &st
 
 /// Zero tiles each method must produce for a block/vector pattern (selection groups:
 /// the whole matrix, each band/row, or each 128-column SparseGPT block).
-fn expected_zero_tiles(method: Method, scope: Scope, pattern: Pattern, rows: usize, cols: usize, s: f64) -> usize {
+fn expected_zero_tiles(
+    method: Method,
+    scope: Scope,
+    pattern: Pattern,
+    rows: usize,
+    cols: usize,
+    s: f64,
+) -> usize {
     let (tr, tc, _, c) = tiles(pattern, rows, cols);
     match (method, scope) {
         (Method::Magnitude, Scope::Matrix) => fl(tr * tc, s),
         (Method::Magnitude, Scope::Row) | (Method::Wanda, _) => tr * fl(tc, s),
         (Method::Sparsegpt, _) => {
             let bs = 128usize.div_ceil(c) * c;
-            (0..cols).step_by(bs).map(|i1| fl(tr * ((bs.min(cols - i1)) / c), s)).sum()
+            (0..cols)
+                .step_by(bs)
+                .map(|i1| fl(tr * ((bs.min(cols - i1)) / c), s))
+                .sum()
         }
     }
 }
@@ -159,7 +201,12 @@ fn tiny_model() -> Model {
 fn tiny_calib(seed: u64) -> CalibSet {
     let mut rng = SplitMix64(seed);
     let (n, len) = (8, 32);
-    CalibSet { ids: (0..n * len).map(|_| rng.below(320) as u32).collect(), n, len, source: "random ids".into() }
+    CalibSet {
+        ids: (0..n * len).map(|_| rng.below(320) as u32).collect(),
+        n,
+        len,
+        source: "random ids".into(),
+    }
 }
 
 fn run_plan(model: &mut Model, plan: &PrunePlan) -> lopper::Result<prune::PruneOutcome> {
@@ -173,7 +220,11 @@ fn assert_report_consistent(model: &Model, out: &prune::PruneOutcome) {
         let w = &model.weights.layers[layer].linear(kind).weight;
         assert_eq!(t.shape.to_vec(), w.shape, "{}: shape", t.name);
         assert_eq!(t.zeros, w.count_zeros(), "{}: reported zeros", t.name);
-        assert!((t.sparsity - t.zeros as f64 / w.len() as f64).abs() < 1e-12, "{}: reported sparsity", t.name);
+        assert!(
+            (t.sparsity - t.zeros as f64 / w.len() as f64).abs() < 1e-12,
+            "{}: reported sparsity",
+            t.name
+        );
     }
     let (mut params, mut z) = (0, 0);
     for l in &model.weights.layers {
@@ -218,7 +269,12 @@ fn nm_patterns_keep_exactly_n_of_every_m() {
 
 #[test]
 fn block_and_vector_patterns_prune_whole_tiles() {
-    let patterns = [Pattern::Block { r: 4, c: 4 }, Pattern::Block { r: 2, c: 8 }, Pattern::Vector { v: 4 }, Pattern::Vector { v: 8 }];
+    let patterns = [
+        Pattern::Block { r: 4, c: 4 },
+        Pattern::Block { r: 2, c: 8 },
+        Pattern::Vector { v: 4 },
+        Pattern::Vector { v: 8 },
+    ];
     for (method, scope) in METHODS {
         for pattern in patterns {
             for s in [0.5, 0.3] {
@@ -231,7 +287,10 @@ fn block_and_vector_patterns_prune_whole_tiles() {
                 let measured = zeros(&w) as f64 / w.len() as f64;
                 let (tr, tc, _, _) = tiles(pattern, ROWS, COLS);
                 // Counts are floors per selection group; the smallest group here has 32 tiles.
-                assert!(measured <= s + 1e-12 && measured > s - 1.0 / 32.0, "{what}: measured {measured}");
+                assert!(
+                    measured <= s + 1e-12 && measured > s - 1.0 / 32.0,
+                    "{what}: measured {measured}"
+                );
                 assert!(tr * tc > 0);
             }
         }
@@ -275,29 +334,70 @@ fn unstructured_counts() {
                     min_kept = min_kept.min(score);
                 }
             }
-            assert!(max_pruned <= min_kept, "Wanda {s}: row {r} pruned a higher score than it kept");
+            assert!(
+                max_pruned <= min_kept,
+                "Wanda {s}: row {r} pruned a higher score than it kept"
+            );
         }
 
         // Magnitude, whole matrix: the official `<=` threshold prunes floor(n·s) + 1 (distinct
         // random values, so no ties), the smallest |w|.
-        let w = prune_random(Method::Magnitude, Scope::Matrix, Pattern::Unstructured, s, 3);
+        let w = prune_random(
+            Method::Magnitude,
+            Scope::Matrix,
+            Pattern::Unstructured,
+            s,
+            3,
+        );
         assert_eq!(zeros(&w), fl(ROWS * COLS, s) + 1, "magnitude/matrix {s}");
-        let max_pruned = w0.iter().zip(&w).filter(|(_, &p)| p == 0.0).map(|(o, _)| o.abs()).fold(0f32, f32::max);
-        let min_kept = w.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::MAX, f32::min);
-        assert!(max_pruned <= min_kept, "magnitude/matrix {s}: pruned a larger weight than it kept");
-        assert!(w0.iter().zip(&w).all(|(o, p)| *p == 0.0 || p == o), "magnitude changed a kept weight");
+        let max_pruned = w0
+            .iter()
+            .zip(&w)
+            .filter(|(_, &p)| p == 0.0)
+            .map(|(o, _)| o.abs())
+            .fold(0f32, f32::max);
+        let min_kept = w
+            .iter()
+            .filter(|v| **v != 0.0)
+            .map(|v| v.abs())
+            .fold(f32::MAX, f32::min);
+        assert!(
+            max_pruned <= min_kept,
+            "magnitude/matrix {s}: pruned a larger weight than it kept"
+        );
+        assert!(
+            w0.iter().zip(&w).all(|(o, p)| *p == 0.0 || p == o),
+            "magnitude changed a kept weight"
+        );
 
         // Magnitude, per row: exactly floor(cols·s) in every row.
         let w = prune_random(Method::Magnitude, Scope::Row, Pattern::Unstructured, s, 3);
         for r in 0..ROWS {
-            assert_eq!(zeros(&w[r * COLS..(r + 1) * COLS]), fl(COLS, s), "magnitude/row {s}: row {r}");
+            assert_eq!(
+                zeros(&w[r * COLS..(r + 1) * COLS]),
+                fl(COLS, s),
+                "magnitude/row {s}: row {r}"
+            );
         }
 
         // SparseGPT: the official threshold semantics prune ⌊n·s⌋ (+1 and ties) per 128-column block.
-        let w = prune_random(Method::Sparsegpt, Scope::Matrix, Pattern::Unstructured, s, 3);
+        let w = prune_random(
+            Method::Sparsegpt,
+            Scope::Matrix,
+            Pattern::Unstructured,
+            s,
+            3,
+        );
         let z = zeros(&w);
-        let upper: usize = (0..COLS).step_by(128).map(|i1| fl(ROWS * 128.min(COLS - i1), s) + 1).sum();
-        assert!(z >= fl(ROWS * COLS, s) && z <= upper, "SparseGPT {s}: {z} zeros, expected {}..={upper}", fl(ROWS * COLS, s));
+        let upper: usize = (0..COLS)
+            .step_by(128)
+            .map(|i1| fl(ROWS * 128.min(COLS - i1), s) + 1)
+            .sum();
+        assert!(
+            z >= fl(ROWS * COLS, s) && z <= upper,
+            "SparseGPT {s}: {z} zeros, expected {}..={upper}",
+            fl(ROWS * COLS, s)
+        );
         assert!(w.iter().all(|v| v.is_finite()));
     }
 }
@@ -328,13 +428,37 @@ fn bad_shapes_are_refused_naming_the_tensor() {
             let st = stats(cols, 1);
             let name = "model.layers.7.mlp.odd_proj.weight";
             let e = prune::pruner(method, scope)
-                .prune(&mut w, rows, cols, &st, Target { sparsity: 0.5, pattern }, name)
-                .expect_err(&format!("{method:?} {pattern} on {rows}x{cols} must be refused"));
+                .prune(
+                    &mut w,
+                    rows,
+                    cols,
+                    &st,
+                    Target {
+                        sparsity: 0.5,
+                        pattern,
+                    },
+                    name,
+                )
+                .expect_err(&format!(
+                    "{method:?} {pattern} on {rows}x{cols} must be refused"
+                ));
             let msg = e.to_string();
-            assert!(matches!(e, Error::Invalid(_)), "{method:?} {pattern}: {e:?}");
-            assert!(msg.contains(name), "{method:?} {pattern}: message does not name the tensor: {msg}");
-            assert!(msg.contains(&format!("{rows}x{cols}")), "message should give the shape: {msg}");
-            assert_eq!(w, before, "{method:?} {pattern}: a refused matrix must be left unchanged");
+            assert!(
+                matches!(e, Error::Invalid(_)),
+                "{method:?} {pattern}: {e:?}"
+            );
+            assert!(
+                msg.contains(name),
+                "{method:?} {pattern}: message does not name the tensor: {msg}"
+            );
+            assert!(
+                msg.contains(&format!("{rows}x{cols}")),
+                "message should give the shape: {msg}"
+            );
+            assert_eq!(
+                w, before,
+                "{method:?} {pattern}: a refused matrix must be left unchanged"
+            );
         }
     }
 }
@@ -342,10 +466,26 @@ fn bad_shapes_are_refused_naming_the_tensor() {
 #[test]
 fn methods_without_statistics_are_refused() {
     let mut w = dense(8, 16, 1);
-    let empty = SiteStats { cols: 16, samples: 0, tokens: 0, col_sq: None, xtx: None };
+    let empty = SiteStats {
+        cols: 16,
+        samples: 0,
+        tokens: 0,
+        col_sq: None,
+        xtx: None,
+    };
     for m in [Method::Wanda, Method::Sparsegpt] {
         let e = prune::pruner(m, Scope::Row)
-            .prune(&mut w, 8, 16, &empty, Target { sparsity: 0.5, pattern: Pattern::Unstructured }, "x.weight")
+            .prune(
+                &mut w,
+                8,
+                16,
+                &empty,
+                Target {
+                    sparsity: 0.5,
+                    pattern: Pattern::Unstructured,
+                },
+                "x.weight",
+            )
             .expect_err("no statistics");
         assert!(e.to_string().contains("x.weight"), "{e}");
     }
@@ -374,10 +514,30 @@ fn pattern_parsing() {
     assert_eq!(Pattern::NM { n: 2, m: 4 }.implied_sparsity(), Some(0.5));
     assert_eq!(Pattern::NM { n: 1, m: 4 }.implied_sparsity(), Some(0.75));
     assert_eq!(Pattern::Block { r: 4, c: 4 }.implied_sparsity(), None);
-    for bad in ["4:4", "5:4", "0:0", "0:4", "block:0x4", "block:4x0", "block:4", "vector:0", "vector:x", "foo", "", "2:", ":4", "a:b"] {
-        let e = bad.parse::<Pattern>().expect_err(&format!("`{bad}` must not parse"));
+    for bad in [
+        "4:4",
+        "5:4",
+        "0:0",
+        "0:4",
+        "block:0x4",
+        "block:4x0",
+        "block:4",
+        "vector:0",
+        "vector:x",
+        "foo",
+        "",
+        "2:",
+        ":4",
+        "a:b",
+    ] {
+        let e = bad
+            .parse::<Pattern>()
+            .expect_err(&format!("`{bad}` must not parse"));
         assert!(matches!(e, Error::Invalid(_)), "{bad}: {e:?}");
-        assert!(e.to_string().contains(&format!("`{bad}`")), "{bad}: message should quote the input: {e}");
+        assert!(
+            e.to_string().contains(&format!("`{bad}`")),
+            "{bad}: message should quote the input: {e}"
+        );
     }
 }
 
@@ -388,7 +548,11 @@ fn pattern_parsing() {
 #[test]
 fn owl_allocation() {
     let (s, lambda) = (0.5, 0.08);
-    for lods in [vec![1.0, 3.0, 2.0, 5.0], vec![0.2, 0.9, 0.5], vec![4.0, 1.0, 1.0, 1.0, 7.5, 2.0, 3.3]] {
+    for lods in [
+        vec![1.0, 3.0, 2.0, 5.0],
+        vec![0.2, 0.9, 0.5],
+        vec![4.0, 1.0, 1.0, 1.0, 7.5, 2.0, 3.3],
+    ] {
         let a = owl::allocate(&lods, s, lambda);
         assert_eq!(a.len(), lods.len());
         let mean = a.iter().sum::<f64>() / a.len() as f64;
@@ -400,14 +564,27 @@ fn owl_allocation() {
         let n = lods.len() as f64;
         let bound = 2.0 * lambda * (n - 1.0) / n;
         for &v in &a {
-            assert!(v >= s - bound - 1e-12 && v <= s + bound + 1e-12, "{lods:?}: {v} outside [S-2λ(n-1)/n, S+2λ(n-1)/n]");
+            assert!(
+                v >= s - bound - 1e-12 && v <= s + bound + 1e-12,
+                "{lods:?}: {v} outside [S-2λ(n-1)/n, S+2λ(n-1)/n]"
+            );
         }
-        let hi = (0..lods.len()).max_by(|&i, &j| lods[i].total_cmp(&lods[j])).unwrap();
-        let lo = (0..lods.len()).min_by(|&i, &j| lods[i].total_cmp(&lods[j])).unwrap();
+        let hi = (0..lods.len())
+            .max_by(|&i, &j| lods[i].total_cmp(&lods[j]))
+            .unwrap();
+        let lo = (0..lods.len())
+            .min_by(|&i, &j| lods[i].total_cmp(&lods[j]))
+            .unwrap();
         let min_s = a.iter().cloned().fold(f64::MAX, f64::min);
         let max_s = a.iter().cloned().fold(f64::MIN, f64::max);
-        assert_eq!(a[hi], min_s, "{lods:?}: the layer with the most outliers must be pruned least");
-        assert_eq!(a[lo], max_s, "{lods:?}: the layer with the fewest outliers must be pruned most");
+        assert_eq!(
+            a[hi], min_s,
+            "{lods:?}: the layer with the most outliers must be pruned least"
+        );
+        assert_eq!(
+            a[lo], max_s,
+            "{lods:?}: the layer with the fewest outliers must be pruned most"
+        );
         // The spread is exactly 2λ and the order is the reverse of the LODs'.
         assert!((max_s - min_s - 2.0 * lambda).abs() < 1e-12);
         for i in 0..lods.len() {
@@ -421,7 +598,10 @@ fn owl_allocation() {
     // One outlier-rich layer among three: [0, 0, 2λ] − mean → sparsities S + 2λ/3 (twice) and
     // S − 4λ/3, i.e. below S − λ. This is what the official code does.
     let a = owl::allocate(&[1.0, 1.0, 4.0], 0.5, 0.08);
-    for (got, want) in a.iter().zip([0.5 + 0.16 / 3.0, 0.5 + 0.16 / 3.0, 0.5 - 0.32 / 3.0]) {
+    for (got, want) in a
+        .iter()
+        .zip([0.5 + 0.16 / 3.0, 0.5 + 0.16 / 3.0, 0.5 - 0.32 / 3.0])
+    {
         assert!((got - want).abs() < 1e-12, "{a:?}");
     }
     assert_eq!(owl::allocate(&[2.0, 2.0, 2.0], 0.6, 0.08), vec![0.6; 3]);
@@ -431,10 +611,19 @@ fn owl_allocation() {
 #[test]
 fn owl_outlier_ratio() {
     // Mean 10.9, threshold 5 × mean = 54.5: one of ten values is above.
-    let v = vec![vec![1.0f32; 9].into_iter().chain([100.0]).collect::<Vec<_>>()];
+    let v = vec![vec![1.0f32; 9]
+        .into_iter()
+        .chain([100.0])
+        .collect::<Vec<_>>()];
     assert!((owl::outlier_ratio(&v, 5.0) - 10.0).abs() < 1e-12);
     // Over several matrices together: mean of all 20 values = (18 + 100 + 100) / 20 = 10.9.
-    let two = vec![vec![1.0f32; 9].into_iter().chain([100.0]).collect::<Vec<_>>(), vec![100.0f32].into_iter().chain(vec![1.0; 9]).collect()];
+    let two = vec![
+        vec![1.0f32; 9]
+            .into_iter()
+            .chain([100.0])
+            .collect::<Vec<_>>(),
+        vec![100.0f32].into_iter().chain(vec![1.0; 9]).collect(),
+    ];
     assert!((owl::outlier_ratio(&two, 5.0) - 10.0).abs() < 1e-12);
     // Strictly above: a value equal to the threshold does not count.
     assert_eq!(owl::outlier_ratio(&[vec![1.0, 1.0, 1.0, 1.0]], 1.0), 0.0);
@@ -467,17 +656,31 @@ fn driver_every_method_and_pattern() {
             assert_report_consistent(&model, &out);
             // SparseGPT's adaptive mask and whole-matrix magnitude use the official `<=`
             // threshold: one weight more per group (plus ties).
-            if matches!(method, Method::Sparsegpt | Method::Magnitude) && pattern == Pattern::Unstructured {
-                assert!(out.sparsity_measured >= s && out.sparsity_measured <= s + 1e-3, "{what}: measured {}", out.sparsity_measured);
+            if matches!(method, Method::Sparsegpt | Method::Magnitude)
+                && pattern == Pattern::Unstructured
+            {
+                assert!(
+                    out.sparsity_measured >= s && out.sparsity_measured <= s + 1e-3,
+                    "{what}: measured {}",
+                    out.sparsity_measured
+                );
             } else {
-                assert!((out.sparsity_measured - s).abs() < 1e-12, "{what}: measured {}", out.sparsity_measured);
+                assert!(
+                    (out.sparsity_measured - s).abs() < 1e-12,
+                    "{what}: measured {}",
+                    out.sparsity_measured
+                );
             }
             for t in &out.tensors {
                 assert_eq!(t.sparsity_target, s);
                 let (layer, kind) = find_tensor(&model, &t.name);
                 let w = &model.weights.layers[layer].linear(kind).weight;
                 let (rows, cols) = (w.shape[0], w.shape[1]);
-                assert!(w.data().iter().all(|v| v.is_finite()), "{what}: {} not finite", t.name);
+                assert!(
+                    w.data().iter().all(|v| v.is_finite()),
+                    "{what}: {} not finite",
+                    t.name
+                );
                 match pattern {
                     Pattern::NM { n, m } => assert_nm(w.data(), rows, cols, n, m, &t.name),
                     Pattern::Block { .. } | Pattern::Vector { .. } => {
@@ -488,7 +691,11 @@ fn driver_every_method_and_pattern() {
             }
             // Embeddings, norms and the head are never touched.
             let orig = tiny_model();
-            assert_eq!(model.weights.embed.data(), orig.weights.embed.data(), "{what}: embedding changed");
+            assert_eq!(
+                model.weights.embed.data(),
+                orig.weights.embed.data(),
+                "{what}: embedding changed"
+            );
             for (l, o) in model.weights.layers.iter().zip(&orig.weights.layers) {
                 assert_eq!(l.attn_norm.data(), o.attn_norm.data());
                 assert_eq!(l.mlp_norm.data(), o.mlp_norm.data());
@@ -507,15 +714,28 @@ fn driver_skips_layers_and_modules() {
         plan.skip_modules = vec![LinearKind::Q, LinearKind::Down];
         let out = run_plan(&mut model, &plan).unwrap();
         assert_report_consistent(&model, &out);
-        assert_eq!(out.tensors.len(), 2 * 5, "{method:?}: two layers of five pruned linears");
-        for (i, (l, o)) in model.weights.layers.iter().zip(&orig.weights.layers).enumerate() {
+        assert_eq!(
+            out.tensors.len(),
+            2 * 5,
+            "{method:?}: two layers of five pruned linears"
+        );
+        for (i, (l, o)) in model
+            .weights
+            .layers
+            .iter()
+            .zip(&orig.weights.layers)
+            .enumerate()
+        {
             for k in LinearKind::ALL {
                 let skipped = i == 1 || k == LinearKind::Q || k == LinearKind::Down;
                 let name = driver::tensor_name(i, k);
                 let (w, w0) = (l.linear(k).weight.data(), o.linear(k).weight.data());
                 if skipped {
                     assert_eq!(w, w0, "{method:?}: {name} must be left dense and unchanged");
-                    assert!(!out.tensors.iter().any(|t| t.name == name), "{name} reported as pruned");
+                    assert!(
+                        !out.tensors.iter().any(|t| t.name == name),
+                        "{name} reported as pruned"
+                    );
                 } else {
                     let z = w.iter().filter(|v| **v == 0.0).count() as f64 / w.len() as f64;
                     assert!(z >= 0.5 && z < 0.51, "{method:?}: {name} sparsity {z}");
@@ -540,7 +760,12 @@ fn driver_attention_and_mlp_sparsity() {
         let want = if kind.is_attention() { 0.25 } else { 0.625 };
         assert_eq!(t.sparsity_target, want, "{}", t.name);
         // Wanda: floor(cols·s) per row; these products are whole numbers.
-        assert!((t.sparsity - want).abs() < 1e-12, "{}: {}", t.name, t.sparsity);
+        assert!(
+            (t.sparsity - want).abs() < 1e-12,
+            "{}: {}",
+            t.name,
+            t.sparsity
+        );
     }
     // Only one of the two overridden.
     let mut model = tiny_model();
@@ -552,7 +777,12 @@ fn driver_attention_and_mlp_sparsity() {
         let want = if kind.is_attention() { 0.5 } else { 0.75 };
         // Whole-matrix magnitude prunes floor(n·s) + 1 (official `<=` threshold).
         let one = 1.0 / (t.shape[0] * t.shape[1]) as f64;
-        assert!((t.sparsity - want - one).abs() < 1e-12, "{}: {}", t.name, t.sparsity);
+        assert!(
+            (t.sparsity - want - one).abs() < 1e-12,
+            "{}: {}",
+            t.name,
+            t.sparsity
+        );
     }
 }
 
@@ -562,8 +792,12 @@ fn driver_owl_allocation() {
         for pattern in [Pattern::Unstructured, Pattern::Vector { v: 4 }] {
             let mut model = tiny_model();
             let mut plan = PrunePlan::new(method, pattern, 0.5);
-            plan.allocation = Allocation::Owl { m: 5.0, lambda: 0.08 };
-            let out = run_plan(&mut model, &plan).unwrap_or_else(|e| panic!("{method:?} {pattern}: {e}"));
+            plan.allocation = Allocation::Owl {
+                m: 5.0,
+                lambda: 0.08,
+            };
+            let out =
+                run_plan(&mut model, &plan).unwrap_or_else(|e| panic!("{method:?} {pattern}: {e}"));
             assert_report_consistent(&model, &out);
             let ls = &out.layer_sparsity;
             assert_eq!(ls.len(), 3);
@@ -571,19 +805,35 @@ fn driver_owl_allocation() {
             assert!((mean - 0.5).abs() < 1e-9, "layer sparsity {ls:?}");
             // Spread of at most 2λ around a mean of S (see `owl_allocation` for the exact bound).
             let bound = 2.0 * 0.08 * 2.0 / 3.0;
-            assert!(ls.iter().all(|&v| (0.5 - bound - 1e-12..=0.5 + bound + 1e-12).contains(&v)), "{ls:?}");
-            let spread = ls.iter().cloned().fold(f64::MIN, f64::max) - ls.iter().cloned().fold(f64::MAX, f64::min);
+            assert!(
+                ls.iter()
+                    .all(|&v| (0.5 - bound - 1e-12..=0.5 + bound + 1e-12).contains(&v)),
+                "{ls:?}"
+            );
+            let spread = ls.iter().cloned().fold(f64::MIN, f64::max)
+                - ls.iter().cloned().fold(f64::MAX, f64::min);
             assert!(spread <= 0.16 + 1e-12, "{ls:?}");
             let lod = out.owl_lod.as_ref().expect("OWL reports the LODs");
             assert_eq!(lod.len(), 3);
             assert!(lod.iter().all(|v| (0.0..=100.0).contains(v)));
-            assert_eq!(*ls, owl::allocate(lod, 0.5, 0.08), "allocation must follow the reported LODs");
+            assert_eq!(
+                *ls,
+                owl::allocate(lod, 0.5, 0.08),
+                "allocation must follow the reported LODs"
+            );
             for t in &out.tensors {
                 let (layer, _) = find_tensor(&model, &t.name);
                 assert!((t.sparsity_target - ls[layer]).abs() < 1e-12, "{}", t.name);
                 // Floors per row (Wanda) or per matrix; cols ≥ 64.
                 let one = 1.0 / (t.shape[0] * t.shape[1]) as f64;
-                assert!(t.sparsity <= t.sparsity_target + one + 1e-12 && t.sparsity > t.sparsity_target - 1.0 / 16.0, "{}: {} vs {}", t.name, t.sparsity, t.sparsity_target);
+                assert!(
+                    t.sparsity <= t.sparsity_target + one + 1e-12
+                        && t.sparsity > t.sparsity_target - 1.0 / 16.0,
+                    "{}: {} vs {}",
+                    t.name,
+                    t.sparsity,
+                    t.sparsity_target
+                );
             }
             eprintln!("{method:?} {pattern}: LOD {lod:?} -> {ls:?}");
         }
@@ -595,43 +845,73 @@ fn plan_validation() {
     let model = tiny_model();
     let ok = PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5);
     ok.validate(&model).unwrap();
-    PrunePlan::new(Method::Wanda, Pattern::NM { n: 2, m: 4 }, 0.5).validate(&model).unwrap();
+    PrunePlan::new(Method::Wanda, Pattern::NM { n: 2, m: 4 }, 0.5)
+        .validate(&model)
+        .unwrap();
 
     let check = |plan: PrunePlan, needle: &str| {
         let e = plan.validate(&model).expect_err(needle);
         assert!(matches!(e, Error::Invalid(_)), "{e:?}");
-        assert!(e.to_string().contains(needle), "`{e}` should mention `{needle}`");
+        assert!(
+            e.to_string().contains(needle),
+            "`{e}` should mention `{needle}`"
+        );
         // prune_model validates too, before touching any weight.
         let mut m = tiny_model();
-        let e2 = prune::prune_model(&mut m, &tiny_calib(1), &plan, &mut |_, _, _| {}).expect_err(needle);
+        let e2 =
+            prune::prune_model(&mut m, &tiny_calib(1), &plan, &mut |_, _, _| {}).expect_err(needle);
         assert_eq!(e.to_string(), e2.to_string());
         assert_eq!(m.weights.layers[0].q.weight.count_zeros(), 0);
     };
-    check(PrunePlan::new(Method::Wanda, Pattern::Unstructured, 1.0), "--sparsity");
-    check(PrunePlan::new(Method::Wanda, Pattern::Unstructured, -0.1), "--sparsity");
-    check(PrunePlan::new(Method::Wanda, Pattern::Unstructured, f64::NAN), "--sparsity");
+    check(
+        PrunePlan::new(Method::Wanda, Pattern::Unstructured, 1.0),
+        "--sparsity",
+    );
+    check(
+        PrunePlan::new(Method::Wanda, Pattern::Unstructured, -0.1),
+        "--sparsity",
+    );
+    check(
+        PrunePlan::new(Method::Wanda, Pattern::Unstructured, f64::NAN),
+        "--sparsity",
+    );
     let mut p = PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5);
     p.attn_sparsity = Some(1.5);
     check(p, "--attn-sparsity");
     let mut p = PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5);
     p.mlp_sparsity = Some(-0.2);
     check(p, "--mlp-sparsity");
-    check(PrunePlan::new(Method::Wanda, Pattern::NM { n: 2, m: 4 }, 0.6), "2:4");
+    check(
+        PrunePlan::new(Method::Wanda, Pattern::NM { n: 2, m: 4 }, 0.6),
+        "2:4",
+    );
     let mut p = PrunePlan::new(Method::Sparsegpt, Pattern::NM { n: 2, m: 4 }, 0.5);
     p.attn_sparsity = Some(0.5);
     check(p, "2:4");
     let mut p = PrunePlan::new(Method::Wanda, Pattern::NM { n: 2, m: 4 }, 0.5);
-    p.allocation = Allocation::Owl { m: 5.0, lambda: 0.08 };
+    p.allocation = Allocation::Owl {
+        m: 5.0,
+        lambda: 0.08,
+    };
     check(p, "OWL");
     let mut p = PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5);
-    p.allocation = Allocation::Owl { m: 5.0, lambda: 0.6 };
+    p.allocation = Allocation::Owl {
+        m: 5.0,
+        lambda: 0.6,
+    };
     check(p, "lambda");
     let mut p = PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5);
     p.skip_layers = vec![0, 3];
     check(p, "layer 3");
     // block 5x5 divides nothing here; the message names the first matrix.
-    check(PrunePlan::new(Method::Magnitude, Pattern::Block { r: 5, c: 5 }, 0.5), "model.layers.0.self_attn.q_proj.weight");
-    check(PrunePlan::new(Method::Magnitude, Pattern::Vector { v: 3 }, 0.5), "model.layers.0.self_attn.q_proj.weight");
+    check(
+        PrunePlan::new(Method::Magnitude, Pattern::Block { r: 5, c: 5 }, 0.5),
+        "model.layers.0.self_attn.q_proj.weight",
+    );
+    check(
+        PrunePlan::new(Method::Magnitude, Pattern::Vector { v: 3 }, 0.5),
+        "model.layers.0.self_attn.q_proj.weight",
+    );
 }
 
 #[test]
@@ -639,7 +919,10 @@ fn skip_module_names_parse() {
     use LinearKind::*;
     assert_eq!(prune::parse_kinds("q,k").unwrap(), vec![Q, K]);
     assert_eq!(prune::parse_kinds("attn").unwrap(), vec![Q, K, V, O]);
-    assert_eq!(prune::parse_kinds("mlp, down").unwrap(), vec![Gate, Up, Down, Down]);
+    assert_eq!(
+        prune::parse_kinds("mlp, down").unwrap(),
+        vec![Gate, Up, Down, Down]
+    );
     let e = prune::parse_kinds("q,bogus").unwrap_err();
     assert!(e.to_string().contains("bogus"), "{e}");
 }
@@ -651,13 +934,19 @@ fn nan_weight_is_reported_by_block() {
     for method in [Method::Wanda, Method::Sparsegpt, Method::Magnitude] {
         for (layer, kind) in [(1, LinearKind::Q), (2, LinearKind::Down)] {
             let mut model = tiny_model();
-            model.weights.layers[layer].linear_mut(kind).weight.data_mut()[5] = f32::NAN;
+            model.weights.layers[layer]
+                .linear_mut(kind)
+                .weight
+                .data_mut()[5] = f32::NAN;
             let plan = PrunePlan::new(method, Pattern::Unstructured, 0.5);
-            let e = run_plan(&mut model, &plan).expect_err(&format!("{method:?}: NaN weight in block {layer} must be reported"));
+            let e = run_plan(&mut model, &plan).expect_err(&format!(
+                "{method:?}: NaN weight in block {layer} must be reported"
+            ));
             let msg = e.to_string();
             assert!(matches!(e, Error::Numeric(_)), "{method:?}: {e:?}");
             assert!(
-                msg.contains(&format!("block {layer}")) || msg.contains(&format!("model.layers.{layer}")),
+                msg.contains(&format!("block {layer}"))
+                    || msg.contains(&format!("model.layers.{layer}")),
                 "{method:?}: the message should name block {layer} or its tensor: {msg}"
             );
             eprintln!("{method:?} block {layer}: {msg}");
@@ -675,9 +964,15 @@ fn sample_windows_too_short_names_the_file() {
     let path = Path::new("/some/where/calib.txt");
     for (samples, len) in [(4, 32), (1, 100), (1, 200)] {
         let e = calibrate::sample_windows(&stream, samples, len, 0, path).expect_err("too short");
-        assert!(matches!(&e, Error::Text { path: p, .. } if p == path), "{e:?}");
+        assert!(
+            matches!(&e, Error::Text { path: p, .. } if p == path),
+            "{e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains("/some/where/calib.txt") && msg.contains("too little"), "{msg}");
+        assert!(
+            msg.contains("/some/where/calib.txt") && msg.contains("too little"),
+            "{msg}"
+        );
     }
     // Zero samples / one-token windows are invalid requests.
     assert!(calibrate::sample_windows(&stream, 0, 16, 0, path).is_err());
@@ -700,7 +995,11 @@ fn sample_windows_are_seeded_windows_of_the_stream() {
     for i in 0..a.n {
         let w = a.window(i);
         let start = ((w[0] - 1) / 3) as usize;
-        assert_eq!(w, &stream[start..start + 64], "window {i} is a contiguous slice");
+        assert_eq!(
+            w,
+            &stream[start..start + 64],
+            "window {i} is a contiguous slice"
+        );
         assert!(start < stream.len() - 64);
     }
     assert!(a.source.contains("stream.txt"));
@@ -715,47 +1014,139 @@ fn ids_file_golden_and_bad() {
     assert!(c.source.contains("calib_c4_128x512.safetensors"));
     // The same file against a smaller vocabulary: ids out of range.
     let e = calibrate::from_ids_file(&good, 1000).expect_err("ids >= vocab");
-    assert!(e.to_string().contains("calib_c4_128x512.safetensors") && e.to_string().contains("vocabulary"), "{e}");
+    assert!(
+        e.to_string().contains("calib_c4_128x512.safetensors")
+            && e.to_string().contains("vocabulary"),
+        "{e}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, tensor: &str, dtype: safetensors::Dtype, shape: Vec<usize>, bytes: Vec<u8>| -> PathBuf {
+    let write = |name: &str,
+                 tensor: &str,
+                 dtype: safetensors::Dtype,
+                 shape: Vec<usize>,
+                 bytes: Vec<u8>|
+     -> PathBuf {
         let p = dir.path().join(name);
         let view = safetensors::tensor::TensorView::new(dtype, shape, &bytes).unwrap();
-        std::fs::write(&p, safetensors::tensor::serialize([(tensor, view)], None).unwrap()).unwrap();
+        std::fs::write(
+            &p,
+            safetensors::tensor::serialize([(tensor, view)], None).unwrap(),
+        )
+        .unwrap();
         p
     };
     let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let ok_ids: Vec<i64> = (0..4 * 8).map(|i| i % 300).collect();
 
     // Sanity: a small good file of each integer dtype.
-    let p = write("ok_i64.safetensors", "input_ids", safetensors::Dtype::I64, vec![4, 8], i64s(&ok_ids));
+    let p = write(
+        "ok_i64.safetensors",
+        "input_ids",
+        safetensors::Dtype::I64,
+        vec![4, 8],
+        i64s(&ok_ids),
+    );
     let c = calibrate::from_ids_file(&p, 320).unwrap();
     assert_eq!((c.n, c.len), (4, 8));
     assert_eq!(c.ids, ok_ids.iter().map(|&v| v as u32).collect::<Vec<_>>());
-    let i32b: Vec<u8> = ok_ids.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
-    let p = write("ok_i32.safetensors", "input_ids", safetensors::Dtype::I32, vec![4, 8], i32b);
+    let i32b: Vec<u8> = ok_ids
+        .iter()
+        .flat_map(|&x| (x as i32).to_le_bytes())
+        .collect();
+    let p = write(
+        "ok_i32.safetensors",
+        "input_ids",
+        safetensors::Dtype::I32,
+        vec![4, 8],
+        i32b,
+    );
     assert_eq!(calibrate::from_ids_file(&p, 320).unwrap().ids.len(), 32);
 
-    let f32b: Vec<u8> = ok_ids.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+    let f32b: Vec<u8> = ok_ids
+        .iter()
+        .flat_map(|&x| (x as f32).to_le_bytes())
+        .collect();
     let mut bad_ids = ok_ids.clone();
     bad_ids[17] = 320;
     let mut neg_ids = ok_ids.clone();
     neg_ids[3] = -1;
     let bads: Vec<(PathBuf, &str)> = vec![
-        (write("wrong_name.safetensors", "ids", safetensors::Dtype::I64, vec![4, 8], i64s(&ok_ids)), "input_ids"),
-        (write("wrong_dtype.safetensors", "input_ids", safetensors::Dtype::F32, vec![4, 8], f32b), "dtype"),
-        (write("wrong_rank.safetensors", "input_ids", safetensors::Dtype::I64, vec![32], i64s(&ok_ids)), "[n, len]"),
-        (write("too_short.safetensors", "input_ids", safetensors::Dtype::I64, vec![32, 1], i64s(&ok_ids)), "[n, len]"),
-        (write("big_id.safetensors", "input_ids", safetensors::Dtype::I64, vec![4, 8], i64s(&bad_ids)), "320"),
-        (write("neg_id.safetensors", "input_ids", safetensors::Dtype::I64, vec![4, 8], i64s(&neg_ids)), "-1"),
+        (
+            write(
+                "wrong_name.safetensors",
+                "ids",
+                safetensors::Dtype::I64,
+                vec![4, 8],
+                i64s(&ok_ids),
+            ),
+            "input_ids",
+        ),
+        (
+            write(
+                "wrong_dtype.safetensors",
+                "input_ids",
+                safetensors::Dtype::F32,
+                vec![4, 8],
+                f32b,
+            ),
+            "dtype",
+        ),
+        (
+            write(
+                "wrong_rank.safetensors",
+                "input_ids",
+                safetensors::Dtype::I64,
+                vec![32],
+                i64s(&ok_ids),
+            ),
+            "[n, len]",
+        ),
+        (
+            write(
+                "too_short.safetensors",
+                "input_ids",
+                safetensors::Dtype::I64,
+                vec![32, 1],
+                i64s(&ok_ids),
+            ),
+            "[n, len]",
+        ),
+        (
+            write(
+                "big_id.safetensors",
+                "input_ids",
+                safetensors::Dtype::I64,
+                vec![4, 8],
+                i64s(&bad_ids),
+            ),
+            "320",
+        ),
+        (
+            write(
+                "neg_id.safetensors",
+                "input_ids",
+                safetensors::Dtype::I64,
+                vec![4, 8],
+                i64s(&neg_ids),
+            ),
+            "-1",
+        ),
     ];
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
     let missing = dir.path().join("missing.safetensors");
-    for (p, needle) in bads.iter().map(|(p, n)| (p.clone(), *n)).chain([(garbage, "safetensors"), (missing, "missing.safetensors")]) {
+    for (p, needle) in bads
+        .iter()
+        .map(|(p, n)| (p.clone(), *n))
+        .chain([(garbage, "safetensors"), (missing, "missing.safetensors")])
+    {
         let e = calibrate::from_ids_file(&p, 320).expect_err(&p.display().to_string());
         let msg = e.to_string();
-        assert!(msg.contains(&p.display().to_string()), "message does not name the file: {msg}");
+        assert!(
+            msg.contains(&p.display().to_string()),
+            "message does not name the file: {msg}"
+        );
         assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
     }
 }

@@ -19,7 +19,10 @@ const DENSE_REFERENCE: f64 = 19.398;
 fn wiki_ids(model: &lopper::Model) -> (Vec<u32>, std::path::PathBuf) {
     let path = lopper::assets::wiki_text().unwrap();
     let text = lopper::text::load_eval_text(&path).unwrap();
-    (lopper::tokenizer::encode(model.tokenizer().unwrap(), &text, &path).unwrap(), path)
+    (
+        lopper::tokenizer::encode(model.tokenizer().unwrap(), &text, &path).unwrap(),
+        path,
+    )
 }
 
 #[test]
@@ -38,7 +41,11 @@ fn dense_and_pruned_perplexities_match_references() {
         dense.perplexity
     );
 
-    let calib = lopper::calibrate::from_ids_file(&golden().join("calib_c4_128x512.safetensors"), base.config.vocab_size).unwrap();
+    let calib = lopper::calibrate::from_ids_file(
+        &golden().join("calib_c4_128x512.safetensors"),
+        base.config.vocab_size,
+    )
+    .unwrap();
     let mut failures = Vec::new();
     for &(method, pattern, reference) in REFERENCE {
         let pattern: Pattern = pattern.parse().unwrap();
@@ -60,10 +67,20 @@ fn dense_and_pruned_perplexities_match_references() {
             out.sparsity_measured,
             out.seconds_total
         );
-        assert!((out.sparsity_measured - 0.5).abs() < 2e-4, "{method:?} {pattern}: sparsity {}", out.sparsity_measured);
+        assert!(
+            (out.sparsity_measured - 0.5).abs() < 2e-4,
+            "{method:?} {pattern}: sparsity {}",
+            out.sparsity_measured
+        );
         if rel.abs() > 0.01 {
-            failures.push(format!("{method:?} {pattern}: {} vs {reference}", r.perplexity));
+            failures.push(format!(
+                "{method:?} {pattern}: {} vs {reference}",
+                r.perplexity
+            ));
         }
     }
-    assert!(failures.is_empty(), "perplexities off by more than 1%: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "perplexities off by more than 1%: {failures:?}"
+    );
 }

@@ -28,7 +28,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = super::load_model(&path, a.json)?;
     let threads = rayon::current_num_threads();
     let peak = lopper::kernels::probe::peak_fma_gflops(threads);
-    let gemm = lopper::kernels::probe::gemm_gflops(a.seq_len, model.config.hidden_size, model.config.intermediate_size, 3);
+    let gemm = lopper::kernels::probe::gemm_gflops(
+        a.seq_len,
+        model.config.hidden_size,
+        model.config.intermediate_size,
+        3,
+    );
     let text = lopper::assets::wiki_text()?;
     let ids = super::eval::tokenize_text(&model, &text)?;
     let wins = lopper::eval::make_windows(&ids, a.seq_len, a.windows + 1, &text)?;
@@ -73,7 +78,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!("machine     {threads} threads, FMA peak {peak:.1} GFLOP/s, GEMM ({}x{}x{}) {gemm:.1} GFLOP/s", a.seq_len, model.config.hidden_size, model.config.intermediate_size);
-        println!("prefill     {:.0} tokens/s ({:.1} GFLOP/s) blocks only, {} tokens/window", tok / fwd, f_body / fwd / 1e9, a.seq_len);
+        println!(
+            "prefill     {:.0} tokens/s ({:.1} GFLOP/s) blocks only, {} tokens/window",
+            tok / fwd,
+            f_body / fwd / 1e9,
+            a.seq_len
+        );
         println!(
             "eval        {:.0} tokens/s with all logits + NLL ({:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of GEMM rate; {:.3} GFLOP/token)",
             tok / ev,

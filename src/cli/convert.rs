@@ -21,13 +21,21 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let dtype: lopper::io::save::SaveDtype = a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dtype: lopper::io::save::SaveDtype = a
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let path = super::model_path(&a.model)?;
     let model = super::load_model(&path, false)?;
     let sp = super::spinner(false, format!("writing {}", a.out.display()));
     lopper::io::save::save_hf(&model, &a.out, dtype, a.force)
         .with_context(|| format!("converting {} to {}", path.display(), a.out.display()))?;
     sp.finish_and_clear();
-    println!("wrote {} ({} parameters, {})", a.out.display(), model.weights.num_params(), a.dtype);
+    println!(
+        "wrote {} ({} parameters, {})",
+        a.out.display(),
+        model.weights.num_params(),
+        a.dtype
+    );
     Ok(())
 }

@@ -40,10 +40,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let sp = super::spinner(false, "tokenizing".into());
     let ids = tokenize_text(&model, &text_path)?;
     sp.finish_and_clear();
-    let pb = super::bar(false, a.windows.min(ids.len() / a.seq_len.max(1)) as u64, "windows");
-    let r = lopper::eval::perplexity(&model, &ids, a.seq_len, a.windows, &text_path, &mut |d, _| {
-        pb.set_position(d as u64)
-    })?;
+    let pb = super::bar(
+        false,
+        a.windows.min(ids.len() / a.seq_len.max(1)) as u64,
+        "windows",
+    );
+    let r = lopper::eval::perplexity(
+        &model,
+        &ids,
+        a.seq_len,
+        a.windows,
+        &text_path,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
     pb.finish_and_clear();
     if r.windows < a.windows {
         eprintln!(
@@ -59,10 +68,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model       {}", model_path.display());
-        println!("text        {} ({} tokens)", text_path.display(), r.text_tokens);
+        println!(
+            "text        {} ({} tokens)",
+            text_path.display(),
+            r.text_tokens
+        );
         println!("windows     {} x {} tokens", r.windows, r.seq_len);
         println!("perplexity  {:.4}", r.perplexity);
-        println!("time        {:.1} s ({:.0} tokens/s)", r.seconds, r.tokens_per_second);
+        println!(
+            "time        {:.1} s ({:.0} tokens/s)",
+            r.seconds, r.tokens_per_second
+        );
     }
     Ok(())
 }

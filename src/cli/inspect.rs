@@ -23,17 +23,36 @@ pub fn run(a: InspectArgs) -> Result<()> {
     }
     let c = &s.config;
     println!("model         {}", s.source);
-    println!("architecture  {} ({})", c.arch.model_type(), c.arch.hf_class());
+    println!(
+        "architecture  {} ({})",
+        c.arch.model_type(),
+        c.arch.hf_class()
+    );
     println!(
         "shape         {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
-        s.layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.vocab_size
+        s.layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size
     );
     println!(
         "rope          theta {} {:?}; rms eps {}; tied head {}; biases qkv {} o {} mlp {}",
-        c.rope_theta, c.rope_scaling, c.rms_norm_eps, c.tie_word_embeddings, c.qkv_bias, c.o_bias, c.mlp_bias
+        c.rope_theta,
+        c.rope_scaling,
+        c.rms_norm_eps,
+        c.tie_word_embeddings,
+        c.qkv_bias,
+        c.o_bias,
+        c.mlp_bias
     );
     if s.layer_shapes.iter().any(|l| *l != s.layer_shapes[0]) {
-        println!("layer shapes  (heads, kv heads, ffn) per layer: {:?}", s.layer_shapes);
+        println!(
+            "layer shapes  (heads, kv heads, ffn) per layer: {:?}",
+            s.layer_shapes
+        );
     }
     println!(
         "parameters    {} total, {} in block linears ({:.2}% zero), {} embedding/head",
@@ -42,7 +61,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         100.0 * s.linear_sparsity,
         s.embedding_params
     );
-    println!("\n{:<52} {:>16} {:>6} {:>7} {:>11} {:>8}", "tensor", "shape", "dtype", "storage", "params", "sparsity");
+    println!(
+        "\n{:<52} {:>16} {:>6} {:>7} {:>11} {:>8}",
+        "tensor", "shape", "dtype", "storage", "params", "sparsity"
+    );
     for t in &s.tensors {
         println!(
             "{:<52} {:>16} {:>6} {:>7} {:>11} {:>7.2}%",

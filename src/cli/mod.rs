@@ -56,7 +56,8 @@ pub fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
 /// Load a model with a spinner.
 pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
     let pb = spinner(quiet, format!("loading {}", path.display()));
-    let m = lopper::io::load_model(path).with_context(|| format!("cannot load model {}", path.display()));
+    let m = lopper::io::load_model(path)
+        .with_context(|| format!("cannot load model {}", path.display()));
     pb.finish_and_clear();
     m
 }
@@ -78,9 +79,11 @@ pub fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb

@@ -105,7 +105,10 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
     plan.scope = a.magnitude_scope;
     plan.allocation = match a.allocation {
         AllocArg::Uniform => Allocation::Uniform,
-        AllocArg::Owl => Allocation::Owl { m: a.owl_m, lambda: a.owl_lambda },
+        AllocArg::Owl => Allocation::Owl {
+            m: a.owl_m,
+            lambda: a.owl_lambda,
+        },
     };
     plan.attn_sparsity = a.attn_sparsity;
     plan.mlp_sparsity = a.mlp_sparsity;
@@ -119,9 +122,15 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
 pub fn run(a: PruneArgs) -> Result<()> {
     let t_all = Instant::now();
     let plan = plan_from_args(&a)?;
-    let dtype: lopper::io::save::SaveDtype = a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dtype: lopper::io::save::SaveDtype = a
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     if a.out.symlink_metadata().is_ok() && !a.force {
-        bail!(lopper::Error::Output { path: a.out.clone(), msg: "exists; pass --force to replace it".into() });
+        bail!(lopper::Error::Output {
+            path: a.out.clone(),
+            msg: "exists; pass --force to replace it".into()
+        });
     }
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
@@ -138,7 +147,12 @@ pub fn run(a: PruneArgs) -> Result<()> {
         };
         lopper::calibrate::from_text(model.tokenizer()?, &p, a.samples, a.calib_len, a.seed)?
     } else {
-        lopper::calibrate::CalibSet { ids: vec![], n: 0, len: 1, source: "none (magnitude)".into() }
+        lopper::calibrate::CalibSet {
+            ids: vec![],
+            n: 0,
+            len: 1,
+            source: "none (magnitude)".into(),
+        }
     };
 
     // Evaluation text, tokenized once.
@@ -151,13 +165,27 @@ pub fn run(a: PruneArgs) -> Result<()> {
         Some(p) => Some(super::eval::tokenize_text(&model, p)?),
         None => None,
     };
-    let evaluate = |model: &lopper::Model, label: &str| -> Result<Option<lopper::eval::EvalResult>> {
-        let (Some(ids), Some(p)) = (&eval_ids, &eval_text) else { return Ok(None) };
-        let pb = super::bar(a.json, a.eval_windows.min(ids.len() / a.eval_seq_len.max(1)) as u64, label);
-        let r = lopper::eval::perplexity(model, ids, a.eval_seq_len, a.eval_windows, p, &mut |d, _| pb.set_position(d as u64))?;
-        pb.finish_and_clear();
-        Ok(Some(r))
-    };
+    let evaluate =
+        |model: &lopper::Model, label: &str| -> Result<Option<lopper::eval::EvalResult>> {
+            let (Some(ids), Some(p)) = (&eval_ids, &eval_text) else {
+                return Ok(None);
+            };
+            let pb = super::bar(
+                a.json,
+                a.eval_windows.min(ids.len() / a.eval_seq_len.max(1)) as u64,
+                label,
+            );
+            let r = lopper::eval::perplexity(
+                model,
+                ids,
+                a.eval_seq_len,
+                a.eval_windows,
+                p,
+                &mut |d, _| pb.set_position(d as u64),
+            )?;
+            pb.finish_and_clear();
+            Ok(Some(r))
+        };
     let before = evaluate(&model, "eval dense")?;
 
     let pb = super::bar(a.json, model.weights.layers.len() as u64, "pruning");
@@ -172,9 +200,22 @@ pub fn run(a: PruneArgs) -> Result<()> {
     // The work is essentially two forward passes of the calibration set through every block:
     // report the time next to that compute bound at the GEMM rate measured now.
     let (gemm_gflops, compute_bound_s) = if calib.n > 0 {
-        let rate = lopper::kernels::probe::gemm_gflops(4096, model.config.hidden_size, model.config.intermediate_size, 3);
-        let per_window = lopper::model::flops::prefill_flops(&model.weights, model.config.head_dim, calib.len, false);
-        (Some(rate), Some(2.0 * calib.n as f64 * per_window / (rate * 1e9)))
+        let rate = lopper::kernels::probe::gemm_gflops(
+            4096,
+            model.config.hidden_size,
+            model.config.intermediate_size,
+            3,
+        );
+        let per_window = lopper::model::flops::prefill_flops(
+            &model.weights,
+            model.config.head_dim,
+            calib.len,
+            false,
+        );
+        (
+            Some(rate),
+            Some(2.0 * calib.n as f64 * per_window / (rate * 1e9)),
+        )
     } else {
         (None, None)
     };
@@ -209,20 +250,42 @@ pub fn run(a: PruneArgs) -> Result<()> {
     });
     let text = serde_json::to_string_pretty(&report)?;
     let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
-    lopper::io::save::save_hf_with_extras(&model, &a.out, dtype, a.force, &[("report.json", text.as_bytes())])
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    lopper::io::save::save_hf_with_extras(
+        &model,
+        &a.out,
+        dtype,
+        a.force,
+        &[("report.json", text.as_bytes())],
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
     sp.finish_and_clear();
     if a.json {
         println!("{text}");
     } else {
-        println!("method        {:?} {} (requested {:.4}, measured {:.5} over {} linear weights)", plan.method, plan.pattern, plan.sparsity, outcome.sparsity_measured, outcome.pruned_params);
+        println!(
+            "method        {:?} {} (requested {:.4}, measured {:.5} over {} linear weights)",
+            plan.method,
+            plan.pattern,
+            plan.sparsity,
+            outcome.sparsity_measured,
+            outcome.pruned_params
+        );
         println!("calibration   {}", calib.source);
-        println!("prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)", outcome.seconds_total, outcome.seconds_stats, outcome.seconds_prune, outcome.seconds_forward);
+        println!(
+            "prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)",
+            outcome.seconds_total,
+            outcome.seconds_stats,
+            outcome.seconds_prune,
+            outcome.seconds_forward
+        );
         if let (Some(b), Some(r)) = (compute_bound_s, gemm_gflops) {
             println!("compute bound {:.1} s (2 calibration passes at the measured GEMM rate {:.0} GFLOP/s): {:.2}x of it", b, r, outcome.seconds_total / b);
         }
         if let (Some(b), Some(a2)) = (&before, &after) {
-            println!("perplexity    dense {:.3} -> pruned {:.3} ({} x {} tokens)", b.perplexity, a2.perplexity, a2.windows, a2.seq_len);
+            println!(
+                "perplexity    dense {:.3} -> pruned {:.3} ({} x {} tokens)",
+                b.perplexity, a2.perplexity, a2.windows, a2.seq_len
+            );
         }
         if let Some(r) = peak_rss_prune {
             println!("peak RSS      {:.2} GB", r as f64 / 1e9);

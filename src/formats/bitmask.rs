@@ -26,11 +26,20 @@ fn build_mask(w: &[f32], rows: usize, cols: usize) -> (Vec<u64>, Vec<usize>) {
 }
 
 /// Validates a mask tensor for `rows × cols` and returns its row offsets.
-fn check_mask(t: &RawTensor, rows: usize, cols: usize, kind: &'static str) -> Result<(Vec<u64>, Vec<usize>)> {
+fn check_mask(
+    t: &RawTensor,
+    rows: usize,
+    cols: usize,
+    kind: &'static str,
+) -> Result<(Vec<u64>, Vec<usize>)> {
     let wpr = cols.div_ceil(64);
     expect_len(t, rows.checked_mul(wpr), kind)?;
     let mask = read_u64(t);
-    let tail: u64 = if cols % 64 == 0 { 0 } else { !0u64 << (cols % 64) };
+    let tail: u64 = if cols % 64 == 0 {
+        0
+    } else {
+        !0u64 << (cols % 64)
+    };
     let mut off = Vec::with_capacity(rows + 1);
     off.push(0usize);
     let mut n = 0usize;
@@ -38,7 +47,11 @@ fn check_mask(t: &RawTensor, rows: usize, cols: usize, kind: &'static str) -> Re
         let words = &mask[r * wpr..(r + 1) * wpr];
         if let Some(&last) = words.last() {
             if last & tail != 0 {
-                return Err(ferr(t.name.clone(), kind, format!("row {r} has bits set past column {cols}")));
+                return Err(ferr(
+                    t.name.clone(),
+                    kind,
+                    format!("row {r} has bits set past column {cols}"),
+                ));
             }
         }
         n += words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
@@ -62,7 +75,13 @@ impl Bitmask {
         check_dense("bitmask", w, rows, cols)?;
         let (mask, off) = build_mask(w, rows, cols);
         let values = w.iter().copied().filter(|&v| v != 0.0).collect();
-        Ok(Bitmask { rows, cols, mask, off, values })
+        Ok(Bitmask {
+            rows,
+            cols,
+            mask,
+            off,
+            values,
+        })
     }
     /// Number of nonzeros.
     pub fn nnz(&self) -> usize {
@@ -76,9 +95,23 @@ impl Bitmask {
         let (mask, off) = check_mask(mt, rows, cols, K)?;
         let v = find(tensors, name, "values", Dtype::F32, K)?;
         expect_len(v, Some(off[rows]), K).map_err(|_| {
-            ferr(v.name.clone(), K, format!("has {} values but the bitmask popcount is {}", v.data.len() / 4, off[rows]))
+            ferr(
+                v.name.clone(),
+                K,
+                format!(
+                    "has {} values but the bitmask popcount is {}",
+                    v.data.len() / 4,
+                    off[rows]
+                ),
+            )
         })?;
-        Ok(Bitmask { rows, cols, mask, off, values: read_f32(v) })
+        Ok(Bitmask {
+            rows,
+            cols,
+            mask,
+            off,
+            values: read_f32(v),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -89,19 +122,45 @@ impl Bitmask {
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.values.as_ptr().add(self.off[r]);
-                let (mut a0, mut a1, mut a2, mut a3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                );
                 for w in 0..wpr {
                     let word = *words.add(w);
                     let base = xp.wrapping_add(w * 64);
                     // Lanes outside a mask are neither read nor faulted; masks have no bits past `cols`.
-                    let (k0, k1, k2, k3) = (word as __mmask16, (word >> 16) as __mmask16, (word >> 32) as __mmask16, (word >> 48) as __mmask16);
+                    let (k0, k1, k2, k3) = (
+                        word as __mmask16,
+                        (word >> 16) as __mmask16,
+                        (word >> 32) as __mmask16,
+                        (word >> 48) as __mmask16,
+                    );
                     let p1 = vp.wrapping_add(k0.count_ones() as usize);
                     let p2 = p1.wrapping_add(k1.count_ones() as usize);
                     let p3 = p2.wrapping_add(k2.count_ones() as usize);
-                    a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, vp), _mm512_maskz_loadu_ps(k0, base), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, p1), _mm512_maskz_loadu_ps(k1, base.wrapping_add(16)), a1);
-                    a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k2, p2), _mm512_maskz_loadu_ps(k2, base.wrapping_add(32)), a2);
-                    a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k3, p3), _mm512_maskz_loadu_ps(k3, base.wrapping_add(48)), a3);
+                    a0 = _mm512_fmadd_ps(
+                        _mm512_maskz_expandloadu_ps(k0, vp),
+                        _mm512_maskz_loadu_ps(k0, base),
+                        a0,
+                    );
+                    a1 = _mm512_fmadd_ps(
+                        _mm512_maskz_expandloadu_ps(k1, p1),
+                        _mm512_maskz_loadu_ps(k1, base.wrapping_add(16)),
+                        a1,
+                    );
+                    a2 = _mm512_fmadd_ps(
+                        _mm512_maskz_expandloadu_ps(k2, p2),
+                        _mm512_maskz_loadu_ps(k2, base.wrapping_add(32)),
+                        a2,
+                    );
+                    a3 = _mm512_fmadd_ps(
+                        _mm512_maskz_expandloadu_ps(k3, p3),
+                        _mm512_maskz_loadu_ps(k3, base.wrapping_add(48)),
+                        a3,
+                    );
                     vp = vp.wrapping_add(word.count_ones() as usize);
                 }
                 let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
@@ -117,17 +176,20 @@ impl Bitmask {
 /// Set columns of row `r`, ascending.
 fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize> + '_ {
     let wpr = cols.div_ceil(64);
-    mask[r * wpr..(r + 1) * wpr].iter().enumerate().flat_map(|(w, &word)| {
-        let mut b = word;
-        std::iter::from_fn(move || {
-            if b == 0 {
-                return None;
-            }
-            let t = b.trailing_zeros() as usize;
-            b &= b - 1;
-            Some(w * 64 + t)
+    mask[r * wpr..(r + 1) * wpr]
+        .iter()
+        .enumerate()
+        .flat_map(|(w, &word)| {
+            let mut b = word;
+            std::iter::from_fn(move || {
+                if b == 0 {
+                    return None;
+                }
+                let t = b.trailing_zeros() as usize;
+                b &= b - 1;
+                Some(w * 64 + t)
+            })
         })
-    })
 }
 
 impl WeightFormat for Bitmask {
@@ -160,7 +222,9 @@ impl WeightFormat for Bitmask {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
@@ -178,7 +242,10 @@ impl WeightFormat for Bitmask {
         check_sizes("bitmask", self.rows, self.cols, x, m, y);
         for i in 0..m {
             for r in 0..self.rows {
-                let s: f64 = self.row_iter(r).map(|(k, j)| self.values[j] as f64 * x[i * self.cols + k] as f64).sum();
+                let s: f64 = self
+                    .row_iter(r)
+                    .map(|(k, j)| self.values[j] as f64 * x[i * self.cols + k] as f64)
+                    .sum();
                 y[i * self.rows + r] = s as f32;
             }
         }
@@ -213,12 +280,23 @@ impl BitmaskI8 {
         let mut q = Vec::with_capacity(off[rows]);
         let mut scales = Vec::with_capacity(rows);
         for r in 0..rows {
-            let nz: Vec<f32> = w[r * cols..(r + 1) * cols].iter().copied().filter(|&v| v != 0.0).collect();
+            let nz: Vec<f32> = w[r * cols..(r + 1) * cols]
+                .iter()
+                .copied()
+                .filter(|&v| v != 0.0)
+                .collect();
             let (qr, s) = quantize_row(&nz);
             q.extend(qr);
             scales.push(s);
         }
-        Ok(BitmaskI8 { rows, cols, mask, off, q, scales })
+        Ok(BitmaskI8 {
+            rows,
+            cols,
+            mask,
+            off,
+            q,
+            scales,
+        })
     }
     pub fn nnz(&self) -> usize {
         self.q.len()
@@ -231,11 +309,26 @@ impl BitmaskI8 {
         let (mask, off) = check_mask(mt, rows, cols, K)?;
         let v = find(tensors, name, "values", Dtype::I8, K)?;
         expect_len(v, Some(off[rows]), K).map_err(|_| {
-            ferr(v.name.clone(), K, format!("has {} values but the bitmask popcount is {}", v.data.len(), off[rows]))
+            ferr(
+                v.name.clone(),
+                K,
+                format!(
+                    "has {} values but the bitmask popcount is {}",
+                    v.data.len(),
+                    off[rows]
+                ),
+            )
         })?;
         let sc = find(tensors, name, "scales", Dtype::F32, K)?;
         expect_len(sc, Some(rows), K)?;
-        Ok(BitmaskI8 { rows, cols, mask, off, q: v.data.iter().map(|&b| b as i8).collect(), scales: read_f32(sc) })
+        Ok(BitmaskI8 {
+            rows,
+            cols,
+            mask,
+            off,
+            q: v.data.iter().map(|&b| b as i8).collect(),
+            scales: read_f32(sc),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -255,7 +348,8 @@ impl BitmaskI8 {
                         let cnt = k.count_ones();
                         // Reads exactly `cnt` bytes (the masked load suppresses the rest).
                         let lm: __mmask16 = ((1u32 << cnt) - 1) as __mmask16;
-                        let packed = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, vp)));
+                        let packed =
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, vp)));
                         let wv = _mm512_maskz_expand_ps(k, packed);
                         let xv = _mm512_maskz_loadu_ps(k, base.wrapping_add(16 * q));
                         a[q] = _mm512_fmadd_ps(wv, xv, a[q]);
@@ -302,14 +396,19 @@ impl WeightFormat for BitmaskI8 {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
             for r in r0..r1 {
                 for i in 0..m {
                     let xi = &x[i * self.cols..];
-                    let s: f32 = self.row_iter(r).map(|(k, j)| self.q[j] as f32 * xi[k]).sum();
+                    let s: f32 = self
+                        .row_iter(r)
+                        .map(|(k, j)| self.q[j] as f32 * xi[k])
+                        .sum();
                     // SAFETY: r in this block's range, i < m.
                     unsafe { out.put(i, r, s * self.scales[r]) };
                 }
@@ -320,7 +419,10 @@ impl WeightFormat for BitmaskI8 {
         check_sizes("bitmask-i8", self.rows, self.cols, x, m, y);
         for i in 0..m {
             for r in 0..self.rows {
-                let s: f64 = self.row_iter(r).map(|(k, j)| self.q[j] as f64 * x[i * self.cols + k] as f64).sum();
+                let s: f64 = self
+                    .row_iter(r)
+                    .map(|(k, j)| self.q[j] as f64 * x[i * self.cols + k] as f64)
+                    .sum();
                 y[i * self.rows + r] = (s * self.scales[r] as f64) as f32;
             }
         }
@@ -329,7 +431,11 @@ impl WeightFormat for BitmaskI8 {
         vec![
             shape_tensor(name, &[self.rows, self.cols]),
             RawTensor::u64(format!("{name}.bitmask"), &self.mask),
-            RawTensor::bytes(format!("{name}.values"), Dtype::I8, self.q.iter().map(|&v| v as u8).collect()),
+            RawTensor::bytes(
+                format!("{name}.values"),
+                Dtype::I8,
+                self.q.iter().map(|&v| v as u8).collect(),
+            ),
             RawTensor::f32(format!("{name}.scales"), &self.scales),
         ]
     }

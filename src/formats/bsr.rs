@@ -29,7 +29,9 @@ impl Bsr {
     pub fn from_dense(w: &[f32], rows: usize, cols: usize, br: usize, bc: usize) -> Result<Self> {
         check_dense("bsr", w, rows, cols)?;
         if !(1..=MAX_BLOCK_ROWS).contains(&br) || !(1..=MAX_BLOCK_COLS).contains(&bc) {
-            return Err(Error::Invalid(format!("bsr: tile {br}×{bc} outside 1..={MAX_BLOCK_ROWS} × 1..={MAX_BLOCK_COLS}")));
+            return Err(Error::Invalid(format!(
+                "bsr: tile {br}×{bc} outside 1..={MAX_BLOCK_ROWS} × 1..={MAX_BLOCK_COLS}"
+            )));
         }
         let (nbr, nbc) = (rows.div_ceil(br), cols.div_ceil(bc));
         let mut brp = vec![0];
@@ -38,19 +40,35 @@ impl Bsr {
             for c in 0..nbc {
                 let (r0, c0) = (b * br, c * bc);
                 let (rn, cn) = (br.min(rows - r0), bc.min(cols - c0));
-                let nz = (0..rn).any(|i| w[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + cn].iter().any(|&v| v != 0.0));
+                let nz = (0..rn).any(|i| {
+                    w[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + cn]
+                        .iter()
+                        .any(|&v| v != 0.0)
+                });
                 if nz {
                     bcol.push(c as u32);
                     for i in 0..br {
                         for j in 0..bc {
-                            values.push(if i < rn && j < cn { w[(r0 + i) * cols + c0 + j] } else { 0.0 });
+                            values.push(if i < rn && j < cn {
+                                w[(r0 + i) * cols + c0 + j]
+                            } else {
+                                0.0
+                            });
                         }
                     }
                 }
             }
             brp.push(bcol.len());
         }
-        Ok(Bsr { rows, cols, br, bc, brp, bcol, values })
+        Ok(Bsr {
+            rows,
+            cols,
+            br,
+            bc,
+            brp,
+            bcol,
+            values,
+        })
     }
     /// Number of stored tiles.
     pub fn blocks(&self) -> usize {
@@ -65,7 +83,11 @@ impl Bsr {
         let s = read_shape(tensors, name, 4, K)?;
         let (rows, cols, br, bc) = (s[0], s[1], s[2], s[3]);
         if !(1..=MAX_BLOCK_ROWS).contains(&br) || !(1..=MAX_BLOCK_COLS).contains(&bc) {
-            return Err(ferr(format!("{name}.shape"), K, format!("tile {br}×{bc} out of range")));
+            return Err(ferr(
+                format!("{name}.shape"),
+                K,
+                format!("tile {br}×{bc} out of range"),
+            ));
         }
         let (nbr, nbc) = (rows.div_ceil(br), cols.div_ceil(bc));
         let pt = find(tensors, name, "block_row_ptr", Dtype::U64, K)?;
@@ -76,20 +98,40 @@ impl Bsr {
         expect_len(vt, nblocks.checked_mul(br * bc), K)?;
         let p64 = read_u64(pt);
         if p64[0] != 0 || p64[nbr] != nblocks as u64 {
-            return Err(ferr(pt.name.clone(), K, format!("must start at 0 and end at {nblocks} blocks")));
+            return Err(ferr(
+                pt.name.clone(),
+                K,
+                format!("must start at 0 and end at {nblocks} blocks"),
+            ));
         }
         if let Some(b) = p64.windows(2).position(|w| w[1] < w[0]) {
-            return Err(ferr(pt.name.clone(), K, format!("decreases at block row {b}")));
+            return Err(ferr(
+                pt.name.clone(),
+                K,
+                format!("decreases at block row {b}"),
+            ));
         }
         let brp: Vec<usize> = p64.into_iter().map(|p| p as usize).collect();
         let bcol = read_u32(ct);
         for b in 0..nbr {
             let c = &bcol[brp[b]..brp[b + 1]];
             if c.iter().any(|&k| k as usize >= nbc) || c.windows(2).any(|w| w[1] <= w[0]) {
-                return Err(ferr(ct.name.clone(), K, format!("block row {b}: block columns must be increasing and < {nbc}")));
+                return Err(ferr(
+                    ct.name.clone(),
+                    K,
+                    format!("block row {b}: block columns must be increasing and < {nbc}"),
+                ));
             }
         }
-        Ok(Bsr { rows, cols, br, bc, brp, bcol, values: read_f32(vt) })
+        Ok(Bsr {
+            rows,
+            cols,
+            br,
+            bc,
+            brp,
+            bcol,
+            values: read_f32(vt),
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -108,10 +150,18 @@ impl Bsr {
                     let vp = self.values.as_ptr().add(t * tile);
                     let mut q = 0;
                     while q < valid {
-                        let mk: __mmask16 = if valid - q >= 16 { 0xffff } else { (1u16 << (valid - q)) - 1 };
+                        let mk: __mmask16 = if valid - q >= 16 {
+                            0xffff
+                        } else {
+                            (1u16 << (valid - q)) - 1
+                        };
                         let xv = _mm512_maskz_loadu_ps(mk, xp.add(c0 + q));
                         for (rr, a) in acc.iter_mut().enumerate().take(rn) {
-                            *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, vp.add(rr * bc + q)), xv, *a);
+                            *a = _mm512_fmadd_ps(
+                                _mm512_maskz_loadu_ps(mk, vp.add(rr * bc + q)),
+                                xv,
+                                *a,
+                            );
                         }
                         q += 16;
                     }
@@ -150,7 +200,8 @@ impl WeightFormat for Bsr {
             for (t, c0) in self.tiles(b) {
                 for i in 0..self.br.min(self.rows - b * self.br) {
                     for j in 0..self.bc.min(self.cols - c0) {
-                        d[(b * self.br + i) * self.cols + c0 + j] = self.values[t * self.br * self.bc + i * self.bc + j];
+                        d[(b * self.br + i) * self.cols + c0 + j] =
+                            self.values[t * self.br * self.bc + i * self.bc + j];
                     }
                 }
             }
@@ -163,7 +214,14 @@ impl WeightFormat for Bsr {
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; block columns validated; disjoint rows
             // (ranges aligned to the tile height).
-            drive(self.rows, m, self.nbytes(), self.br, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(
+                self.rows,
+                m,
+                self.nbytes(),
+                self.br,
+                y,
+                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
+            );
             return;
         }
         let (br, bc) = (self.br, self.bc);
@@ -174,7 +232,8 @@ impl WeightFormat for Bsr {
                     for rr in 0..br.min(self.rows - b * br) {
                         let mut s = 0f32;
                         for (t, c0) in self.tiles(b) {
-                            let row = &self.values[t * br * bc + rr * bc..][..bc.min(self.cols - c0)];
+                            let row =
+                                &self.values[t * br * bc + rr * bc..][..bc.min(self.cols - c0)];
                             s += row.iter().zip(&xi[c0..]).map(|(a, b)| a * b).sum::<f32>();
                         }
                         // SAFETY: row inside this aligned block range, i < m.
@@ -193,7 +252,8 @@ impl WeightFormat for Bsr {
                     let mut s = 0f64;
                     for (t, c0) in self.tiles(b) {
                         for j in 0..bc.min(self.cols - c0) {
-                            s += self.values[t * br * bc + rr * bc + j] as f64 * x[i * self.cols + c0 + j] as f64;
+                            s += self.values[t * br * bc + rr * bc + j] as f64
+                                * x[i * self.cols + c0 + j] as f64;
                         }
                     }
                     y[i * self.rows + b * br + rr] = s as f32;
@@ -203,7 +263,11 @@ impl WeightFormat for Bsr {
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let ptr: Vec<u64> = self.brp.iter().map(|&p| p as u64).collect();
-        let mut bcol = RawTensor::bytes(format!("{name}.block_col"), Dtype::U32, self.bcol.iter().flat_map(|c| c.to_le_bytes()).collect());
+        let mut bcol = RawTensor::bytes(
+            format!("{name}.block_col"),
+            Dtype::U32,
+            self.bcol.iter().flat_map(|c| c.to_le_bytes()).collect(),
+        );
         bcol.shape = vec![self.bcol.len()];
         vec![
             shape_tensor(name, &[self.rows, self.cols, self.br, self.bc]),

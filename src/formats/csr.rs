@@ -19,7 +19,9 @@ impl Csr {
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         check_dense("csr", w, rows, cols)?;
         if cols > 1 << 16 {
-            return Err(Error::Invalid(format!("csr: {cols} columns do not fit u16 indices (max 65536)")));
+            return Err(Error::Invalid(format!(
+                "csr: {cols} columns do not fit u16 indices (max 65536)"
+            )));
         }
         let mut row_ptr = vec![0];
         let (mut col_idx, mut values) = (Vec::new(), Vec::new());
@@ -33,7 +35,13 @@ impl Csr {
             }
             row_ptr.push(values.len());
         }
-        Ok(Csr { rows, cols, row_ptr, col_idx, values })
+        Ok(Csr {
+            rows,
+            cols,
+            row_ptr,
+            col_idx,
+            values,
+        })
     }
     pub fn nnz(&self) -> usize {
         self.values.len()
@@ -43,7 +51,11 @@ impl Csr {
         let s = read_shape(tensors, name, 2, K)?;
         let (rows, cols) = (s[0], s[1]);
         if cols > 1 << 16 {
-            return Err(ferr(format!("{name}.shape"), K, format!("{cols} columns exceed u16 indices")));
+            return Err(ferr(
+                format!("{name}.shape"),
+                K,
+                format!("{cols} columns exceed u16 indices"),
+            ));
         }
         let pt = find(tensors, name, "row_ptr", Dtype::U64, K)?;
         expect_len(pt, rows.checked_add(1), K)?;
@@ -53,7 +65,11 @@ impl Csr {
         expect_len(ct, Some(nnz), K)?;
         let ptr64 = read_u64(pt);
         if ptr64[0] != 0 || ptr64[rows] != nnz as u64 {
-            return Err(ferr(pt.name.clone(), K, format!("must start at 0 and end at nnz = {nnz}")));
+            return Err(ferr(
+                pt.name.clone(),
+                K,
+                format!("must start at 0 and end at nnz = {nnz}"),
+            ));
         }
         if let Some(r) = ptr64.windows(2).position(|w| w[1] < w[0]) {
             return Err(ferr(pt.name.clone(), K, format!("decreases at row {r}")));
@@ -63,13 +79,27 @@ impl Csr {
         for r in 0..rows {
             let c = &col_idx[row_ptr[r]..row_ptr[r + 1]];
             if let Some(&bad) = c.iter().find(|&&k| k as usize >= cols) {
-                return Err(ferr(ct.name.clone(), K, format!("row {r} has column {bad} ≥ {cols}")));
+                return Err(ferr(
+                    ct.name.clone(),
+                    K,
+                    format!("row {r} has column {bad} ≥ {cols}"),
+                ));
             }
             if c.windows(2).any(|w| w[1] <= w[0]) {
-                return Err(ferr(ct.name.clone(), K, format!("row {r} columns are not strictly increasing")));
+                return Err(ferr(
+                    ct.name.clone(),
+                    K,
+                    format!("row {r} columns are not strictly increasing"),
+                ));
             }
         }
-        Ok(Csr { rows, cols, row_ptr, col_idx, values: read_f32(vt) })
+        Ok(Csr {
+            rows,
+            cols,
+            row_ptr,
+            col_idx,
+            values: read_f32(vt),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -82,8 +112,12 @@ impl Csr {
                 let mut a1 = _mm512_setzero_ps();
                 let mut j = s;
                 while j + 32 <= e {
-                    let i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.col_idx.as_ptr().add(j) as *const __m256i));
-                    let i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(self.col_idx.as_ptr().add(j + 16) as *const __m256i));
+                    let i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                        self.col_idx.as_ptr().add(j) as *const __m256i,
+                    ));
+                    let i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                        self.col_idx.as_ptr().add(j + 16) as *const __m256i,
+                    ));
                     let g0 = _mm512_i32gather_ps::<4>(i0, xp);
                     let g1 = _mm512_i32gather_ps::<4>(i1, xp);
                     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(self.values.as_ptr().add(j)), g0, a0);
@@ -91,10 +125,21 @@ impl Csr {
                     j += 32;
                 }
                 while j < e {
-                    let mk: __mmask16 = if e - j >= 16 { 0xffff } else { (1u16 << (e - j)) - 1 };
-                    let idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, self.col_idx.as_ptr().add(j) as *const i16));
+                    let mk: __mmask16 = if e - j >= 16 {
+                        0xffff
+                    } else {
+                        (1u16 << (e - j)) - 1
+                    };
+                    let idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                        mk,
+                        self.col_idx.as_ptr().add(j) as *const i16,
+                    ));
                     let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mk, idx, xp);
-                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, self.values.as_ptr().add(j)), g, a0);
+                    a0 = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(mk, self.values.as_ptr().add(j)),
+                        g,
+                        a0,
+                    );
                     j += 16;
                 }
                 out.put(i, r, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
@@ -133,7 +178,9 @@ impl WeightFormat for Csr {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated < cols; disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
@@ -141,7 +188,11 @@ impl WeightFormat for Csr {
                 let rg = self.row_ptr[r]..self.row_ptr[r + 1];
                 for i in 0..m {
                     let xi = &x[i * self.cols..];
-                    let s: f32 = self.col_idx[rg.clone()].iter().zip(&self.values[rg.clone()]).map(|(&k, v)| v * xi[k as usize]).sum();
+                    let s: f32 = self.col_idx[rg.clone()]
+                        .iter()
+                        .zip(&self.values[rg.clone()])
+                        .map(|(&k, v)| v * xi[k as usize])
+                        .sum();
                     // SAFETY: r in this block's range, i < m.
                     unsafe { out.put(i, r, s) };
                 }

@@ -15,7 +15,11 @@ pub struct Dense {
 impl Dense {
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         check_dense("dense", w, rows, cols)?;
-        Ok(Dense { rows, cols, data: w.to_vec() })
+        Ok(Dense {
+            rows,
+            cols,
+            data: w.to_vec(),
+        })
     }
     /// The raw row-major values.
     pub fn data(&self) -> &[f32] {
@@ -32,7 +36,11 @@ impl Dense {
         let (rows, cols) = (s[0], s[1]);
         let v = find(tensors, name, "values", Dtype::F32, K)?;
         expect_len(v, rows.checked_mul(cols), K)?;
-        Ok(Dense { rows, cols, data: read_f32(v) })
+        Ok(Dense {
+            rows,
+            cols,
+            data: read_f32(v),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -56,19 +64,41 @@ unsafe fn dot_f32(w: *const f32, x: *const f32, n: usize) -> f32 {
     let mut k = 0;
     while k + 64 <= n {
         for j in 0..4 {
-            a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(k + 16 * j)), _mm512_loadu_ps(x.add(k + 16 * j)), a[j]);
+            a[j] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(w.add(k + 16 * j)),
+                _mm512_loadu_ps(x.add(k + 16 * j)),
+                a[j],
+            );
         }
         k += 64;
     }
     while k < n {
-        let mk: __mmask16 = if n - k >= 16 { 0xffff } else { (1u16 << (n - k)) - 1 };
-        a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w.add(k)), _mm512_maskz_loadu_ps(mk, x.add(k)), a[0]);
+        let mk: __mmask16 = if n - k >= 16 {
+            0xffff
+        } else {
+            (1u16 << (n - k)) - 1
+        };
+        a[0] = _mm512_fmadd_ps(
+            _mm512_maskz_loadu_ps(mk, w.add(k)),
+            _mm512_maskz_loadu_ps(mk, x.add(k)),
+            a[0],
+        );
         k += 16;
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])))
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(a[0], a[1]),
+        _mm512_add_ps(a[2], a[3]),
+    ))
 }
 
-fn naive_rows(rows: usize, cols: usize, x: &[f32], m: usize, y: &mut [f32], w: impl Fn(usize, usize) -> f64) {
+fn naive_rows(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    w: impl Fn(usize, usize) -> f64,
+) {
     for i in 0..m {
         for r in 0..rows {
             let mut s = 0f64;
@@ -104,17 +134,24 @@ impl WeightFormat for Dense {
         #[cfg(target_arch = "x86_64")]
         if m <= 4 && has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         self.matmul_gemm(x, m, y)
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("dense", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| self.data[r * self.cols + k] as f64);
+        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
+            self.data[r * self.cols + k] as f64
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![shape_tensor(name, &[self.rows, self.cols]), RawTensor::f32(format!("{name}.values"), &self.data)]
+        vec![
+            shape_tensor(name, &[self.rows, self.cols]),
+            RawTensor::f32(format!("{name}.values"), &self.data),
+        ]
     }
 }
 
@@ -129,7 +166,11 @@ pub struct DenseBf16 {
 impl DenseBf16 {
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         check_dense("dense-bf16", w, rows, cols)?;
-        Ok(DenseBf16 { rows, cols, data: w.iter().map(|&v| half::bf16::from_f32(v)).collect() })
+        Ok(DenseBf16 {
+            rows,
+            cols,
+            data: w.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+        })
     }
     pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
         const K: &str = "dense-bf16";
@@ -137,7 +178,11 @@ impl DenseBf16 {
         let (rows, cols) = (s[0], s[1]);
         let v = find(tensors, name, "values", Dtype::Bf16, K)?;
         expect_len(v, rows.checked_mul(cols), K)?;
-        Ok(DenseBf16 { rows, cols, data: read_u16(v).into_iter().map(half::bf16::from_bits).collect() })
+        Ok(DenseBf16 {
+            rows,
+            cols,
+            data: read_u16(v).into_iter().map(half::bf16::from_bits).collect(),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -161,7 +206,11 @@ impl DenseBf16 {
                     k += 64;
                 }
                 while k < n {
-                    let mk: __mmask16 = if n - k >= 16 { 0xffff } else { (1u16 << (n - k)) - 1 };
+                    let mk: __mmask16 = if n - k >= 16 {
+                        0xffff
+                    } else {
+                        (1u16 << (n - k)) - 1
+                    };
                     let wv = widen(_mm256_maskz_loadu_epi16(mk, w.add(k) as *const i16));
                     a[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x.add(k)), a[0]);
                     k += 16;
@@ -197,7 +246,9 @@ impl WeightFormat for DenseBf16 {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         let c = self.cols;
@@ -205,7 +256,11 @@ impl WeightFormat for DenseBf16 {
             for r in r0..r1 {
                 let w = &self.data[r * c..(r + 1) * c];
                 for i in 0..m {
-                    let s: f32 = w.iter().zip(&x[i * c..(i + 1) * c]).map(|(a, b)| a.to_f32() * b).sum();
+                    let s: f32 = w
+                        .iter()
+                        .zip(&x[i * c..(i + 1) * c])
+                        .map(|(a, b)| a.to_f32() * b)
+                        .sum();
                     // SAFETY: r in this block's range, i < m.
                     unsafe { out.put(i, r, s) };
                 }
@@ -214,11 +269,16 @@ impl WeightFormat for DenseBf16 {
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("dense-bf16", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| self.data[r * self.cols + k].to_f64());
+        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
+            self.data[r * self.cols + k].to_f64()
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let bits: Vec<u16> = self.data.iter().map(|v| v.to_bits()).collect();
-        vec![shape_tensor(name, &[self.rows, self.cols]), RawTensor::u16(format!("{name}.values"), Dtype::Bf16, &bits)]
+        vec![
+            shape_tensor(name, &[self.rows, self.cols]),
+            RawTensor::u16(format!("{name}.values"), Dtype::Bf16, &bits),
+        ]
     }
 }
 
@@ -242,7 +302,12 @@ impl DenseI8 {
             q.extend(qr);
             scales.push(s);
         }
-        Ok(DenseI8 { rows, cols, q, scales })
+        Ok(DenseI8 {
+            rows,
+            cols,
+            q,
+            scales,
+        })
     }
     pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
         const K: &str = "dense-i8";
@@ -252,7 +317,12 @@ impl DenseI8 {
         expect_len(v, rows.checked_mul(cols), K)?;
         let sc = find(tensors, name, "scales", Dtype::F32, K)?;
         expect_len(sc, Some(rows), K)?;
-        Ok(DenseI8 { rows, cols, q: v.data.iter().map(|&b| b as i8).collect(), scales: read_f32(sc) })
+        Ok(DenseI8 {
+            rows,
+            cols,
+            q: v.data.iter().map(|&b| b as i8).collect(),
+            scales: read_f32(sc),
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
@@ -276,7 +346,11 @@ impl DenseI8 {
                     k += 64;
                 }
                 while k < n {
-                    let mk: __mmask16 = if n - k >= 16 { 0xffff } else { (1u16 << (n - k)) - 1 };
+                    let mk: __mmask16 = if n - k >= 16 {
+                        0xffff
+                    } else {
+                        (1u16 << (n - k)) - 1
+                    };
                     let wv = widen(_mm_maskz_loadu_epi8(mk, w.add(k)));
                     a[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x.add(k)), a[0]);
                     k += 16;
@@ -306,14 +380,20 @@ impl WeightFormat for DenseI8 {
     }
     fn to_dense(&self) -> Vec<f32> {
         let c = self.cols;
-        self.q.iter().enumerate().map(|(k, &q)| q as f32 * self.scales[k / c]).collect()
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(k, &q)| q as f32 * self.scales[k / c])
+            .collect()
     }
     fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("dense-i8", self.rows, self.cols, x, m, y);
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         let c = self.cols;
@@ -321,7 +401,11 @@ impl WeightFormat for DenseI8 {
             for r in r0..r1 {
                 let w = &self.q[r * c..(r + 1) * c];
                 for i in 0..m {
-                    let s: f32 = w.iter().zip(&x[i * c..(i + 1) * c]).map(|(&a, b)| a as f32 * b).sum();
+                    let s: f32 = w
+                        .iter()
+                        .zip(&x[i * c..(i + 1) * c])
+                        .map(|(&a, b)| a as f32 * b)
+                        .sum();
                     // SAFETY: r in this block's range, i < m.
                     unsafe { out.put(i, r, s * self.scales[r]) };
                 }
@@ -330,12 +414,18 @@ impl WeightFormat for DenseI8 {
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("dense-i8", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| self.q[r * self.cols + k] as f64 * self.scales[r] as f64);
+        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
+            self.q[r * self.cols + k] as f64 * self.scales[r] as f64
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         vec![
             shape_tensor(name, &[self.rows, self.cols]),
-            RawTensor::bytes(format!("{name}.values"), Dtype::I8, self.q.iter().map(|&v| v as u8).collect()),
+            RawTensor::bytes(
+                format!("{name}.values"),
+                Dtype::I8,
+                self.q.iter().map(|&v| v as u8).collect(),
+            ),
             RawTensor::f32(format!("{name}.scales"), &self.scales),
         ]
     }

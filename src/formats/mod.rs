@@ -79,16 +79,36 @@ pub struct RawTensor {
 
 impl RawTensor {
     pub(crate) fn f32(name: String, v: &[f32]) -> RawTensor {
-        RawTensor { name, dtype: Dtype::F32, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        RawTensor {
+            name,
+            dtype: Dtype::F32,
+            shape: vec![v.len()],
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
     pub(crate) fn u16(name: String, dtype: Dtype, v: &[u16]) -> RawTensor {
-        RawTensor { name, dtype, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        RawTensor {
+            name,
+            dtype,
+            shape: vec![v.len()],
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
     pub(crate) fn u64(name: String, v: &[u64]) -> RawTensor {
-        RawTensor { name, dtype: Dtype::U64, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        RawTensor {
+            name,
+            dtype: Dtype::U64,
+            shape: vec![v.len()],
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
     pub(crate) fn bytes(name: String, dtype: Dtype, v: Vec<u8>) -> RawTensor {
-        RawTensor { name, dtype, shape: vec![v.len()], data: v }
+        RawTensor {
+            name,
+            dtype,
+            shape: vec![v.len()],
+            data: v,
+        }
     }
 }
 
@@ -169,12 +189,22 @@ impl Out {
 
 /// Runs `block(r0, r1, out)` over row ranges covering `0..rows` (in parallel when `bytes` is
 /// large); ranges start at multiples of `align`. `block` must write exactly `y[i, r0..r1]`.
-pub(crate) fn drive(rows: usize, m: usize, bytes: usize, align: usize, y: &mut [f32], block: impl Fn(usize, usize, Out) + Sync) {
+pub(crate) fn drive(
+    rows: usize,
+    m: usize,
+    bytes: usize,
+    align: usize,
+    y: &mut [f32],
+    block: impl Fn(usize, usize, Out) + Sync,
+) {
     assert!(y.len() >= m * rows);
     if rows == 0 || m == 0 {
         return;
     }
-    let out = Out { ptr: y.as_mut_ptr(), rows };
+    let out = Out {
+        ptr: y.as_mut_ptr(),
+        rows,
+    };
     let threads = rayon::current_num_threads();
     if bytes < PAR_BYTES || threads < 2 || rows <= align {
         block(0, rows, out);
@@ -191,23 +221,45 @@ pub(crate) fn drive(rows: usize, m: usize, bytes: usize, align: usize, y: &mut [
 // ---- validation helpers -------------------------------------------------------------------
 
 pub(crate) fn ferr(tensor: impl Into<String>, kind: &'static str, msg: impl Into<String>) -> Error {
-    Error::Format { path: tensor.into().into(), format: kind, msg: msg.into() }
+    Error::Format {
+        path: tensor.into().into(),
+        format: kind,
+        msg: msg.into(),
+    }
 }
 
 /// Finds `<name>.<suffix>` and checks its dtype and that its bytes match its shape.
-pub(crate) fn find<'a>(tensors: &'a [RawTensor], name: &str, suffix: &str, dtype: Dtype, kind: &'static str) -> Result<&'a RawTensor> {
+pub(crate) fn find<'a>(
+    tensors: &'a [RawTensor],
+    name: &str,
+    suffix: &str,
+    dtype: Dtype,
+    kind: &'static str,
+) -> Result<&'a RawTensor> {
     let full = format!("{name}.{suffix}");
     let t = tensors
         .iter()
         .find(|t| t.name == full)
         .ok_or_else(|| ferr(full.clone(), kind, "tensor missing"))?;
     if t.dtype != dtype {
-        return Err(ferr(full, kind, format!("dtype {:?}, expected {:?}", t.dtype, dtype)));
+        return Err(ferr(
+            full,
+            kind,
+            format!("dtype {:?}, expected {:?}", t.dtype, dtype),
+        ));
     }
     let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     match n.and_then(|n| n.checked_mul(dtype.size())) {
         Some(b) if b == t.data.len() => Ok(t),
-        _ => Err(ferr(full, kind, format!("shape {:?} does not match {} data bytes", t.shape, t.data.len()))),
+        _ => Err(ferr(
+            full,
+            kind,
+            format!(
+                "shape {:?} does not match {} data bytes",
+                t.shape,
+                t.data.len()
+            ),
+        )),
     }
 }
 
@@ -215,42 +267,75 @@ pub(crate) fn expect_len(t: &RawTensor, len: Option<usize>, kind: &'static str) 
     let have = t.data.len() / t.dtype.size();
     match len {
         Some(l) if l == have => Ok(()),
-        Some(l) => Err(ferr(t.name.clone(), kind, format!("has {have} elements, expected {l}"))),
+        Some(l) => Err(ferr(
+            t.name.clone(),
+            kind,
+            format!("has {have} elements, expected {l}"),
+        )),
         None => Err(ferr(t.name.clone(), kind, "expected size overflows")),
     }
 }
 
 pub(crate) fn read_f32(t: &RawTensor) -> Vec<f32> {
-    t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    t.data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 pub(crate) fn read_u16(t: &RawTensor) -> Vec<u16> {
-    t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    t.data
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
 pub(crate) fn read_u32(t: &RawTensor) -> Vec<u32> {
-    t.data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    t.data
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 pub(crate) fn read_u64(t: &RawTensor) -> Vec<u64> {
-    t.data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    t.data
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Reads `<name>.shape` (u64) with exactly `n` entries, each ≤ 2⁴⁰.
-pub(crate) fn read_shape(tensors: &[RawTensor], name: &str, n: usize, kind: &'static str) -> Result<Vec<usize>> {
+pub(crate) fn read_shape(
+    tensors: &[RawTensor],
+    name: &str,
+    n: usize,
+    kind: &'static str,
+) -> Result<Vec<usize>> {
     let t = find(tensors, name, "shape", Dtype::U64, kind)?;
     expect_len(t, Some(n), kind)?;
     let v = read_u64(t);
     if v.iter().any(|&d| d > 1 << 40) {
-        return Err(ferr(t.name.clone(), kind, format!("implausible dimensions {v:?}")));
+        return Err(ferr(
+            t.name.clone(),
+            kind,
+            format!("implausible dimensions {v:?}"),
+        ));
     }
     // An empty matrix has no buffers to check `rows` against: bound it so row-indexed
     // bookkeeping stays small.
     if v.len() >= 2 && (v[0] == 0 || v[1] == 0) && (v[0] > 1 << 20 || v[1] > 1 << 20) {
-        return Err(ferr(t.name.clone(), kind, format!("implausible empty matrix {v:?}")));
+        return Err(ferr(
+            t.name.clone(),
+            kind,
+            format!("implausible empty matrix {v:?}"),
+        ));
     }
     Ok(v.into_iter().map(|d| d as usize).collect())
 }
 
 /// Rebuilds a format from [`WeightFormat::to_tensors`] output given its [`WeightFormat::kind`].
-pub fn from_tensors(kind: &str, name: &str, tensors: &[RawTensor]) -> Result<Box<dyn WeightFormat>> {
+pub fn from_tensors(
+    kind: &str,
+    name: &str,
+    tensors: &[RawTensor],
+) -> Result<Box<dyn WeightFormat>> {
     Ok(match kind {
         "dense-f32" => Box::new(Dense::from_tensors(name, tensors)?),
         "dense-bf16" => Box::new(DenseBf16::from_tensors(name, tensors)?),
@@ -265,14 +350,20 @@ pub fn from_tensors(kind: &str, name: &str, tensors: &[RawTensor]) -> Result<Box
 }
 
 pub(crate) fn shape_tensor(name: &str, dims: &[usize]) -> RawTensor {
-    RawTensor::u64(format!("{name}.shape"), &dims.iter().map(|&d| d as u64).collect::<Vec<_>>())
+    RawTensor::u64(
+        format!("{name}.shape"),
+        &dims.iter().map(|&d| d as u64).collect::<Vec<_>>(),
+    )
 }
 
 /// Checks a dense input's length.
 pub(crate) fn check_dense(kind: &'static str, w: &[f32], rows: usize, cols: usize) -> Result<()> {
     match rows.checked_mul(cols) {
         Some(n) if n == w.len() => Ok(()),
-        _ => Err(Error::Invalid(format!("{kind}: dense matrix has {} values, expected {rows}×{cols}", w.len()))),
+        _ => Err(Error::Invalid(format!(
+            "{kind}: dense matrix has {} values, expected {rows}×{cols}",
+            w.len()
+        ))),
     }
 }
 
@@ -284,5 +375,10 @@ pub(crate) fn quantize_row(w: &[f32]) -> (Vec<i8>, f32) {
     }
     let scale = amax / 127.0;
     let inv = 1.0 / scale;
-    (w.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8).collect(), scale)
+    (
+        w.iter()
+            .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8)
+            .collect(),
+        scale,
+    )
 }

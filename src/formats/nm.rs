@@ -38,10 +38,14 @@ impl NM {
     pub fn from_dense(w: &[f32], rows: usize, cols: usize, n: usize, m: usize) -> Result<Self> {
         check_dense("nm", w, rows, cols)?;
         if !(1..m).contains(&n) || m > 16 {
-            return Err(Error::Invalid(format!("nm: need 1 ≤ N < M ≤ 16, got {n}:{m}")));
+            return Err(Error::Invalid(format!(
+                "nm: need 1 ≤ N < M ≤ 16, got {n}:{m}"
+            )));
         }
         if cols % m != 0 {
-            return Err(Error::Invalid(format!("nm {n}:{m}: {cols} columns is not a multiple of {m}")));
+            return Err(Error::Invalid(format!(
+                "nm {n}:{m}: {cols} columns is not a multiple of {m}"
+            )));
         }
         let mut s = Self::empty(rows, cols, n, m);
         let groups = cols / m;
@@ -79,7 +83,17 @@ impl NM {
         let bits = bits_for(m);
         let vpr = cols / m * n;
         let row_bytes = (vpr * bits).div_ceil(8);
-        NM { rows, cols, n, m, bits, vpr, row_bytes, values: vec![0.0; rows * vpr], idx: vec![0; rows * row_bytes + PAD] }
+        NM {
+            rows,
+            cols,
+            n,
+            m,
+            bits,
+            vpr,
+            row_bytes,
+            values: vec![0.0; rows * vpr],
+            idx: vec![0; rows * row_bytes + PAD],
+        }
     }
 
     fn set_idx(&mut self, r: usize, v: usize, k: usize) {
@@ -109,7 +123,11 @@ impl NM {
         let s = read_shape(tensors, name, 4, K)?;
         let (rows, cols, n, m) = (s[0], s[1], s[2], s[3]);
         if !(1..m).contains(&n) || m > 16 || cols % m != 0 {
-            return Err(ferr(format!("{name}.shape"), K, format!("bad N:M {n}:{m} for {cols} columns")));
+            return Err(ferr(
+                format!("{name}.shape"),
+                K,
+                format!("bad N:M {n}:{m} for {cols} columns"),
+            ));
         }
         let bits = bits_for(m);
         let vpr = cols / m * n;
@@ -128,7 +146,13 @@ impl NM {
                 for j in 0..n {
                     let k = out.idx_at(r, g * n + j);
                     if k >= m || prev.is_some_and(|p| k <= p) {
-                        return Err(ferr(it.name.clone(), K, format!("row {r} group {g}: in-group indices must be increasing and < {m}")));
+                        return Err(ferr(
+                            it.name.clone(),
+                            K,
+                            format!(
+                                "row {r} group {g}: in-group indices must be increasing and < {m}"
+                            ),
+                        ));
                     }
                     prev = Some(k);
                 }
@@ -175,27 +199,56 @@ impl NM {
                 while blk + 2 <= nb {
                     let i0 = decode(ip.add(blk * step));
                     let i1 = decode(ip.add((blk + 1) * step));
-                    let x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(xp.add(32 * blk)), i0, _mm512_loadu_ps(xp.add(32 * blk + 16)));
-                    let x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(xp.add(32 * blk + 32)), i1, _mm512_loadu_ps(xp.add(32 * blk + 48)));
+                    let x0 = _mm512_permutex2var_ps(
+                        _mm512_loadu_ps(xp.add(32 * blk)),
+                        i0,
+                        _mm512_loadu_ps(xp.add(32 * blk + 16)),
+                    );
+                    let x1 = _mm512_permutex2var_ps(
+                        _mm512_loadu_ps(xp.add(32 * blk + 32)),
+                        i1,
+                        _mm512_loadu_ps(xp.add(32 * blk + 48)),
+                    );
                     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk)), x0, a0);
                     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk + 16)), x1, a1);
                     blk += 2;
                 }
                 if blk < nb {
                     let i0 = decode(ip.add(blk * step));
-                    let x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(xp.add(32 * blk)), i0, _mm512_loadu_ps(xp.add(32 * blk + 16)));
+                    let x0 = _mm512_permutex2var_ps(
+                        _mm512_loadu_ps(xp.add(32 * blk)),
+                        i0,
+                        _mm512_loadu_ps(xp.add(32 * blk + 16)),
+                    );
                     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk)), x0, a0);
                 }
                 if rem > 0 {
                     // `rem` values cover 2·rem < 32 columns; the index read stays inside the padding.
                     let ncols = 2 * rem;
-                    let mlo: __mmask16 = if ncols >= 16 { 0xffff } else { (1u16 << ncols) - 1 };
-                    let mhi: __mmask16 = if ncols > 16 { (1u16 << (ncols - 16)) - 1 } else { 0 };
+                    let mlo: __mmask16 = if ncols >= 16 {
+                        0xffff
+                    } else {
+                        (1u16 << ncols) - 1
+                    };
+                    let mhi: __mmask16 = if ncols > 16 {
+                        (1u16 << (ncols - 16)) - 1
+                    } else {
+                        0
+                    };
                     let lm: __mmask16 = (1u16 << rem) - 1;
                     let xb = xp.add(32 * nb);
                     let iv = decode(ip.add(nb * step));
-                    let xg = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(mlo, xb), iv, _mm512_maskz_loadu_ps(mhi, xb.wrapping_add(16)));
-                    a0 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(lm, vp.add(16 * nb)), xg, a0, lm);
+                    let xg = _mm512_permutex2var_ps(
+                        _mm512_maskz_loadu_ps(mlo, xb),
+                        iv,
+                        _mm512_maskz_loadu_ps(mhi, xb.wrapping_add(16)),
+                    );
+                    a0 = _mm512_mask3_fmadd_ps(
+                        _mm512_maskz_loadu_ps(lm, vp.add(16 * nb)),
+                        xg,
+                        a0,
+                        lm,
+                    );
                 }
                 out.put(i, r, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
             }
@@ -244,7 +297,9 @@ impl WeightFormat for NM {
         if self.fast_pattern() && has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated (< M, so every
             // permuted lane is inside the 32-column window); disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+                self.block_avx512(r0, r1, x, m, out)
+            });
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
@@ -273,7 +328,11 @@ impl WeightFormat for NM {
         vec![
             shape_tensor(name, &[self.rows, self.cols, self.n, self.m]),
             RawTensor::f32(format!("{name}.values"), &self.values),
-            RawTensor::bytes(format!("{name}.indices"), Dtype::U8, self.idx[..self.rows * self.row_bytes].to_vec()),
+            RawTensor::bytes(
+                format!("{name}.indices"),
+                Dtype::U8,
+                self.idx[..self.rows * self.row_bytes].to_vec(),
+            ),
         ]
     }
 }

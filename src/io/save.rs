@@ -100,7 +100,13 @@ pub fn save_hf(model: &Model, out: &Path, dtype: SaveDtype, force: bool) -> Resu
 
 /// [`save_hf`] plus extra files (e.g. `report.json`) written into the directory before it is
 /// renamed into place, so the model and its report appear together or not at all.
-pub fn save_hf_with_extras(model: &Model, out: &Path, dtype: SaveDtype, force: bool, extras: &[(&str, &[u8])]) -> Result<()> {
+pub fn save_hf_with_extras(
+    model: &Model,
+    out: &Path,
+    dtype: SaveDtype,
+    force: bool,
+    extras: &[(&str, &[u8])],
+) -> Result<()> {
     let out_err = |msg: String| Error::Output {
         path: out.to_path_buf(),
         msg,

@@ -29,11 +29,20 @@ thread_local! {
 
 fn check(q: &[f32], k: &[f32], v: &[f32], out: &[f32], tq: usize, tk: usize, d: AttnDims) {
     assert!(tq <= tk, "attention: more queries than keys");
-    assert!(d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0, "attention: bad GQA grouping");
+    assert!(
+        d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0,
+        "attention: bad GQA grouping"
+    );
     let qw = d.n_heads * d.head_dim;
     let kw = d.n_kv_heads * d.head_dim;
-    assert!(q.len() >= tq * qw && out.len() >= tq * qw, "attention: q/out too small");
-    assert!(k.len() >= tk * kw && v.len() >= tk * kw, "attention: k/v too small");
+    assert!(
+        q.len() >= tq * qw && out.len() >= tq * qw,
+        "attention: q/out too small"
+    );
+    assert!(
+        k.len() >= tk * kw && v.len() >= tk * kw,
+        "attention: k/v too small"
+    );
 }
 
 /// Fast causal attention; see the module docs for layouts.
@@ -145,7 +154,10 @@ pub fn causal_attention_naive(
             let sc: Vec<f64> = (0..n)
                 .map(|j| {
                     let kj = &k[j * kw + g * hd..j * kw + (g + 1) * hd];
-                    qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                    qi.iter()
+                        .zip(kj)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
                         * scale as f64
                 })
                 .collect();

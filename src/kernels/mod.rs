@@ -51,8 +51,19 @@ pub fn has_avx2() -> bool {
 ///
 /// This is a linear layer's product: `w` is the PyTorch `[out_features, in_features]` weight.
 /// Uses all rayon threads when the problem is large enough.
-pub fn matmul_t(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_t: bad sizes");
+pub fn matmul_t(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_t: bad sizes"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -95,7 +106,15 @@ pub fn matmul_t(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: us
 }
 
 /// Reference for [`matmul_t`]: triple loop with f64 accumulation.
-pub fn matmul_t_naive(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+pub fn matmul_t_naive(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0f64;
@@ -132,27 +151,14 @@ pub unsafe fn gemm_strided(
     alpha: f32,
     parallel: bool,
 ) {
-    let par = if parallel && threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    let par = if parallel && threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
     gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs,
-        dst_rs,
-        accumulate,
-        lhs,
-        lhs_cs,
-        lhs_rs,
-        rhs,
-        rhs_cs,
-        rhs_rs,
-        1.0f32,
-        alpha,
-        false,
-        false,
-        false,
-        par,
+        m, n, k, dst, dst_cs, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0f32,
+        alpha, false, false, false, par,
     )
 }
 
@@ -179,7 +185,10 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 /// `xᵀ·x`; entries strictly below the diagonal tiles are left untouched. See [`gram`].
 pub fn gram_upper(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     use rayon::prelude::*;
-    assert!(x.len() >= rows * cols && out.len() >= cols * cols, "gram: bad sizes");
+    assert!(
+        x.len() >= rows * cols && out.len() >= cols * cols,
+        "gram: bad sizes"
+    );
     if cols == 0 {
         return;
     }
@@ -189,7 +198,9 @@ pub fn gram_upper(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     }
     const T: usize = 192;
     let tiles = cols.div_ceil(T);
-    let pairs: Vec<(usize, usize)> = (0..tiles).flat_map(|i| (i..tiles).map(move |j| (i, j))).collect();
+    let pairs: Vec<(usize, usize)> = (0..tiles)
+        .flat_map(|i| (i..tiles).map(move |j| (i, j)))
+        .collect();
     let dst = SendPtr(out.as_mut_ptr());
     pairs.par_iter().for_each(|&(bi, bj)| {
         let dst = dst;
@@ -222,7 +233,9 @@ pub fn gram_upper(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 pub fn gram_naive(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     for i in 0..cols {
         for j in 0..cols {
-            let s: f64 = (0..rows).map(|r| x[r * cols + i] as f64 * x[r * cols + j] as f64).sum();
+            let s: f64 = (0..rows)
+                .map(|r| x[r * cols + i] as f64 * x[r * cols + j] as f64)
+                .sum();
             out[i * cols + j] = s as f32;
         }
     }

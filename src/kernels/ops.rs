@@ -150,7 +150,9 @@ fn max_of(x: &[f32]) -> f32 {
             lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
         }
     }
-    let m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let m = tail
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     lanes.iter().fold(m, |a, &b| if b > a { b } else { a })
 }
 
@@ -184,7 +186,9 @@ simd_dispatch! {
 
 /// Reference softmax of one row's first `n` entries in f64.
 pub fn softmax_prefix_naive(row: &mut [f32], n: usize) {
-    let m = row[..n].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+    let m = row[..n]
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
     let s: f64 = row[..n].iter().map(|&v| (v as f64 - m).exp()).sum();
     for v in row[..n].iter_mut() {
         *v = ((*v as f64 - m).exp() / s) as f32;

@@ -63,8 +63,12 @@ pub fn peak_fma_gflops(threads: usize) -> f64 {
 
 /// Attained GFLOP/s of [`super::matmul_t`] on an `m×k · (n×k)ᵀ` product (best of `reps`).
 pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
-    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
-    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) * 0.01).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i % 89) as f32 - 44.0) * 0.01)
+        .collect();
     let mut out = vec![0f32; m * n];
     super::matmul_t(&x, &w, &mut out, m, k, n, false);
     let mut best = f64::MAX;

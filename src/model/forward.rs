@@ -120,10 +120,22 @@ pub fn block_forward_cached(
     if let Some(c) = kv {
         assert_eq!(batch, 1, "a KV cache holds one sequence");
         let tk = pos0 + seq;
-        assert!(c.k.len() >= tk * kw && c.v.len() >= tk * kw, "KV cache too short");
+        assert!(
+            c.k.len() >= tk * kw && c.v.len() >= tk * kw,
+            "KV cache too short"
+        );
         c.k[pos0 * kw..tk * kw].copy_from_slice(k);
         c.v[pos0 * kw..tk * kw].copy_from_slice(v);
-        kernels::causal_attention(q, &c.k[..tk * kw], &c.v[..tk * kw], attn, seq, tk, dims, scale);
+        kernels::causal_attention(
+            q,
+            &c.k[..tk * kw],
+            &c.v[..tk * kw],
+            attn,
+            seq,
+            tk,
+            dims,
+            scale,
+        );
     } else {
         for b in 0..batch {
             let (r0, r1) = (b * seq, (b + 1) * seq);
@@ -205,7 +217,12 @@ pub fn forward_hidden(
         block_forward(cfg, i, lw, &rope, &mut h, batch, seq, &mut scratch, obs);
     }
     let mut out = vec![0f32; h.len()];
-    kernels::rmsnorm(&h, model.weights.final_norm.data(), cfg.rms_norm_eps as f32, &mut out);
+    kernels::rmsnorm(
+        &h,
+        model.weights.final_norm.data(),
+        cfg.rms_norm_eps as f32,
+        &mut out,
+    );
     Ok(out)
 }
 
@@ -220,6 +237,12 @@ pub fn logits(w: &Weights, hidden: &[f32], rows: usize) -> Vec<f32> {
 
 /// Full logits `[tokens.len(), vocab]` of one window (for short inputs and tests).
 pub fn forward_logits(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
-    let h = forward_hidden(model, tokens, 1, tokens.len(), &mut crate::model::observer::NoObserver)?;
+    let h = forward_hidden(
+        model,
+        tokens,
+        1,
+        tokens.len(),
+        &mut crate::model::observer::NoObserver,
+    )?;
     Ok(logits(&model.weights, &h, tokens.len()))
 }

@@ -24,9 +24,11 @@ pub struct Model {
 impl Model {
     /// The tokenizer, or an error naming the model source.
     pub fn tokenizer(&self) -> crate::Result<&tokenizers::Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| crate::Error::Tokenizer {
-            path: self.source.clone(),
-            msg: "the model has no tokenizer (HF directories need tokenizer.json)".into(),
-        })
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| crate::Error::Tokenizer {
+                path: self.source.clone(),
+                msg: "the model has no tokenizer (HF directories need tokenizer.json)".into(),
+            })
     }
 }

@@ -56,7 +56,8 @@ pub trait Observer {
         true
     }
     /// Input `x` of the linear layers at `site` of block `layer`.
-    fn linear_input(&mut self, _layer: usize, _site: Site, _x: &[f32], _rows: usize, _cols: usize) {}
+    fn linear_input(&mut self, _layer: usize, _site: Site, _x: &[f32], _rows: usize, _cols: usize) {
+    }
     /// Hidden state entering block `layer`.
     fn block_input(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
     /// Hidden state leaving block `layer`.

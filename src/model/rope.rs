@@ -34,7 +34,11 @@ pub fn inv_freq(cfg: &Config) -> Vec<f32> {
             high_freq_factor,
             original_max_position_embeddings,
         } => {
-            let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let (factor, lo, hi) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+            );
             let old = *original_max_position_embeddings as f32;
             let low_wavelen = old / lo;
             let high_wavelen = old / hi;
@@ -84,18 +88,21 @@ impl Rope {
         let half = d / 2;
         let width = n_heads * d;
         assert!(pos0 + seq <= self.max_pos, "RoPE table too short");
-        x.par_chunks_mut(width).enumerate().with_min_len(32).for_each(|(r, row)| {
-            let p = pos0 + r % seq;
-            let c = &self.cos[p * half..(p + 1) * half];
-            let s = &self.sin[p * half..(p + 1) * half];
-            for head in row.chunks_mut(d) {
-                let (a, b) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (x0, x1) = (a[i], b[i]);
-                    a[i] = x0 * c[i] - x1 * s[i];
-                    b[i] = x1 * c[i] + x0 * s[i];
+        x.par_chunks_mut(width)
+            .enumerate()
+            .with_min_len(32)
+            .for_each(|(r, row)| {
+                let p = pos0 + r % seq;
+                let c = &self.cos[p * half..(p + 1) * half];
+                let s = &self.sin[p * half..(p + 1) * half];
+                for head in row.chunks_mut(d) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x0, x1) = (a[i], b[i]);
+                        a[i] = x0 * c[i] - x1 * s[i];
+                        b[i] = x1 * c[i] + x0 * s[i];
+                    }
                 }
-            }
-        });
+            });
     }
 }

@@ -61,7 +61,11 @@ impl PrunePlan {
     /// Check values against each other and against the model's shapes.
     pub fn validate(&self, model: &Model) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
-        for (what, s) in [("--sparsity", Some(self.sparsity)), ("--attn-sparsity", self.attn_sparsity), ("--mlp-sparsity", self.mlp_sparsity)] {
+        for (what, s) in [
+            ("--sparsity", Some(self.sparsity)),
+            ("--attn-sparsity", self.attn_sparsity),
+            ("--mlp-sparsity", self.mlp_sparsity),
+        ] {
             if let Some(s) = s {
                 if !(0.0..1.0).contains(&s) {
                     return bad(format!("{what} must be in [0, 1), got {s}"));
@@ -69,7 +73,10 @@ impl PrunePlan {
             }
         }
         if let Some(implied) = self.pattern.implied_sparsity() {
-            if (implied - self.sparsity).abs() > 1e-9 || self.attn_sparsity.is_some() || self.mlp_sparsity.is_some() {
+            if (implied - self.sparsity).abs() > 1e-9
+                || self.attn_sparsity.is_some()
+                || self.mlp_sparsity.is_some()
+            {
                 return bad(format!(
                     "pattern {} fixes the sparsity at {implied} (at most N nonzero of every M); do not ask for {} as well",
                     self.pattern, self.sparsity
@@ -81,17 +88,27 @@ impl PrunePlan {
         }
         if let Allocation::Owl { m, lambda } = self.allocation {
             if !(m > 0.0) || !(0.0..0.5).contains(&lambda) {
-                return bad(format!("OWL needs M > 0 and 0 <= lambda < 0.5, got M={m} lambda={lambda}"));
+                return bad(format!(
+                    "OWL needs M > 0 and 0 <= lambda < 0.5, got M={m} lambda={lambda}"
+                ));
             }
         }
         let n = model.weights.layers.len();
         if let Some(&l) = self.skip_layers.iter().find(|&&l| l >= n) {
-            return bad(format!("--skip-layers: layer {l} does not exist (the model has {n} layers, 0..={})", n - 1));
+            return bad(format!(
+                "--skip-layers: layer {l} does not exist (the model has {n} layers, 0..={})",
+                n - 1
+            ));
         }
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
-                mask::check_shape(self.pattern, lin.out_features(), lin.in_features(), &tensor_name(i, kind))?;
+                mask::check_shape(
+                    self.pattern,
+                    lin.out_features(),
+                    lin.in_features(),
+                    &tensor_name(i, kind),
+                )?;
             }
         }
         Ok(())
@@ -99,7 +116,12 @@ impl PrunePlan {
 
     /// Base target for `kind` before per-layer allocation.
     fn base(&self, kind: LinearKind) -> f64 {
-        if kind.is_attention() { self.attn_sparsity } else { self.mlp_sparsity }.unwrap_or(self.sparsity)
+        if kind.is_attention() {
+            self.attn_sparsity
+        } else {
+            self.mlp_sparsity
+        }
+        .unwrap_or(self.sparsity)
     }
 
     fn prunes(&self, layer: usize, kind: LinearKind) -> bool {
@@ -143,7 +165,17 @@ pub struct PruneOutcome {
 /// Run `block` over `h` in chunks of whole samples; with `keep == false` the block runs on a
 /// copy (statistics only) and `h` is left unchanged.
 #[allow(clippy::too_many_arguments)]
-fn run_block(model: &Model, layer: usize, rope: &Rope, h: &mut [f32], n: usize, len: usize, keep: bool, obs: &mut dyn Observer, scratch: &mut Scratch) -> Result<()> {
+fn run_block(
+    model: &Model,
+    layer: usize,
+    rope: &Rope,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    keep: bool,
+    obs: &mut dyn Observer,
+    scratch: &mut Scratch,
+) -> Result<()> {
     let d = model.config.hidden_size;
     let per = (CHUNK_ROWS / len).max(1);
     let lw = &model.weights.layers[layer];
@@ -163,7 +195,17 @@ fn run_block(model: &Model, layer: usize, rope: &Rope, h: &mut [f32], n: usize, 
             // The block runs on a copy; with a statistics-only observer it stops early.
             tmp.clear();
             tmp.extend_from_slice(chunk);
-            block_forward(&model.config, layer, lw, rope, &mut tmp, b, len, scratch, obs);
+            block_forward(
+                &model.config,
+                layer,
+                lw,
+                rope,
+                &mut tmp,
+                b,
+                len,
+                scratch,
+                obs,
+            );
         }
     }
     Ok(())
@@ -171,7 +213,12 @@ fn run_block(model: &Model, layer: usize, rope: &Rope, h: &mut [f32], n: usize, 
 
 /// Prune `model` in place with `plan`, calibrating on `calib` (unused for magnitude with
 /// uniform allocation). `progress(stage, done, total)` reports blocks.
-pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<PruneOutcome> {
+pub fn prune_model(
+    model: &mut Model,
+    calib: &CalibSet,
+    plan: &PrunePlan,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<PruneOutcome> {
     plan.validate(model)?;
     let t_all = Instant::now();
     let method = pruner(plan.method, plan.scope);
@@ -194,15 +241,36 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
             for i in 0..n_layers {
                 progress("OWL scan", i, n_layers);
                 let t = Instant::now();
-                let mut obs = StatsObserver::new(i, Needs { col_sq: true, hessian: false }, len);
-                run_block(model, i, &rope, &mut h, n, len, true, &mut obs, &mut scratch)?;
+                let mut obs = StatsObserver::new(
+                    i,
+                    Needs {
+                        col_sq: true,
+                        hessian: false,
+                    },
+                    len,
+                );
+                run_block(
+                    model,
+                    i,
+                    &rope,
+                    &mut h,
+                    n,
+                    len,
+                    true,
+                    &mut obs,
+                    &mut scratch,
+                )?;
                 t_stats += t.elapsed().as_secs_f64();
                 let lw = &model.weights.layers[i];
                 let scores: Vec<Vec<f32>> = LinearKind::ALL
                     .iter()
                     .filter_map(|&k| {
                         let lin = lw.linear(k);
-                        wanda::scores(lin.weight.data(), lin.in_features(), &obs.sites[&Site::of(k)])
+                        wanda::scores(
+                            lin.weight.data(),
+                            lin.in_features(),
+                            &obs.sites[&Site::of(k)],
+                        )
                     })
                     .collect();
                 lods.push(owl::outlier_ratio(&scores, m));
@@ -215,17 +283,34 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
     };
 
     crate::util::trace_rss("prune start");
-    let mut h = if calibrated { embed(&model.weights, &calib.ids)? } else { Vec::new() };
+    let mut h = if calibrated {
+        embed(&model.weights, &calib.ids)?
+    } else {
+        Vec::new()
+    };
     crate::util::trace_rss("calibration embedded");
     let mut tensors = Vec::new();
     for i in 0..n_layers {
         progress("pruning", i, n_layers);
-        let to_prune: Vec<LinearKind> = LinearKind::ALL.into_iter().filter(|&k| plan.prunes(i, k)).collect();
+        let to_prune: Vec<LinearKind> = LinearKind::ALL
+            .into_iter()
+            .filter(|&k| plan.prunes(i, k))
+            .collect();
         let mut obs = StatsObserver::new(i, needs, len);
         obs.statistics_only = true;
         if needs != Needs::default() && !to_prune.is_empty() {
             let t = Instant::now();
-            run_block(model, i, &rope, &mut h, n, len, false, &mut obs, &mut scratch)?;
+            run_block(
+                model,
+                i,
+                &rope,
+                &mut h,
+                n,
+                len,
+                false,
+                &mut obs,
+                &mut scratch,
+            )?;
             t_stats += t.elapsed().as_secs_f64();
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
@@ -233,7 +318,10 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
         let offset = layer_sparsity[i] - plan.sparsity;
         for &kind in &to_prune {
             let name = tensor_name(i, kind);
-            let target = Target { sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99), pattern: plan.pattern };
+            let target = Target {
+                sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99),
+                pattern: plan.pattern,
+            };
             let empty = super::SiteStats::new(0, Needs::default());
             let stats = obs.sites.get(&Site::of(kind)).unwrap_or(&empty);
             let lin = model.weights.layers[i].linear_mut(kind);
@@ -241,7 +329,9 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
             // A NaN/Inf weight would otherwise pass silently (magnitude and the last block run no
             // forward pass that could catch it).
             if lin.weight.data().iter().any(|v| !v.is_finite()) {
-                return Err(Error::Numeric(format!("block {i}: {name} contains NaN/Inf weights")));
+                return Err(Error::Numeric(format!(
+                    "block {i}: {name} contains NaN/Inf weights"
+                )));
             }
             method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
             let zeros = lin.weight.count_zeros();
@@ -257,7 +347,17 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
         crate::util::trace_rss(&format!("block {i} pruned"));
         if calibrated && i + 1 < n_layers {
             let t = Instant::now();
-            run_block(model, i, &rope, &mut h, n, len, true, &mut NoObserver, &mut scratch)?;
+            run_block(
+                model,
+                i,
+                &rope,
+                &mut h,
+                n,
+                len,
+                true,
+                &mut NoObserver,
+                &mut scratch,
+            )?;
             t_fwd += t.elapsed().as_secs_f64();
         }
     }
@@ -286,10 +386,27 @@ pub fn prune_model(model: &mut Model, calib: &CalibSet, plan: &PrunePlan, progre
 
 /// Statistics of every linear input of block `layer` for block inputs `h` (`n` samples of
 /// `len` tokens), without changing `h`. Used by tests and tools that inspect one block.
-pub fn layer_stats(model: &Model, layer: usize, h: &mut [f32], n: usize, len: usize, needs: Needs) -> Result<std::collections::HashMap<Site, super::SiteStats>> {
+pub fn layer_stats(
+    model: &Model,
+    layer: usize,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    needs: Needs,
+) -> Result<std::collections::HashMap<Site, super::SiteStats>> {
     let rope = Rope::new(&model.config, len);
     let mut obs = StatsObserver::new(layer, needs, len);
     obs.statistics_only = true;
-    run_block(model, layer, &rope, h, n, len, false, &mut obs, &mut Scratch::default())?;
+    run_block(
+        model,
+        layer,
+        &rope,
+        h,
+        n,
+        len,
+        false,
+        &mut obs,
+        &mut Scratch::default(),
+    )?;
     Ok(obs.sites)
 }

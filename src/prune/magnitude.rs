@@ -18,13 +18,29 @@ impl Pruner for Magnitude {
         Needs::default()
     }
 
-    fn prune(&self, w: &mut [f32], rows: usize, cols: usize, _stats: &SiteStats, target: Target, name: &str) -> Result<()> {
+    fn prune(
+        &self,
+        w: &mut [f32],
+        rows: usize,
+        cols: usize,
+        _stats: &SiteStats,
+        target: Target,
+        name: &str,
+    ) -> Result<()> {
         let scores: Vec<f32> = w.iter().map(|v| v.abs()).collect();
         let m = if target.pattern == Pattern::Unstructured && self.scope == Scope::Matrix {
             // Official `prune_magnitude`: |W| <= the k-th smallest in the whole matrix.
             mask::threshold_mask(&scores, target.sparsity)
         } else {
-            mask::select(&scores, rows, cols, target.pattern, target.sparsity, self.scope, name)?
+            mask::select(
+                &scores,
+                rows,
+                cols,
+                target.pattern,
+                target.sparsity,
+                self.scope,
+                name,
+            )?
         };
         mask::apply(w, &m);
         Ok(())

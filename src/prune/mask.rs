@@ -16,7 +16,9 @@ pub fn smallest_k(scores: &[f32], k: usize) -> Vec<usize> {
         return Vec::new();
     }
     if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            scores[a].total_cmp(&scores[b]).then(a.cmp(&b))
+        });
         idx.truncate(k);
     }
     idx
@@ -77,16 +79,24 @@ fn expand(tmask: &[bool], rows: usize, cols: usize, r: usize, c: usize) -> Vec<b
 }
 
 /// Unstructured selection over groups: per row (`Scope::Row`) or the whole matrix.
-fn select_groups(scores: &[f32], rows: usize, cols: usize, sparsity: f64, scope: Scope) -> Vec<bool> {
+fn select_groups(
+    scores: &[f32],
+    rows: usize,
+    cols: usize,
+    sparsity: f64,
+    scope: Scope,
+) -> Vec<bool> {
     let mut mask = vec![false; rows * cols];
     match scope {
         Scope::Row => {
             let k = (cols as f64 * sparsity) as usize;
-            mask.par_chunks_mut(cols).zip(scores.par_chunks(cols)).for_each(|(m, s)| {
-                for i in smallest_k(s, k) {
-                    m[i] = true;
-                }
-            });
+            mask.par_chunks_mut(cols)
+                .zip(scores.par_chunks(cols))
+                .for_each(|(m, s)| {
+                    for i in smallest_k(s, k) {
+                        m[i] = true;
+                    }
+                });
         }
         Scope::Matrix => {
             let k = ((rows * cols) as f64 * sparsity) as usize;
@@ -100,19 +110,29 @@ fn select_groups(scores: &[f32], rows: usize, cols: usize, sparsity: f64, scope:
 
 /// The prune mask for `scores` under `pattern` at `sparsity`, comparing within `scope`
 /// (for blocks, `Scope::Row` compares within each band of `r` rows).
-pub fn select(scores: &[f32], rows: usize, cols: usize, pattern: Pattern, sparsity: f64, scope: Scope, name: &str) -> Result<Vec<bool>> {
+pub fn select(
+    scores: &[f32],
+    rows: usize,
+    cols: usize,
+    pattern: Pattern,
+    sparsity: f64,
+    scope: Scope,
+    name: &str,
+) -> Result<Vec<bool>> {
     check_shape(pattern, rows, cols, name)?;
     Ok(match pattern {
         Pattern::Unstructured => select_groups(scores, rows, cols, sparsity, scope),
         Pattern::NM { n, m } => {
             let mut mask = vec![false; rows * cols];
-            mask.par_chunks_mut(cols).zip(scores.par_chunks(cols)).for_each(|(mrow, srow)| {
-                for g in 0..cols / m {
-                    for i in smallest_k(&srow[g * m..(g + 1) * m], m - n) {
-                        mrow[g * m + i] = true;
+            mask.par_chunks_mut(cols)
+                .zip(scores.par_chunks(cols))
+                .for_each(|(mrow, srow)| {
+                    for g in 0..cols / m {
+                        for i in smallest_k(&srow[g * m..(g + 1) * m], m - n) {
+                            mrow[g * m + i] = true;
+                        }
                     }
-                }
-            });
+                });
             mask
         }
         Pattern::Vector { v } => {

@@ -62,12 +62,18 @@ impl FromStr for Pattern {
     type Err = Error;
     fn from_str(s: &str) -> Result<Pattern> {
         let bad = |m: String| Error::Invalid(format!("pattern `{s}`: {m}"));
-        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad(format!("`{t}` is not a whole number")));
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("`{t}` is not a whole number")))
+        };
         if s == "unstructured" {
             return Ok(Pattern::Unstructured);
         }
         if let Some(rest) = s.strip_prefix("block:") {
-            let (r, c) = rest.split_once('x').ok_or_else(|| bad("expected block:RxC, e.g. block:4x4".into()))?;
+            let (r, c) = rest
+                .split_once('x')
+                .ok_or_else(|| bad("expected block:RxC, e.g. block:4x4".into()))?;
             let (r, c) = (num(r)?, num(c)?);
             if r == 0 || c == 0 {
                 return Err(bad("block sides must be positive".into()));
@@ -84,11 +90,15 @@ impl FromStr for Pattern {
         if let Some((n, m)) = s.split_once(':') {
             let (n, m) = (num(n)?, num(m)?);
             if n == 0 || n >= m {
-                return Err(bad(format!("N:M needs 1 <= N < M (at most N nonzero of every M), got {n}:{m}")));
+                return Err(bad(format!(
+                    "N:M needs 1 <= N < M (at most N nonzero of every M), got {n}:{m}"
+                )));
             }
             return Ok(Pattern::NM { n, m });
         }
-        Err(bad("expected unstructured, N:M (e.g. 2:4), block:RxC or vector:V".into()))
+        Err(bad(
+            "expected unstructured, N:M (e.g. 2:4), block:RxC or vector:V".into(),
+        ))
     }
 }
 
@@ -136,7 +146,15 @@ pub trait Pruner: Sync {
     fn needs(&self) -> Needs;
     /// Prune `w` (`[rows, cols]`, row-major, in place) given its input statistics.
     /// `name` identifies the tensor in errors.
-    fn prune(&self, w: &mut [f32], rows: usize, cols: usize, stats: &SiteStats, target: Target, name: &str) -> Result<()>;
+    fn prune(
+        &self,
+        w: &mut [f32],
+        rows: usize,
+        cols: usize,
+        stats: &SiteStats,
+        target: Target,
+        name: &str,
+    ) -> Result<()>;
 }
 
 /// Build the pruner for `method`.
@@ -153,7 +171,9 @@ pub fn parse_kinds(s: &str) -> Result<Vec<LinearKind>> {
     let mut out = Vec::new();
     for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         match t {
-            "attn" | "attention" => out.extend([LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O]),
+            "attn" | "attention" => {
+                out.extend([LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O])
+            }
             "mlp" | "ffn" => out.extend([LinearKind::Gate, LinearKind::Up, LinearKind::Down]),
             "q" => out.push(LinearKind::Q),
             "k" => out.push(LinearKind::K),
@@ -162,7 +182,11 @@ pub fn parse_kinds(s: &str) -> Result<Vec<LinearKind>> {
             "gate" => out.push(LinearKind::Gate),
             "up" => out.push(LinearKind::Up),
             "down" => out.push(LinearKind::Down),
-            _ => return Err(Error::Invalid(format!("unknown module `{t}` (use q,k,v,o,gate,up,down, attn or mlp)"))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown module `{t}` (use q,k,v,o,gate,up,down, attn or mlp)"
+                )))
+            }
         }
     }
     Ok(out)

@@ -32,20 +32,37 @@ pub fn outlier_ratio(scores: &[Vec<f32>], m: f64) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    let mean = scores.iter().flat_map(|s| s.iter()).map(|&v| v as f64).sum::<f64>() / n as f64;
+    let mean = scores
+        .iter()
+        .flat_map(|s| s.iter())
+        .map(|&v| v as f64)
+        .sum::<f64>()
+        / n as f64;
     let thr = mean * m;
-    let count = scores.iter().flat_map(|s| s.iter()).filter(|&&v| v as f64 > thr).count();
+    let count = scores
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|&&v| v as f64 > thr)
+        .count();
     100.0 * count as f64 / n as f64
 }
 
 /// Block sparsities from LODs for target sparsity `s` and spread `lambda`.
 /// Equal LODs (no spread to map) give the uniform allocation.
 pub fn allocate(lods: &[f64], s: f64, lambda: f64) -> Vec<f64> {
-    let (lo, hi) = lods.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = lods
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     if lods.is_empty() || !(hi > lo) {
         return vec![s; lods.len()];
     }
-    let scaled: Vec<f64> = lods.iter().map(|&v| (v - lo) / (hi - lo) * lambda * 2.0).collect();
+    let scaled: Vec<f64> = lods
+        .iter()
+        .map(|&v| (v - lo) / (hi - lo) * lambda * 2.0)
+        .collect();
     let mean = scaled.iter().sum::<f64>() / scaled.len() as f64;
-    scaled.iter().map(|&d| (1.0 - (d - mean + (1.0 - s))).clamp(0.0, 0.99)).collect()
+    scaled
+        .iter()
+        .map(|&d| (1.0 - (d - mean + (1.0 - s))).clamp(0.0, 0.99))
+        .collect()
 }

@@ -32,13 +32,21 @@ pub struct SparseGpt {
 
 impl Default for SparseGpt {
     fn default() -> Self {
-        SparseGpt { block_size: 128, percdamp: 0.01 }
+        SparseGpt {
+            block_size: 128,
+            percdamp: 0.01,
+        }
     }
 }
 
 /// Upper Cholesky factor of the inverse of the dampened Hessian, `[n, n]` row-major, f32.
 /// Also returns the dead-input flags. `h` is the f64 Hessian, modified in place.
-pub fn inverse_hessian_factor(h: &mut [f64], n: usize, percdamp: f64, name: &str) -> Result<(Vec<f32>, Vec<bool>)> {
+pub fn inverse_hessian_factor(
+    h: &mut [f64],
+    n: usize,
+    percdamp: f64,
+    name: &str,
+) -> Result<(Vec<f32>, Vec<bool>)> {
     let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
     for i in 0..n {
         if dead[i] {
@@ -51,10 +59,16 @@ pub fn inverse_hessian_factor(h: &mut [f64], n: usize, percdamp: f64, name: &str
         h[i * n + i] += damp;
     }
     if h.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Numeric(format!("{name}: the input Hessian contains NaN/Inf")));
+        return Err(Error::Numeric(format!(
+            "{name}: the input Hessian contains NaN/Inf"
+        )));
     }
     let m = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
-    let not_pd = || Error::Numeric(format!("{name}: the dampened Hessian is not positive definite (increase dampening)"));
+    let not_pd = || {
+        Error::Numeric(format!(
+            "{name}: the dampened Hessian is not positive definite (increase dampening)"
+        ))
+    };
     let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
     let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
     let l = llt.L();
@@ -82,14 +96,27 @@ impl SparseGpt {
 
 impl Pruner for SparseGpt {
     fn needs(&self) -> Needs {
-        Needs { col_sq: false, hessian: true }
+        Needs {
+            col_sq: false,
+            hessian: true,
+        }
     }
 
-    fn prune(&self, w: &mut [f32], rows: usize, cols: usize, stats: &SiteStats, target: Target, name: &str) -> Result<()> {
+    fn prune(
+        &self,
+        w: &mut [f32],
+        rows: usize,
+        cols: usize,
+        stats: &SiteStats,
+        target: Target,
+        name: &str,
+    ) -> Result<()> {
         mask::check_shape(target.pattern, rows, cols, name)?;
-        let mut h = stats
-            .hessian()
-            .ok_or_else(|| Error::Invalid(format!("{name}: SparseGPT needs the input Hessian, none was collected")))?;
+        let mut h = stats.hessian().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{name}: SparseGPT needs the input Hessian, none was collected"
+            ))
+        })?;
         let (hinv, dead) = inverse_hessian_factor(&mut h, cols, self.percdamp, name)?;
         drop(h);
         // Dead inputs carry no signal: their weights are zeroed (as the official code does).
@@ -112,16 +139,26 @@ impl Pruner for SparseGpt {
                 vec![false; rows * count]
             } else {
                 let mut sc = vec![0f32; rows * count];
-                sc.par_chunks_mut(count).zip(w.par_chunks(cols)).for_each(|(srow, wrow)| {
-                    for i in 0..count {
-                        let (v, d) = (wrow[i1 + i], diag[i1 + i]);
-                        srow[i] = v * v / (d * d);
-                    }
-                });
+                sc.par_chunks_mut(count)
+                    .zip(w.par_chunks(cols))
+                    .for_each(|(srow, wrow)| {
+                        for i in 0..count {
+                            let (v, d) = (wrow[i1 + i], diag[i1 + i]);
+                            srow[i] = v * v / (d * d);
+                        }
+                    });
                 if target.pattern == Pattern::Unstructured {
                     mask::threshold_mask(&sc, target.sparsity)
                 } else {
-                    mask::select(&sc, rows, count, target.pattern, target.sparsity, Scope::Matrix, name)?
+                    mask::select(
+                        &sc,
+                        rows,
+                        count,
+                        target.pattern,
+                        target.sparsity,
+                        Scope::Matrix,
+                        name,
+                    )?
                 }
             };
             // OBS column by column; every row is independent, so rows run in parallel.
@@ -186,7 +223,9 @@ impl Pruner for SparseGpt {
             i1 = i2;
         }
         if w.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Numeric(format!("{name}: SparseGPT produced NaN/Inf weights")));
+            return Err(Error::Numeric(format!(
+                "{name}: SparseGPT produced NaN/Inf weights"
+            )));
         }
         Ok(())
     }

@@ -38,7 +38,9 @@ impl SiteStats {
     /// Wanda's `scaler_row`: `Σ x_j² / n_samples` as f32.
     pub fn scaler_row(&self) -> Option<Vec<f32>> {
         let n = self.samples.max(1) as f64;
-        self.col_sq.as_ref().map(|v| v.iter().map(|s| (s / n) as f32).collect())
+        self.col_sq
+            .as_ref()
+            .map(|v| v.iter().map(|s| (s / n) as f32).collect())
     }
 
     /// SparseGPT's Hessian `H = 2/n_samples · Σ x xᵀ` in f64 (full symmetric matrix).
@@ -90,11 +92,14 @@ impl SiteStats {
             }
             let g = &mut buf[..cols * cols];
             kernels::gram_upper(x, rows, cols, g);
-            acc.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(|(i, (a, gr))| {
-                for j in i..cols {
-                    a[j] += gr[j] as f64;
-                }
-            });
+            acc.par_chunks_mut(cols)
+                .zip(g.par_chunks(cols))
+                .enumerate()
+                .for_each(|(i, (a, gr))| {
+                    for j in i..cols {
+                        a[j] += gr[j] as f64;
+                    }
+                });
         }
     }
 }

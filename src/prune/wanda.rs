@@ -13,11 +13,13 @@ use rayon::prelude::*;
 pub fn scores(w: &[f32], cols: usize, stats: &SiteStats) -> Option<Vec<f32>> {
     let norm: Vec<f32> = stats.scaler_row()?.iter().map(|s| s.sqrt()).collect();
     let mut out = vec![0f32; w.len()];
-    out.par_chunks_mut(cols).zip(w.par_chunks(cols)).for_each(|(o, row)| {
-        for ((o, &v), &n) in o.iter_mut().zip(row).zip(&norm) {
-            *o = v.abs() * n;
-        }
-    });
+    out.par_chunks_mut(cols)
+        .zip(w.par_chunks(cols))
+        .for_each(|(o, row)| {
+            for ((o, &v), &n) in o.iter_mut().zip(row).zip(&norm) {
+                *o = v.abs() * n;
+            }
+        });
     Some(out)
 }
 
@@ -27,13 +29,35 @@ pub struct Wanda;
 
 impl Pruner for Wanda {
     fn needs(&self) -> Needs {
-        Needs { col_sq: true, hessian: false }
+        Needs {
+            col_sq: true,
+            hessian: false,
+        }
     }
 
-    fn prune(&self, w: &mut [f32], rows: usize, cols: usize, stats: &SiteStats, target: Target, name: &str) -> Result<()> {
-        let s = scores(w, cols, stats)
-            .ok_or_else(|| Error::Invalid(format!("{name}: Wanda needs input norms, none were collected")))?;
-        let m = mask::select(&s, rows, cols, target.pattern, target.sparsity, Scope::Row, name)?;
+    fn prune(
+        &self,
+        w: &mut [f32],
+        rows: usize,
+        cols: usize,
+        stats: &SiteStats,
+        target: Target,
+        name: &str,
+    ) -> Result<()> {
+        let s = scores(w, cols, stats).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{name}: Wanda needs input norms, none were collected"
+            ))
+        })?;
+        let m = mask::select(
+            &s,
+            rows,
+            cols,
+            target.pattern,
+            target.sparsity,
+            Scope::Row,
+            name,
+        )?;
         mask::apply(w, &m);
         Ok(())
     }

@@ -72,9 +72,16 @@ impl KvCache {
 
 /// Run `tokens` through all blocks at the cache's next positions; returns the final-normed
 /// hidden states `[tokens.len(), hidden]` (all rows, or only the last when `last_only`).
-fn step_hidden(model: &Model, tokens: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Vec<f32>> {
+fn step_hidden(
+    model: &Model,
+    tokens: &[u32],
+    cache: &mut KvCache,
+    last_only: bool,
+) -> Result<Vec<f32>> {
     if tokens.is_empty() {
-        return Err(Error::Invalid("forward_step needs at least one token".into()));
+        return Err(Error::Invalid(
+            "forward_step needs at least one token".into(),
+        ));
     }
     if cache.k.len() != model.weights.layers.len() {
         return Err(Error::Invalid(format!(
@@ -116,7 +123,11 @@ fn step_hidden(model: &Model, tokens: &[u32], cache: &mut KvCache, last_only: bo
     }
     cache.len += seq;
     let d = cfg.hidden_size;
-    let rows = if last_only { &h[(seq - 1) * d..] } else { &h[..] };
+    let rows = if last_only {
+        &h[(seq - 1) * d..]
+    } else {
+        &h[..]
+    };
     let mut out = vec![0f32; rows.len()];
     kernels::rmsnorm(
         rows,
@@ -137,5 +148,9 @@ pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Resul
 /// [`forward_step`], returning the logits of every position `[tokens.len(), vocab]`.
 pub fn forward_step_all(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let h = step_hidden(model, tokens, cache, false)?;
-    Ok(crate::model::forward::logits(&model.weights, &h, tokens.len()))
+    Ok(crate::model::forward::logits(
+        &model.weights,
+        &h,
+        tokens.len(),
+    ))
 }

@@ -90,7 +90,11 @@ pub fn distribution(logits: &[f32], o: &SampleOpts) -> Vec<(u32, f64)> {
     if idx.is_empty() {
         return vec![(0, 1.0)];
     }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if o.top_k > 0 && o.top_k < idx.len() {
         idx.select_nth_unstable_by(o.top_k - 1, by_logit);
         idx.truncate(o.top_k);
