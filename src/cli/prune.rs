@@ -49,6 +49,10 @@ pub struct PruneArgs {
     /// Magnitude only: compare |W| within the whole matrix (official) or within each row.
     #[arg(long, value_enum, default_value_t = Scope::Matrix)]
     pub magnitude_scope: Scope,
+    /// SparseGPT: arithmetic of the inverse-Hessian factorisation (f32 reproduces the official
+    /// code; the Hessian itself is always summed in f64).
+    #[arg(long, value_enum, default_value_t = lopper::prune::sparsegpt::Precision::F32)]
+    pub hessian_precision: lopper::prune::sparsegpt::Precision,
     /// Calibration text (default: exllamav2's c4.utf8, fetched): one document per line.
     #[arg(long, conflicts_with = "calib_ids")]
     pub calib: Option<PathBuf>,
@@ -112,6 +116,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
     };
     plan.attn_sparsity = a.attn_sparsity;
     plan.mlp_sparsity = a.mlp_sparsity;
+    plan.hessian_precision = a.hessian_precision;
     plan.skip_layers = a.skip_layers.clone();
     if let Some(s) = &a.skip_modules {
         plan.skip_modules = lopper::prune::parse_kinds(s)?;

@@ -40,6 +40,8 @@ pub struct PrunePlan {
     pub skip_layers: Vec<usize>,
     /// Linear kinds left dense.
     pub skip_modules: Vec<LinearKind>,
+    /// SparseGPT: arithmetic of the inverse-Hessian factorisation.
+    pub hessian_precision: super::sparsegpt::Precision,
 }
 
 impl PrunePlan {
@@ -55,6 +57,7 @@ impl PrunePlan {
             mlp_sparsity: None,
             skip_layers: Vec::new(),
             skip_modules: Vec::new(),
+            hessian_precision: Default::default(),
         }
     }
 
@@ -221,7 +224,13 @@ pub fn prune_model(
 ) -> Result<PruneOutcome> {
     plan.validate(model)?;
     let t_all = Instant::now();
-    let method = pruner(plan.method, plan.scope);
+    let method: Box<dyn super::Pruner> = match plan.method {
+        Method::Sparsegpt => Box::new(super::sparsegpt::SparseGpt {
+            precision: plan.hessian_precision,
+            ..Default::default()
+        }),
+        m => pruner(m, plan.scope),
+    };
     let needs = method.needs();
     let owl = matches!(plan.allocation, Allocation::Owl { .. });
     let calibrated = needs != Needs::default() || owl;

@@ -4,7 +4,8 @@
 //!
 //! 1. `H = 2/n Σ x xᵀ`; dead inputs (`H_ii = 0`) get `H_ii = 1` and their weights zeroed.
 //! 2. Dampening: `H += λ·mean(diag H)·I` with λ = 1% by default.
-//! 3. `Hinv = chol(H⁻¹)ᵀ` (upper Cholesky factor of the inverse), in f64 with `faer`.
+//! 3. `Hinv = chol(H⁻¹)ᵀ` (upper Cholesky factor of the inverse) with `faer`, in f32 like the
+//!    official code by default ([`Precision`]).
 //! 4. Columns in blocks of 128: at each block start the adaptive mask picks the weights with
 //!    the smallest `w² / Hinv_jj²` in the block (official threshold semantics: `<=` the
 //!    ⌊n·s⌋-th smallest) (for N:M, every M columns per row instead);
@@ -21,6 +22,19 @@ use crate::{Error, Result};
 use faer::linalg::solvers::DenseSolveCore;
 use rayon::prelude::*;
 
+/// Arithmetic of the Hessian factorisation (the Hessian itself is always summed in f64).
+///
+/// The official code factorises in float32, and its results carry that rounding: on SmolLM2 at
+/// 50%, f32 gives wiki perplexity 42.24 (official 42.05) and f64 42.53. `F32` is the default so
+/// that lopper reproduces the reference; `F64` is the numerically cleaner choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F64,
+}
+
 /// SparseGPT pruner settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SparseGpt {
@@ -28,6 +42,8 @@ pub struct SparseGpt {
     pub block_size: usize,
     /// Dampening as a fraction of the mean Hessian diagonal (official: 0.01).
     pub percdamp: f64,
+    /// Arithmetic of the inverse-Hessian factorisation.
+    pub precision: Precision,
 }
 
 impl Default for SparseGpt {
@@ -35,6 +51,7 @@ impl Default for SparseGpt {
         SparseGpt {
             block_size: 128,
             percdamp: 0.01,
+            precision: Precision::F32,
         }
     }
 }
@@ -45,6 +62,7 @@ pub fn inverse_hessian_factor(
     h: &mut [f64],
     n: usize,
     percdamp: f64,
+    precision: Precision,
     name: &str,
 ) -> Result<(Vec<f32>, Vec<bool>)> {
     let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
@@ -63,19 +81,34 @@ pub fn inverse_hessian_factor(
             "{name}: the input Hessian contains NaN/Inf"
         )));
     }
-    let m = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
     let not_pd = || {
         Error::Numeric(format!(
             "{name}: the dampened Hessian is not positive definite (increase dampening)"
         ))
     };
-    let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
-    let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
-    let l = llt.L();
     let mut u = vec![0f32; n * n];
-    for i in 0..n {
-        for j in i..n {
-            u[i * n + j] = l[(j, i)] as f32;
+    match precision {
+        Precision::F32 => {
+            let m = faer::Mat::<f32>::from_fn(n, n, |i, j| h[i * n + j] as f32);
+            let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
+            let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
+            let l = llt.L();
+            for i in 0..n {
+                for j in i..n {
+                    u[i * n + j] = l[(j, i)];
+                }
+            }
+        }
+        Precision::F64 => {
+            let m = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
+            let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
+            let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
+            let l = llt.L();
+            for i in 0..n {
+                for j in i..n {
+                    u[i * n + j] = l[(j, i)] as f32;
+                }
+            }
         }
     }
     Ok((u, dead))
@@ -117,7 +150,8 @@ impl Pruner for SparseGpt {
                 "{name}: SparseGPT needs the input Hessian, none was collected"
             ))
         })?;
-        let (hinv, dead) = inverse_hessian_factor(&mut h, cols, self.percdamp, name)?;
+        let (hinv, dead) =
+            inverse_hessian_factor(&mut h, cols, self.percdamp, self.precision, name)?;
         drop(h);
         // Dead inputs carry no signal: their weights are zeroed (as the official code does).
         w.par_chunks_mut(cols).for_each(|row| {
