@@ -49,9 +49,9 @@ pub struct PruneArgs {
     /// Magnitude only: compare |W| within the whole matrix (official) or within each row.
     #[arg(long, value_enum, default_value_t = Scope::Matrix)]
     pub magnitude_scope: Scope,
-    /// SparseGPT: arithmetic of the inverse-Hessian factorisation (f32 reproduces the official
-    /// code; the Hessian itself is always summed in f64).
-    #[arg(long, value_enum, default_value_t = lopper::prune::sparsegpt::Precision::F32)]
+    /// SparseGPT: arithmetic of the inverse-Hessian factorisation (the official code uses f32;
+    /// the Hessian itself is always summed in f64).
+    #[arg(long, value_enum, default_value_t = lopper::prune::sparsegpt::Precision::F64)]
     pub hessian_precision: lopper::prune::sparsegpt::Precision,
     /// Calibration text (default: exllamav2's c4.utf8, fetched): one document per line.
     #[arg(long, conflicts_with = "calib_ids")]
