@@ -200,18 +200,7 @@ simd_dispatch! {
     /// `log Σ exp(row)`: max in f32, exponentials in f32, sum in f64 (the eval protocol's
     /// float64 log-softmax to ~1e-7 relative). Empty rows give -inf.
     pub fn logsumexp(row: &[f32]) -> f64 {
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        let chunks = row.chunks_exact(16);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for l in 0..16 {
-                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
-            }
-        }
-        let mut m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        for v in lanes {
-            m = if v > m { v } else { m };
-        }
+        let m = max_of(row);
         if m == f32::NEG_INFINITY {
             return f64::NEG_INFINITY;
         }
