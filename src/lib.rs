@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod model;
 pub mod prune;
 pub mod runtime;
+pub mod structured;
 pub mod text;
 pub mod tokenizer;
 pub mod util;

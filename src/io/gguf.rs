@@ -393,7 +393,7 @@ pub fn load(path: &Path) -> Result<Model> {
         let mut lin = |name: &str| -> Result<Linear> {
             let weight = take(&format!("{p}.{name}.weight"))?;
             let bias = take(&format!("{p}.{name}.bias")).ok();
-            Ok(Linear { weight, bias })
+            Ok(Linear::new(weight, bias))
         };
         let (q, k, v, o) = (
             lin("attn_q")?,

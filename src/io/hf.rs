@@ -550,7 +550,7 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear::new(weight, bias))
         };
         layers.push(LayerWeights {
             attn_norm: store.get(&format!("{p}.input_layernorm.weight"), &[h])?,

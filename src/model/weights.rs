@@ -126,6 +126,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A dense layer.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+
     pub fn out_features(&self) -> usize {
         self.weight.shape[0]
     }

@@ -168,7 +168,7 @@ pub struct PruneOutcome {
 /// Run `block` over `h` in chunks of whole samples; with `keep == false` the block runs on a
 /// copy (statistics only) and `h` is left unchanged.
 #[allow(clippy::too_many_arguments)]
-fn run_block(
+pub fn run_block(
     model: &Model,
     layer: usize,
     rope: &Rope,

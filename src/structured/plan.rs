@@ -1,0 +1,1 @@
+//! Multidimensional plans. (Placeholder.)
