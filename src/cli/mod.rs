@@ -4,6 +4,7 @@ pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod plan;
 pub mod prune;
 pub mod run;
 

@@ -89,6 +89,12 @@ pub struct PruneArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Refuse (and write nothing) when the result is not loadable by transformers: layers of
+    /// different shapes, query heads not a multiple of KV heads, biases HF cannot express.
+    #[arg(long)]
+    pub hf_strict: bool,
+    #[command(flatten)]
+    pub structured: super::plan::StructuredArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,9 +130,8 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
     Ok(plan)
 }
 
-pub fn run(a: PruneArgs) -> Result<()> {
-    let t_all = Instant::now();
-    let plan = plan_from_args(&a)?;
+/// Check `--dtype` and that the output may be written; returns the dtype.
+pub fn check_output(a: &PruneArgs) -> Result<lopper::io::save::SaveDtype> {
     let dtype: lopper::io::save::SaveDtype = a
         .dtype
         .parse()
@@ -137,60 +142,140 @@ pub fn run(a: PruneArgs) -> Result<()> {
             msg: "exists; pass --force to replace it".into()
         });
     }
+    Ok(dtype)
+}
+
+/// Write the model and its report atomically.
+pub fn write_output(
+    a: &PruneArgs,
+    model: &lopper::Model,
+    dtype: lopper::io::save::SaveDtype,
+    report: &str,
+) -> Result<()> {
+    let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
+    lopper::io::save::save_hf_with_extras(
+        model,
+        &a.out,
+        dtype,
+        a.force,
+        &[("report.json", report.as_bytes())],
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    sp.finish_and_clear();
+    Ok(())
+}
+
+/// The calibration set of a run (empty when no step needs one).
+pub struct Calibration {
+    pub set: lopper::calibrate::CalibSet,
+}
+
+impl Calibration {
+    pub fn build(a: &PruneArgs, model: &lopper::Model, needed: bool) -> Result<Calibration> {
+        let set = if let Some(p) = &a.calib_ids {
+            lopper::calibrate::from_ids_file(p, model.config.vocab_size)?
+        } else if needed {
+            let p = match &a.calib {
+                Some(p) => p.clone(),
+                None => lopper::assets::c4_text().context("fetching c4.utf8")?,
+            };
+            lopper::calibrate::from_text(model.tokenizer()?, &p, a.samples, a.calib_len, a.seed)?
+        } else {
+            lopper::calibrate::CalibSet {
+                ids: vec![],
+                n: 0,
+                len: 1,
+                source: "none (not needed)".into(),
+            }
+        };
+        Ok(Calibration { set })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({ "source": self.set.source, "samples": self.set.n, "len": self.set.len })
+    }
+}
+
+/// `--eval`: the evaluation text, tokenized once.
+pub struct Evaluator {
+    text: Option<PathBuf>,
+    ids: Option<Vec<u32>>,
+    windows: usize,
+    seq_len: usize,
+    quiet: bool,
+}
+
+impl Evaluator {
+    pub fn new(a: &PruneArgs, model: &lopper::Model) -> Result<Evaluator> {
+        let text = match &a.eval {
+            None => None,
+            Some(s) if s.is_empty() => {
+                Some(lopper::assets::wiki_text().context("fetching wiki.utf8")?)
+            }
+            Some(s) => Some(PathBuf::from(s)),
+        };
+        let ids = match &text {
+            Some(p) => Some(super::eval::tokenize_text(model, p)?),
+            None => None,
+        };
+        Ok(Evaluator {
+            text,
+            ids,
+            windows: a.eval_windows,
+            seq_len: a.eval_seq_len,
+            quiet: a.json,
+        })
+    }
+
+    /// Perplexity of `model`, or `None` without `--eval`.
+    pub fn eval(
+        &self,
+        model: &lopper::Model,
+        label: &str,
+    ) -> Result<Option<lopper::eval::EvalResult>> {
+        let (Some(ids), Some(p)) = (&self.ids, &self.text) else {
+            return Ok(None);
+        };
+        let pb = super::bar(
+            self.quiet,
+            self.windows.min(ids.len() / self.seq_len.max(1)) as u64,
+            label,
+        );
+        let r =
+            lopper::eval::perplexity(model, ids, self.seq_len, self.windows, p, &mut |d, _| {
+                pb.set_position(d as u64)
+            })?;
+        pb.finish_and_clear();
+        Ok(Some(r))
+    }
+
+    /// The protocol, for reports.
+    pub fn protocol(&self) -> serde_json::Value {
+        match &self.text {
+            None => serde_json::Value::Null,
+            Some(p) => {
+                json!({ "text": p.display().to_string(), "windows": self.windows, "seq_len": self.seq_len })
+            }
+        }
+    }
+}
+
+pub fn run(a: PruneArgs) -> Result<()> {
+    if a.structured.active() {
+        return super::plan::run(a);
+    }
+    let t_all = Instant::now();
+    let plan = plan_from_args(&a)?;
+    let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
     let needs_calib = a.method != Method::Magnitude || plan.allocation != Allocation::Uniform;
-    let calib = if let Some(p) = &a.calib_ids {
-        lopper::calibrate::from_ids_file(p, model.config.vocab_size)?
-    } else if needs_calib {
-        let p = match &a.calib {
-            Some(p) => p.clone(),
-            None => lopper::assets::c4_text().context("fetching c4.utf8")?,
-        };
-        lopper::calibrate::from_text(model.tokenizer()?, &p, a.samples, a.calib_len, a.seed)?
-    } else {
-        lopper::calibrate::CalibSet {
-            ids: vec![],
-            n: 0,
-            len: 1,
-            source: "none (magnitude)".into(),
-        }
-    };
-
-    // Evaluation text, tokenized once.
-    let eval_text = match &a.eval {
-        None => None,
-        Some(s) if s.is_empty() => Some(lopper::assets::wiki_text().context("fetching wiki.utf8")?),
-        Some(s) => Some(PathBuf::from(s)),
-    };
-    let eval_ids = match &eval_text {
-        Some(p) => Some(super::eval::tokenize_text(&model, p)?),
-        None => None,
-    };
-    let evaluate =
-        |model: &lopper::Model, label: &str| -> Result<Option<lopper::eval::EvalResult>> {
-            let (Some(ids), Some(p)) = (&eval_ids, &eval_text) else {
-                return Ok(None);
-            };
-            let pb = super::bar(
-                a.json,
-                a.eval_windows.min(ids.len() / a.eval_seq_len.max(1)) as u64,
-                label,
-            );
-            let r = lopper::eval::perplexity(
-                model,
-                ids,
-                a.eval_seq_len,
-                a.eval_windows,
-                p,
-                &mut |d, _| pb.set_position(d as u64),
-            )?;
-            pb.finish_and_clear();
-            Ok(Some(r))
-        };
+    let calib = Calibration::build(&a, &model, needs_calib)?.set;
+    let evaluator = Evaluator::new(&a, &model)?;
+    let evaluate = |m: &lopper::Model, label: &str| evaluator.eval(m, label);
     let before = evaluate(&model, "eval dense")?;
 
     let pb = super::bar(a.json, model.weights.layers.len() as u64, "pruning");
@@ -254,16 +339,14 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "total_seconds": t_all.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&report)?;
-    let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
-    lopper::io::save::save_hf_with_extras(
-        &model,
-        &a.out,
-        dtype,
-        a.force,
-        &[("report.json", text.as_bytes())],
-    )
-    .with_context(|| format!("writing {}", a.out.display()))?;
-    sp.finish_and_clear();
+    if a.hf_strict {
+        if let Err(why) = lopper::structured::hf_compatible(&model) {
+            bail!(lopper::Error::Invalid(format!(
+                "--hf-strict: the result is not loadable by transformers: {why} (nothing was written)"
+            )));
+        }
+    }
+    write_output(&a, &model, dtype, &text)?;
     if a.json {
         println!("{text}");
     } else {

@@ -30,5 +30,7 @@ pub fn factorize(
     _spec: &LowRankSpec,
     _progress: Progress<'_>,
 ) -> Result<StepDetails> {
-    Err(Error::Invalid("low-rank factorisation is not implemented yet".into()))
+    Err(Error::Invalid(
+        "low-rank factorisation is not implemented yet".into(),
+    ))
 }

@@ -15,12 +15,15 @@
 //! `report.json`.
 
 pub mod collect;
+mod compat;
 pub mod depth;
 pub mod heads;
 pub mod lowrank;
 pub mod neurons;
 pub mod plan;
 pub mod slicegpt;
+
+pub use compat::hf_compatible;
 
 /// What one step did (layers removed, per-layer counts, scores …), for `report.json`.
 pub type StepDetails = serde_json::Value;
