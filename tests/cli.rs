@@ -363,6 +363,62 @@ fn prune_bad_values() {
 }
 
 #[test]
+fn prune_bad_structured_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = s(&default_model_path());
+    let m = ["--model", model.as_str()];
+    fn with<'a>(m: &[&'a str], x: &[&'a str]) -> Vec<&'a str> {
+        m.iter().chain(x).copied().collect()
+    }
+    prune_fails(&with(&m, &["--neurons", "1.0"]), &["--neurons", "[0, 1)"]);
+    prune_fails(&with(&m, &["--heads", "-0.2"]), &["--heads", "-0.2"]);
+    prune_fails(&with(&m, &["--slice", "1.5"]), &["--slice", "1.5"]);
+    prune_fails(
+        &with(&m, &["--low-rank-energy", "0"]),
+        &["--low-rank-energy", "(0, 1]"],
+    );
+    prune_fails(&with(&m, &["--remove-layers", "0"]), &["--remove-layers"]);
+    prune_fails(
+        &with(&m, &["--low-rank", "0.2", "--low-rank-modules", "q,wings"]),
+        &["wings"],
+    );
+    // Plan files: every problem names the file, the step and the key.
+    let plan = |name: &str, text: &str| -> String {
+        let p = tmp.path().join(name);
+        fs::write(&p, text).unwrap();
+        s(&p)
+    };
+    let unknown = plan("unknown.toml", "[[step]]\nkind = \"wings\"\n");
+    prune_fails(
+        &with(&m, &["--plan", &unknown]),
+        &["unknown.toml", "step 1", "wings"],
+    );
+    let badkey = plan(
+        "badkey.toml",
+        "[[step]]\nkind = \"neurons\"\nfraction = 0.2\n[[step]]\nkind = \"sparse\"\nsparsity = 0.5\nsparsty = 0.5\n",
+    );
+    prune_fails(
+        &with(&m, &["--plan", &badkey]),
+        &["badkey.toml", "step 2", "sparsty"],
+    );
+    let badval = plan("badval.toml", "[[step]]\nkind = \"heads\"\nfraction = 2\n");
+    prune_fails(
+        &with(&m, &["--plan", &badval]),
+        &["badval.toml", "fraction", "[0, 1)"],
+    );
+    let broken = plan("broken.toml", "[[step\nkind=");
+    prune_fails(&with(&m, &["--plan", &broken]), &["broken.toml", "TOML"]);
+    prune_fails(
+        &with(&m, &["--plan", "/nonexistent/plan.toml"]),
+        &["/nonexistent/plan.toml"],
+    );
+    prune_fails(
+        &with(&m, &["--plan", &badval, "--neurons", "0.2"]),
+        &["--plan excludes"],
+    );
+}
+
+#[test]
 fn prune_bad_calibration() {
     let tmp = tempfile::tempdir().unwrap();
     let model = s(&default_model_path());
