@@ -16,7 +16,7 @@
 //!   llama.cpp's interleaved layout ([`permute_rows`]), which the loader undoes; this holds for
 //!   a Qwen2 model written as `deci` too (HF's rotate-half RoPE is what the permutation maps).
 //! * **Metadata.** `general.architecture`, `general.file_type`, `general.alignment`, the
-//!   descriptive `general.*` keys of a GGUF source, and `{arch}.context_length`,
+//!   descriptive `general.*` keys of a GGUF source (not `size_label`), and `{arch}.context_length`,
 //!   `embedding_length`, `block_count`, `feed_forward_length`, `attention.head_count`,
 //!   `attention.head_count_kv`, `attention.key_length`, `attention.value_length`,
 //!   `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `rope.dimension_count`,
@@ -424,11 +424,13 @@ fn metadata(
 
 /// Descriptive `general.*` keys of a GGUF source (name, license, …), not the format ones.
 fn source_general(model: &Model) -> Vec<(String, Value)> {
-    const SKIP: [&str; 4] = [
+    // Format keys are the writer's; `size_label` ("135M") may no longer hold after pruning.
+    const SKIP: [&str; 5] = [
         "general.architecture",
         "general.file_type",
         "general.alignment",
         "general.quantization_version",
+        "general.size_label",
     ];
     if !model.source.is_file() {
         return Vec::new();
