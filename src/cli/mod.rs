@@ -36,7 +36,7 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Show a model's architecture, tensors (shape, dtype, sparsity) and parameter counts.
     Inspect(inspect::InspectArgs),
-    /// Convert a model (e.g. GGUF) into an HF directory that transformers can load.
+    /// Convert a model into an HF directory (transformers) or a GGUF file (llama.cpp).
     Convert(convert::ConvertArgs),
     /// Generate text from a prompt (KV cache; greedy or temperature/top-k/top-p sampling).
     Run(run::RunArgs),

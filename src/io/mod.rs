@@ -1,6 +1,7 @@
 //! Reading and writing model files: GGUF, HF safetensors directories.
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod save;
 

@@ -121,7 +121,14 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
             ))
         }
     };
-    let arch = Arch::parse(&arch_name).ok_or_else(|| Error::UnsupportedArch {
+    // `deci` (llama.cpp's Llama-3.1-Nemotron graph) is the llama block with per-layer head counts
+    // and FFN widths; lopper's GGUF writer uses it for non-uniform (structurally pruned) models.
+    // Its attention-free or FFN-free layers (0 heads, 0 width) are refused below.
+    let parsed = match arch_name.as_str() {
+        "deci" => Some(Arch::Llama),
+        other => Arch::parse(other),
+    };
+    let arch = parsed.ok_or_else(|| Error::UnsupportedArch {
         path: path.into(),
         arch: arch_name.clone(),
         supported: Arch::SUPPORTED,
@@ -244,6 +251,12 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
         eos_token_id: token("tokenizer.ggml.eos_token_id")?,
     };
     config.validate(path)?;
+    if let Some(i) = ffn.iter().position(|&f| f == 0) {
+        return Err(Error::config(
+            path,
+            format!("layer {i} has FFN width 0 (an FFN-free layer); not supported"),
+        ));
+    }
     for (i, (&h, &kv)) in heads.iter().zip(&kv_heads).enumerate() {
         if h == 0 || kv == 0 || h % kv != 0 {
             return Err(Error::config(
