@@ -10,17 +10,28 @@
 //! - [`lowrank`]: a linear replaced by two (plain or activation-aware truncated SVD).
 //! - [`plan`]: a sequence of steps (these plus unstructured pruning) on one calibration set.
 //!
+//! Shared pieces: [`collect`] (one calibration pass with an observer), [`stats`] (per-column
+//! activation moments), [`alloc`] (uniform / adaptive allocation of removals over layers),
+//! [`surgery`] (cutting rows and columns out of linears), [`hf_compat`] (whether transformers
+//! could load the result).
+//!
 //! Every step validates its request against the model before changing anything, so a bad
 //! request leaves the model untouched; steps return a JSON object of what they did for
 //! `report.json`.
 
+pub mod alloc;
 pub mod collect;
 pub mod depth;
 pub mod heads;
+pub mod hf_compat;
 pub mod lowrank;
 pub mod neurons;
 pub mod plan;
 pub mod slicegpt;
+pub mod stats;
+pub mod surgery;
+
+pub use hf_compat::hf_compatible;
 
 /// What one step did (layers removed, per-layer counts, scores …), for `report.json`.
 pub type StepDetails = serde_json::Value;
@@ -36,4 +47,24 @@ pub enum WidthAllocation {
     Uniform,
     /// Scores compared across layers (FLAP's adaptive structure search): layers differ.
     Adaptive,
+}
+
+/// Bring `model.config` in line with the weights after a structural step: the layer count
+/// always; head counts and FFN width when every layer now has the same shapes (so the in-memory
+/// config equals what saving and reloading would give). Non-uniform layers keep the nominal
+/// (unpruned) values, which bound every layer's shapes.
+pub fn sync_config(model: &mut crate::Model) {
+    let c = &mut model.config;
+    let layers = &model.weights.layers;
+    c.num_hidden_layers = layers.len();
+    let hd = c.head_dim.max(1);
+    let shape = |l: &crate::LayerWeights| (l.n_heads(hd), l.n_kv_heads(hd), l.intermediate());
+    if let Some(first) = layers.first().map(shape) {
+        let (h, kv, f) = first;
+        if layers.iter().all(|l| shape(l) == first) && h > 0 && kv > 0 && h % kv == 0 && f > 0 {
+            c.num_attention_heads = h;
+            c.num_key_value_heads = kv;
+            c.intermediate_size = f;
+        }
+    }
 }
