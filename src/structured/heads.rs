@@ -39,7 +39,7 @@
 //! loadable by transformers.
 
 use super::alloc::{self, ascending, standardize};
-use super::stats::{collect_width_stats, ColumnMoments};
+use super::stats::{collect_width_stats, ColumnMoments, WidthStats};
 use super::{surgery, sync_config, Progress, StepDetails, WidthAllocation};
 use crate::calibrate::CalibSet;
 use crate::model::config::Arch;
@@ -167,9 +167,69 @@ pub fn prune_heads(
     spec: &HeadSpec,
     progress: Progress<'_>,
 ) -> Result<StepDetails> {
+    let req = validate(model, spec)?;
+    if req.nothing() {
+        return Ok(req.unchanged(model, spec));
+    }
+    let stats = collect_width_stats(model, calib, &[Site::AttnOut], progress)?;
+    apply(model, &stats, spec, req)
+}
+
+/// [`prune_heads`] with statistics collected beforehand on this very model
+/// ([`collect_width_stats`] watching [`Site::AttnOut`]), e.g. in one pass shared with neuron
+/// pruning as FLAP does.
+pub fn prune_heads_with_stats(
+    model: &mut Model,
+    stats: &WidthStats,
+    spec: &HeadSpec,
+) -> Result<StepDetails> {
+    let req = validate(model, spec)?;
+    if req.nothing() {
+        return Ok(req.unchanged(model, spec));
+    }
+    apply(model, stats, spec, req)
+}
+
+/// A checked request: per-layer shapes and unit counts.
+struct Request {
+    /// `(n_heads, n_kv_heads, group size)` per layer.
+    shapes: Vec<(usize, usize, usize)>,
+    total_heads: usize,
+    /// Heads per unit and units that may go, per layer.
+    sizes: Vec<usize>,
+    caps: Vec<usize>,
+    /// Heads to remove (adaptive).
+    target: usize,
+    /// Units per layer (uniform).
+    uniform: Option<Vec<usize>>,
+    params_before: usize,
+}
+
+impl Request {
+    fn nothing(&self) -> bool {
+        match &self.uniform {
+            Some(c) => c.iter().all(|&k| k == 0),
+            None => self.target == 0,
+        }
+    }
+
+    fn unchanged(&self, model: &Model, spec: &HeadSpec) -> StepDetails {
+        let cuts = vec![LayerCut::default(); self.shapes.len()];
+        details(
+            model,
+            spec,
+            &cuts,
+            &[],
+            self.params_before,
+            self.total_heads,
+        )
+    }
+}
+
+/// Check `spec` against `model` (everything that needs no statistics).
+fn validate(model: &Model, spec: &HeadSpec) -> Result<Request> {
     alloc::check_fraction(spec.fraction, "head pruning")?;
     let n_layers = model.weights.layers.len();
-    let hd = model.config.head_dim;
     let shapes = (0..n_layers)
         .map(|l| layer_heads(model, l))
         .collect::<Result<Vec<_>>>()?;
@@ -182,7 +242,6 @@ pub fn prune_heads(
     let sizes: Vec<usize> = unit_info.iter().map(|u| u.1).collect();
     let caps: Vec<usize> = unit_info.iter().map(|u| u.2).collect();
     let target = (spec.fraction * total_heads as f64).round() as usize;
-    // Validate everything that does not need statistics before the calibration pass.
     let uniform = match spec.allocation {
         WidthAllocation::Uniform => Some(alloc::uniform_counts(
             spec.fraction,
@@ -201,27 +260,47 @@ pub fn prune_heads(
             None
         }
     };
-    let params_before = model.weights.num_params();
-    let nothing = match &uniform {
-        Some(c) => c.iter().all(|&k| k == 0),
-        None => target == 0,
-    };
-    if nothing {
-        return Ok(details(
-            model,
-            spec,
-            &vec![LayerCut::default(); n_layers],
-            &[],
-            params_before,
-            total_heads,
-        ));
-    }
+    Ok(Request {
+        shapes,
+        total_heads,
+        sizes,
+        caps,
+        target,
+        uniform,
+        params_before: model.weights.num_params(),
+    })
+}
 
-    let stats = collect_width_stats(model, calib, &[Site::AttnOut], progress)?;
+/// Score, choose and cut (the model changes only after every check has passed).
+fn apply(
+    model: &mut Model,
+    stats: &WidthStats,
+    spec: &HeadSpec,
+    req: Request,
+) -> Result<StepDetails> {
+    let Request {
+        shapes,
+        total_heads,
+        sizes,
+        caps,
+        target,
+        uniform,
+        params_before,
+    } = req;
+    let n_layers = shapes.len();
+    let hd = model.config.head_dim;
     // Scores per layer (as compared by the allocation), per query head.
     let mut scores = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
         let x = stats.require(l, Site::AttnOut)?;
+        let o = &model.weights.layers[l].o;
+        if x.cols() != o.in_features() {
+            return Err(Error::Invalid(format!(
+                "head pruning: statistics of layer {l} have {} columns, but its o_proj has {} inputs (statistics from another model?)",
+                x.cols(),
+                o.in_features()
+            )));
+        }
         let ch = channel_scores(&model.weights.layers[l].o.weight, x, spec.metric);
         alloc::check_finite(&ch, &format!("head pruning, layer {l}"))?;
         scores.push(head_scores(&ch, hd, spec.allocation));

@@ -50,21 +50,26 @@ pub enum WidthAllocation {
 }
 
 /// Bring `model.config` in line with the weights after a structural step: the layer count
-/// always; head counts and FFN width when every layer now has the same shapes (so the in-memory
-/// config equals what saving and reloading would give). Non-uniform layers keep the nominal
-/// (unpruned) values, which bound every layer's shapes.
+/// always; the head counts when every layer has the same ones, the FFN width when every layer
+/// has the same one (so the in-memory config equals what saving and reloading would give).
+/// A quantity that differs between layers keeps its nominal (unpruned) value, which bounds
+/// every layer's.
 pub fn sync_config(model: &mut crate::Model) {
     let c = &mut model.config;
     let layers = &model.weights.layers;
     c.num_hidden_layers = layers.len();
     let hd = c.head_dim.max(1);
-    let shape = |l: &crate::LayerWeights| (l.n_heads(hd), l.n_kv_heads(hd), l.intermediate());
-    if let Some(first) = layers.first().map(shape) {
-        let (h, kv, f) = first;
-        if layers.iter().all(|l| shape(l) == first) && h > 0 && kv > 0 && h % kv == 0 && f > 0 {
-            c.num_attention_heads = h;
-            c.num_key_value_heads = kv;
-            c.intermediate_size = f;
-        }
+    let Some(first) = layers.first() else {
+        return;
+    };
+    let heads = |l: &crate::LayerWeights| (l.n_heads(hd), l.n_kv_heads(hd));
+    let (h, kv) = heads(first);
+    if layers.iter().all(|l| heads(l) == (h, kv)) && h > 0 && kv > 0 && h % kv == 0 {
+        c.num_attention_heads = h;
+        c.num_key_value_heads = kv;
+    }
+    let f = first.intermediate();
+    if f > 0 && layers.iter().all(|l| l.intermediate() == f) {
+        c.intermediate_size = f;
     }
 }

@@ -24,7 +24,7 @@
 //! layer) and the result stays loadable by transformers.
 
 use super::alloc::{self, ascending, standardize};
-use super::stats::{collect_width_stats, ColumnMoments};
+use super::stats::{collect_width_stats, ColumnMoments, WidthStats};
 use super::{surgery, sync_config, Progress, StepDetails, WidthAllocation};
 use crate::calibrate::CalibSet;
 use crate::model::config::Arch;
@@ -118,8 +118,64 @@ pub fn prune_neurons(
     spec: &NeuronSpec,
     progress: Progress<'_>,
 ) -> Result<StepDetails> {
+    let req = validate(model, spec)?;
+    if req.nothing() {
+        return Ok(req.unchanged(model, spec));
+    }
+    let stats = collect_width_stats(model, calib, sites(spec.metric), progress)?;
+    apply(model, &stats, spec, req)
+}
+
+/// The sites whose statistics `metric` needs.
+pub fn sites(metric: NeuronMetric) -> &'static [Site] {
+    match metric {
+        NeuronMetric::WandaSp => &[Site::MlpIn, Site::MlpDown],
+        _ => &[Site::MlpDown],
+    }
+}
+
+/// [`prune_neurons`] with statistics collected beforehand on this very model
+/// ([`collect_width_stats`] watching [`sites`]), e.g. in one pass shared with head pruning as
+/// FLAP does.
+pub fn prune_neurons_with_stats(
+    model: &mut Model,
+    stats: &WidthStats,
+    spec: &NeuronSpec,
+) -> Result<StepDetails> {
+    let req = validate(model, spec)?;
+    if req.nothing() {
+        return Ok(req.unchanged(model, spec));
+    }
+    apply(model, stats, spec, req)
+}
+
+/// A checked request.
+struct Request {
+    widths: Vec<usize>,
+    caps: Vec<usize>,
+    total: usize,
+    target: usize,
+    uniform: Option<Vec<usize>>,
+    params_before: usize,
+}
+
+impl Request {
+    fn nothing(&self) -> bool {
+        match &self.uniform {
+            Some(c) => c.iter().all(|&k| k == 0),
+            None => self.target == 0,
+        }
+    }
+
+    fn unchanged(&self, model: &Model, spec: &NeuronSpec) -> StepDetails {
+        let none = vec![Vec::new(); self.widths.len()];
+        details(model, spec, &none, &[], self.params_before, self.total)
+    }
+}
+
+/// Check `spec` against `model` (everything that needs no statistics).
+fn validate(model: &Model, spec: &NeuronSpec) -> Result<Request> {
     alloc::check_fraction(spec.fraction, "neuron pruning")?;
-    let n_layers = model.weights.layers.len();
     let widths: Vec<usize> = model
         .weights
         .layers
@@ -151,27 +207,49 @@ pub fn prune_neurons(
             None
         }
     };
-    let params_before = model.weights.num_params();
-    let nothing = match &uniform {
-        Some(c) => c.iter().all(|&k| k == 0),
-        None => target == 0,
-    };
-    if nothing {
-        return Ok(details(
-            model,
-            spec,
-            &vec![Vec::new(); n_layers],
-            &[],
-            params_before,
-            total,
-        ));
-    }
+    Ok(Request {
+        widths,
+        caps,
+        total,
+        target,
+        uniform,
+        params_before: model.weights.num_params(),
+    })
+}
 
-    let sites: &[Site] = match spec.metric {
-        NeuronMetric::WandaSp => &[Site::MlpIn, Site::MlpDown],
-        _ => &[Site::MlpDown],
-    };
-    let stats = collect_width_stats(model, calib, sites, progress)?;
+/// Score, choose and cut (the model changes only after every check has passed).
+fn apply(
+    model: &mut Model,
+    stats: &WidthStats,
+    spec: &NeuronSpec,
+    req: Request,
+) -> Result<StepDetails> {
+    let Request {
+        widths,
+        caps,
+        total,
+        target,
+        uniform,
+        params_before,
+    } = req;
+    let n_layers = widths.len();
+    for l in 0..n_layers {
+        for &site in sites(spec.metric) {
+            let x = stats.require(l, site)?;
+            let lw = &model.weights.layers[l];
+            let want = if site == Site::MlpDown {
+                lw.intermediate()
+            } else {
+                lw.gate.in_features()
+            };
+            if x.cols() != want {
+                return Err(Error::Invalid(format!(
+                    "neuron pruning: statistics of {site:?} in layer {l} have {} columns, the layer needs {want} (statistics from another model?)",
+                    x.cols()
+                )));
+            }
+        }
+    }
     let mut scores = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
         let down = stats.require(l, Site::MlpDown)?;
