@@ -10,18 +10,29 @@
 //! - [`lowrank`]: a linear replaced by two (plain or activation-aware truncated SVD).
 //! - [`plan`]: a sequence of steps (these plus unstructured pruning) on one calibration set.
 //!
+//! Shared pieces: [`collect`] (one calibration pass with an observer), [`stats`] (per-column
+//! activation moments), [`alloc`] (uniform / adaptive allocation of removals over layers),
+//! [`surgery`] (cutting rows and columns out of linears), [`hf_compat`] (whether transformers
+//! could load the result).
+//!
 //! Every step validates its request against the model before changing anything, so a bad
 //! request leaves the model untouched; steps return a JSON object of what they did for
 //! `report.json`.
 
+pub mod alloc;
 pub mod collect;
 mod compat;
 pub mod depth;
 pub mod heads;
+pub mod hf_compat;
 pub mod lowrank;
 pub mod neurons;
 pub mod plan;
 pub mod slicegpt;
+pub mod stats;
+pub mod surgery;
+
+pub use hf_compat::hf_compatible;
 
 pub use compat::hf_compatible;
 
@@ -39,4 +50,29 @@ pub enum WidthAllocation {
     Uniform,
     /// Scores compared across layers (FLAP's adaptive structure search): layers differ.
     Adaptive,
+}
+
+/// Bring `model.config` in line with the weights after a structural step: the layer count
+/// always; the head counts when every layer has the same ones, the FFN width when every layer
+/// has the same one (so the in-memory config equals what saving and reloading would give).
+/// A quantity that differs between layers keeps its nominal (unpruned) value, which bounds
+/// every layer's.
+pub fn sync_config(model: &mut crate::Model) {
+    let c = &mut model.config;
+    let layers = &model.weights.layers;
+    c.num_hidden_layers = layers.len();
+    let hd = c.head_dim.max(1);
+    let Some(first) = layers.first() else {
+        return;
+    };
+    let heads = |l: &crate::LayerWeights| (l.n_heads(hd), l.n_kv_heads(hd));
+    let (h, kv) = heads(first);
+    if layers.iter().all(|l| heads(l) == (h, kv)) && h > 0 && kv > 0 && h % kv == 0 {
+        c.num_attention_heads = h;
+        c.num_key_value_heads = kv;
+    }
+    let f = first.intermediate();
+    if f > 0 && layers.iter().all(|l| l.intermediate() == f) {
+        c.intermediate_size = f;
+    }
 }
