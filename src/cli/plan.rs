@@ -50,7 +50,8 @@ pub struct StructuredArgs {
     /// Neuron score.
     #[arg(long, value_enum, default_value_t = NeuronMetricArg::WandaSp)]
     pub neuron_metric: NeuronMetricArg,
-    /// FLAP bias compensation: removed channels' mean contribution becomes a bias.
+    /// FLAP bias compensation (--heads and --neurons): the removed channels' mean contribution
+    /// becomes an o_proj / down_proj bias.
     #[arg(long)]
     pub bias_compensation: bool,
     /// Width allocation over layers for --heads/--neurons.
@@ -185,6 +186,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
                 GqaArg::PerGroup => GqaMode::PerGroup,
             },
             allocation: alloc,
+            bias_compensation: s.bias_compensation,
         }));
     }
     if let Some(f) = s.neurons {

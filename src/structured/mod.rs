@@ -21,7 +21,6 @@
 
 pub mod alloc;
 pub mod collect;
-mod compat;
 pub mod depth;
 pub mod heads;
 pub mod hf_compat;
@@ -33,8 +32,6 @@ pub mod stats;
 pub mod surgery;
 
 pub use hf_compat::hf_compatible;
-
-pub use compat::hf_compatible;
 
 /// What one step did (layers removed, per-layer counts, scores …), for `report.json`.
 pub type StepDetails = serde_json::Value;

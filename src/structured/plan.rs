@@ -434,6 +434,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                 GqaMode::KvGroups,
             )?,
             allocation: f.choice("allocation", &ALLOCATIONS, WidthAllocation::Uniform)?,
+            bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
         }),
         "neurons" => Step::Neurons(NeuronSpec {
             fraction: f.req_fraction("fraction")?,
