@@ -106,6 +106,14 @@ impl PrunePlan {
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
+                if lin.is_factored() {
+                    return bad(format!(
+                        "{} is low-rank factorised (rank {}); unstructured pruning, its \
+                         statistics and OWL work on dense weights only: prune before factorising",
+                        tensor_name(i, kind),
+                        lin.rank().unwrap_or(0)
+                    ));
+                }
                 mask::check_shape(
                     self.pattern,
                     lin.out_features(),
