@@ -667,7 +667,9 @@ pub fn parse_extensions(json: &Value, config: &Config, path: &Path) -> Result<Ex
                 let r = rank.as_u64().filter(|&r| r > 0).ok_or_else(|| {
                     Error::config(
                         path,
-                        format!("`{LOPPER_LOW_RANK_KEY}.{module}` must be a positive rank, got {rank}"),
+                        format!(
+                            "`{LOPPER_LOW_RANK_KEY}.{module}` must be a positive rank, got {rank}"
+                        ),
                     )
                 })?;
                 ext.low_rank.insert(key, r as usize);

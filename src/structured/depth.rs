@@ -39,5 +39,7 @@ pub fn remove_layers(
     _spec: &DepthSpec,
     _progress: Progress<'_>,
 ) -> Result<StepDetails> {
-    Err(Error::Invalid("depth pruning is not implemented yet".into()))
+    Err(Error::Invalid(
+        "depth pruning is not implemented yet".into(),
+    ))
 }

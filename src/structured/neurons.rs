@@ -31,5 +31,7 @@ pub fn prune_neurons(
     _spec: &NeuronSpec,
     _progress: Progress<'_>,
 ) -> Result<StepDetails> {
-    Err(Error::Invalid("neuron pruning is not implemented yet".into()))
+    Err(Error::Invalid(
+        "neuron pruning is not implemented yet".into(),
+    ))
 }
