@@ -39,7 +39,5 @@ pub fn remove_layers(
     _spec: &DepthSpec,
     _progress: Progress<'_>,
 ) -> Result<StepDetails> {
-    Err(Error::Invalid(
-        "depth pruning is not implemented yet".into(),
-    ))
+    Err(Error::Invalid("depth pruning is not implemented yet".into()))
 }

@@ -31,7 +31,5 @@ pub fn prune_neurons(
     _spec: &NeuronSpec,
     _progress: Progress<'_>,
 ) -> Result<StepDetails> {
-    Err(Error::Invalid(
-        "neuron pruning is not implemented yet".into(),
-    ))
+    Err(Error::Invalid("neuron pruning is not implemented yet".into()))
 }
