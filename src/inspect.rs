@@ -28,11 +28,14 @@ pub struct ModelSummary {
     /// Per-layer (query heads, kv heads, FFN width), from the weight shapes.
     pub layer_shapes: Vec<(usize, usize, usize)>,
     pub total_params: usize,
-    /// Parameters of the block linear layers (what pruning methods act on).
+    /// Parameters of the block linear layers (what pruning methods act on; both factors of a
+    /// low-rank layer).
     pub linear_params: usize,
     pub linear_zeros: usize,
     pub linear_sparsity: f64,
     pub embedding_params: usize,
+    /// Parameters of SliceGPT residual shortcuts.
+    pub shortcut_params: usize,
     pub tensors: Vec<TensorSummary>,
 }
 
@@ -63,7 +66,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
             }
         })
         .collect();
-    let is_linear = |n: &str| n.contains("_proj.weight");
+    let is_linear = |n: &str| n.contains("_proj.weight") || n.contains("_proj.low_rank.");
     let linear_params: usize = tensors
         .iter()
         .filter(|t| is_linear(&t.name))
@@ -92,6 +95,13 @@ pub fn summarize(model: &Model) -> ModelSummary {
             linear_zeros as f64 / linear_params as f64
         },
         embedding_params: w.embed.len() + w.lm_head.as_ref().map_or(0, |h| h.len()),
+        shortcut_params: w
+            .layers
+            .iter()
+            .flat_map(|l| [&l.attn_shortcut, &l.mlp_shortcut])
+            .flatten()
+            .map(|t| t.len())
+            .sum(),
         tensors,
     }
 }

@@ -61,6 +61,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
         100.0 * s.linear_sparsity,
         s.embedding_params
     );
+    if s.shortcut_params > 0 {
+        println!("              {} in residual shortcuts", s.shortcut_params);
+    }
     println!(
         "\n{:<52} {:>16} {:>6} {:>7} {:>11} {:>8}",
         "tensor", "shape", "dtype", "storage", "params", "sparsity"

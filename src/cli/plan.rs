@@ -201,9 +201,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
         }));
     }
     if let Some(f) = s.slice {
-        steps.push(Step::Slice(SliceSpec {
-            fraction: fraction("--slice", f)?,
-        }));
+        steps.push(Step::Slice(SliceSpec::new(fraction("--slice", f)?)));
     }
     let rule = match (s.low_rank, s.low_rank_energy) {
         (Some(f), _) => Some(RankRule::ParamFraction(fraction("--low-rank", f)?)),
@@ -218,11 +216,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
             Some(m) => lopper::prune::parse_kinds(m)?,
             None => Vec::new(),
         };
-        steps.push(Step::LowRank(LowRankSpec {
-            rule,
-            whiten: s.whiten,
-            modules,
-        }));
+        steps.push(Step::LowRank(LowRankSpec::new(rule, s.whiten, modules)));
     }
     if sparse_asked {
         steps.push(Step::Sparse(super::prune::plan_from_args(a)?));

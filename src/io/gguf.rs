@@ -414,6 +414,8 @@ pub fn load(path: &Path) -> Result<Model> {
             gate,
             up,
             down,
+            attn_shortcut: None,
+            mlp_shortcut: None,
         });
     }
     let final_norm = take("output_norm.weight")?;

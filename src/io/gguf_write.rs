@@ -124,7 +124,14 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             gate,
             up,
             down,
+            attn_shortcut,
+            mlp_shortcut,
         } = l;
+        if attn_shortcut.is_some() || mlp_shortcut.is_some() {
+            return Err(no(format!(
+                "layer {i} has SliceGPT residual shortcut matrices, which llama.cpp has no tensor for (save it as an HF directory instead)"
+            )));
+        }
         let (qr, kr) = (q.weight.shape[0], k.weight.shape[0]);
         if !qr.is_multiple_of(hd) || !kr.is_multiple_of(hd) {
             return Err(no(format!(
@@ -155,7 +162,16 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             ("ffn_down", down, h, ff),
         ] {
             // Exhaustive on purpose (see the module docs).
-            let Linear { weight, bias } = lin;
+            let Linear {
+                weight,
+                bias,
+                factor,
+            } = lin;
+            if factor.is_some() {
+                return Err(no(format!(
+                    "{p} {name} is a low-rank pair, which llama.cpp cannot run (save it as an HF directory instead)"
+                )));
+            }
             shape(&format!("{p} {name}"), weight, &[out, inp])?;
             if let Some(b) = bias {
                 shape(&format!("{p} {name} bias"), b, &[out])?;

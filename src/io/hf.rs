@@ -10,11 +10,28 @@
 //! `"lopper_layers": [{"num_attention_heads", "num_key_value_heads", "intermediate_size"}, ...]`
 //! (one entry per layer, see [`LayerSpec`]). Without it every layer has the nominal shapes.
 //!
+//! Structured compression adds two more extensions (see [`Extensions`]):
+//! - `"lopper_low_rank": {"model.layers.3.mlp.up_proj": 216, ...}`: the rank of every low-rank
+//!   linear; its weight is stored as `<linear>.low_rank.0.weight` `[rank, in]` (applied first)
+//!   and `<linear>.low_rank.1.weight` `[out, rank]` instead of `<linear>.weight`; a bias stays
+//!   `<linear>.bias`.
+//! - `"lopper_slicegpt": {"rms_norm_dim": 576, "attn_shortcuts": [0, 1, ...], "mlp_shortcuts":
+//!   [...]}`: RMSNorm divides by `rms_norm_dim` (the width before slicing) instead of
+//!   `hidden_size`, and the listed layers have residual shortcuts
+//!   `model.layers.{i}.attn_shortcut.weight` / `mlp_shortcut.weight`, `[hidden, hidden]` in
+//!   linear layout (the residual becomes `h·Sᵀ`).
+//!
+//! transformers does not know these keys: it cannot run such a model (missing `*.weight`
+//! tensors of low-rank linears; sliced models would run without their shortcuts). Use lopper.
+//!
 //! The safetensors reader ([`SafetensorsFile`], in `hf/safetensors_file.rs`) is public for other
 //! tools and tests.
 
 use crate::model::config::{Arch, Config, RopeScaling};
-use crate::model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
+use crate::model::weights::{
+    LayerWeights, Linear, LinearKind, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V,
+    MLP_SHORTCUT,
+};
 use crate::{Error, Model, Result};
 use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap};
@@ -101,8 +118,9 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let json = read_json(&cfg_path, |p, m| Error::config(p, m))?;
     let config = parse_config(&json, &cfg_path)?;
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
+    let ext = parse_extensions(&json, &config, &cfg_path)?;
     let store = TensorStore::open(dir)?;
-    let weights = load_weights(&store, &config, &specs)?;
+    let weights = load_weights(&store, &config, &specs, &ext)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
     Ok(Model {
@@ -197,6 +215,7 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
         num_key_value_heads,
         head_dim,
         rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+        rms_norm_dim: parse_rms_norm_dim(obj, path)?,
         rope_theta,
         rope_scaling,
         max_position_embeddings: f
@@ -536,7 +555,12 @@ impl TensorStore {
     }
 }
 
-fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Result<Weights> {
+fn load_weights(
+    store: &TensorStore,
+    config: &Config,
+    specs: &[LayerSpec],
+    ext: &Extensions,
+) -> Result<Weights> {
     let (h, hd, vocab) = (config.hidden_size, config.head_dim, config.vocab_size);
     let embed = store.get("model.embed_tokens.weight", &[vocab, h])?;
     let mut layers = Vec::with_capacity(specs.len());
@@ -544,12 +568,15 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
         let p = format!("model.layers.{i}");
         let lin = |kind: LinearKind| -> Result<Linear> {
             let shape = spec.linear_shape(kind, h, hd);
-            let weight = store.get(&format!("{p}.{}.weight", kind.hf_name()), &shape)?;
             let bias = if has_bias(config, kind) {
                 Some(store.get(&format!("{p}.{}.bias", kind.hf_name()), &shape[..1])?)
             } else {
                 None
             };
+            if let Some(&rank) = ext.low_rank.get(&(i, kind)) {
+                return load_low_rank(store, &format!("{p}.{}", kind.hf_name()), shape, rank, bias);
+            }
+            let weight = store.get(&format!("{p}.{}.weight", kind.hf_name()), &shape)?;
             Ok(Linear::new(weight, bias))
         };
         layers.push(LayerWeights {
@@ -562,6 +589,8 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
             gate: lin(LinearKind::Gate)?,
             up: lin(LinearKind::Up)?,
             down: lin(LinearKind::Down)?,
+            attn_shortcut: load_shortcut(store, i, ATTN_SHORTCUT, &ext.attn_shortcuts, h)?,
+            mlp_shortcut: load_shortcut(store, i, MLP_SHORTCUT, &ext.mlp_shortcuts, h)?,
         });
     }
     let final_norm = store.get("model.norm.weight", &[h])?;
@@ -576,6 +605,183 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
         final_norm,
         lm_head,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// lopper structured-compression extensions
+// ---------------------------------------------------------------------------------------------
+
+/// `config.json` key of the low-rank extension.
+pub const LOPPER_LOW_RANK_KEY: &str = "lopper_low_rank";
+/// `config.json` key of the SliceGPT extension.
+pub const LOPPER_SLICEGPT_KEY: &str = "lopper_slicegpt";
+
+/// The structured-compression extensions of a `config.json` (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// Rank of every low-rank linear, by (layer, kind).
+    pub low_rank: HashMap<(usize, LinearKind), usize>,
+    /// Per layer: whether it has an attention / MLP residual shortcut.
+    pub attn_shortcuts: Vec<bool>,
+    pub mlp_shortcuts: Vec<bool>,
+}
+
+/// `rms_norm_dim` of the SliceGPT extension, when present (read into [`Config::rms_norm_dim`]).
+fn parse_rms_norm_dim(obj: &Map<String, Value>, path: &Path) -> Result<Option<usize>> {
+    match obj.get(LOPPER_SLICEGPT_KEY) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Fields {
+            obj: o,
+            path,
+            what: "lopper_slicegpt.",
+        }
+        .usize("rms_norm_dim"),
+        Some(_) => Err(Error::config(
+            path,
+            format!("`{LOPPER_SLICEGPT_KEY}` must be an object"),
+        )),
+    }
+}
+
+/// Read the low-rank and shortcut extensions (absent keys: none).
+pub fn parse_extensions(json: &Value, config: &Config, path: &Path) -> Result<Extensions> {
+    let n = config.num_hidden_layers;
+    let mut ext = Extensions {
+        low_rank: HashMap::new(),
+        attn_shortcuts: vec![false; n],
+        mlp_shortcuts: vec![false; n],
+    };
+    match json.get(LOPPER_LOW_RANK_KEY) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (module, rank) in map {
+                let key = parse_module_path(module, n).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        format!(
+                            "`{LOPPER_LOW_RANK_KEY}`: `{module}` is not a linear of this model \
+                             (expected model.layers.<0..{n}>.<self_attn|mlp>.<name>_proj)"
+                        ),
+                    )
+                })?;
+                let r = rank.as_u64().filter(|&r| r > 0).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        format!(
+                            "`{LOPPER_LOW_RANK_KEY}.{module}` must be a positive rank, got {rank}"
+                        ),
+                    )
+                })?;
+                ext.low_rank.insert(key, r as usize);
+            }
+        }
+        Some(_) => {
+            return Err(Error::config(
+                path,
+                format!("`{LOPPER_LOW_RANK_KEY}` must be an object"),
+            ))
+        }
+    }
+    if let Some(Value::Object(o)) = json.get(LOPPER_SLICEGPT_KEY) {
+        for (key, flags) in [
+            ("attn_shortcuts", &mut ext.attn_shortcuts),
+            ("mlp_shortcuts", &mut ext.mlp_shortcuts),
+        ] {
+            let list = match o.get(key) {
+                None | Some(Value::Null) => continue,
+                Some(Value::Array(a)) => a,
+                Some(_) => {
+                    return Err(Error::config(
+                        path,
+                        format!("`{LOPPER_SLICEGPT_KEY}.{key}` must be a list of layer indices"),
+                    ))
+                }
+            };
+            for v in list {
+                match v.as_u64().map(|i| i as usize).filter(|&i| i < n) {
+                    Some(i) => flags[i] = true,
+                    None => {
+                        return Err(Error::config(
+                            path,
+                            format!(
+                                "`{LOPPER_SLICEGPT_KEY}.{key}`: {v} is not a layer index below {n}"
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    Ok(ext)
+}
+
+/// `model.layers.{i}.{kind.hf_name()}` → `(i, kind)`.
+fn parse_module_path(module: &str, n_layers: usize) -> Option<(usize, LinearKind)> {
+    let rest = module.strip_prefix("model.layers.")?;
+    let (idx, name) = rest.split_once('.')?;
+    let i: usize = idx.parse().ok()?;
+    let kind = LinearKind::ALL.into_iter().find(|k| k.hf_name() == name)?;
+    (i < n_layers).then_some((i, kind))
+}
+
+/// The extension entries `config.json` needs for `model` (none for an ordinary model).
+pub fn extensions_json(model: &Model) -> Vec<(String, Value)> {
+    let w = &model.weights;
+    let mut out = Vec::new();
+    let mut ranks = Map::new();
+    for (i, l) in w.layers.iter().enumerate() {
+        for kind in LinearKind::ALL {
+            if let Some(r) = l.linear(kind).rank() {
+                ranks.insert(format!("model.layers.{i}.{}", kind.hf_name()), r.into());
+            }
+        }
+    }
+    if !ranks.is_empty() {
+        out.push((LOPPER_LOW_RANK_KEY.to_string(), Value::Object(ranks)));
+    }
+    let layers_with = |f: fn(&LayerWeights) -> bool| -> Vec<usize> {
+        (0..w.layers.len()).filter(|&i| f(&w.layers[i])).collect()
+    };
+    let attn = layers_with(|l| l.attn_shortcut.is_some());
+    let mlp = layers_with(|l| l.mlp_shortcut.is_some());
+    let c = &model.config;
+    if c.rms_norm_dim.is_some() || !attn.is_empty() || !mlp.is_empty() {
+        let mut o = Map::new();
+        o.insert("rms_norm_dim".into(), c.norm_dim().into());
+        o.insert("attn_shortcuts".into(), attn.into());
+        o.insert("mlp_shortcuts".into(), mlp.into());
+        out.push((LOPPER_SLICEGPT_KEY.to_string(), Value::Object(o)));
+    }
+    out
+}
+
+/// A low-rank linear `base` of dense shape `[out, in]`.
+fn load_low_rank(
+    store: &TensorStore,
+    base: &str,
+    [out, inp]: [usize; 2],
+    rank: usize,
+    bias: Option<Tensor>,
+) -> Result<Linear> {
+    let v = store.get(&format!("{base}.{LOW_RANK_V}"), &[rank, inp])?;
+    let u = store.get(&format!("{base}.{LOW_RANK_U}"), &[out, rank])?;
+    Ok(Linear::low_rank(u, v, bias))
+}
+
+/// Shortcut `name` of layer `i` `[h, h]`, when `flags[i]` says it has one.
+fn load_shortcut(
+    store: &TensorStore,
+    i: usize,
+    name: &str,
+    flags: &[bool],
+    h: usize,
+) -> Result<Option<Tensor>> {
+    if !flags.get(i).copied().unwrap_or(false) {
+        return Ok(None);
+    }
+    store
+        .get(&format!("model.layers.{i}.{name}"), &[h, h])
+        .map(Some)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,10 +14,14 @@
 //! Layers that pruning made non-uniform are described by the `lopper_layers` extension (see
 //! [`crate::io::hf`]); when all layers share the same (pruned) shapes, those shapes are written as
 //! the ordinary config fields instead, so transformers can load the result too.
+//! Low-rank linears, residual shortcuts and the RMSNorm width of a sliced model are written with
+//! the `lopper_low_rank` / `lopper_slicegpt` extensions (only lopper reads those).
 
 use crate::io::hf::{self, LayerSpec, LOPPER_LAYERS_KEY};
 use crate::model::config::{Arch, Config, RopeScaling};
-use crate::model::weights::{LinearKind, Tensor};
+use crate::model::weights::{
+    LayerWeights, Linear, LinearKind, Tensor, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V, MLP_SHORTCUT,
+};
 use crate::{Error, Model, Result};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -424,10 +428,14 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
             serde_json::to_value(&specs).map_err(|e| Error::Invalid(e.to_string()))?,
         );
     }
+    for (key, value) in hf::extensions_json(model) {
+        j.insert(key, value);
+    }
     let json = Value::Object(j);
     // Parse it back exactly as a loader will: catches anything unloadable before writing.
     let written = hf::parse_config(&json, cfg_path)?;
     hf::parse_layer_specs(&json, &written, cfg_path)?;
+    hf::parse_extensions(&json, &written, cfg_path)?;
     Ok((json, written))
 }
 
@@ -520,7 +528,13 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
             let lin = l.linear(kind);
             let shape = spec.linear_shape(kind, h, hd);
             let base = format!("{p}.{}", kind.hf_name());
-            add(&mut list, format!("{base}.weight"), &lin.weight, &shape)?;
+            if lin.is_factored() {
+                for (name, t, expected) in low_rank_entries(lin, &base, shape) {
+                    add(&mut list, name, t, &expected)?;
+                }
+            } else {
+                add(&mut list, format!("{base}.weight"), &lin.weight, &shape)?;
+            }
             match (&lin.bias, hf::has_bias(written, kind)) {
                 (Some(b), true) => add(&mut list, format!("{base}.bias"), b, &shape[..1])?,
                 (None, true) => list.push(Entry {
@@ -543,12 +557,42 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
             &l.mlp_norm,
             &[h],
         )?;
+        for (name, t) in shortcut_entries(l, &p) {
+            add(&mut list, name, t, &[h, h])?;
+        }
     }
     add(&mut list, "model.norm.weight".into(), &w.final_norm, &[h])?;
     if let Some(head) = &w.lm_head {
         add(&mut list, "lm_head.weight".into(), head, &[vocab, h])?;
     }
     Ok(list)
+}
+
+/// The two factors of low-rank linear `lin` (dense shape `[out, in]`) with their names and
+/// expected shapes: `<base>.low_rank.0.weight` `V` `[rank, in]`, `<base>.low_rank.1.weight`
+/// `U` `[out, rank]` (see [`crate::io::hf`]).
+fn low_rank_entries<'a>(
+    lin: &'a Linear,
+    base: &str,
+    [out, inp]: [usize; 2],
+) -> Vec<(String, &'a Tensor, Vec<usize>)> {
+    let rank = lin.rank().unwrap_or(0);
+    let mut v = vec![(format!("{base}.{LOW_RANK_V}"), &lin.weight, vec![rank, inp])];
+    if let Some(u) = &lin.factor {
+        v.push((format!("{base}.{LOW_RANK_U}"), u, vec![out, rank]));
+    }
+    v
+}
+
+/// The residual shortcuts of layer `l` (prefix `p` = `model.layers.{i}`), with their names.
+fn shortcut_entries<'a>(l: &'a LayerWeights, p: &str) -> Vec<(String, &'a Tensor)> {
+    [
+        (ATTN_SHORTCUT, &l.attn_shortcut),
+        (MLP_SHORTCUT, &l.mlp_shortcut),
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| t.as_ref().map(|t| (format!("{p}.{name}"), t)))
+    .collect()
 }
 
 /// Stream `entries` into a safetensors file at `path`.

@@ -66,9 +66,16 @@ simd_dispatch! {
     }
 }
 
+/// RMSNorm of one row: `out = x / sqrt(mean(x²) + eps) · weight` (HF order of operations).
+pub fn rmsnorm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    rmsnorm_row_dim(x, weight, eps, x.len() as f32, out)
+}
+
 simd_dispatch! {
-    /// RMSNorm of one row: `out = x / sqrt(mean(x²) + eps) · weight` (HF order of operations).
-    pub fn rmsnorm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    /// RMSNorm of one row with divisor `dim`: `out = x / sqrt(Σx²/dim + eps) · weight`
+    /// (`dim = x.len()` is the ordinary RMSNorm; SliceGPT's sliced models divide by the original
+    /// width, like its `RMSN(mean_dim)` module).
+    pub fn rmsnorm_row_dim(x: &[f32], weight: &[f32], eps: f32, dim: f32, out: &mut [f32]) {
         let n = x.len();
         let mut ss = 0f32;
         // 16 partial sums so the reduction vectorises.
@@ -86,7 +93,7 @@ simd_dispatch! {
         for &v in &x[chunks * 16..] {
             ss += v * v;
         }
-        let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+        let inv = 1.0 / (ss / dim + eps).sqrt();
         for i in 0..n {
             out[i] = weight[i] * (x[i] * inv);
         }
@@ -95,18 +102,29 @@ simd_dispatch! {
 
 /// RMSNorm over `rows` rows of width `weight.len()`, multithreaded.
 pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    rmsnorm_dim(x, weight, eps, weight.len(), out)
+}
+
+/// [`rmsnorm`] with the mean of squares taken as `Σx²/dim` (see [`rmsnorm_row_dim`]).
+pub fn rmsnorm_dim(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
     let d = weight.len();
+    let dim = dim as f32;
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .with_min_len(64)
-        .for_each(|(o, xi)| rmsnorm_row(xi, weight, eps, o));
+        .for_each(|(o, xi)| rmsnorm_row_dim(xi, weight, eps, dim, o));
 }
 
 /// Reference RMSNorm in f64.
 pub fn rmsnorm_naive(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    rmsnorm_dim_naive(x, weight, eps, weight.len(), out)
+}
+
+/// Reference [`rmsnorm_dim`] in f64.
+pub fn rmsnorm_dim_naive(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
     let d = weight.len();
     for (o, xi) in out.chunks_mut(d).zip(x.chunks(d)) {
-        let ms = xi.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+        let ms = xi.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         for i in 0..d {
             o[i] = (weight[i] as f64 * (xi[i] as f64 * inv)) as f32;

@@ -84,6 +84,11 @@ pub struct Config {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
+    /// RMSNorm divisor when it is not `hidden_size`: `x / sqrt(Σx²/rms_norm_dim + eps)`.
+    /// SliceGPT sets it to the original width, so a sliced model normalises like its parent
+    /// (the official `RMSN(mean_dim)` module). `None`: `hidden_size`.
+    #[serde(default)]
+    pub rms_norm_dim: Option<usize>,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
@@ -99,6 +104,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The RMSNorm divisor: [`Config::rms_norm_dim`], else `hidden_size`.
+    pub fn norm_dim(&self) -> usize {
+        self.rms_norm_dim.unwrap_or(self.hidden_size)
+    }
+
     /// Query heads per KV head.
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads.max(1)
@@ -121,6 +131,9 @@ impl Config {
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if self.rms_norm_dim == Some(0) {
+            return bad("rms_norm_dim must be positive".into());
         }
         if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
             return bad("rope_theta must be > 0 and rms_norm_eps >= 0".into());

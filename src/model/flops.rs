@@ -3,15 +3,18 @@
 use crate::model::weights::Weights;
 
 /// FLOPs of a full-sequence forward pass over one window of `seq` tokens, producing logits for
-/// every position: 2·(linear params)·seq for every block linear and the LM head, plus causal
+/// every position: 2·(linear params)·seq for every block linear (both factors of a low-rank one),
+/// residual shortcut and the LM head, plus causal
 /// attention (QKᵀ and P·V over the visible keys only: 4·head_dim·heads·Σᵢ(i+1)).
 pub fn prefill_flops(w: &Weights, head_dim: usize, seq: usize, with_lm_head: bool) -> f64 {
     let mut f = 0f64;
     let visible = (seq * (seq + 1) / 2) as f64;
     for l in &w.layers {
         for kind in crate::LinearKind::ALL {
-            let lin = l.linear(kind);
-            f += 2.0 * (lin.out_features() * lin.in_features()) as f64 * seq as f64;
+            f += 2.0 * l.linear(kind).weight_params() as f64 * seq as f64;
+        }
+        for s in [&l.attn_shortcut, &l.mlp_shortcut].into_iter().flatten() {
+            f += 2.0 * s.len() as f64 * seq as f64;
         }
         f += 4.0 * (l.n_heads(head_dim) * head_dim) as f64 * visible;
     }

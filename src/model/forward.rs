@@ -7,6 +7,12 @@
 //! Head counts and widths are read from each layer's weight shapes, so structurally pruned
 //! models with non-uniform layers run through the same code.
 //!
+//! Structured-compression extensions (each absent in an ordinary model):
+//! - a low-rank linear ([`Linear::factor`]) is applied as two products, `(x Vᵀ) Uᵀ`;
+//! - SliceGPT residual shortcuts: `h ← h·Sᵀ + o(…)` instead of `h ← h + o(…)`
+//!   ([`LayerWeights::attn_shortcut`], [`LayerWeights::mlp_shortcut`]);
+//! - RMSNorm divides by [`Config::norm_dim`] (the pre-slicing width) instead of the row width.
+//!
 //! An [`Observer`] sees every linear layer's input and each block's input/output.
 
 use crate::kernels::{self, attention::AttnDims};
@@ -26,6 +32,10 @@ pub struct Scratch {
     attn: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Low-rank intermediate `x Vᵀ`.
+    lr: Vec<f32>,
+    /// Rotated residual `h·Sᵀ` (shortcuts).
+    res: Vec<f32>,
 }
 
 fn resize(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -36,11 +46,43 @@ fn resize(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// `out[rows, out_features] = x · Wᵀ + b` (or `out += …` when `accumulate`).
+/// A low-rank layer needs a temporary buffer; this allocates one (see [`linear_buf`]).
 pub fn linear(lin: &Linear, x: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
+    linear_buf(lin, x, rows, out, accumulate, &mut Vec::new());
+}
+
+/// [`linear`] with a caller-owned buffer for a low-rank layer's intermediate `x Vᵀ`
+/// (`[rows, rank]`; unused for a dense layer).
+pub fn linear_buf(
+    lin: &Linear,
+    x: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    buf: &mut Vec<f32>,
+) {
     let (n, k) = (lin.out_features(), lin.in_features());
-    kernels::matmul_t(x, lin.weight.data(), out, rows, k, n, accumulate);
+    match &lin.factor {
+        None => kernels::matmul_t(x, lin.weight.data(), out, rows, k, n, accumulate),
+        Some(u) => {
+            let r = lin.weight.rows();
+            let t = resize(buf, rows * r);
+            kernels::matmul_t(x, lin.weight.data(), t, rows, k, r, false);
+            kernels::matmul_t(t, u.data(), out, rows, r, n, accumulate);
+        }
+    }
     if let Some(b) = &lin.bias {
         kernels::add_bias(&mut out[..rows * n], b.data());
+    }
+}
+
+/// `h ← h·Sᵀ` for a residual shortcut `S` `[d, d]` (linear layout); `res` is scratch.
+fn rotate_residual(s: Option<&crate::Tensor>, h: &mut [f32], rows: usize, res: &mut Vec<f32>) {
+    if let Some(s) = s {
+        let d = s.rows();
+        let t = resize(res, rows * d);
+        kernels::matmul_t(h, s.data(), t, rows, d, d, false);
+        h[..rows * d].copy_from_slice(t);
     }
 }
 
@@ -97,21 +139,22 @@ pub fn block_forward_cached(
     let (qw, kw) = (dims.n_heads * hd, dims.n_kv_heads * hd);
     let inter = lw.intermediate();
     let eps = cfg.rms_norm_eps as f32;
+    let nd = cfg.norm_dim();
     let want = obs.wants_linear_inputs(layer);
     obs.block_input(layer, h, rows, d);
 
     // Attention.
     let xn = resize(&mut s.xn, rows * d);
-    kernels::rmsnorm(h, lw.attn_norm.data(), eps, xn);
+    kernels::rmsnorm_dim(h, lw.attn_norm.data(), eps, nd, xn);
     if want {
         obs.linear_input(layer, Site::AttnIn, xn, rows, d);
     }
     let q = resize(&mut s.q, rows * qw);
-    linear(&lw.q, xn, rows, q, false);
+    linear_buf(&lw.q, xn, rows, q, false, &mut s.lr);
     let k = resize(&mut s.k, rows * kw);
-    linear(&lw.k, xn, rows, k, false);
+    linear_buf(&lw.k, xn, rows, k, false, &mut s.lr);
     let v = resize(&mut s.v, rows * kw);
-    linear(&lw.v, xn, rows, v, false);
+    linear_buf(&lw.v, xn, rows, v, false, &mut s.lr);
     let pos0 = kv.as_ref().map_or(0, |c| c.pos0);
     rope.apply(q, dims.n_heads, seq, pos0);
     rope.apply(k, dims.n_kv_heads, seq, pos0);
@@ -154,18 +197,20 @@ pub fn block_forward_cached(
     if want {
         obs.linear_input(layer, Site::AttnOut, attn, rows, qw);
     }
-    linear(&lw.o, attn, rows, h, true);
+    rotate_residual(lw.attn_shortcut.as_ref(), h, rows, &mut s.res);
+    linear_buf(&lw.o, attn, rows, h, true, &mut s.lr);
+    obs.attn_residual(layer, h, rows, d);
 
     // MLP.
     let xn = resize(&mut s.xn, rows * d);
-    kernels::rmsnorm(h, lw.mlp_norm.data(), eps, xn);
+    kernels::rmsnorm_dim(h, lw.mlp_norm.data(), eps, nd, xn);
     if want {
         obs.linear_input(layer, Site::MlpIn, xn, rows, d);
     }
     let gate = resize(&mut s.gate, rows * inter);
-    linear(&lw.gate, xn, rows, gate, false);
+    linear_buf(&lw.gate, xn, rows, gate, false, &mut s.lr);
     let up = resize(&mut s.up, rows * inter);
-    linear(&lw.up, xn, rows, up, false);
+    linear_buf(&lw.up, xn, rows, up, false, &mut s.lr);
     kernels::silu_mul(gate, up);
     if want {
         obs.linear_input(layer, Site::MlpDown, gate, rows, inter);
@@ -173,7 +218,8 @@ pub fn block_forward_cached(
     if !obs.wants_block_output(layer) {
         return;
     }
-    linear(&lw.down, gate, rows, h, true);
+    rotate_residual(lw.mlp_shortcut.as_ref(), h, rows, &mut s.res);
+    linear_buf(&lw.down, gate, rows, h, true, &mut s.lr);
     obs.block_output(layer, h, rows, d);
 }
 
@@ -217,10 +263,11 @@ pub fn forward_hidden(
         block_forward(cfg, i, lw, &rope, &mut h, batch, seq, &mut scratch, obs);
     }
     let mut out = vec![0f32; h.len()];
-    kernels::rmsnorm(
+    kernels::rmsnorm_dim(
         &h,
         model.weights.final_norm.data(),
         cfg.rms_norm_eps as f32,
+        cfg.norm_dim(),
         &mut out,
     );
     Ok(out)

@@ -22,6 +22,33 @@ pub struct Model {
 }
 
 impl Model {
+    /// The lopper structural extensions this model uses, which plain HF / GGUF readers do not
+    /// know (empty for an ordinary model): `"low_rank"` (factorised linears), `"shortcuts"`
+    /// (SliceGPT residual rotations), `"rms_norm_dim"` (RMSNorm over a width other than
+    /// `hidden_size`). A writer for a format without them must refuse such a model.
+    pub fn lopper_extensions(&self) -> Vec<&'static str> {
+        let layers = &self.weights.layers;
+        let mut out = Vec::new();
+        let factored = layers.iter().any(|l| {
+            weights::LinearKind::ALL
+                .iter()
+                .any(|&k| l.linear(k).is_factored())
+        });
+        if factored {
+            out.push("low_rank");
+        }
+        if layers
+            .iter()
+            .any(|l| l.attn_shortcut.is_some() || l.mlp_shortcut.is_some())
+        {
+            out.push("shortcuts");
+        }
+        if self.config.norm_dim() != self.config.hidden_size {
+            out.push("rms_norm_dim");
+        }
+        out
+    }
+
     /// The tokenizer, or an error naming the model source.
     pub fn tokenizer(&self) -> crate::Result<&tokenizers::Tokenizer> {
         self.tokenizer

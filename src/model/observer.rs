@@ -60,6 +60,10 @@ pub trait Observer {
     }
     /// Hidden state entering block `layer`.
     fn block_input(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
+    /// Residual stream of block `layer` after the attention output is added (the input of the
+    /// MLP's RMSNorm; SliceGPT's PCA needs it). The attention half always runs, so this is
+    /// called even when the block stops early.
+    fn attn_residual(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
     /// Hidden state leaving block `layer`.
     fn block_output(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
 }

@@ -116,26 +116,62 @@ impl Tensor {
     }
 }
 
-/// A linear layer `y = x Wᵀ + b`.
+/// A linear layer `y = x Wᵀ + b`, or, when low-rank factorised, `y = x Vᵀ Uᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out_features, in_features]` (HF / PyTorch layout).
+    /// `[out_features, in_features]` (HF / PyTorch layout); for a factorised layer the right
+    /// factor `V`, `[rank, in_features]`.
     pub weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
+    /// The left factor `U`, `[out_features, rank]`, of a low-rank layer (`W ≈ U·V`, see
+    /// [`crate::structured::lowrank`]); `None` for a dense layer. Code that needs the dense
+    /// matrix (unstructured pruning, statistics over weights) must check [`Linear::is_factored`].
+    pub factor: Option<Tensor>,
 }
 
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            factor: None,
+        }
+    }
+
+    /// A low-rank layer `y = x Vᵀ Uᵀ + b` from `v` `[rank, in]` and `u` `[out, rank]`.
+    pub fn low_rank(u: Tensor, v: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear {
+            weight: v,
+            bias,
+            factor: Some(u),
+        }
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.shape[0]
+        match &self.factor {
+            Some(u) => u.shape[0],
+            None => self.weight.shape[0],
+        }
     }
     pub fn in_features(&self) -> usize {
         self.weight.shape[1]
+    }
+
+    /// True when the layer is stored as two low-rank factors.
+    pub fn is_factored(&self) -> bool {
+        self.factor.is_some()
+    }
+
+    /// The rank of a factorised layer.
+    pub fn rank(&self) -> Option<usize> {
+        self.factor.as_ref().map(|_| self.weight.shape[0])
+    }
+
+    /// Weight parameters (both factors of a low-rank layer; the bias not included).
+    pub fn weight_params(&self) -> usize {
+        self.weight.len() + self.factor.as_ref().map_or(0, Tensor::len)
     }
 }
 
@@ -185,6 +221,17 @@ impl LinearKind {
     }
 }
 
+/// Tensor name suffix (after the linear's HF path) of a low-rank layer's right factor `V`
+/// `[rank, in]`, the first one applied (like `torch.nn.Sequential(Linear(in, rank), Linear(rank,
+/// out))`).
+pub const LOW_RANK_V: &str = "low_rank.0.weight";
+/// Tensor name suffix of a low-rank layer's left factor `U` `[out, rank]`.
+pub const LOW_RANK_U: &str = "low_rank.1.weight";
+/// Tensor name (after `model.layers.{i}.`) of a block's attention residual shortcut.
+pub const ATTN_SHORTCUT: &str = "attn_shortcut.weight";
+/// Tensor name (after `model.layers.{i}.`) of a block's MLP residual shortcut.
+pub const MLP_SHORTCUT: &str = "mlp_shortcut.weight";
+
 /// Weights of one transformer block.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
@@ -206,6 +253,12 @@ pub struct LayerWeights {
     pub up: Linear,
     /// down_proj `[hidden, intermediate]`.
     pub down: Linear,
+    /// SliceGPT residual rotation around attention, `[hidden, hidden]` in linear layout
+    /// (`[out, in]`): the residual becomes `h·Sᵀ` before the attention output is added
+    /// (SliceGPT's `attn_shortcut_Q` is `Sᵀ`). `None`: identity.
+    pub attn_shortcut: Option<Tensor>,
+    /// SliceGPT residual rotation around the MLP, like `attn_shortcut`. `None`: identity.
+    pub mlp_shortcut: Option<Tensor>,
 }
 
 impl LayerWeights {
@@ -267,7 +320,8 @@ impl Weights {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Every tensor with its HF name, in a stable order.
+    /// Every tensor with its HF name, in a stable order; low-rank factors and residual shortcuts
+    /// under the lopper names ([`LOW_RANK_V`], [`LOW_RANK_U`], [`ATTN_SHORTCUT`], [`MLP_SHORTCUT`]).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
@@ -275,12 +329,25 @@ impl Weights {
             out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
-                out.push((format!("{p}.{}.weight", kind.hf_name()), &lin.weight));
+                let base = format!("{p}.{}", kind.hf_name());
+                match &lin.factor {
+                    None => out.push((format!("{base}.weight"), &lin.weight)),
+                    Some(u) => {
+                        out.push((format!("{base}.{LOW_RANK_V}"), &lin.weight));
+                        out.push((format!("{base}.{LOW_RANK_U}"), u));
+                    }
+                }
                 if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{}.bias", kind.hf_name()), b));
+                    out.push((format!("{base}.bias"), b));
                 }
             }
             out.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
+            if let Some(s) = &l.attn_shortcut {
+                out.push((format!("{p}.{ATTN_SHORTCUT}"), s));
+            }
+            if let Some(s) = &l.mlp_shortcut {
+                out.push((format!("{p}.{MLP_SHORTCUT}"), s));
+            }
         }
         out.push(("model.norm.weight".to_string(), &self.final_norm));
         if let Some(h) = &self.lm_head {

@@ -106,6 +106,14 @@ impl PrunePlan {
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
+                if lin.is_factored() {
+                    return bad(format!(
+                        "{} is low-rank factorised (rank {}); unstructured pruning, its \
+                         statistics and OWL work on dense weights only: prune before factorising",
+                        tensor_name(i, kind),
+                        lin.rank().unwrap_or(0)
+                    ));
+                }
                 mask::check_shape(
                     self.pattern,
                     lin.out_features(),
@@ -179,15 +187,44 @@ pub fn run_block(
     obs: &mut dyn Observer,
     scratch: &mut Scratch,
 ) -> Result<()> {
-    let d = model.config.hidden_size;
-    let per = (CHUNK_ROWS / len).max(1);
     let lw = &model.weights.layers[layer];
+    run_layer(
+        &model.config,
+        layer,
+        lw,
+        rope,
+        h,
+        n,
+        len,
+        keep,
+        obs,
+        scratch,
+    )
+}
+
+/// [`run_block`] for block weights `lw` that need not be in a model (e.g. a transformed copy),
+/// run as block `layer` under `cfg`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_layer(
+    cfg: &crate::Config,
+    layer: usize,
+    lw: &crate::LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    keep: bool,
+    obs: &mut dyn Observer,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let d = cfg.hidden_size;
+    let per = (CHUNK_ROWS / len).max(1);
     let mut tmp = Vec::new();
     for s0 in (0..n).step_by(per) {
         let b = per.min(n - s0);
         let chunk = &mut h[s0 * len * d..(s0 + b) * len * d];
         if keep {
-            block_forward(&model.config, layer, lw, rope, chunk, b, len, scratch, obs);
+            block_forward(cfg, layer, lw, rope, chunk, b, len, scratch, obs);
             if chunk.iter().any(|v| !v.is_finite()) {
                 return Err(Error::Numeric(format!(
                     "NaN/Inf in the output of block {layer} (model.layers.{layer}) on calibration samples {s0}..{}",
@@ -198,17 +235,7 @@ pub fn run_block(
             // The block runs on a copy; with a statistics-only observer it stops early.
             tmp.clear();
             tmp.extend_from_slice(chunk);
-            block_forward(
-                &model.config,
-                layer,
-                lw,
-                rope,
-                &mut tmp,
-                b,
-                len,
-                scratch,
-                obs,
-            );
+            block_forward(cfg, layer, lw, rope, &mut tmp, b, len, scratch, obs);
         }
     }
     Ok(())

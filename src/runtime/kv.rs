@@ -129,10 +129,11 @@ fn step_hidden(
         &h[..]
     };
     let mut out = vec![0f32; rows.len()];
-    kernels::rmsnorm(
+    kernels::rmsnorm_dim(
         rows,
         model.weights.final_norm.data(),
         cfg.rms_norm_eps as f32,
+        cfg.norm_dim(),
         &mut out,
     );
     Ok(out)

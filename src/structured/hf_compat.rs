@@ -27,6 +27,19 @@ pub fn hf_compatible(model: &Model) -> std::result::Result<(), String> {
         return Err("head_dim is 0".into());
     }
     for (i, l) in w.layers.iter().enumerate() {
+        if l.attn_shortcut.is_some() || l.mlp_shortcut.is_some() {
+            why.push(format!(
+                "layer {i} has SliceGPT residual shortcuts, which transformers' llama classes lack"
+            ));
+        }
+        for kind in LinearKind::ALL {
+            if l.linear(kind).factor.is_some() {
+                why.push(format!(
+                    "layer {i}: {} is a low-rank pair, which transformers' llama classes lack",
+                    kind.hf_name()
+                ));
+            }
+        }
         if l.q.out_features() % hd != 0 || l.k.out_features() % hd != 0 {
             why.push(format!(
                 "layer {i}: q/k rows {}/{} are not whole heads of {hd}",

@@ -449,9 +449,15 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
             allocation: f.choice("allocation", &ALLOCATIONS, WidthAllocation::Uniform)?,
         }),
-        "slice" => Step::Slice(SliceSpec {
-            fraction: f.req_fraction("fraction")?,
-        }),
+        "slice" => {
+            let mut spec = SliceSpec::new(f.req_fraction("fraction")?);
+            match f.get("round_to") {
+                None => {}
+                Some(toml::Value::Integer(r)) if *r >= 1 => spec.round_to = *r as usize,
+                Some(v) => return Err(f.err("round_to", format!("must be a positive integer, got {v}"))),
+            }
+            Step::Slice(spec)
+        }
         "low_rank" => {
             let rule = match (f.fraction("param_fraction")?, f.float("energy")?) {
                 (Some(p), None) => RankRule::ParamFraction(p),
@@ -485,11 +491,14 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                     return Err(f.err("modules", format!("must be a list of names, got {v}")))
                 }
             };
-            Step::LowRank(LowRankSpec {
-                rule,
-                whiten: f.bool("whiten")?.unwrap_or(false),
-                modules,
-            })
+            let mut spec = LowRankSpec::new(rule, f.bool("whiten")?.unwrap_or(false), modules);
+            if let Some(d) = f.float("damping")? {
+                if !(0.0..1.0).contains(&d) {
+                    return Err(f.err("damping", format!("must be in [0, 1), got {d}")));
+                }
+                spec.damping = d;
+            }
+            Step::LowRank(spec)
         }
         "sparse" => Step::Sparse(parse_sparse(f)?),
         other => {

@@ -240,6 +240,7 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
         rms_norm_eps: m
             .float(&m.key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5),
+        rms_norm_dim: None,
         rope_theta,
         rope_scaling,
         max_position_embeddings: m.int(&m.key("context_length"))?.unwrap_or(2048),

@@ -2,7 +2,7 @@
 //! Influence, angular distance, first / random blocks), heads and FFN neurons (each metric vs
 //! random choices of the same structure).
 //!
-//! `cargo run --release --example structured_figures -- [samples] [calib_len] [windows] [seq_len]`
+//! `cargo run --release --example depth_width_figures -- [samples] [calib_len] [windows] [seq_len]`
 //! (defaults 32 512 8 512: calibration windows from c4, perplexity on the first wiki windows).
 //! Prints one tab-separated line per configuration as it goes.
 
