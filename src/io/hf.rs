@@ -575,6 +575,7 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
         layers,
         final_norm,
         lm_head,
+        lm_head_packed: None,
     })
 }
 

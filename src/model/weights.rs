@@ -116,6 +116,17 @@ impl Tensor {
     }
 }
 
+/// A weight matrix packed into a compressed format for the runtime (see
+/// [`crate::runtime::pack`]): the same values as the dense `weight` (or their bf16 / int8
+/// rounding), stored so that a product reads fewer bytes.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub format: Arc<dyn crate::formats::WeightFormat>,
+    /// Products with up to this many rows of `x` use `format`; larger ones (prefill, where the
+    /// format measured slower than dense GEMM) use the dense weight.
+    pub max_rows: usize,
+}
+
 /// A linear layer `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -123,12 +134,18 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
+    /// The runtime's packed copy of `weight`, when the model was packed.
+    pub packed: Option<Packed>,
 }
 
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            packed: None,
+        }
     }
 
     pub fn out_features(&self) -> usize {
@@ -259,6 +276,8 @@ pub struct Weights {
     pub final_norm: Tensor,
     /// `[vocab, hidden]` LM head; `None` when tied to `embed`.
     pub lm_head: Option<Tensor>,
+    /// The runtime's packed copy of the LM head (tied or not), when the model was packed.
+    pub lm_head_packed: Option<Packed>,
 }
 
 impl Weights {
