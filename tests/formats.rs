@@ -107,7 +107,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64], tol: f64) 
 }
 
 fn lossless(kind: &str) -> bool {
-    !matches!(kind, "dense-bf16" | "dense-i8" | "bitmask-i8")
+    !(kind.ends_with("-bf16") || kind.ends_with("-i8"))
 }
 
 /// Checks one format against the dense matrix it was built from.
@@ -129,7 +129,7 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
                 .fold(0f32, |a, &v| a.max(v.abs()));
             for k in 0..cols {
                 let (a, b) = (w[r * cols + k], d[r * cols + k]);
-                let tol = if kind == "dense-bf16" {
+                let tol = if kind.ends_with("-bf16") {
                     a.abs() / 256.0
                 } else {
                     amax / 254.0 * 1.001
@@ -141,7 +141,7 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
             }
         }
     }
-    for m in [1usize, 2, 5] {
+    for m in [1usize, 2, 4, 5, 9] {
         let x: Vec<f32> = (0..m * cols).map(|_| rng.normal()).collect();
         let (want_src, scale) = reference(w, rows, cols, &x, m);
         let (want, _) = reference(&d, rows, cols, &x, m);
@@ -155,6 +155,13 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
         if lossless(kind) {
             assert_close(&format!("{ctx} vs source"), &fast, &want_src, &scale, 1e-4);
         }
+        // Accumulating form: y0 + product.
+        let y0: Vec<f32> = (0..m * rows).map(|_| rng.normal()).collect();
+        let mut acc = y0.clone();
+        f.matmul_add(&x, m, &mut acc, true);
+        let want_acc: Vec<f64> = want.iter().zip(&y0).map(|(w, &a)| w + a as f64).collect();
+        let scale_acc: Vec<f64> = scale.iter().zip(&y0).map(|(s, &a)| s + a.abs() as f64).collect();
+        assert_close(&format!("{ctx} accumulate"), &acc, &want_acc, &scale_acc, 1e-4);
         if m == 1 {
             let mut v = vec![f32::NAN; rows];
             f.matvec(&x, &mut v);
@@ -176,7 +183,10 @@ fn general_formats(w: &[f32], rows: usize, cols: usize) -> Vec<Box<dyn WeightFor
         Box::new(DenseI8::from_dense(w, rows, cols).unwrap()),
         Box::new(Bitmask::from_dense(w, rows, cols).unwrap()),
         Box::new(BitmaskI8::from_dense(w, rows, cols).unwrap()),
+        Box::new(BitmaskBf16::from_dense(w, rows, cols).unwrap()),
         Box::new(Csr::from_dense(w, rows, cols).unwrap()),
+        Box::new(CsrBf16::from_dense(w, rows, cols).unwrap()),
+        Box::new(CsrI8::from_dense(w, rows, cols).unwrap()),
         Box::new(Bsr::from_dense(w, rows, cols, 4, 16).unwrap()),
         Box::new(Bsr::from_dense(w, rows, cols, 3, 5).unwrap()),
         Box::new(Bsr::from_dense(w, rows, cols, 1, 40).unwrap()),
@@ -246,6 +256,20 @@ fn nm_formats_match_dense() {
             let f = NM::from_dense(&w, rows, cols, n, m).unwrap();
             assert_eq!(f.pattern(), (n, m));
             check(&f, &w, rows, cols, &mut rng);
+            check(
+                &NMBf16::from_dense(&w, rows, cols, n, m).unwrap(),
+                &w,
+                rows,
+                cols,
+                &mut rng,
+            );
+            check(
+                &NMI8::from_dense(&w, rows, cols, n, m).unwrap(),
+                &w,
+                rows,
+                cols,
+                &mut rng,
+            );
             // The general formats agree on N:M matrices too.
             for g in general_formats(&w, rows, cols) {
                 check(g.as_ref(), &w, rows, cols, &mut rng);

@@ -1,9 +1,22 @@
-//! `lopper bench`: prefill throughput (f32, full-sequence windows, all logits) next to the
-//! machine's measured FMA peak and attained GEMM rate, all in the same run.
+//! `lopper bench`: decode and prefill throughput per weight format, next to the machine's
+//! measured limits (STREAM-like read bandwidth, FMA peak, GEMM rate), all in the same run.
+//!
+//! Decode: for each `--format` (the first is the baseline of the ratios), the model is packed,
+//! a `--prompt-len`-token wiki prompt is prefilled and `--gen` tokens are decoded greedily
+//! (eos ignored); formats are run round-robin `--reps` times and the best run of each is kept,
+//! so machine noise hits all alike. Reported per format: prefill and decode tokens/s, weight
+//! bytes read per decode token (packed linears + LM head), the bandwidth that implies, and that
+//! figure against STREAM measured on a buffer larger than the last-level cache and on one the size
+//! of the weights (what a cache-resident working set can get).
+//!
+//! Prefill windows (`--windows`, 0 to skip): full `--seq-len` windows through the dense f32
+//! model, with and without the all-logits NLL, against the FMA peak and GEMM rate.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::model::observer::NoObserver;
+use lopper::runtime::{self, FormatChoice, GenerateOpts, PackOpts, SampleOpts};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,10 +25,27 @@ pub struct BenchArgs {
     /// GGUF file or HF directory (default: SmolLM2-135M-Instruct, fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Tokens per prefill window.
+    /// Weight formats to compare, comma-separated (first = baseline of the ratios): auto,
+    /// auto-bf16, dense, bf16, int8, bitmask[-bf16|-i8], csr[-bf16|-i8], nm[-bf16|-i8], bsr.
+    /// Default: the model as loaded (packed if it was saved packed, else dense f32).
+    #[arg(long, value_delimiter = ',')]
+    pub format: Vec<String>,
+    /// Format of the LM head (default: dense with the body format's value type).
+    #[arg(long)]
+    pub head_format: Option<String>,
+    /// Prompt tokens prefilled before decoding.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Tokens decoded per run.
+    #[arg(long, default_value_t = 128)]
+    pub gen: usize,
+    /// Round-robin repetitions over the formats (best run of each is reported).
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+    /// Tokens per prefill window (the full-window prefill benchmark).
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
-    /// Windows to time (after one warm-up window).
+    /// Prefill windows to time after one warm-up window (0 = skip that benchmark).
     #[arg(long, default_value_t = 3)]
     pub windows: usize,
     /// Print one JSON object instead of text.
@@ -23,30 +53,254 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Decode/prefill figures of one format.
+struct FormatRun {
+    label: String,
+    weight_bytes: usize,
+    pack_seconds: f64,
+    prefill_tps: f64,
+    decode_tps: f64,
+    tokens: Vec<u32>,
+    kinds: Value,
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.gen < 2 || a.prompt_len == 0 {
+        bail!("--gen must be at least 2 and --prompt-len at least 1");
+    }
+    let choices: Vec<Option<FormatChoice>> = if a.format.is_empty() {
+        vec![None]
+    } else {
+        a.format
+            .iter()
+            .map(|s| s.parse().map(Some).map_err(|e| anyhow::anyhow!("--format: {e}")))
+            .collect::<Result<_>>()?
+    };
+    let head: Option<FormatChoice> = match &a.head_format {
+        Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--head-format: {e}"))?),
+        None => None,
+    };
     let path = super::model_path(&a.model)?;
-    let model = super::load_model(&path, a.json)?;
+    let mut model = super::load_model(&path, a.json)?;
     let threads = rayon::current_num_threads();
+    let text = lopper::assets::wiki_text()?;
+    let ids = super::eval::tokenize_text(&model, &text)?;
+    if ids.len() < a.prompt_len {
+        bail!("the wiki text has only {} tokens", ids.len());
+    }
+    let prompt = &ids[..a.prompt_len];
+
+    // Decode, round-robin over formats.
+    let mut runs: Vec<Option<FormatRun>> = (0..choices.len()).map(|_| None).collect();
+    for _ in 0..a.reps.max(1) {
+        for (slot, choice) in runs.iter_mut().zip(&choices) {
+            let r = decode_run(&mut model, *choice, head, prompt, a.gen)
+                .with_context(|| format!("benchmarking {}", label(*choice)))?;
+            match slot {
+                Some(best) if best.decode_tps >= r.decode_tps => {
+                    best.prefill_tps = best.prefill_tps.max(r.prefill_tps)
+                }
+                _ => {
+                    let prefill = slot.as_ref().map_or(0.0, |b| b.prefill_tps);
+                    *slot = Some(FormatRun {
+                        prefill_tps: r.prefill_tps.max(prefill),
+                        ..r
+                    });
+                }
+            }
+        }
+    }
+    let runs: Vec<FormatRun> = runs.into_iter().flatten().collect();
+    runtime::unpack(&mut model);
+
+    // Machine limits, measured after the runs (the weights' pages are resident by now).
+    let max_bytes = runs.iter().map(|r| r.weight_bytes).max().unwrap_or(0);
+    let dram_buf = (1usize << 30).max(2 * max_bytes);
+    let stream1 = lopper::kernels::probe::stream_gbps(1, dram_buf, 3);
+    let stream_n = lopper::kernels::probe::stream_gbps(threads, dram_buf, 3);
     let peak = lopper::kernels::probe::peak_fma_gflops(threads);
     let gemm = lopper::kernels::probe::gemm_gflops(
-        a.seq_len,
+        a.seq_len.min(2048),
         model.config.hidden_size,
         model.config.intermediate_size,
         3,
     );
-    let text = lopper::assets::wiki_text()?;
-    let ids = super::eval::tokenize_text(&model, &text)?;
-    let wins = lopper::eval::make_windows(&ids, a.seq_len, a.windows + 1, &text)?;
+
+    let base = &runs[0];
+    let mut rows = Vec::new();
+    for r in &runs {
+        let gbps = r.weight_bytes as f64 * r.decode_tps / 1e9;
+        let ws = lopper::kernels::probe::stream_gbps(threads, r.weight_bytes, 3);
+        let same = r
+            .tokens
+            .iter()
+            .zip(&base.tokens)
+            .take_while(|(x, y)| x == y)
+            .count();
+        rows.push(json!({
+            "format": r.label,
+            "pack_seconds": r.pack_seconds,
+            "prefill_tokens_per_s": r.prefill_tps,
+            "decode_tokens_per_s": r.decode_tps,
+            "decode_speedup": r.decode_tps / base.decode_tps,
+            "weight_bytes_per_token": r.weight_bytes,
+            "decode_weight_gbps": gbps,
+            "fraction_of_stream_dram": gbps / stream_n,
+            "stream_gbps_at_weight_size": ws,
+            "fraction_of_stream_at_weight_size": gbps / ws,
+            "bandwidth_bound_tokens_per_s": stream_n * 1e9 / r.weight_bytes as f64,
+            "tokens_equal_to_baseline": same,
+            "tensor_kinds": r.kinds,
+        }));
+    }
+    let windows = if a.windows > 0 {
+        Some(prefill_windows(&model, &text, a.seq_len, a.windows, peak, gemm)?)
+    } else {
+        None
+    };
+    let report = json!({
+        "model": path.display().to_string(),
+        "threads": threads,
+        "prompt_len": a.prompt_len,
+        "gen": a.gen,
+        "reps": a.reps,
+        "stream_dram_buffer_bytes": dram_buf,
+        "stream_gbps_1_thread": stream1,
+        "stream_gbps": stream_n,
+        "peak_fma_gflops": peak,
+        "gemm_gflops": gemm,
+        "decode": rows,
+        "prefill_windows": windows,
+        "peak_rss_bytes": lopper::util::peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "machine     {threads} threads; STREAM read ({} MiB) {stream1:.1} GB/s on 1 thread, {stream_n:.1} GB/s on {threads}; FMA peak {peak:.0} GFLOP/s; GEMM {gemm:.0} GFLOP/s",
+        dram_buf >> 20
+    );
+    println!(
+        "decode      prompt {} tokens, {} generated (greedy), best of {} round-robin runs\n",
+        a.prompt_len, a.gen, a.reps
+    );
+    println!(
+        "{:<14} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7} {:>10} {:>7} {:>6}",
+        "format", "prefill", "decode", "vs 1st", "MB/token", "GB/s", "%DRAM", "STREAM@ws", "%ws", "same"
+    );
+    for r in &rows {
+        println!(
+            "{:<14} {:>9.1} {:>9.1} {:>6.2}x {:>9.1} {:>8.2} {:>6.0}% {:>10.1} {:>6.0}% {:>6}",
+            r["format"].as_str().unwrap_or("?"),
+            r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["decode_speedup"].as_f64().unwrap_or(0.0),
+            r["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
+            r["decode_weight_gbps"].as_f64().unwrap_or(0.0),
+            100.0 * r["fraction_of_stream_dram"].as_f64().unwrap_or(0.0),
+            r["stream_gbps_at_weight_size"].as_f64().unwrap_or(0.0),
+            100.0 * r["fraction_of_stream_at_weight_size"].as_f64().unwrap_or(0.0),
+            r["tokens_equal_to_baseline"],
+        );
+    }
+    println!("\n(prefill/decode in tokens/s; MB/token = weight bytes read per decode token; GB/s = that × decode rate;\n %DRAM against STREAM on the large buffer, STREAM@ws = STREAM on a buffer the size of the weights;\n same = leading generated tokens equal to the first format's)");
+    if let Some(w) = windows {
+        println!(
+            "\nprefill     {:.0} tokens/s ({:.1} GFLOP/s) blocks only, {} tokens/window, dense f32",
+            w["prefill_body_tokens_per_s"].as_f64().unwrap_or(0.0),
+            w["prefill_body_gflops"].as_f64().unwrap_or(0.0),
+            a.seq_len
+        );
+        println!(
+            "eval        {:.0} tokens/s with all logits + NLL ({:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of GEMM rate; {:.3} GFLOP/token)",
+            w["eval_tokens_per_s"].as_f64().unwrap_or(0.0),
+            w["eval_gflops"].as_f64().unwrap_or(0.0),
+            100.0 * w["eval_fraction_of_peak"].as_f64().unwrap_or(0.0),
+            100.0 * w["eval_fraction_of_gemm"].as_f64().unwrap_or(0.0),
+            w["gflop_per_token_with_head"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(rss) = lopper::util::peak_rss_bytes() {
+        println!("peak RSS    {:.2} GB", rss as f64 / 1e9);
+    }
+    Ok(())
+}
+
+fn label(c: Option<FormatChoice>) -> String {
+    c.map_or("as-loaded".into(), |c| c.name().into())
+}
+
+/// Packs `model` as `choice` (None: as loaded) and times one greedy generation.
+fn decode_run(
+    model: &mut lopper::Model,
+    choice: Option<FormatChoice>,
+    head: Option<FormatChoice>,
+    prompt: &[u32],
+    gen: usize,
+) -> Result<FormatRun> {
+    let (weight_bytes, pack_seconds, kinds) = match choice {
+        Some(c) => {
+            let rep = runtime::pack(
+                model,
+                &PackOpts {
+                    head,
+                    ..PackOpts::new(c)
+                },
+            )?;
+            let mut count = serde_json::Map::new();
+            for t in &rep.tensors {
+                let e = count.entry(t.kind.clone()).or_insert(json!(0));
+                *e = json!(e.as_u64().unwrap_or(0) + 1);
+            }
+            (rep.bytes(), rep.seconds, Value::Object(count))
+        }
+        None => (
+            lopper::runtime::pack::decode_bytes(&model.weights),
+            0.0,
+            Value::Null,
+        ),
+    };
+    let opts = GenerateOpts {
+        max_new: gen,
+        sampling: SampleOpts::default(),
+        stop_at_eos: false,
+        stop_tokens: vec![],
+    };
+    let mut tokens = Vec::with_capacity(gen);
+    let stats = runtime::generate(model, prompt, &opts, &mut |t| tokens.push(t))?;
+    Ok(FormatRun {
+        label: label(choice),
+        weight_bytes,
+        pack_seconds,
+        prefill_tps: stats.prefill_tokens_per_s,
+        decode_tps: stats.decode_tokens_per_s,
+        tokens,
+        kinds,
+    })
+}
+
+/// Full-window prefill and eval throughput of the dense f32 model (the original benchmark).
+fn prefill_windows(
+    model: &lopper::Model,
+    text: &std::path::Path,
+    seq_len: usize,
+    windows: usize,
+    peak: f64,
+    gemm: f64,
+) -> Result<Value> {
+    let ids = super::eval::tokenize_text(model, text)?;
+    let wins = lopper::eval::make_windows(&ids, seq_len, windows + 1, text)?;
     // Warm-up, then timed windows: forward + full-vocabulary NLL (what `eval` does).
-    lopper::eval::window_nll(&model, wins[0])?;
+    lopper::eval::window_nll(model, wins[0])?;
     let mut eval_s = Vec::new();
     let mut fwd_s = Vec::new();
     for w in &wins[1..] {
         let t0 = Instant::now();
-        lopper::model::forward::forward_hidden(&model, w, 1, w.len(), &mut NoObserver)?;
+        lopper::model::forward::forward_hidden(model, w, 1, w.len(), &mut NoObserver)?;
         fwd_s.push(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        lopper::eval::window_nll(&model, w)?;
+        lopper::eval::window_nll(model, w)?;
         eval_s.push(t0.elapsed().as_secs_f64());
     }
     let med = |v: &mut Vec<f64>| {
@@ -55,16 +309,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let (fwd, ev) = (med(&mut fwd_s), med(&mut eval_s));
     let hd = model.config.head_dim;
-    let f_body = lopper::model::flops::prefill_flops(&model.weights, hd, a.seq_len, false);
-    let f_all = lopper::model::flops::prefill_flops(&model.weights, hd, a.seq_len, true);
-    let tok = a.seq_len as f64;
-    let r = serde_json::json!({
-        "model": path.display().to_string(),
-        "threads": threads,
-        "seq_len": a.seq_len,
+    let f_body = lopper::model::flops::prefill_flops(&model.weights, hd, seq_len, false);
+    let f_all = lopper::model::flops::prefill_flops(&model.weights, hd, seq_len, true);
+    let tok = seq_len as f64;
+    Ok(json!({
+        "seq_len": seq_len,
         "windows_timed": fwd_s.len(),
-        "peak_fma_gflops": peak,
-        "gemm_gflops": gemm,
         "prefill_body_tokens_per_s": tok / fwd,
         "prefill_body_gflops": f_body / fwd / 1e9,
         "eval_tokens_per_s": tok / ev,
@@ -72,29 +322,5 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "eval_fraction_of_peak": f_all / ev / 1e9 / peak,
         "eval_fraction_of_gemm": f_all / ev / 1e9 / gemm,
         "gflop_per_token_with_head": f_all / tok / 1e9,
-        "peak_rss_bytes": lopper::util::peak_rss_bytes(),
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        println!("machine     {threads} threads, FMA peak {peak:.1} GFLOP/s, GEMM ({}x{}x{}) {gemm:.1} GFLOP/s", a.seq_len, model.config.hidden_size, model.config.intermediate_size);
-        println!(
-            "prefill     {:.0} tokens/s ({:.1} GFLOP/s) blocks only, {} tokens/window",
-            tok / fwd,
-            f_body / fwd / 1e9,
-            a.seq_len
-        );
-        println!(
-            "eval        {:.0} tokens/s with all logits + NLL ({:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of GEMM rate; {:.3} GFLOP/token)",
-            tok / ev,
-            f_all / ev / 1e9,
-            100.0 * f_all / ev / 1e9 / peak,
-            100.0 * f_all / ev / 1e9 / gemm,
-            f_all / tok / 1e9
-        );
-        if let Some(rss) = lopper::util::peak_rss_bytes() {
-            println!("peak RSS    {:.2} GB", rss as f64 / 1e9);
-        }
-    }
-    Ok(())
+    }))
 }

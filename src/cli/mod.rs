@@ -63,6 +63,59 @@ pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
     m
 }
 
+/// Packs `model` as `--format` / `--head-format` (nothing when neither is given); prints a
+/// one-line summary to stderr unless `quiet`.
+pub fn pack_model(
+    model: &mut lopper::Model,
+    format: Option<&str>,
+    head: Option<&str>,
+    quiet: bool,
+) -> Result<Option<lopper::runtime::PackReport>> {
+    use lopper::runtime::{FormatChoice, PackOpts};
+    if format.is_none() && head.is_none() {
+        return Ok(None);
+    }
+    let choice: FormatChoice = match format {
+        Some(f) => f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?,
+        None => FormatChoice::Dense,
+    };
+    let head = match head {
+        Some(h) => Some(
+            h.parse::<FormatChoice>()
+                .map_err(|e| anyhow::anyhow!("--head-format: {e}"))?,
+        ),
+        None => None,
+    };
+    let pb = spinner(quiet, format!("packing weights as {choice}"));
+    let rep = lopper::runtime::pack(
+        model,
+        &PackOpts {
+            head,
+            ..PackOpts::new(choice)
+        },
+    )
+    .context("packing the weights")?;
+    pb.finish_and_clear();
+    if !quiet {
+        let mut kinds: Vec<(String, usize)> = Vec::new();
+        for t in &rep.tensors {
+            match kinds.iter_mut().find(|(k, _)| *k == t.kind) {
+                Some(e) => e.1 += 1,
+                None => kinds.push((t.kind.clone(), 1)),
+            }
+        }
+        let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        eprintln!(
+            "packed as {choice} (head {}) in {:.1} s: {}; {:.1} MB of weights per token",
+            rep.head,
+            rep.seconds,
+            list.join(", "),
+            rep.bytes() as f64 / 1e6
+        );
+    }
+    Ok(Some(rep))
+}
+
 /// A spinner on stderr (hidden when `quiet`).
 pub fn spinner(quiet: bool, msg: String) -> ProgressBar {
     if quiet {

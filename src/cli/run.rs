@@ -42,6 +42,14 @@ pub struct RunArgs {
     /// Do not stop at the model's eos token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Weight format for the runtime: auto, auto-bf16, dense, bf16, int8, bitmask[-bf16|-i8],
+    /// csr[-bf16|-i8], nm[-bf16|-i8], bsr. Default: as loaded (packed if saved packed, else
+    /// dense f32).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Format of the LM head (default: dense with the --format's value type).
+    #[arg(long)]
+    pub head_format: Option<String>,
 }
 
 /// The ChatML wrapping of one user message.
@@ -61,7 +69,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("--prompt must not be empty");
     }
     let path = super::model_path(&a.model)?;
-    let model = super::load_model(&path, false)?;
+    let mut model = super::load_model(&path, false)?;
+    super::pack_model(&mut model, a.format.as_deref(), a.head_format.as_deref(), false)?;
     let tok = model.tokenizer()?;
     let mut stop_tokens = a.stop_ids.clone();
     let text = if a.chat {

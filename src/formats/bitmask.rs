@@ -1,10 +1,35 @@
 //! Sparse-bitmask format (compressed-tensors' `sparse-bitmask`): per row a bitmask of nonzeros
 //! in u64 words (bit `k % 64` of word `k / 64` is column `k`), plus the nonzeros packed in row
-//! order. [`BitmaskI8`] stores the nonzeros as int8 with a per-row f32 scale.
+//! order as f32, bf16 or int8 with a per-row scale ([`BitmaskOf`]).
+//!
+//! At 50% density f32 values read 2.125 bytes per weight (dense f32: 4), at 30% 1.325, so a
+//! bandwidth-bound matvec can gain up to 1.9× / 3×. The kernel expands each 16-column slice of
+//! a row's packed values into place (`vexpandps`) and multiplies it with the matching
+//! (masked) slice of `x`.
 
+use super::elem::{Elem, Values};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+/// Sparse bitmask matrix with nonzeros stored as `E`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BitmaskOf<E: Elem> {
+    rows: usize,
+    cols: usize,
+    mask: Vec<u64>,
+    /// Row offsets into the values (prefix popcounts), `rows + 1` entries.
+    off: Vec<usize>,
+    vals: Values<E>,
+}
+
+/// Bitmask with f32 nonzeros.
+pub type Bitmask = BitmaskOf<f32>;
+/// Bitmask with bf16 nonzeros.
+pub type BitmaskBf16 = BitmaskOf<half::bf16>;
+/// Bitmask with int8 nonzeros and a per-row f32 scale (pruning + quantization):
+/// `W[r, k] = q · scale[r]` for each set bit. A nonzero that rounds to 0 stays in the mask.
+pub type BitmaskI8 = BitmaskOf<i8>;
 
 /// Mask words and row offsets (prefix popcounts) of a dense matrix.
 fn build_mask(w: &[f32], rows: usize, cols: usize) -> (Vec<u64>, Vec<usize>) {
@@ -25,7 +50,7 @@ fn build_mask(w: &[f32], rows: usize, cols: usize) -> (Vec<u64>, Vec<usize>) {
     (mask, off)
 }
 
-/// Validates a mask tensor for `rows × cols` and returns its row offsets.
+/// Validates a mask tensor for `rows × cols` and returns its words and row offsets.
 fn check_mask(
     t: &RawTensor,
     rows: usize,
@@ -60,119 +85,6 @@ fn check_mask(
     Ok((mask, off))
 }
 
-/// Sparse bitmask matrix with f32 nonzeros.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Bitmask {
-    rows: usize,
-    cols: usize,
-    mask: Vec<u64>,
-    off: Vec<usize>,
-    values: Vec<f32>,
-}
-
-impl Bitmask {
-    pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("bitmask", w, rows, cols)?;
-        let (mask, off) = build_mask(w, rows, cols);
-        let values = w.iter().copied().filter(|&v| v != 0.0).collect();
-        Ok(Bitmask {
-            rows,
-            cols,
-            mask,
-            off,
-            values,
-        })
-    }
-    /// Number of nonzeros.
-    pub fn nnz(&self) -> usize {
-        self.values.len()
-    }
-    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "bitmask";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
-        let mt = find(tensors, name, "bitmask", Dtype::U64, K)?;
-        let (mask, off) = check_mask(mt, rows, cols, K)?;
-        let v = find(tensors, name, "values", Dtype::F32, K)?;
-        expect_len(v, Some(off[rows]), K).map_err(|_| {
-            ferr(
-                v.name.clone(),
-                K,
-                format!(
-                    "has {} values but the bitmask popcount is {}",
-                    v.data.len() / 4,
-                    off[rows]
-                ),
-            )
-        })?;
-        Ok(Bitmask {
-            rows,
-            cols,
-            mask,
-            off,
-            values: read_f32(v),
-        })
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        let wpr = self.cols.div_ceil(64);
-        for r in r0..r1 {
-            let words = self.mask.as_ptr().add(r * wpr);
-            for i in 0..m {
-                let xp = x.as_ptr().add(i * self.cols);
-                let mut vp = self.values.as_ptr().add(self.off[r]);
-                let (mut a0, mut a1, mut a2, mut a3) = (
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                );
-                for w in 0..wpr {
-                    let word = *words.add(w);
-                    let base = xp.wrapping_add(w * 64);
-                    // Lanes outside a mask are neither read nor faulted; masks have no bits past `cols`.
-                    let (k0, k1, k2, k3) = (
-                        word as __mmask16,
-                        (word >> 16) as __mmask16,
-                        (word >> 32) as __mmask16,
-                        (word >> 48) as __mmask16,
-                    );
-                    let p1 = vp.wrapping_add(k0.count_ones() as usize);
-                    let p2 = p1.wrapping_add(k1.count_ones() as usize);
-                    let p3 = p2.wrapping_add(k2.count_ones() as usize);
-                    a0 = _mm512_fmadd_ps(
-                        _mm512_maskz_expandloadu_ps(k0, vp),
-                        _mm512_maskz_loadu_ps(k0, base),
-                        a0,
-                    );
-                    a1 = _mm512_fmadd_ps(
-                        _mm512_maskz_expandloadu_ps(k1, p1),
-                        _mm512_maskz_loadu_ps(k1, base.wrapping_add(16)),
-                        a1,
-                    );
-                    a2 = _mm512_fmadd_ps(
-                        _mm512_maskz_expandloadu_ps(k2, p2),
-                        _mm512_maskz_loadu_ps(k2, base.wrapping_add(32)),
-                        a2,
-                    );
-                    a3 = _mm512_fmadd_ps(
-                        _mm512_maskz_expandloadu_ps(k3, p3),
-                        _mm512_maskz_loadu_ps(k3, base.wrapping_add(48)),
-                        a3,
-                    );
-                    vp = vp.wrapping_add(word.count_ones() as usize);
-                }
-                let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-                out.put(i, r, _mm512_reduce_add_ps(s));
-            }
-        }
-    }
-    fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        iter_bits(&self.mask, self.cols, r).zip(self.off[r]..self.off[r + 1])
-    }
-}
-
 /// Set columns of row `r`, ascending.
 fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize> + '_ {
     let wpr = cols.div_ceil(64);
@@ -192,144 +104,50 @@ fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize>
         })
 }
 
-impl WeightFormat for Bitmask {
-    fn kind(&self) -> &'static str {
-        "bitmask"
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn nbytes(&self) -> usize {
-        self.values.len() * 4 + self.mask.len() * 8
-    }
-    fn stored(&self) -> usize {
-        self.values.len()
-    }
-    fn to_dense(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
-            for (k, j) in self.row_iter(r) {
-                d[r * self.cols + k] = self.values[j];
-            }
-        }
-        d
-    }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("bitmask", self.rows, self.cols, x, m, y);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
-            return;
-        }
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
-            for r in r0..r1 {
-                for i in 0..m {
-                    let xi = &x[i * self.cols..];
-                    let s: f32 = self.row_iter(r).map(|(k, j)| self.values[j] * xi[k]).sum();
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, s) };
-                }
-            }
-        });
-    }
-    fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("bitmask", self.rows, self.cols, x, m, y);
-        for i in 0..m {
-            for r in 0..self.rows {
-                let s: f64 = self
-                    .row_iter(r)
-                    .map(|(k, j)| self.values[j] as f64 * x[i * self.cols + k] as f64)
-                    .sum();
-                y[i * self.rows + r] = s as f32;
-            }
-        }
-    }
-    fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![
-            shape_tensor(name, &[self.rows, self.cols]),
-            RawTensor::u64(format!("{name}.bitmask"), &self.mask),
-            RawTensor::f32(format!("{name}.values"), &self.values),
-        ]
-    }
-}
-
-/// Sparse bitmask matrix with int8 nonzeros and a per-row f32 scale (pruning + quantization):
-/// `W[r, k] = q · scale[r]` for each set bit.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BitmaskI8 {
-    rows: usize,
-    cols: usize,
-    mask: Vec<u64>,
-    off: Vec<usize>,
-    q: Vec<i8>,
-    scales: Vec<f32>,
-}
-
-impl BitmaskI8 {
-    /// Keeps the nonzero pattern of `w` and quantizes each row's nonzeros symmetrically
-    /// (scale = max|w| / 127). A nonzero that rounds to 0 stays in the mask with value 0.
+impl<E: Elem> BitmaskOf<E> {
+    const KIND: &'static str = match E::DTYPE {
+        Dtype::F32 => "bitmask",
+        Dtype::Bf16 => "bitmask-bf16",
+        _ => "bitmask-i8",
+    };
+    /// Keeps the nonzeros of `w` (int8: each row's nonzeros quantized symmetrically).
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("bitmask-i8", w, rows, cols)?;
+        check_dense(Self::KIND, w, rows, cols)?;
         let (mask, off) = build_mask(w, rows, cols);
-        let mut q = Vec::with_capacity(off[rows]);
-        let mut scales = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let nz: Vec<f32> = w[r * cols..(r + 1) * cols]
-                .iter()
-                .copied()
-                .filter(|&v| v != 0.0)
-                .collect();
-            let (qr, s) = quantize_row(&nz);
-            q.extend(qr);
-            scales.push(s);
-        }
-        Ok(BitmaskI8 {
+        Ok(BitmaskOf {
             rows,
             cols,
             mask,
             off,
-            q,
-            scales,
+            vals: Values::encode_matrix(w, rows, cols, |v| v != 0.0),
         })
     }
+    /// Number of nonzeros.
     pub fn nnz(&self) -> usize {
-        self.q.len()
+        self.vals.v.len()
     }
     pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "bitmask-i8";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
-        let mt = find(tensors, name, "bitmask", Dtype::U64, K)?;
-        let (mask, off) = check_mask(mt, rows, cols, K)?;
-        let v = find(tensors, name, "values", Dtype::I8, K)?;
-        expect_len(v, Some(off[rows]), K).map_err(|_| {
-            ferr(
-                v.name.clone(),
-                K,
-                format!(
-                    "has {} values but the bitmask popcount is {}",
-                    v.data.len(),
-                    off[rows]
-                ),
-            )
-        })?;
-        let sc = find(tensors, name, "scales", Dtype::F32, K)?;
-        expect_len(sc, Some(rows), K)?;
-        Ok(BitmaskI8 {
+        let (rows, cols) = read_dims(tensors, name, Self::KIND)?;
+        let mt = find(tensors, name, "bitmask", Dtype::U64, Self::KIND)?;
+        let (mask, off) = check_mask(mt, rows, cols, Self::KIND)?;
+        let vals = Values::from_tensors(
+            tensors,
+            name,
+            rows,
+            Some(off[rows]),
+            Self::KIND,
+            "the bitmask popcount",
+        )?;
+        Ok(BitmaskOf {
             rows,
             cols,
             mask,
             off,
-            q: v.data.iter().map(|&b| b as i8).collect(),
-            scales: read_f32(sc),
+            vals,
         })
     }
+    /// # Safety
+    /// AVX-512 available; masks validated (no bits past `cols`, popcounts = value counts).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
@@ -338,37 +156,48 @@ impl BitmaskI8 {
             let words = self.mask.as_ptr().add(r * wpr);
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
-                let mut vp = self.q.as_ptr().add(self.off[r]);
+                let mut vp = self.vals.v.as_ptr().add(self.off[r]);
                 let mut a = [_mm512_setzero_ps(); 4];
                 for w in 0..wpr {
                     let word = *words.add(w);
                     let base = xp.wrapping_add(w * 64);
-                    for q in 0..4 {
+                    // Lanes outside a mask are neither read nor faulted; masks have no bits
+                    // past `cols`.
+                    for (q, acc) in a.iter_mut().enumerate() {
                         let k = (word >> (16 * q)) as __mmask16;
-                        let cnt = k.count_ones();
-                        // Reads exactly `cnt` bytes (the masked load suppresses the rest).
-                        let lm: __mmask16 = ((1u32 << cnt) - 1) as __mmask16;
-                        let packed =
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, vp)));
-                        let wv = _mm512_maskz_expand_ps(k, packed);
+                        let wv = E::expand_load(k, vp);
                         let xv = _mm512_maskz_loadu_ps(k, base.wrapping_add(16 * q));
-                        a[q] = _mm512_fmadd_ps(wv, xv, a[q]);
-                        vp = vp.wrapping_add(cnt as usize);
+                        *acc = _mm512_fmadd_ps(wv, xv, *acc);
+                        vp = vp.wrapping_add(k.count_ones() as usize);
                     }
                 }
                 let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-                out.put(i, r, _mm512_reduce_add_ps(s) * self.scales[r]);
+                out.put(i, r, _mm512_reduce_add_ps(s) * self.vals.scale(r));
             }
         }
     }
+    /// (column, value index) of row `r`'s nonzeros.
     fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         iter_bits(&self.mask, self.cols, r).zip(self.off[r]..self.off[r + 1])
     }
+    fn block_portable(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        for r in r0..r1 {
+            for i in 0..m {
+                let xi = &x[i * self.cols..];
+                let s: f32 = self
+                    .row_iter(r)
+                    .map(|(k, j)| self.vals.v[j].to_f32() * xi[k])
+                    .sum();
+                // SAFETY: r in this block's range, i < m.
+                unsafe { out.put(i, r, s * self.vals.scale(r)) };
+            }
+        }
+    }
 }
 
-impl WeightFormat for BitmaskI8 {
+impl<E: Elem> WeightFormat for BitmaskOf<E> {
     fn kind(&self) -> &'static str {
-        "bitmask-i8"
+        Self::KIND
     }
     fn rows(&self) -> usize {
         self.rows
@@ -377,66 +206,51 @@ impl WeightFormat for BitmaskI8 {
         self.cols
     }
     fn nbytes(&self) -> usize {
-        self.q.len() + self.mask.len() * 8 + self.scales.len() * 4
+        self.vals.nbytes() + self.mask.len() * 8
     }
     fn stored(&self) -> usize {
-        self.q.len()
+        self.vals.v.len()
     }
-    fn to_dense(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
             for (k, j) in self.row_iter(r) {
-                d[r * self.cols + k] = self.q[j] as f32 * self.scales[r];
+                out[(r - r0) * c + k] = self.vals.get(r, j);
             }
         }
-        d
     }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("bitmask-i8", self.rows, self.cols, x, m, y);
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        if m > SMALL_M {
+            return matmul_tiled(self, x, m, y, acc);
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
                 self.block_avx512(r0, r1, x, m, out)
             });
             return;
         }
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
-            for r in r0..r1 {
-                for i in 0..m {
-                    let xi = &x[i * self.cols..];
-                    let s: f32 = self
-                        .row_iter(r)
-                        .map(|(k, j)| self.q[j] as f32 * xi[k])
-                        .sum();
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, s * self.scales[r]) };
-                }
-            }
+        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
+            self.block_portable(r0, r1, x, m, out)
         });
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("bitmask-i8", self.rows, self.cols, x, m, y);
-        for i in 0..m {
-            for r in 0..self.rows {
-                let s: f64 = self
-                    .row_iter(r)
-                    .map(|(k, j)| self.q[j] as f64 * x[i * self.cols + k] as f64)
-                    .sum();
-                y[i * self.rows + r] = (s * self.scales[r] as f64) as f32;
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
+            for (k, j) in self.row_iter(r) {
+                emit(k, self.vals.get64(r, j));
             }
-        }
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![
+        let mut t = vec![
             shape_tensor(name, &[self.rows, self.cols]),
             RawTensor::u64(format!("{name}.bitmask"), &self.mask),
-            RawTensor::bytes(
-                format!("{name}.values"),
-                Dtype::I8,
-                self.q.iter().map(|&v| v as u8).collect(),
-            ),
-            RawTensor::f32(format!("{name}.scales"), &self.scales),
-        ]
+        ];
+        t.extend(self.vals.tensors(name));
+        t
     }
 }

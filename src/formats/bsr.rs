@@ -173,8 +173,15 @@ impl Bsr {
         }
     }
 
-    fn tiles(&self, b: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (self.brp[b]..self.brp[b + 1]).map(move |t| (t, self.bcol[t] as usize * self.bc))
+    /// (column, value) of every stored value of row `r` (inside the matrix).
+    fn row_entries(&self, r: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
+        let (b, rr) = (r / self.br, r % self.br);
+        let (br, bc, cols) = (self.br, self.bc, self.cols);
+        (self.brp[b]..self.brp[b + 1]).flat_map(move |t| {
+            let c0 = self.bcol[t] as usize * bc;
+            let row = &self.values[t * br * bc + rr * bc..][..bc.min(cols - c0)];
+            row.iter().enumerate().map(move |(j, &v)| (c0 + j, v))
+        })
     }
 }
 
@@ -194,22 +201,20 @@ impl WeightFormat for Bsr {
     fn stored(&self) -> usize {
         self.values.len()
     }
-    fn to_dense(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.rows * self.cols];
-        for b in 0..self.brp.len() - 1 {
-            for (t, c0) in self.tiles(b) {
-                for i in 0..self.br.min(self.rows - b * self.br) {
-                    for j in 0..self.bc.min(self.cols - c0) {
-                        d[(b * self.br + i) * self.cols + c0 + j] =
-                            self.values[t * self.br * self.bc + i * self.bc + j];
-                    }
-                }
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
+            for (k, v) in self.row_entries(r) {
+                out[(r - r0) * c + k] = v;
             }
         }
-        d
     }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
         check_sizes("bsr", self.rows, self.cols, x, m, y);
+        if m > SMALL_M {
+            return matmul_tiled(self, x, m, y, acc);
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; block columns validated; disjoint rows
@@ -220,46 +225,29 @@ impl WeightFormat for Bsr {
                 self.nbytes(),
                 self.br,
                 y,
+                acc,
                 |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
             );
             return;
         }
-        let (br, bc) = (self.br, self.bc);
-        drive(self.rows, m, self.nbytes(), br, y, |r0, r1, out| {
-            for b in r0 / br..r1.div_ceil(br) {
+        drive(self.rows, m, self.nbytes(), self.br, y, acc, |r0, r1, out| {
+            for r in r0..r1 {
                 for i in 0..m {
                     let xi = &x[i * self.cols..];
-                    for rr in 0..br.min(self.rows - b * br) {
-                        let mut s = 0f32;
-                        for (t, c0) in self.tiles(b) {
-                            let row =
-                                &self.values[t * br * bc + rr * bc..][..bc.min(self.cols - c0)];
-                            s += row.iter().zip(&xi[c0..]).map(|(a, b)| a * b).sum::<f32>();
-                        }
-                        // SAFETY: row inside this aligned block range, i < m.
-                        unsafe { out.put(i, b * br + rr, s) };
-                    }
+                    let s: f32 = self.row_entries(r).map(|(k, v)| v * xi[k]).sum();
+                    // SAFETY: row inside this aligned block range, i < m.
+                    unsafe { out.put(i, r, s) };
                 }
             }
         });
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("bsr", self.rows, self.cols, x, m, y);
-        let (br, bc) = (self.br, self.bc);
-        for i in 0..m {
-            for b in 0..self.brp.len() - 1 {
-                for rr in 0..br.min(self.rows - b * br) {
-                    let mut s = 0f64;
-                    for (t, c0) in self.tiles(b) {
-                        for j in 0..bc.min(self.cols - c0) {
-                            s += self.values[t * br * bc + rr * bc + j] as f64
-                                * x[i * self.cols + c0 + j] as f64;
-                        }
-                    }
-                    y[i * self.rows + b * br + rr] = s as f32;
-                }
+        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
+            for (k, v) in self.row_entries(r) {
+                emit(k, v as f64);
             }
-        }
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let ptr: Vec<u64> = self.brp.iter().map(|&p| p as u64).collect();

@@ -1,78 +1,88 @@
-//! Compressed sparse rows with u16 column indices (for `cols ≤ 65536`), for low densities.
+//! Compressed sparse rows with u16 column indices (for `cols ≤ 65536`), for low densities:
+//! 6 bytes per nonzero with f32 values (4 with bf16, 3 with int8), so it beats the bitmask only
+//! below about 6% density for f32, but needs no work per zero.
 
+use super::elem::{first_lanes, Elem, Values};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// CSR matrix: `row_ptr[rows + 1]`, per nonzero a u16 column and an f32 value.
+/// CSR matrix: `row_ptr[rows + 1]`, per nonzero a u16 column and a value of type `E`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Csr {
+pub struct CsrOf<E: Elem> {
     rows: usize,
     cols: usize,
     row_ptr: Vec<usize>,
     col_idx: Vec<u16>,
-    values: Vec<f32>,
+    vals: Values<E>,
 }
 
-impl Csr {
+/// CSR with f32 values.
+pub type Csr = CsrOf<f32>;
+/// CSR with bf16 values.
+pub type CsrBf16 = CsrOf<half::bf16>;
+/// CSR with int8 values and a per-row f32 scale.
+pub type CsrI8 = CsrOf<i8>;
+
+impl<E: Elem> CsrOf<E> {
+    const KIND: &'static str = match E::DTYPE {
+        Dtype::F32 => "csr",
+        Dtype::Bf16 => "csr-bf16",
+        _ => "csr-i8",
+    };
     /// Errors when `cols > 65536` (indices would not fit in u16).
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("csr", w, rows, cols)?;
+        check_dense(Self::KIND, w, rows, cols)?;
         if cols > 1 << 16 {
             return Err(Error::Invalid(format!(
                 "csr: {cols} columns do not fit u16 indices (max 65536)"
             )));
         }
         let mut row_ptr = vec![0];
-        let (mut col_idx, mut values) = (Vec::new(), Vec::new());
+        let mut col_idx = Vec::new();
         for r in 0..rows {
             for k in 0..cols {
-                let v = w[r * cols + k];
-                if v != 0.0 {
+                if w[r * cols + k] != 0.0 {
                     col_idx.push(k as u16);
-                    values.push(v);
                 }
             }
-            row_ptr.push(values.len());
+            row_ptr.push(col_idx.len());
         }
-        Ok(Csr {
+        Ok(CsrOf {
             rows,
             cols,
             row_ptr,
             col_idx,
-            values,
+            vals: Values::encode_matrix(w, rows, cols, |v| v != 0.0),
         })
     }
     pub fn nnz(&self) -> usize {
-        self.values.len()
+        self.col_idx.len()
     }
     pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "csr";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
+        let (rows, cols) = read_dims(tensors, name, Self::KIND)?;
         if cols > 1 << 16 {
             return Err(ferr(
                 format!("{name}.shape"),
-                K,
+                Self::KIND,
                 format!("{cols} columns exceed u16 indices"),
             ));
         }
-        let pt = find(tensors, name, "row_ptr", Dtype::U64, K)?;
-        expect_len(pt, rows.checked_add(1), K)?;
-        let ct = find(tensors, name, "col_idx", Dtype::U16, K)?;
-        let vt = find(tensors, name, "values", Dtype::F32, K)?;
-        let nnz = vt.data.len() / 4;
-        expect_len(ct, Some(nnz), K)?;
+        let pt = find(tensors, name, "row_ptr", Dtype::U64, Self::KIND)?;
+        expect_len(pt, rows.checked_add(1), Self::KIND)?;
+        let ct = find(tensors, name, "col_idx", Dtype::U16, Self::KIND)?;
+        let nnz = ct.data.len() / 2;
+        let vals = Values::from_tensors(tensors, name, rows, Some(nnz), Self::KIND, "col_idx")?;
         let ptr64 = read_u64(pt);
         if ptr64[0] != 0 || ptr64[rows] != nnz as u64 {
             return Err(ferr(
                 pt.name.clone(),
-                K,
+                Self::KIND,
                 format!("must start at 0 and end at nnz = {nnz}"),
             ));
         }
         if let Some(r) = ptr64.windows(2).position(|w| w[1] < w[0]) {
-            return Err(ferr(pt.name.clone(), K, format!("decreases at row {r}")));
+            return Err(ferr(pt.name.clone(), Self::KIND, format!("decreases at row {r}")));
         }
         let row_ptr: Vec<usize> = ptr64.into_iter().map(|p| p as usize).collect();
         let col_idx = read_u16(ct);
@@ -81,29 +91,32 @@ impl Csr {
             if let Some(&bad) = c.iter().find(|&&k| k as usize >= cols) {
                 return Err(ferr(
                     ct.name.clone(),
-                    K,
+                    Self::KIND,
                     format!("row {r} has column {bad} ≥ {cols}"),
                 ));
             }
             if c.windows(2).any(|w| w[1] <= w[0]) {
                 return Err(ferr(
                     ct.name.clone(),
-                    K,
+                    Self::KIND,
                     format!("row {r} columns are not strictly increasing"),
                 ));
             }
         }
-        Ok(Csr {
+        Ok(CsrOf {
             rows,
             cols,
             row_ptr,
             col_idx,
-            values: read_f32(vt),
+            vals,
         })
     }
+    /// # Safety
+    /// AVX-512 available; row pointers and column indices validated.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (ci, vp) = (self.col_idx.as_ptr(), self.vals.v.as_ptr());
         for r in r0..r1 {
             let (s, e) = (self.row_ptr[r], self.row_ptr[r + 1]);
             for i in 0..m {
@@ -112,45 +125,50 @@ impl Csr {
                 let mut a1 = _mm512_setzero_ps();
                 let mut j = s;
                 while j + 32 <= e {
-                    let i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                        self.col_idx.as_ptr().add(j) as *const __m256i,
-                    ));
-                    let i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                        self.col_idx.as_ptr().add(j + 16) as *const __m256i,
-                    ));
+                    let i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(ci.add(j) as *const __m256i));
+                    let i1 =
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(ci.add(j + 16) as *const __m256i));
                     let g0 = _mm512_i32gather_ps::<4>(i0, xp);
                     let g1 = _mm512_i32gather_ps::<4>(i1, xp);
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(self.values.as_ptr().add(j)), g0, a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(self.values.as_ptr().add(j + 16)), g1, a1);
+                    a0 = _mm512_fmadd_ps(E::load16(vp.add(j)), g0, a0);
+                    a1 = _mm512_fmadd_ps(E::load16(vp.add(j + 16)), g1, a1);
                     j += 32;
                 }
                 while j < e {
-                    let mk: __mmask16 = if e - j >= 16 {
-                        0xffff
-                    } else {
-                        (1u16 << (e - j)) - 1
-                    };
+                    let mk = first_lanes(e - j);
                     let idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
                         mk,
-                        self.col_idx.as_ptr().add(j) as *const i16,
+                        ci.add(j) as *const i16,
                     ));
                     let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mk, idx, xp);
-                    a0 = _mm512_fmadd_ps(
-                        _mm512_maskz_loadu_ps(mk, self.values.as_ptr().add(j)),
-                        g,
-                        a0,
-                    );
+                    a0 = _mm512_fmadd_ps(E::load_first(e - j, vp.add(j)), g, a0);
                     j += 16;
                 }
-                out.put(i, r, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+                let sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                out.put(i, r, sum * self.vals.scale(r));
+            }
+        }
+    }
+    fn block_portable(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        for r in r0..r1 {
+            let rg = self.row_ptr[r]..self.row_ptr[r + 1];
+            for i in 0..m {
+                let xi = &x[i * self.cols..];
+                let s: f32 = self.col_idx[rg.clone()]
+                    .iter()
+                    .zip(&self.vals.v[rg.clone()])
+                    .map(|(&k, v)| v.to_f32() * xi[k as usize])
+                    .sum();
+                // SAFETY: r in this block's range, i < m.
+                unsafe { out.put(i, r, s * self.vals.scale(r)) };
             }
         }
     }
 }
 
-impl WeightFormat for Csr {
+impl<E: Elem> WeightFormat for CsrOf<E> {
     fn kind(&self) -> &'static str {
-        "csr"
+        Self::KIND
     }
     fn rows(&self) -> usize {
         self.rows
@@ -159,65 +177,53 @@ impl WeightFormat for Csr {
         self.cols
     }
     fn nbytes(&self) -> usize {
-        self.values.len() * 6 + self.row_ptr.len() * 8
+        self.vals.nbytes() + self.col_idx.len() * 2 + self.row_ptr.len() * 8
     }
     fn stored(&self) -> usize {
-        self.values.len()
+        self.col_idx.len()
     }
-    fn to_dense(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
             for j in self.row_ptr[r]..self.row_ptr[r + 1] {
-                d[r * self.cols + self.col_idx[j] as usize] = self.values[j];
+                out[(r - r0) * c + self.col_idx[j] as usize] = self.vals.get(r, j);
             }
         }
-        d
     }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("csr", self.rows, self.cols, x, m, y);
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        if m > SMALL_M {
+            return matmul_tiled(self, x, m, y, acc);
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated < cols; disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
                 self.block_avx512(r0, r1, x, m, out)
             });
             return;
         }
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
-            for r in r0..r1 {
-                let rg = self.row_ptr[r]..self.row_ptr[r + 1];
-                for i in 0..m {
-                    let xi = &x[i * self.cols..];
-                    let s: f32 = self.col_idx[rg.clone()]
-                        .iter()
-                        .zip(&self.values[rg.clone()])
-                        .map(|(&k, v)| v * xi[k as usize])
-                        .sum();
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, s) };
-                }
-            }
+        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
+            self.block_portable(r0, r1, x, m, out)
         });
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("csr", self.rows, self.cols, x, m, y);
-        for i in 0..m {
-            for r in 0..self.rows {
-                let mut s = 0f64;
-                for j in self.row_ptr[r]..self.row_ptr[r + 1] {
-                    s += self.values[j] as f64 * x[i * self.cols + self.col_idx[j] as usize] as f64;
-                }
-                y[i * self.rows + r] = s as f32;
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
+            for j in self.row_ptr[r]..self.row_ptr[r + 1] {
+                emit(self.col_idx[j] as usize, self.vals.get64(r, j));
             }
-        }
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let ptr: Vec<u64> = self.row_ptr.iter().map(|&p| p as u64).collect();
-        vec![
+        let mut t = vec![
             shape_tensor(name, &[self.rows, self.cols]),
             RawTensor::u64(format!("{name}.row_ptr"), &ptr),
             RawTensor::u16(format!("{name}.col_idx"), Dtype::U16, &self.col_idx),
-            RawTensor::f32(format!("{name}.values"), &self.values),
-        ]
+        ];
+        t.extend(self.vals.tensors(name));
+        t
     }
 }

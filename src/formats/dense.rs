@@ -1,230 +1,261 @@
-//! Dense weights: f32, bf16 and int8 with per-row scales.
+//! Dense weights with f32, bf16 or int8 (+ per-row scale) values: [`DenseOf`].
+//!
+//! Small products (`m ≤` [`SMALL_M`], i.e. decode) run row dot products that stream each weight
+//! row once (AVX-512 with 4 accumulators, rows split over threads); larger ones go to GEMM —
+//! directly for f32, through decoded f32 row tiles for bf16 / int8 ([`super::matmul_tiled`]).
+//! [`dense_f32_matmul`] runs the same kernels on a borrowed f32 matrix (an unpacked model's
+//! weight), so dense f32 needs no copy.
 
+use super::elem::{first_lanes, Elem, Values};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Dense f32 weights, row-major `[rows, cols]`.
+/// Dense row-major `[rows, cols]` weights stored as `E`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Dense {
+pub struct DenseOf<E: Elem> {
     rows: usize,
     cols: usize,
-    data: Vec<f32>,
+    vals: Values<E>,
+}
+
+/// Dense f32.
+pub type Dense = DenseOf<f32>;
+/// Dense bf16 (round-to-nearest-even from f32); products accumulate in f32.
+pub type DenseBf16 = DenseOf<half::bf16>;
+/// Dense int8 with a per-row f32 scale: `W[r, k] = q[r, k] · scale[r]`.
+pub type DenseI8 = DenseOf<i8>;
+
+impl<E: Elem> DenseOf<E> {
+    /// Encodes `w` (int8: symmetric per-row quantization, scale = max|w| / 127).
+    pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        check_dense(Self::KIND, w, rows, cols)?;
+        Ok(DenseOf {
+            rows,
+            cols,
+            vals: Values::encode_matrix(w, rows, cols, |_| true),
+        })
+    }
+    const KIND: &'static str = match E::DTYPE {
+        Dtype::F32 => "dense-f32",
+        Dtype::Bf16 => "dense-bf16",
+        _ => "dense-i8",
+    };
+    /// The raw row-major stored values.
+    pub fn data(&self) -> &[E] {
+        &self.vals.v
+    }
+    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
+        let (rows, cols) = read_dims(tensors, name, Self::KIND)?;
+        let vals = Values::from_tensors(
+            tensors,
+            name,
+            rows,
+            rows.checked_mul(cols),
+            Self::KIND,
+            "the shape",
+        )?;
+        Ok(DenseOf { rows, cols, vals })
+    }
 }
 
 impl Dense {
-    pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("dense", w, rows, cols)?;
-        Ok(Dense {
-            rows,
-            cols,
-            data: w.to_vec(),
-        })
-    }
-    /// The raw row-major values.
-    pub fn data(&self) -> &[f32] {
-        &self.data
-    }
     /// The product through [`crate::kernels::matmul_t`] (the `gemm` crate) for any `m`.
     pub fn matmul_gemm(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("dense", self.rows, self.cols, x, m, y);
-        crate::kernels::matmul_t(x, &self.data, y, m, self.cols, self.rows, false);
-    }
-    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "dense";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
-        let v = find(tensors, name, "values", Dtype::F32, K)?;
-        expect_len(v, rows.checked_mul(cols), K)?;
-        Ok(Dense {
-            rows,
-            cols,
-            data: read_f32(v),
-        })
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        let c = self.cols;
-        for r in r0..r1 {
-            let w = self.data.as_ptr().add(r * c);
-            for i in 0..m {
-                out.put(i, r, dot_f32(w, x.as_ptr().add(i * c), c));
-            }
-        }
+        crate::kernels::matmul_t(x, &self.vals.v, y, m, self.cols, self.rows, false);
     }
 }
 
-/// Sum of `w[k]·x[k]` over `n` lanes, 4 accumulators.
+/// Scale of row `r`: `scales[r]`, or 1 when there are no scales.
+#[inline(always)]
+fn row_scale(scales: &[f32], r: usize) -> f32 {
+    if scales.is_empty() {
+        1.0
+    } else {
+        scales[r]
+    }
+}
+
+/// Sum of `w[k]·x[k]` over `n` values, 4 accumulators.
+///
+/// # Safety
+/// AVX-512F/BW/VL and FMA available; `w` and `x` valid for `n` reads.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-unsafe fn dot_f32(w: *const f32, x: *const f32, n: usize) -> f32 {
+#[inline(always)]
+pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -> __m512 {
     let mut a = [_mm512_setzero_ps(); 4];
     let mut k = 0;
     while k + 64 <= n {
-        for j in 0..4 {
-            a[j] = _mm512_fmadd_ps(
-                _mm512_loadu_ps(w.add(k + 16 * j)),
+        for (j, acc) in a.iter_mut().enumerate() {
+            *acc = _mm512_fmadd_ps(
+                E::load16(w.add(k + 16 * j)),
                 _mm512_loadu_ps(x.add(k + 16 * j)),
-                a[j],
+                *acc,
             );
         }
         k += 64;
     }
     while k < n {
-        let mk: __mmask16 = if n - k >= 16 {
-            0xffff
-        } else {
-            (1u16 << (n - k)) - 1
-        };
+        let mk = first_lanes(n - k);
         a[0] = _mm512_fmadd_ps(
-            _mm512_maskz_loadu_ps(mk, w.add(k)),
+            E::load_first(n - k, w.add(k)),
             _mm512_maskz_loadu_ps(mk, x.add(k)),
             a[0],
         );
         k += 16;
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(
-        _mm512_add_ps(a[0], a[1]),
-        _mm512_add_ps(a[2], a[3]),
-    ))
+    _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))
 }
 
-fn naive_rows(
+/// Rows `r0..r1` of `y = x·Wᵀ` for a dense `[_, n]` matrix `w` of `E` with row scales
+/// `scales` (empty: none).
+///
+/// # Safety
+/// AVX-512 available; `w` holds rows `r0..r1`; `x` holds `m` rows of `n`; `out` owns these rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx512<E: Elem>(
+    w: &[E],
+    scales: &[f32],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    m: usize,
+    out: Out,
+) {
+    for r in r0..r1 {
+        let wr = w.as_ptr().add(r * n);
+        for i in 0..m {
+            let s = _mm512_reduce_add_ps(dot_avx512(wr, x.as_ptr().add(i * n), n));
+            out.put(i, r, s * row_scale(scales, r));
+        }
+    }
+}
+
+/// Portable row dot products (16 partial sums, so the loop vectorises), compiled once more with
+/// AVX2 enabled ([`rows_portable`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_body<E: Elem>(
+    w: &[E],
+    scales: &[f32],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    m: usize,
+    out: Out,
+) {
+    for r in r0..r1 {
+        let wr = &w[r * n..(r + 1) * n];
+        for i in 0..m {
+            let xi = &x[i * n..(i + 1) * n];
+            let mut acc = [0f32; 16];
+            let (wc, xc) = (wr.chunks_exact(16), xi.chunks_exact(16));
+            let (wt, xt) = (wc.remainder(), xc.remainder());
+            for (a, b) in wc.zip(xc) {
+                for l in 0..16 {
+                    acc[l] += a[l].to_f32() * b[l];
+                }
+            }
+            let mut s: f32 = acc.iter().sum();
+            for (a, b) in wt.iter().zip(xt) {
+                s += a.to_f32() * b;
+            }
+            // SAFETY: r in this block's range, i < m.
+            unsafe { out.put(i, r, s * row_scale(scales, r)) };
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows_portable<E: Elem>(
+    w: &[E],
+    scales: &[f32],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    m: usize,
+    out: Out,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2<E: Elem>(
+            w: &[E],
+            scales: &[f32],
+            n: usize,
+            r0: usize,
+            r1: usize,
+            x: &[f32],
+            m: usize,
+            out: Out,
+        ) {
+            rows_body(w, scales, n, r0, r1, x, m, out)
+        }
+        if crate::kernels::has_avx2() {
+            // SAFETY: AVX2 and FMA checked at run time.
+            return unsafe { avx2(w, scales, n, r0, r1, x, m, out) };
+        }
+    }
+    rows_body(w, scales, n, r0, r1, x, m, out)
+}
+
+/// `y[m, rows] (+)= x[m, cols] · Wᵀ` for `m ≤` [`SMALL_M`] over a dense matrix of `E`: row
+/// dot products, rows split over threads when the matrix is large.
+#[allow(clippy::too_many_arguments)]
+fn small_product<E: Elem>(
+    w: &[E],
+    scales: &[f32],
     rows: usize,
     cols: usize,
     x: &[f32],
     m: usize,
     y: &mut [f32],
-    w: impl Fn(usize, usize) -> f64,
+    acc: bool,
 ) {
-    for i in 0..m {
-        for r in 0..rows {
-            let mut s = 0f64;
-            for k in 0..cols {
-                s += w(r, k) * x[i * cols + k] as f64;
-            }
-            y[i * rows + r] = s as f32;
-        }
-    }
-}
-
-impl WeightFormat for Dense {
-    fn kind(&self) -> &'static str {
-        "dense-f32"
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn nbytes(&self) -> usize {
-        self.data.len() * 4
-    }
-    fn stored(&self) -> usize {
-        self.data.len()
-    }
-    fn to_dense(&self) -> Vec<f32> {
-        self.data.clone()
-    }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense", self.rows, self.cols, x, m, y);
-        #[cfg(target_arch = "x86_64")]
-        if m <= 4 && has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
-            return;
-        }
-        self.matmul_gemm(x, m, y)
-    }
-    fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
-            self.data[r * self.cols + k] as f64
+    let bytes = rows * cols * E::DTYPE.size();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512 checked; sizes checked by the callers; rows written disjointly.
+        drive(rows, m, bytes, 1, y, acc, |r0, r1, out| unsafe {
+            rows_avx512(w, scales, cols, r0, r1, x, m, out)
         });
+        return;
     }
-    fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![
-            shape_tensor(name, &[self.rows, self.cols]),
-            RawTensor::f32(format!("{name}.values"), &self.data),
-        ]
-    }
+    drive(rows, m, bytes, 1, y, acc, |r0, r1, out| {
+        rows_portable(w, scales, cols, r0, r1, x, m, out)
+    });
 }
 
-/// Dense bf16 weights (round-to-nearest-even from f32); products accumulate in f32.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DenseBf16 {
+/// `y[m, rows] (+)= x[m, cols] · Wᵀ` for a borrowed dense f32 matrix `w` (`[rows, cols]`):
+/// row dot products for `m ≤` [`SMALL_M`], GEMM ([`crate::kernels::matmul_t`]) above.
+pub fn dense_f32_matmul(
+    w: &[f32],
     rows: usize,
     cols: usize,
-    data: Vec<half::bf16>,
-}
-
-impl DenseBf16 {
-    pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("dense-bf16", w, rows, cols)?;
-        Ok(DenseBf16 {
-            rows,
-            cols,
-            data: w.iter().map(|&v| half::bf16::from_f32(v)).collect(),
-        })
-    }
-    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "dense-bf16";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
-        let v = find(tensors, name, "values", Dtype::Bf16, K)?;
-        expect_len(v, rows.checked_mul(cols), K)?;
-        Ok(DenseBf16 {
-            rows,
-            cols,
-            data: read_u16(v).into_iter().map(half::bf16::from_bits).collect(),
-        })
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        #[inline(always)]
-        unsafe fn widen(v: __m256i) -> __m512 {
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
-        }
-        let n = self.cols;
-        for r in r0..r1 {
-            let w = self.data.as_ptr().add(r * n) as *const u16;
-            for i in 0..m {
-                let x = x.as_ptr().add(i * n);
-                let mut a = [_mm512_setzero_ps(); 4];
-                let mut k = 0;
-                while k + 64 <= n {
-                    for j in 0..4 {
-                        let wv = widen(_mm256_loadu_si256(w.add(k + 16 * j) as *const __m256i));
-                        a[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(k + 16 * j)), a[j]);
-                    }
-                    k += 64;
-                }
-                while k < n {
-                    let mk: __mmask16 = if n - k >= 16 {
-                        0xffff
-                    } else {
-                        (1u16 << (n - k)) - 1
-                    };
-                    let wv = widen(_mm256_maskz_loadu_epi16(mk, w.add(k) as *const i16));
-                    a[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x.add(k)), a[0]);
-                    k += 16;
-                }
-                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-                out.put(i, r, _mm512_reduce_add_ps(s));
-            }
-        }
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(w.len() >= rows * cols, "dense matmul: weight too small");
+    check_sizes("dense", rows, cols, x, m, y);
+    if m <= SMALL_M && cols > 0 {
+        small_product(w, &[], rows, cols, x, m, y, accumulate);
+    } else {
+        crate::kernels::matmul_t(x, w, y, m, cols, rows, accumulate);
     }
 }
 
-impl WeightFormat for DenseBf16 {
+impl<E: Elem> WeightFormat for DenseOf<E> {
     fn kind(&self) -> &'static str {
-        "dense-bf16"
+        Self::KIND
     }
     fn rows(&self) -> usize {
         self.rows
@@ -233,200 +264,51 @@ impl WeightFormat for DenseBf16 {
         self.cols
     }
     fn nbytes(&self) -> usize {
-        self.data.len() * 2
+        self.vals.nbytes()
     }
     fn stored(&self) -> usize {
-        self.data.len()
+        self.vals.v.len()
     }
-    fn to_dense(&self) -> Vec<f32> {
-        self.data.iter().map(|v| v.to_f32()).collect()
-    }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense-bf16", self.rows, self.cols, x, m, y);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
-            return;
-        }
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let c = self.cols;
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
-            for r in r0..r1 {
-                let w = &self.data[r * c..(r + 1) * c];
-                for i in 0..m {
-                    let s: f32 = w
-                        .iter()
-                        .zip(&x[i * c..(i + 1) * c])
-                        .map(|(a, b)| a.to_f32() * b)
-                        .sum();
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, s) };
-                }
-            }
-        });
-    }
-    fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense-bf16", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
-            self.data[r * self.cols + k].to_f64()
-        });
-    }
-    fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        let bits: Vec<u16> = self.data.iter().map(|v| v.to_bits()).collect();
-        vec![
-            shape_tensor(name, &[self.rows, self.cols]),
-            RawTensor::u16(format!("{name}.values"), Dtype::Bf16, &bits),
-        ]
-    }
-}
-
-/// Dense int8 weights with a per-row f32 scale: `W[r, k] = q[r, k] · scale[r]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DenseI8 {
-    rows: usize,
-    cols: usize,
-    q: Vec<i8>,
-    scales: Vec<f32>,
-}
-
-impl DenseI8 {
-    /// Symmetric per-row quantization (scale = max|w| / 127).
-    pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense("dense-i8", w, rows, cols)?;
-        let mut q = Vec::with_capacity(w.len());
-        let mut scales = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let (qr, s) = quantize_row(&w[r * cols..(r + 1) * cols]);
-            q.extend(qr);
-            scales.push(s);
-        }
-        Ok(DenseI8 {
-            rows,
-            cols,
-            q,
-            scales,
-        })
-    }
-    pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "dense-i8";
-        let s = read_shape(tensors, name, 2, K)?;
-        let (rows, cols) = (s[0], s[1]);
-        let v = find(tensors, name, "values", Dtype::I8, K)?;
-        expect_len(v, rows.checked_mul(cols), K)?;
-        let sc = find(tensors, name, "scales", Dtype::F32, K)?;
-        expect_len(sc, Some(rows), K)?;
-        Ok(DenseI8 {
-            rows,
-            cols,
-            q: v.data.iter().map(|&b| b as i8).collect(),
-            scales: read_f32(sc),
-        })
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        #[inline(always)]
-        unsafe fn widen(v: __m128i) -> __m512 {
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
-        }
-        let n = self.cols;
         for r in r0..r1 {
-            let w = self.q.as_ptr().add(r * n);
-            for i in 0..m {
-                let x = x.as_ptr().add(i * n);
-                let mut a = [_mm512_setzero_ps(); 4];
-                let mut k = 0;
-                while k + 64 <= n {
-                    for j in 0..4 {
-                        let wv = widen(_mm_loadu_si128(w.add(k + 16 * j) as *const __m128i));
-                        a[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(k + 16 * j)), a[j]);
-                    }
-                    k += 64;
-                }
-                while k < n {
-                    let mk: __mmask16 = if n - k >= 16 {
-                        0xffff
-                    } else {
-                        (1u16 << (n - k)) - 1
-                    };
-                    let wv = widen(_mm_maskz_loadu_epi8(mk, w.add(k)));
-                    a[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x.add(k)), a[0]);
-                    k += 16;
-                }
-                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-                out.put(i, r, _mm512_reduce_add_ps(s) * self.scales[r]);
+            for k in 0..c {
+                out[(r - r0) * c + k] = self.vals.get(r, r * c + k);
             }
         }
     }
-}
-
-impl WeightFormat for DenseI8 {
-    fn kind(&self) -> &'static str {
-        "dense-i8"
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn nbytes(&self) -> usize {
-        self.q.len() + self.scales.len() * 4
-    }
-    fn stored(&self) -> usize {
-        self.q.len()
-    }
-    fn to_dense(&self) -> Vec<f32> {
-        let c = self.cols;
-        self.q
-            .iter()
-            .enumerate()
-            .map(|(k, &q)| q as f32 * self.scales[k / c])
-            .collect()
-    }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense-i8", self.rows, self.cols, x, m, y);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
-            return;
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        if let Some(w) = E::as_f32(&self.vals.v) {
+            return dense_f32_matmul(w, self.rows, self.cols, x, m, y, accumulate);
         }
-        let c = self.cols;
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
-            for r in r0..r1 {
-                let w = &self.q[r * c..(r + 1) * c];
-                for i in 0..m {
-                    let s: f32 = w
-                        .iter()
-                        .zip(&x[i * c..(i + 1) * c])
-                        .map(|(&a, b)| a as f32 * b)
-                        .sum();
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, s * self.scales[r]) };
-                }
-            }
-        });
+        if m <= SMALL_M && self.cols > 0 {
+            small_product(
+                &self.vals.v,
+                &self.vals.scales,
+                self.rows,
+                self.cols,
+                x,
+                m,
+                y,
+                accumulate,
+            );
+        } else {
+            matmul_tiled(self, x, m, y, accumulate);
+        }
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("dense-i8", self.rows, self.cols, x, m, y);
-        naive_rows(self.rows, self.cols, x, m, y, |r, k| {
-            self.q[r * self.cols + k] as f64 * self.scales[r] as f64
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        let c = self.cols;
+        naive_product(self.rows, c, x, m, y, |r, emit| {
+            for k in 0..c {
+                emit(k, self.vals.get64(r, r * c + k));
+            }
         });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![
-            shape_tensor(name, &[self.rows, self.cols]),
-            RawTensor::bytes(
-                format!("{name}.values"),
-                Dtype::I8,
-                self.q.iter().map(|&v| v as u8).collect(),
-            ),
-            RawTensor::f32(format!("{name}.scales"), &self.scales),
-        ]
+        let mut t = vec![shape_tensor(name, &[self.rows, self.cols])];
+        t.extend(self.vals.tensors(name));
+        t
     }
 }

@@ -4,21 +4,25 @@
 //! `y[m, rows] = x[m, cols] · Wᵀ` (`m = 1` for decode). Like [`crate::kernels`], nothing here
 //! knows about models.
 //!
-//! | format | storage | fast path |
+//! Dense, bitmask, CSR and N:M are generic over the stored value type ([`Elem`]: f32, bf16, or
+//! int8 with a per-row f32 scale), so each has one kernel for all three; products accumulate
+//! in f32. Kinds are `<format>` for f32 values and `<format>-bf16` / `<format>-i8` otherwise
+//! (dense f32 is `dense-f32`).
+//!
+//! | format | storage | fast path (`m ≤` [`SMALL_M`]) |
 //! |---|---|---|
-//! | [`Dense`] | f32 | own AVX-512 row dots for `m = 1`, [`crate::kernels::matmul_t`] for `m > 1` |
-//! | [`DenseBf16`] | bf16 (`half`) | bf16 → f32 by a 16-bit shift, f32 FMA |
-//! | [`DenseI8`] | i8 + per-row f32 scale | i8 → f32 convert, FMA, scale per row |
-//! | [`Bitmask`] | per-row u64 bitmask + packed f32 nonzeros | `vexpandps` (`_mm512_maskz_expandloadu_ps`) per 16 columns |
-//! | [`BitmaskI8`] | bitmask + packed i8 nonzeros + per-row scale | masked byte load, convert, `_mm512_maskz_expand_ps` |
-//! | [`Csr`] | row pointers + u16 column indices + f32 values | 16-wide gathers of `x` |
-//! | [`NM`] | N kept values per group of M + packed in-group indices (2 bits for M=4, 3 for M=8) | `_mm512_permutex2var_ps` over a 32-column window of `x` (when M = 2N, N | 16) |
-//! | [`Bsr`] | R×C tiles + block-column indices | FMAs along tile rows |
+//! | [`DenseOf`] | values | row dots, 4 accumulators (f32 ≥ 5 rows: GEMM directly) |
+//! | [`BitmaskOf`] | per-row u64 bitmask + packed nonzeros | expand-load (`vexpandps`) per 16 columns |
+//! | [`CsrOf`] | row pointers + u16 column indices + values | 16-wide gathers of `x` |
+//! | [`NMOf`] | N kept values per group of M + packed in-group indices (2 bits for M=4, 3 for M=8) | `_mm512_permutex2var_ps` over a 32-column window of `x` (when M = 2N, N | 16) |
+//! | [`Bsr`] | R×C f32 tiles + block-column indices | FMAs along tile rows |
 //!
 //! Every format has a single-threaded scalar `matmul_naive` (f64 accumulation) read straight
-//! from its own storage; the fast path ([`WeightFormat::matmul`]) uses AVX-512 when the CPU has
-//! it (scalar code otherwise) and rayon over row ranges once the weights exceed
-//! [`PAR_BYTES`].
+//! from its own storage. The fast path ([`WeightFormat::matmul_add`]) uses AVX-512 when the CPU
+//! has it (portable code compiled for AVX2 otherwise: vectorised for dense, scalar for the
+//! sparse formats) and rayon over row ranges once the weights exceed [`PAR_BYTES`]; for more
+//! than [`SMALL_M`] rows of `x` it decodes row tiles to f32 and multiplies them with GEMM, so
+//! prefill through any format costs about what dense GEMM costs.
 //!
 //! Serialization: [`WeightFormat::to_tensors`] gives named raw little-endian arrays
 //! (`<name>.shape` as u64 plus the format's arrays); each format's `from_tensors(name, &[...])`
@@ -29,13 +33,15 @@ mod bitmask;
 mod bsr;
 mod csr;
 mod dense;
+pub mod elem;
 mod nm;
 
-pub use bitmask::{Bitmask, BitmaskI8};
+pub use bitmask::{Bitmask, BitmaskBf16, BitmaskI8, BitmaskOf};
 pub use bsr::Bsr;
-pub use csr::Csr;
-pub use dense::{Dense, DenseBf16, DenseI8};
-pub use nm::NM;
+pub use csr::{Csr, CsrBf16, CsrI8, CsrOf};
+pub use dense::{dense_f32_matmul, Dense, DenseBf16, DenseI8, DenseOf};
+pub use elem::Elem;
+pub use nm::{NMBf16, NMI8, NMOf, NM};
 
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -114,7 +120,7 @@ impl RawTensor {
 
 /// A compressed (or dense) weight matrix with matrix–vector and matrix–matrix products.
 pub trait WeightFormat: Send + Sync {
-    /// Short format name (`"bitmask"`, `"csr"`, ...).
+    /// Short format name (`"bitmask"`, `"csr-bf16"`, ...), as [`from_tensors`] takes it.
     fn kind(&self) -> &'static str;
     /// Output features.
     fn rows(&self) -> usize;
@@ -124,12 +130,20 @@ pub trait WeightFormat: Send + Sync {
     fn nbytes(&self) -> usize;
     /// Number of stored (possibly zero) values.
     fn stored(&self) -> usize;
-    /// The dense row-major `[rows, cols]` matrix this format represents.
-    fn to_dense(&self) -> Vec<f32>;
-    /// `y[m, rows] = x[m, cols] · Wᵀ`, fast path (SIMD + threads).
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]);
+    /// Rows `r0..r1` of the dense matrix this format represents, row-major into
+    /// `out[(r1 − r0)·cols]`.
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]);
+    /// `y[m, rows] = x[m, cols] · Wᵀ`, or `y += …` when `accumulate`; fast path (SIMD,
+    /// threads; GEMM on decoded tiles for `m >` [`SMALL_M`]).
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool);
     /// Scalar single-threaded reference for [`WeightFormat::matmul`] (f64 accumulation).
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]);
+    /// Named raw arrays, `<name>.shape` first.
+    fn to_tensors(&self, name: &str) -> Vec<RawTensor>;
+    /// `y[m, rows] = x[m, cols] · Wᵀ`.
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.matmul_add(x, m, y, false)
+    }
     /// `y[rows] = W · x`.
     fn matvec(&self, x: &[f32], y: &mut [f32]) {
         self.matmul(x, 1, y)
@@ -138,9 +152,30 @@ pub trait WeightFormat: Send + Sync {
     fn matvec_naive(&self, x: &[f32], y: &mut [f32]) {
         self.matmul_naive(x, 1, y)
     }
-    /// Named raw arrays, `<name>.shape` first.
-    fn to_tensors(&self, name: &str) -> Vec<RawTensor>;
+    /// The dense row-major `[rows, cols]` matrix this format represents.
+    fn to_dense(&self) -> Vec<f32> {
+        let mut d = vec![0f32; self.rows() * self.cols()];
+        self.decode_rows(0, self.rows(), &mut d);
+        d
+    }
 }
+
+impl std::fmt::Debug for dyn WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}×{}, {} bytes]",
+            self.kind(),
+            self.rows(),
+            self.cols(),
+            self.nbytes()
+        )
+    }
+}
+
+/// Products with at most this many rows of `x` use the formats' row kernels (each weight read
+/// once per product, threads over rows); larger ones decode row tiles to f32 and use GEMM.
+pub const SMALL_M: usize = 4;
 
 /// True when the AVX-512 subset the format kernels use is available.
 #[inline]
@@ -169,11 +204,12 @@ pub(crate) fn check_sizes(kind: &str, rows: usize, cols: usize, x: &[f32], m: us
     );
 }
 
-/// Disjoint-write output pointer for `y[m, rows]`.
+/// Disjoint-write output pointer for `y[m, rows]`, storing or accumulating.
 #[derive(Clone, Copy)]
 pub(crate) struct Out {
     ptr: *mut f32,
     rows: usize,
+    acc: bool,
 }
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -183,18 +219,21 @@ impl Out {
     /// `i < m`, `r < rows`, and no other thread writes the same element.
     #[inline(always)]
     pub(crate) unsafe fn put(&self, i: usize, r: usize, v: f32) {
-        *self.ptr.add(i * self.rows + r) = v;
+        let p = self.ptr.add(i * self.rows + r);
+        *p = if self.acc { *p + v } else { v };
     }
 }
 
 /// Runs `block(r0, r1, out)` over row ranges covering `0..rows` (in parallel when `bytes` is
-/// large); ranges start at multiples of `align`. `block` must write exactly `y[i, r0..r1]`.
+/// large); ranges start at multiples of `align`. `block` must write exactly `y[i, r0..r1]`
+/// (through `out`, which stores or, with `acc`, adds).
 pub(crate) fn drive(
     rows: usize,
     m: usize,
     bytes: usize,
     align: usize,
     y: &mut [f32],
+    acc: bool,
     block: impl Fn(usize, usize, Out) + Sync,
 ) {
     assert!(y.len() >= m * rows);
@@ -204,18 +243,104 @@ pub(crate) fn drive(
     let out = Out {
         ptr: y.as_mut_ptr(),
         rows,
+        acc,
     };
     let threads = rayon::current_num_threads();
     if bytes < PAR_BYTES || threads < 2 || rows <= align {
         block(0, rows, out);
         return;
     }
-    let chunks = (threads * 8).min(rows.div_ceil(align));
+    // A few chunks per thread balance uneven rows (sparse) without much scheduling overhead.
+    let chunks = (threads * CHUNKS_PER_THREAD)
+        .min(bytes / (PAR_BYTES / 4))
+        .clamp(2, rows.div_ceil(align));
     let chunk = rows.div_ceil(chunks).div_ceil(align) * align;
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let r0 = c * chunk;
         block(r0, (r0 + chunk).min(rows), out);
     });
+}
+
+/// Row chunks per thread in [`drive`].
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// `y (+)= x · Wᵀ` for many rows of `x`: decodes row tiles of `f` to f32 (each tile about
+/// 256 KiB, one per task, threads over tiles) and multiplies each with a single-threaded GEMM
+/// into its columns of `y`. Decoding costs O(rows·cols) against the product's O(m·rows·cols).
+pub(crate) fn matmul_tiled<F: WeightFormat + ?Sized>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    acc: bool,
+) {
+    let (rows, cols) = (f.rows(), f.cols());
+    check_sizes(f.kind(), rows, cols, x, m, y);
+    if rows == 0 || m == 0 {
+        return;
+    }
+    if cols == 0 {
+        if !acc {
+            y[..m * rows].fill(0.0);
+        }
+        return;
+    }
+    let tile = ((64 * 1024) / cols).clamp(8, 256).min(rows);
+    let tiles = rows.div_ceil(tile);
+    let dst = crate::kernels::SendPtr(y.as_mut_ptr());
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..tiles).into_par_iter().for_each(|t| {
+        let dst = dst;
+        let (r0, r1) = (t * tile, ((t + 1) * tile).min(rows));
+        TILE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(tile * cols, 0.0);
+            f.decode_rows(r0, r1, &mut buf[..(r1 - r0) * cols]);
+            // SAFETY: x is [m, cols]; the tile is [(r1 − r0), cols] read transposed; each task
+            // writes only columns r0..r1 of y ([m, rows], sizes checked above).
+            unsafe {
+                crate::kernels::gemm_strided(
+                    m,
+                    r1 - r0,
+                    cols,
+                    dst.0.add(r0),
+                    rows as isize,
+                    1,
+                    acc,
+                    x.as_ptr(),
+                    cols as isize,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    cols as isize,
+                    1.0,
+                    false,
+                );
+            }
+        });
+    });
+}
+
+/// The scalar reference product shared by every format: `y[i, r] = Σ v · x[i, k]` in f64 over
+/// the stored entries `(k, v)` that `entries(r, emit)` emits for row `r` (values scaled).
+pub(crate) fn naive_product(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    entries: impl Fn(usize, &mut dyn FnMut(usize, f64)),
+) {
+    for i in 0..m {
+        let xi = &x[i * cols..(i + 1) * cols];
+        for r in 0..rows {
+            let mut s = 0f64;
+            entries(r, &mut |k, v| s += v * xi[k] as f64);
+            y[i * rows + r] = s as f32;
+        }
+    }
 }
 
 // ---- validation helpers -------------------------------------------------------------------
@@ -330,22 +455,60 @@ pub(crate) fn read_shape(
     Ok(v.into_iter().map(|d| d as usize).collect())
 }
 
+/// `<name>.shape` of a plain `[rows, cols]` format.
+pub(crate) fn read_dims(
+    tensors: &[RawTensor],
+    name: &str,
+    kind: &'static str,
+) -> Result<(usize, usize)> {
+    let s = read_shape(tensors, name, 2, kind)?;
+    Ok((s[0], s[1]))
+}
+
+/// Every kind [`from_tensors`] accepts.
+pub const KINDS: &[&str] = &[
+    "dense-f32",
+    "dense-bf16",
+    "dense-i8",
+    "bitmask",
+    "bitmask-bf16",
+    "bitmask-i8",
+    "csr",
+    "csr-bf16",
+    "csr-i8",
+    "nm",
+    "nm-bf16",
+    "nm-i8",
+    "bsr",
+];
+
 /// Rebuilds a format from [`WeightFormat::to_tensors`] output given its [`WeightFormat::kind`].
 pub fn from_tensors(
     kind: &str,
     name: &str,
     tensors: &[RawTensor],
 ) -> Result<Box<dyn WeightFormat>> {
+    use half::bf16;
     Ok(match kind {
         "dense-f32" => Box::new(Dense::from_tensors(name, tensors)?),
         "dense-bf16" => Box::new(DenseBf16::from_tensors(name, tensors)?),
         "dense-i8" => Box::new(DenseI8::from_tensors(name, tensors)?),
         "bitmask" => Box::new(Bitmask::from_tensors(name, tensors)?),
+        "bitmask-bf16" => Box::new(BitmaskOf::<bf16>::from_tensors(name, tensors)?),
         "bitmask-i8" => Box::new(BitmaskI8::from_tensors(name, tensors)?),
         "csr" => Box::new(Csr::from_tensors(name, tensors)?),
+        "csr-bf16" => Box::new(CsrOf::<bf16>::from_tensors(name, tensors)?),
+        "csr-i8" => Box::new(CsrOf::<i8>::from_tensors(name, tensors)?),
         "nm" => Box::new(NM::from_tensors(name, tensors)?),
+        "nm-bf16" => Box::new(NMOf::<bf16>::from_tensors(name, tensors)?),
+        "nm-i8" => Box::new(NMOf::<i8>::from_tensors(name, tensors)?),
         "bsr" => Box::new(Bsr::from_tensors(name, tensors)?),
-        _ => return Err(Error::Invalid(format!("unknown weight format `{kind}`"))),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "unknown weight format `{kind}` (known: {})",
+                KINDS.join(", ")
+            )))
+        }
     })
 }
 

@@ -1,8 +1,10 @@
 //! N:M semi-structured sparsity (2:4, 4:8, ...): in every group of M consecutive columns at
 //! most N weights are nonzero. Stored as the N kept values per group plus their in-group
 //! indices, packed LSB-first at `ceil(log2 M)` bits each (2 bits for M = 4, 3 for M = 8) in a
-//! per-row bit stream of `ceil(values_per_row · bits / 8)` bytes.
+//! per-row bit stream of `ceil(values_per_row · bits / 8)` bytes. Values are f32, bf16 or int8
+//! with a per-row scale ([`NMOf`]); 2:4 with f32 values reads 2.125 bytes per weight.
 
+use super::elem::{Elem, Values};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -10,9 +12,9 @@ use std::arch::x86_64::*;
 /// Padding after the index stream so the kernels may read whole u64 / u16 words.
 const PAD: usize = 8;
 
-/// N:M packed matrix.
+/// N:M packed matrix with values stored as `E`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct NM {
+pub struct NMOf<E: Elem> {
     rows: usize,
     cols: usize,
     n: usize,
@@ -22,21 +24,33 @@ pub struct NM {
     vpr: usize,
     /// Index bytes per row.
     row_bytes: usize,
-    values: Vec<f32>,
+    vals: Values<E>,
     /// `rows · row_bytes` bytes plus `PAD` zero bytes.
     idx: Vec<u8>,
 }
+
+/// N:M with f32 values.
+pub type NM = NMOf<f32>;
+/// N:M with bf16 values.
+pub type NMBf16 = NMOf<half::bf16>;
+/// N:M with int8 values and a per-row f32 scale.
+pub type NMI8 = NMOf<i8>;
 
 fn bits_for(m: usize) -> usize {
     (usize::BITS - (m - 1).leading_zeros()) as usize
 }
 
-impl NM {
+impl<E: Elem> NMOf<E> {
+    const KIND: &'static str = match E::DTYPE {
+        Dtype::F32 => "nm",
+        Dtype::Bf16 => "nm-bf16",
+        _ => "nm-i8",
+    };
     /// Packs `w`, which must be N:M sparse along rows (`cols % m == 0`, `1 ≤ n < m ≤ 16`).
     /// A group with more than `n` nonzeros is an error naming its row and group; groups with
     /// fewer store explicit zeros.
     pub fn from_dense(w: &[f32], rows: usize, cols: usize, n: usize, m: usize) -> Result<Self> {
-        check_dense("nm", w, rows, cols)?;
+        check_dense(Self::KIND, w, rows, cols)?;
         if !(1..m).contains(&n) || m > 16 {
             return Err(Error::Invalid(format!(
                 "nm: need 1 ≤ N < M ≤ 16, got {n}:{m}"
@@ -49,6 +63,7 @@ impl NM {
         }
         let mut s = Self::empty(rows, cols, n, m);
         let groups = cols / m;
+        let mut kept = vec![0f32; rows * s.vpr];
         for r in 0..rows {
             for g in 0..groups {
                 let grp = &w[r * cols + g * m..r * cols + (g + 1) * m];
@@ -71,11 +86,13 @@ impl NM {
                 keep.sort_unstable();
                 for (j, &k) in keep.iter().enumerate() {
                     let v = g * n + j;
-                    s.values[r * s.vpr + v] = grp[k];
+                    kept[r * s.vpr + v] = grp[k];
                     s.set_idx(r, v, k);
                 }
             }
         }
+        let vpr = s.vpr;
+        s.vals = Values::encode((0..rows).map(|r| &kept[r * vpr..(r + 1) * vpr]));
         Ok(s)
     }
 
@@ -83,7 +100,7 @@ impl NM {
         let bits = bits_for(m);
         let vpr = cols / m * n;
         let row_bytes = (vpr * bits).div_ceil(8);
-        NM {
+        NMOf {
             rows,
             cols,
             n,
@@ -91,7 +108,10 @@ impl NM {
             bits,
             vpr,
             row_bytes,
-            values: vec![0.0; rows * vpr],
+            vals: Values {
+                v: Vec::new(),
+                scales: Vec::new(),
+            },
             idx: vec![0; rows * row_bytes + PAD],
         }
     }
@@ -119,26 +139,24 @@ impl NM {
     }
 
     pub fn from_tensors(name: &str, tensors: &[RawTensor]) -> Result<Self> {
-        const K: &str = "nm";
-        let s = read_shape(tensors, name, 4, K)?;
+        let s = read_shape(tensors, name, 4, Self::KIND)?;
         let (rows, cols, n, m) = (s[0], s[1], s[2], s[3]);
         if !(1..m).contains(&n) || m > 16 || cols % m != 0 {
             return Err(ferr(
                 format!("{name}.shape"),
-                K,
+                Self::KIND,
                 format!("bad N:M {n}:{m} for {cols} columns"),
             ));
         }
         let bits = bits_for(m);
         let vpr = cols / m * n;
         let row_bytes = (vpr * bits).div_ceil(8);
-        let vt = find(tensors, name, "values", Dtype::F32, K)?;
-        expect_len(vt, rows.checked_mul(vpr), K)?;
-        let it = find(tensors, name, "indices", Dtype::U8, K)?;
-        expect_len(it, rows.checked_mul(row_bytes), K)?;
+        let it = find(tensors, name, "indices", Dtype::U8, Self::KIND)?;
+        expect_len(it, rows.checked_mul(row_bytes), Self::KIND)?;
+        let vals = Values::from_tensors(tensors, name, rows, rows.checked_mul(vpr), Self::KIND, "the shape")?;
         // Sizes now match real buffers, so allocating is safe.
         let mut out = Self::empty(rows, cols, n, m);
-        out.values = read_f32(vt);
+        out.vals = vals;
         out.idx[..rows * out.row_bytes].copy_from_slice(&it.data);
         for r in 0..rows {
             for g in 0..cols / m {
@@ -148,7 +166,7 @@ impl NM {
                     if k >= m || prev.is_some_and(|p| k <= p) {
                         return Err(ferr(
                             it.name.clone(),
-                            K,
+                            Self::KIND,
                             format!(
                                 "row {r} group {g}: in-group indices must be increasing and < {m}"
                             ),
@@ -189,7 +207,7 @@ impl NM {
             _mm512_add_epi32(_mm512_and_si512(_mm512_or_si512(a, o), kmask), basev)
         };
         for r in r0..r1 {
-            let vp = self.values.as_ptr().add(r * self.vpr);
+            let vp = self.vals.v.as_ptr().add(r * self.vpr);
             let ip = self.idx.as_ptr().add(r * self.row_bytes);
             for i in 0..mm {
                 let xp = x.as_ptr().add(i * self.cols);
@@ -209,8 +227,8 @@ impl NM {
                         i1,
                         _mm512_loadu_ps(xp.add(32 * blk + 48)),
                     );
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk)), x0, a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk + 16)), x1, a1);
+                    a0 = _mm512_fmadd_ps(E::load16(vp.add(16 * blk)), x0, a0);
+                    a1 = _mm512_fmadd_ps(E::load16(vp.add(16 * blk + 16)), x1, a1);
                     blk += 2;
                 }
                 if blk < nb {
@@ -220,7 +238,7 @@ impl NM {
                         i0,
                         _mm512_loadu_ps(xp.add(32 * blk + 16)),
                     );
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * blk)), x0, a0);
+                    a0 = _mm512_fmadd_ps(E::load16(vp.add(16 * blk)), x0, a0);
                 }
                 if rem > 0 {
                     // `rem` values cover 2·rem < 32 columns; the index read stays inside the padding.
@@ -243,14 +261,10 @@ impl NM {
                         iv,
                         _mm512_maskz_loadu_ps(mhi, xb.wrapping_add(16)),
                     );
-                    a0 = _mm512_mask3_fmadd_ps(
-                        _mm512_maskz_loadu_ps(lm, vp.add(16 * nb)),
-                        xg,
-                        a0,
-                        lm,
-                    );
+                    a0 = _mm512_mask3_fmadd_ps(E::load_first(rem, vp.add(16 * nb)), xg, a0, lm);
                 }
-                out.put(i, r, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+                let sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                out.put(i, r, sum * self.vals.scale(r));
             }
         }
     }
@@ -259,15 +273,24 @@ impl NM {
         let mut s = 0f32;
         for v in 0..self.vpr {
             let k = (v / self.n) * self.m + self.idx_at(r, v);
-            s += self.values[r * self.vpr + v] * x[k];
+            s += self.vals.v[r * self.vpr + v].to_f32() * x[k];
         }
-        s
+        s * self.vals.scale(r)
+    }
+    /// (column, value index) of row `r`'s stored values.
+    fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.vpr).map(move |v| {
+            (
+                (v / self.n) * self.m + self.idx_at(r, v),
+                r * self.vpr + v,
+            )
+        })
     }
 }
 
-impl WeightFormat for NM {
+impl<E: Elem> WeightFormat for NMOf<E> {
     fn kind(&self) -> &'static str {
-        "nm"
+        Self::KIND
     }
     fn rows(&self) -> usize {
         self.rows
@@ -276,33 +299,35 @@ impl WeightFormat for NM {
         self.cols
     }
     fn nbytes(&self) -> usize {
-        self.values.len() * 4 + self.rows * self.row_bytes
+        self.vals.nbytes() + self.rows * self.row_bytes
     }
     fn stored(&self) -> usize {
-        self.values.len()
+        self.vals.v.len()
     }
-    fn to_dense(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
-            for v in 0..self.vpr {
-                let k = (v / self.n) * self.m + self.idx_at(r, v);
-                d[r * self.cols + k] = self.values[r * self.vpr + v];
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
+            for (k, j) in self.row_iter(r) {
+                out[(r - r0) * c + k] = self.vals.get(r, j);
             }
         }
-        d
     }
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("nm", self.rows, self.cols, x, m, y);
+    fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        if m > SMALL_M {
+            return matmul_tiled(self, x, m, y, acc);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.fast_pattern() && has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated (< M, so every
             // permuted lane is inside the 32-column window); disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| unsafe {
+            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
                 self.block_avx512(r0, r1, x, m, out)
             });
             return;
         }
-        drive(self.rows, m, self.nbytes(), 1, y, |r0, r1, out| {
+        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
             for r in r0..r1 {
                 for i in 0..m {
                     // SAFETY: r in this block's range, i < m.
@@ -312,27 +337,21 @@ impl WeightFormat for NM {
         });
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("nm", self.rows, self.cols, x, m, y);
-        for i in 0..m {
-            for r in 0..self.rows {
-                let mut s = 0f64;
-                for v in 0..self.vpr {
-                    let k = (v / self.n) * self.m + self.idx_at(r, v);
-                    s += self.values[r * self.vpr + v] as f64 * x[i * self.cols + k] as f64;
-                }
-                y[i * self.rows + r] = s as f32;
+        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
+        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
+            for (k, j) in self.row_iter(r) {
+                emit(k, self.vals.get64(r, j));
             }
-        }
+        });
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
-        vec![
-            shape_tensor(name, &[self.rows, self.cols, self.n, self.m]),
-            RawTensor::f32(format!("{name}.values"), &self.values),
-            RawTensor::bytes(
-                format!("{name}.indices"),
-                Dtype::U8,
-                self.idx[..self.rows * self.row_bytes].to_vec(),
-            ),
-        ]
+        let mut t = vec![shape_tensor(name, &[self.rows, self.cols, self.n, self.m])];
+        t.extend(self.vals.tensors(name));
+        t.push(RawTensor::bytes(
+            format!("{name}.indices"),
+            Dtype::U8,
+            self.idx[..self.rows * self.row_bytes].to_vec(),
+        ));
+        t
     }
 }

@@ -431,6 +431,7 @@ pub fn load(path: &Path) -> Result<Model> {
             layers,
             final_norm,
             lm_head,
+            lm_head_packed: None,
         },
         tokenizer,
         chat_template,

@@ -166,6 +166,7 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
                 weight,
                 bias,
                 factor,
+                packed: _,
             } = lin;
             if factor.is_some() {
                 return Err(no(format!(

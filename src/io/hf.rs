@@ -604,6 +604,7 @@ fn load_weights(
         layers,
         final_norm,
         lm_head,
+        lm_head_packed: None,
     })
 }
 

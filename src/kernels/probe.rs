@@ -1,5 +1,6 @@
-//! Machine probes for reading benchmark figures against physical limits: peak FMA rate and
-//! attainable GEMM rate. They measure; they do not assume a clock frequency.
+//! Machine probes for reading benchmark figures against physical limits: peak FMA rate,
+//! attainable GEMM rate and streaming read bandwidth (what bounds a
+//! decode step). They measure; they do not assume a clock frequency.
 
 use std::time::Instant;
 
@@ -79,4 +80,89 @@ pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     }
     std::hint::black_box(&out);
     2.0 * (m * n * k) as f64 / best / 1e9
+}
+
+/// The body of [`sum_f32`], compiled for AVX-512, AVX2 or plain x86-64/other targets.
+#[inline(always)]
+fn sum_body(x: &[f32]) -> f64 {
+    let mut acc = [0f32; 64];
+    let chunks = x.chunks_exact(64);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..64 {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = 0f64;
+    for &v in tail {
+        s += v as f64;
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + s
+}
+
+fn sum_dispatch(x: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn avx512(x: &[f32]) -> f64 {
+            sum_body(x)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32]) -> f64 {
+            sum_body(x)
+        }
+        if super::has_avx512() {
+            // SAFETY: features checked at run time.
+            return unsafe { avx512(x) };
+        }
+        if super::has_avx2() {
+            // SAFETY: as above.
+            return unsafe { avx2(x) };
+        }
+    }
+    sum_body(x)
+}
+
+/// Sum of a slice: 64 f32 partial sums (so it vectorises and keeps 4 loads in flight), added
+/// up in f64; the streaming read kernel of [`stream_gbps`].
+pub fn sum_f32(x: &[f32]) -> f64 {
+    sum_dispatch(x)
+}
+
+/// Reference for [`sum_f32`] in f64.
+pub fn sum_f32_naive(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64).sum()
+}
+
+/// Read bandwidth in GB/s (10⁹ bytes/s), STREAM-like: `threads` threads each sum their own part
+/// of a `bytes`-byte f32 buffer (allocated and touched first, so the pages are resident); best of
+/// `reps` passes. Use a buffer several times the last-level cache to measure DRAM. This is the
+/// limit a weight-streaming matvec cannot beat; each pass's sum is checked against the known
+/// contents, so a miscompiled or skipped read cannot produce a figure.
+pub fn stream_gbps(threads: usize, bytes: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let threads = threads.max(1);
+    let n = (bytes / 4).max(threads * 64);
+    // Values 1.0: each of the 64 f32 partial sums stays an exact integer below 2^24 for n < 2^30.
+    let buf = vec![1f32; n];
+    let per = n.div_ceil(threads);
+    let pass = || -> f64 {
+        if threads == 1 {
+            sum_f32(&buf)
+        } else {
+            buf.par_chunks(per)
+                .with_max_len(1)
+                .map(sum_f32)
+                .sum()
+        }
+    };
+    let _ = pass(); // warm up (page tables, clocks)
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let s = pass();
+        best = best.min(t0.elapsed().as_secs_f64());
+        assert_eq!(s, n as f64, "stream probe: wrong sum");
+    }
+    (n * 4) as f64 / best / 1e9
 }

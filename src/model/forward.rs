@@ -19,7 +19,8 @@ use crate::kernels::{self, attention::AttnDims};
 use crate::model::config::Config;
 use crate::model::observer::{Observer, Site};
 use crate::model::rope::Rope;
-use crate::model::weights::{LayerWeights, Linear, Weights};
+use crate::formats;
+use crate::model::weights::{LayerWeights, Linear, Packed, Tensor, Weights};
 use crate::{Error, Model, Result};
 
 /// Reusable activation buffers for [`block_forward`].
@@ -45,6 +46,26 @@ fn resize(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
+/// `out[rows, n] = x · Wᵀ` (or `out += …` when `accumulate`) for a `[n, k]` weight: through its
+/// packed format when it has one and `rows ≤ max_rows`, else dense (row dot products for a few
+/// rows, GEMM for more; see [`formats::dense_f32_matmul`]).
+pub fn product(
+    weight: &Tensor,
+    packed: Option<&Packed>,
+    x: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    match packed {
+        Some(p) if rows <= p.max_rows => p.format.matmul_add(x, rows, out, accumulate),
+        _ => {
+            let (n, k) = (weight.rows(), weight.cols());
+            formats::dense_f32_matmul(weight.data(), n, k, x, rows, out, accumulate)
+        }
+    }
+}
+
 /// `out[rows, out_features] = x · Wᵀ + b` (or `out += …` when `accumulate`).
 /// A low-rank layer needs a temporary buffer; this allocates one (see [`linear_buf`]).
 pub fn linear(lin: &Linear, x: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
@@ -61,17 +82,18 @@ pub fn linear_buf(
     accumulate: bool,
     buf: &mut Vec<f32>,
 ) {
-    let (n, k) = (lin.out_features(), lin.in_features());
     match &lin.factor {
-        None => kernels::matmul_t(x, lin.weight.data(), out, rows, k, n, accumulate),
+        None => product(&lin.weight, lin.packed.as_ref(), x, rows, out, accumulate),
         Some(u) => {
+            // `packed` (when present) is a copy of `weight`, i.e. of V.
             let r = lin.weight.rows();
             let t = resize(buf, rows * r);
-            kernels::matmul_t(x, lin.weight.data(), t, rows, k, r, false);
-            kernels::matmul_t(t, u.data(), out, rows, r, n, accumulate);
+            product(&lin.weight, lin.packed.as_ref(), x, rows, t, false);
+            product(u, None, t, rows, out, accumulate);
         }
     }
     if let Some(b) = &lin.bias {
+        let n = lin.out_features();
         kernels::add_bias(&mut out[..rows * n], b.data());
     }
 }
@@ -276,9 +298,15 @@ pub fn forward_hidden(
 /// Logits `[rows, vocab]` for normed hidden states `[rows, hidden]`.
 pub fn logits(w: &Weights, hidden: &[f32], rows: usize) -> Vec<f32> {
     let head = w.lm_head();
-    let (vocab, d) = (head.rows(), head.cols());
-    let mut out = vec![0f32; rows * vocab];
-    kernels::matmul_t(hidden, head.data(), &mut out, rows, d, vocab, false);
+    let mut out = vec![0f32; rows * head.rows()];
+    product(
+        head,
+        w.lm_head_packed.as_ref(),
+        hidden,
+        rows,
+        &mut out,
+        false,
+    );
     out
 }
 

@@ -116,6 +116,17 @@ impl Tensor {
     }
 }
 
+/// A weight matrix packed into a compressed format for the runtime (see
+/// [`crate::runtime::pack`]): the same values as the dense `weight` (or their bf16 / int8
+/// rounding), stored so that a product reads fewer bytes.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub format: Arc<dyn crate::formats::WeightFormat>,
+    /// Products with up to this many rows of `x` use `format`; larger ones (prefill, where the
+    /// format measured slower than dense GEMM) use the dense weight.
+    pub max_rows: usize,
+}
+
 /// A linear layer `y = x Wᵀ + b`, or, when low-rank factorised, `y = x Vᵀ Uᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -128,6 +139,8 @@ pub struct Linear {
     /// [`crate::structured::lowrank`]); `None` for a dense layer. Code that needs the dense
     /// matrix (unstructured pruning, statistics over weights) must check [`Linear::is_factored`].
     pub factor: Option<Tensor>,
+    /// The runtime's packed copy of `weight`, when the model was packed.
+    pub packed: Option<Packed>,
 }
 
 impl Linear {
@@ -137,6 +150,7 @@ impl Linear {
             weight,
             bias,
             factor: None,
+            packed: None,
         }
     }
 
@@ -146,6 +160,7 @@ impl Linear {
             weight: v,
             bias,
             factor: Some(u),
+            packed: None,
         }
     }
 
@@ -312,6 +327,8 @@ pub struct Weights {
     pub final_norm: Tensor,
     /// `[vocab, hidden]` LM head; `None` when tied to `embed`.
     pub lm_head: Option<Tensor>,
+    /// The runtime's packed copy of the LM head (tied or not), when the model was packed.
+    pub lm_head_packed: Option<Packed>,
 }
 
 impl Weights {

@@ -142,16 +142,31 @@ fn step_hidden(
 /// Run `tokens` (a prompt chunk or one token) at positions `cache.len..cache.len + tokens.len()`,
 /// append their keys/values to `cache`, and return the logits `[vocab]` of the last position.
 pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-    let h = step_hidden(model, tokens, cache, true)?;
-    Ok(crate::model::forward::logits(&model.weights, &h, 1))
+    on_pool(|| {
+        let h = step_hidden(model, tokens, cache, true)?;
+        Ok(crate::model::forward::logits(&model.weights, &h, 1))
+    })
+}
+
+/// Runs `f` on a rayon worker thread. A decode step makes a few hundred small parallel
+/// products; started from a thread outside the pool, each would hand its work to the pool and
+/// put the caller to sleep on a futex until done. From inside, the caller works too.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
 }
 
 /// [`forward_step`], returning the logits of every position `[tokens.len(), vocab]`.
 pub fn forward_step_all(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-    let h = step_hidden(model, tokens, cache, false)?;
-    Ok(crate::model::forward::logits(
-        &model.weights,
-        &h,
-        tokens.len(),
-    ))
+    on_pool(|| {
+        let h = step_hidden(model, tokens, cache, false)?;
+        Ok(crate::model::forward::logits(
+            &model.weights,
+            &h,
+            tokens.len(),
+        ))
+    })
 }

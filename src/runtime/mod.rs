@@ -4,11 +4,16 @@
 //! tokens (a prompt or one sampled token) against it; [`sample`] turns logits into the next token
 //! (greedy, temperature, top-k, top-p with a seeded RNG); [`generate`](mod@generate) drives the
 //! prefill → decode loop with stop tokens, streams tokens to a callback and times both phases.
+//! [`pack`](mod@pack) packs the weights into compressed formats (chosen per tensor by
+//! [`autopick`] for `auto`) that the forward pass then uses.
 
+pub mod autopick;
 pub mod generate;
 pub mod kv;
+pub mod pack;
 pub mod sample;
 
 pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};
 pub use kv::{forward_step, forward_step_all, KvCache};
+pub use pack::{pack, unpack, FormatChoice, PackOpts, PackReport};
 pub use sample::{SampleOpts, Sampler};

@@ -179,6 +179,7 @@ pub fn slice(
             weight: mul_left_f32(&p_mid, &folded.o.weight),
             bias: folded.o.bias.as_ref().map(|b| mul_left_f32(&p_mid, b)),
             factor: None,
+            packed: None,
         };
         run_layer(
             &cfg,
@@ -280,16 +281,19 @@ fn sliced_layer(
         weight: mul_right(&lin.weight, q_in.as_ref(), n),
         bias: lin.bias.clone(),
         factor: None,
+        packed: None,
     };
     let right_mid = |lin: &Linear| Linear {
         weight: mul_right(&lin.weight, q_mid.as_ref(), n),
         bias: lin.bias.clone(),
         factor: None,
+        packed: None,
     };
     let left = |lin: &Linear, q: MatRef<'_, f64>| Linear {
         weight: mul_left(q, &lin.weight),
         bias: lin.bias.as_ref().map(|b| mul_left(q, b)),
         factor: None,
+        packed: None,
     };
     // Shortcut in linear layout: Sᵀ = Q̂_toᵀ Q̂_from ([n, n]).
     let shortcut = |from: MatRef<'_, f64>, to: MatRef<'_, f64>| {

@@ -1,0 +1,287 @@
+//! Stored value types of the weight formats: f32, bf16 and int8 with a per-row f32 scale.
+//!
+//! Every format (dense, bitmask, CSR, N:M) is generic over [`Elem`], so the f32, bf16 and int8
+//! variants share one kernel each and differ only in how 16 stored values become 16 f32 lanes
+//! (`load16` / `load_first` / `expand_load`) and whether each row carries a scale. Products
+//! always accumulate in f32; an int8 row's sum is multiplied by its scale at the end.
+
+use super::{Dtype, RawTensor};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// A stored weight value type.
+pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+    /// Element type of the stored values in [`RawTensor`]s.
+    const DTYPE: Dtype;
+    /// True when each row stores an f32 scale (`w = q · scale`).
+    const SCALED: bool;
+    /// Short name used in format kinds (`"f32"`, `"bf16"`, `"i8"`).
+    const NAME: &'static str;
+    /// Encodes one row's values; returns them and the row scale (1 for unscaled types).
+    /// bf16 rounds to nearest even; int8 is symmetric (scale = max|w| / 127).
+    fn encode(row: &[f32]) -> (Vec<Self>, f32);
+    /// The stored value as f32 (before the row scale).
+    fn to_f32(self) -> f32;
+    /// Values from a tensor of dtype [`Elem::DTYPE`] (length already checked).
+    fn read(t: &RawTensor) -> Vec<Self>;
+    /// Little-endian bytes of `v`.
+    fn bytes(v: &[Self]) -> Vec<u8>;
+    /// The values as f32 when they are f32 (lets dense f32 go straight to GEMM).
+    fn as_f32(_v: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// 16 values at `p` as f32 lanes.
+    /// # Safety
+    /// AVX-512F/BW available; `p` valid for 16 reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The first `n ≤ 16` values at `p` in lanes `0..n`, zeros above; reads only `n` values.
+    /// # Safety
+    /// AVX-512F/BW available; `p` valid for `n` reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load_first(n: usize, p: *const Self) -> __m512;
+    /// `popcount(k)` packed values at `p` spread to the lanes set in `k` (zeros elsewhere).
+    /// # Safety
+    /// As [`Elem::load_first`] with `n = popcount(k)`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load(k: __mmask16, p: *const Self) -> __m512 {
+        _mm512_maskz_expand_ps(k, Self::load_first(k.count_ones() as usize, p))
+    }
+}
+
+/// Mask of the first `n ≤ 16` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+impl Elem for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    const SCALED: bool = false;
+    const NAME: &'static str = "f32";
+    fn encode(row: &[f32]) -> (Vec<f32>, f32) {
+        (row.to_vec(), 1.0)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn read(t: &RawTensor) -> Vec<f32> {
+        super::read_f32(t)
+    }
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn as_f32(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_first(n: usize, p: *const f32) -> __m512 {
+        _mm512_maskz_loadu_ps(first_lanes(n), p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load(k: __mmask16, p: *const f32) -> __m512 {
+        _mm512_maskz_expandloadu_ps(k, p)
+    }
+}
+
+/// bf16 bits → f32 lanes (a 16-bit shift).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_bf16(v: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+}
+
+impl Elem for half::bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+    const SCALED: bool = false;
+    const NAME: &'static str = "bf16";
+    fn encode(row: &[f32]) -> (Vec<half::bf16>, f32) {
+        (row.iter().map(|&v| half::bf16::from_f32(v)).collect(), 1.0)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    fn read(t: &RawTensor) -> Vec<half::bf16> {
+        super::read_u16(t)
+            .into_iter()
+            .map(half::bf16::from_bits)
+            .collect()
+    }
+    fn bytes(v: &[half::bf16]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> __m512 {
+        widen_bf16(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_first(n: usize, p: *const half::bf16) -> __m512 {
+        widen_bf16(_mm256_maskz_loadu_epi16(first_lanes(n), p as *const i16))
+    }
+}
+
+impl Elem for i8 {
+    const DTYPE: Dtype = Dtype::I8;
+    const SCALED: bool = true;
+    const NAME: &'static str = "i8";
+    fn encode(row: &[f32]) -> (Vec<i8>, f32) {
+        super::quantize_row(row)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn read(t: &RawTensor) -> Vec<i8> {
+        t.data.iter().map(|&b| b as i8).collect()
+    }
+    fn bytes(v: &[i8]) -> Vec<u8> {
+        v.iter().map(|&b| b as u8).collect()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_first(n: usize, p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(
+            first_lanes(n),
+            p,
+        )))
+    }
+}
+
+/// Values and per-row scales of a format with element type `E`: the shared storage of the
+/// value half of every format.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Values<E: Elem> {
+    pub v: Vec<E>,
+    /// One per row when `E::SCALED`, else empty.
+    pub scales: Vec<f32>,
+}
+
+impl<E: Elem> Values<E> {
+    /// Encodes `rows` (each a list of the values to keep) row by row.
+    pub fn encode<'a>(rows: impl Iterator<Item = &'a [f32]>) -> Self {
+        let mut out = Values {
+            v: Vec::new(),
+            scales: Vec::new(),
+        };
+        for r in rows {
+            let (q, s) = E::encode(r);
+            out.v.extend(q);
+            if E::SCALED {
+                out.scales.push(s);
+            }
+        }
+        out
+    }
+    /// Encodes a row-major matrix, keeping only values where `keep(v)` (all of them for dense).
+    pub fn encode_matrix(w: &[f32], rows: usize, cols: usize, keep: impl Fn(f32) -> bool) -> Self {
+        let kept: Vec<Vec<f32>> = (0..rows)
+            .map(|r| {
+                w[r * cols..(r + 1) * cols]
+                    .iter()
+                    .copied()
+                    .filter(|&x| keep(x))
+                    .collect()
+            })
+            .collect();
+        Self::encode(kept.iter().map(|r| r.as_slice()))
+    }
+    /// Scale of row `r` (1 when unscaled).
+    #[inline(always)]
+    pub fn scale(&self, r: usize) -> f32 {
+        if E::SCALED {
+            self.scales[r]
+        } else {
+            1.0
+        }
+    }
+    /// Stored value `j` of row `r` as f32, scale applied.
+    #[inline(always)]
+    pub fn get(&self, r: usize, j: usize) -> f32 {
+        self.v[j].to_f32() * self.scale(r)
+    }
+    /// Stored value `j` of row `r` in f64, scale applied (naive references).
+    #[inline(always)]
+    pub fn get64(&self, r: usize, j: usize) -> f64 {
+        self.v[j].to_f32() as f64 * self.scale(r) as f64
+    }
+    /// Bytes a product reads.
+    pub fn nbytes(&self) -> usize {
+        self.v.len() * E::DTYPE.size() + self.scales.len() * 4
+    }
+    /// `<name>.values` (and `<name>.scales`).
+    pub fn tensors(&self, name: &str) -> Vec<RawTensor> {
+        let mut t = vec![RawTensor {
+            name: format!("{name}.values"),
+            dtype: E::DTYPE,
+            shape: vec![self.v.len()],
+            data: E::bytes(&self.v),
+        }];
+        if E::SCALED {
+            t.push(RawTensor::f32(format!("{name}.scales"), &self.scales));
+        }
+        t
+    }
+    /// Reads and checks `<name>.values` (`count` values) and, when scaled, `<name>.scales`.
+    pub fn from_tensors(
+        tensors: &[RawTensor],
+        name: &str,
+        rows: usize,
+        count: Option<usize>,
+        kind: &'static str,
+        what: &str,
+    ) -> crate::Result<Self> {
+        let vt = super::find(tensors, name, "values", E::DTYPE, kind)?;
+        let have = vt.data.len() / E::DTYPE.size();
+        if count != Some(have) {
+            return Err(super::ferr(
+                vt.name.clone(),
+                kind,
+                format!(
+                    "has {have} values but {what} gives {}",
+                    count.map_or("an overflowing count".into(), |c| c.to_string())
+                ),
+            ));
+        }
+        let scales = if E::SCALED {
+            let st = super::find(tensors, name, "scales", Dtype::F32, kind)?;
+            super::expect_len(st, Some(rows), kind)?;
+            let s = super::read_f32(st);
+            if let Some(r) = s.iter().position(|v| !v.is_finite()) {
+                return Err(super::ferr(
+                    st.name.clone(),
+                    kind,
+                    format!("row {r} has a non-finite scale"),
+                ));
+            }
+            s
+        } else {
+            Vec::new()
+        };
+        Ok(Values {
+            v: E::read(vt),
+            scales,
+        })
+    }
+}
