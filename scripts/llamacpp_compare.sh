@@ -66,7 +66,7 @@ for m in smol-f32 cut-f32 smol-bf16; do
     # Both sides: trailing whitespace is not compared (each prints its own final newline).
     if [ "$(printf '%s' "$lo" | sed -e 's/[[:space:]]*$//')" = "$(printf '%s' "$ll" | sed -e 's/[[:space:]]*$//')" ]; then
       matches=$((matches + 1))
-      printf 'MATCH %-10s %q\n' "$m" "$p"
+      printf 'MATCH %-10s %q -> %q\n' "$m" "$p" "$lo"
     else
       printf 'DIFF  %-10s %q\n  lopper:    %q\n  llama.cpp: %q\n' "$m" "$p" "$lo" "$ll"
     fi

@@ -442,6 +442,28 @@ fn tiny_architectures_round_trip() {
 }
 
 #[test]
+fn linear_rope_scaling_round_trips() {
+    let mut m = lopper::io::hf::load_dir(&golden().join("tiny").join("tiny-mistral")).unwrap();
+    m.config.rope_scaling = lopper::RopeScaling::Linear { factor: 2.5 };
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = write(&m, dir.path(), "lin.gguf", GgufDtype::F32);
+    let md = meta(&p);
+    assert!(matches!(&md["llama.rope.scaling.type"], Value::String(s) if s == "linear"));
+    let back = gguf::load(&p).unwrap();
+    assert_eq!(back.config.rope_scaling, m.config.rope_scaling);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 11 + 3) % 320).collect();
+    let (a, b) = (
+        forward_logits(&m, &ids).unwrap(),
+        forward_logits(&back, &ids).unwrap(),
+    );
+    assert!(
+        bits(&a) == bits(&b),
+        "logits differ by {}",
+        max_abs_diff(&a, &b)
+    );
+}
+
+#[test]
 fn tokenizer_metadata_rebuilt_from_tokenizer_matches_the_source() {
     let model = default_model();
     let src = meta(&model.source);
