@@ -1055,3 +1055,30 @@ fn real_layer_scores_match_naive() {
         assert_close(&got, &want, 1e-9, &format!("{metric:?} channel scores"));
     }
 }
+
+#[test]
+fn hf_compatible_names_what_transformers_cannot_load() {
+    let calib = tiny_calib();
+    let dense = tiny("tiny-llama3");
+    assert_eq!(hf_compatible(&dense), Ok(()));
+    // A layer whose query heads do not split over its KV heads, unlike the others.
+    let mut m = copy(&dense);
+    lopper::structured::surgery::keep_heads(&mut m.weights.layers[0], 8, &[0, 1, 2], &[0, 1]);
+    let why = hf_compatible(&m).unwrap_err();
+    assert!(
+        why.contains("grouped-query") && why.contains("differ"),
+        "{why}"
+    );
+    // Mistral has no biases at all.
+    let mut m = tiny("tiny-mistral");
+    assert_eq!(hf_compatible(&m), Ok(()));
+    let spec = neuron_spec(
+        0.25,
+        NeuronMetric::Fluctuation,
+        true,
+        WidthAllocation::Uniform,
+    );
+    neurons::prune_neurons(&mut m, &calib, &spec, &mut nop()).unwrap();
+    let why = hf_compatible(&m).unwrap_err();
+    assert!(why.contains("mistral"), "{why}");
+}
