@@ -1082,3 +1082,37 @@ fn hf_compatible_names_what_transformers_cannot_load() {
     let why = hf_compatible(&m).unwrap_err();
     assert!(why.contains("mistral"), "{why}");
 }
+
+#[test]
+fn adaptive_neurons_take_the_globally_lowest_standardised_scores() {
+    let base = tiny("tiny-llama3");
+    let calib = tiny_calib();
+    let stats =
+        collect_width_stats(&base, &calib, &[Site::MlpIn, Site::MlpDown], &mut nop()).unwrap();
+    for metric in [NeuronMetric::Fluctuation, NeuronMetric::WandaSp] {
+        // FLAP AL-MM by hand: standardise per layer, one global ranking, lowest 30% go.
+        let mut all = vec![];
+        for l in 0..3 {
+            let lw = &base.weights.layers[l];
+            let mut s = neurons::channel_scores(
+                lw,
+                stats.get(l, Site::MlpIn),
+                stats.get(l, Site::MlpDown).unwrap(),
+                metric,
+            )
+            .unwrap();
+            alloc::standardize(&mut s);
+            all.extend(s.into_iter().enumerate().map(|(c, v)| (v, l, c)));
+        }
+        all.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut want = vec![vec![]; 3];
+        for &(_, l, c) in &all[..144] {
+            want[l].push(c);
+        }
+        want.iter_mut().for_each(|w| w.sort_unstable());
+        let mut m = copy(&base);
+        let spec = neuron_spec(0.3, metric, false, WidthAllocation::Adaptive);
+        let det = neurons::prune_neurons(&mut m, &calib, &spec, &mut nop()).unwrap();
+        assert_eq!(usize_lists(&det["removed_channels"]), want, "{metric:?}");
+    }
+}
