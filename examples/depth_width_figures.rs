@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release --example depth_width_figures -- [samples] [calib_len] [windows] [seq_len]`
 //! (defaults 32 512 8 512: calibration windows from c4, perplexity on the first wiki windows).
-//! Prints one tab-separated line per configuration as it goes.
+//! `ONLY=depth`, `ONLY=heads` or `ONLY=neurons` runs one part. Prints one tab-separated line per
+//! configuration as it goes: group, configuration, share of all parameters removed, perplexity.
 
 use lopper::calibrate::SplitMix64;
 use lopper::model::observer::Site;

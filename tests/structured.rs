@@ -517,7 +517,8 @@ fn head_scores_follow_the_chosen_metric() {
     );
     let det = heads::prune_heads(&mut m, &calib, &spec, &mut nop()).unwrap();
     let removed_kv = usize_lists(&det["removed_kv_heads"]);
-    for l in 0..3 {
+    assert_eq!(removed_kv.len(), 3);
+    for (l, kv) in removed_kv.iter().enumerate() {
         let ch = heads::channel_scores(
             &base.weights.layers[l].o.weight,
             stats.get(l, Site::AttnOut).unwrap(),
@@ -525,7 +526,7 @@ fn head_scores_follow_the_chosen_metric() {
         );
         let h = heads::head_sums(&ch, 8);
         let g: Vec<f64> = (0..2).map(|k| h[k * 4..k * 4 + 4].iter().sum()).collect();
-        assert_eq!(removed_kv[l], vec![alloc::ascending(&g)[0]], "layer {l}");
+        assert_eq!(*kv, vec![alloc::ascending(&g)[0]], "layer {l}");
     }
 }
 
@@ -1052,5 +1053,66 @@ fn real_layer_scores_match_naive() {
         )
         .unwrap();
         assert_close(&got, &want, 1e-9, &format!("{metric:?} channel scores"));
+    }
+}
+
+#[test]
+fn hf_compatible_names_what_transformers_cannot_load() {
+    let calib = tiny_calib();
+    let dense = tiny("tiny-llama3");
+    assert_eq!(hf_compatible(&dense), Ok(()));
+    // A layer whose query heads do not split over its KV heads, unlike the others.
+    let mut m = copy(&dense);
+    lopper::structured::surgery::keep_heads(&mut m.weights.layers[0], 8, &[0, 1, 2], &[0, 1]);
+    let why = hf_compatible(&m).unwrap_err();
+    assert!(
+        why.contains("grouped-query") && why.contains("differ"),
+        "{why}"
+    );
+    // Mistral has no biases at all.
+    let mut m = tiny("tiny-mistral");
+    assert_eq!(hf_compatible(&m), Ok(()));
+    let spec = neuron_spec(
+        0.25,
+        NeuronMetric::Fluctuation,
+        true,
+        WidthAllocation::Uniform,
+    );
+    neurons::prune_neurons(&mut m, &calib, &spec, &mut nop()).unwrap();
+    let why = hf_compatible(&m).unwrap_err();
+    assert!(why.contains("mistral"), "{why}");
+}
+
+#[test]
+fn adaptive_neurons_take_the_globally_lowest_standardised_scores() {
+    let base = tiny("tiny-llama3");
+    let calib = tiny_calib();
+    let stats =
+        collect_width_stats(&base, &calib, &[Site::MlpIn, Site::MlpDown], &mut nop()).unwrap();
+    for metric in [NeuronMetric::Fluctuation, NeuronMetric::WandaSp] {
+        // FLAP AL-MM by hand: standardise per layer, one global ranking, lowest 30% go.
+        let mut all = vec![];
+        for l in 0..3 {
+            let lw = &base.weights.layers[l];
+            let mut s = neurons::channel_scores(
+                lw,
+                stats.get(l, Site::MlpIn),
+                stats.get(l, Site::MlpDown).unwrap(),
+                metric,
+            )
+            .unwrap();
+            alloc::standardize(&mut s);
+            all.extend(s.into_iter().enumerate().map(|(c, v)| (v, l, c)));
+        }
+        all.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut want = vec![vec![]; 3];
+        for &(_, l, c) in &all[..144] {
+            want[l].push(c);
+        }
+        want.iter_mut().for_each(|w| w.sort_unstable());
+        let mut m = copy(&base);
+        let spec = neuron_spec(0.3, metric, false, WidthAllocation::Adaptive);
+        let det = neurons::prune_neurons(&mut m, &calib, &spec, &mut nop()).unwrap();
+        assert_eq!(usize_lists(&det["removed_channels"]), want, "{metric:?}");
     }
 }

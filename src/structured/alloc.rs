@@ -63,8 +63,8 @@ pub fn check_fraction(fraction: f64, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Uniform allocation: units removed in each layer, `round(fraction · units[l])`, capped by
-/// nothing: a layer whose count exceeds `max_remove[l]` is an error naming it.
+/// Uniform allocation: units removed in each layer, `round(fraction · units[l])`; a layer whose
+/// count exceeds `max_remove[l]` is an error naming it. (Tested in `tests/structured.rs`.)
 pub fn uniform_counts(
     fraction: f64,
     units: &[usize],
@@ -128,46 +128,4 @@ pub fn adaptive_counts(
         removed = next;
     }
     Ok(counts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn standardize_has_zero_mean_unit_std() {
-        let mut x = vec![1.0, 2.0, 3.0, 10.0];
-        standardize(&mut x);
-        let m: f64 = x.iter().sum::<f64>() / 4.0;
-        let v: f64 = x.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 3.0;
-        assert!(m.abs() < 1e-12 && (v - 1.0).abs() < 1e-12);
-        let mut c = vec![5.0; 3];
-        standardize(&mut c);
-        assert_eq!(c, vec![0.0; 3]);
-    }
-
-    #[test]
-    fn adaptive_takes_global_lowest_prefixes() {
-        let sorted = vec![vec![-1.0, 0.5, 2.0], vec![-2.0, -0.5, 1.0]];
-        let c = adaptive_counts(&sorted, &[1, 1], &[2, 2], 3, "t").unwrap();
-        assert_eq!(c, vec![1, 2]);
-        // Capacity respected.
-        let c = adaptive_counts(&sorted, &[1, 1], &[2, 2], 4, "t").unwrap();
-        assert_eq!(c, vec![2, 2]);
-        assert!(adaptive_counts(&sorted, &[1, 1], &[2, 2], 5, "t").is_err());
-        // Units of 3 items: 4 items requested → one unit (3 is closer than 6).
-        let c = adaptive_counts(&sorted, &[3, 3], &[2, 2], 4, "t").unwrap();
-        assert_eq!(c.iter().sum::<usize>(), 1);
-        let c = adaptive_counts(&sorted, &[3, 3], &[2, 2], 5, "t").unwrap();
-        assert_eq!(c.iter().sum::<usize>(), 2);
-    }
-
-    #[test]
-    fn uniform_rounds_and_refuses_emptying_a_layer() {
-        assert_eq!(
-            uniform_counts(0.2, &[3, 10], &[2, 9], "t").unwrap(),
-            vec![1, 2]
-        );
-        assert!(uniform_counts(0.9, &[3], &[2], "t").is_err());
-    }
 }

@@ -3,7 +3,9 @@
 //!
 //! - [`depth`]: whole blocks (ShortGPT's Block Influence, or angular distance over a run of
 //!   consecutive blocks), or a given list.
-//! - [`heads`]: attention heads, respecting grouped-query attention.
+//! - [`heads`]: attention heads, respecting grouped-query attention (whole KV groups, or the
+//!   same number of query heads per group); activation-weighted norm, Wanda-sp or FLAP's
+//!   fluctuation metric; optional FLAP bias compensation.
 //! - [`neurons`]: FFN intermediate channels (Wanda-sp or FLAP's fluctuation metric, optional
 //!   FLAP bias compensation).
 //! - [`slicegpt`]: the embedding dimension (SliceGPT: fold norms, PCA-rotate, slice).
@@ -17,7 +19,10 @@
 //!
 //! Every step validates its request against the model before changing anything, so a bad
 //! request leaves the model untouched; steps return a JSON object of what they did for
-//! `report.json`.
+//! `report.json`. Width steps collect their statistics in one pass of the model as it is; to
+//! score heads and neurons on the same (unpruned) activations, as FLAP does, collect
+//! [`stats::WidthStats`] once and call `heads::prune_heads_with_stats` /
+//! `neurons::prune_neurons_with_stats` (statistics that no longer fit a layer are refused).
 
 pub mod alloc;
 pub mod collect;
