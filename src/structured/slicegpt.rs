@@ -421,7 +421,7 @@ fn add_gram(g: &mut Mat<f64>, x: &[f32], d: usize) {
 }
 
 /// Official `pca_calc`: eigenvectors of `g + 0.01·mean(diag g)·I` by decreasing eigenvalue;
-/// returns them (as columns) and the eigenvalues.
+/// returns them (as columns) and the eigenvalues of `g`.
 fn pca(g: &Mat<f64>, what: &str) -> Result<(Mat<f64>, Vec<f64>)> {
     let d = g.nrows();
     if (0..d).any(|i| (0..d).any(|j| !g[(i, j)].is_finite())) {
@@ -442,7 +442,7 @@ fn pca(g: &Mat<f64>, what: &str) -> Result<(Mat<f64>, Vec<f64>)> {
     let (u, s) = (evd.U(), evd.S().column_vector());
     // faer sorts ascending; reverse.
     let q = Mat::<f64>::from_fn(d, d, |i, j| u[(i, d - 1 - j)]);
-    let ev = (0..d).map(|j| s[d - 1 - j]).collect();
+    let ev = (0..d).map(|j| s[d - 1 - j] - damp).collect();
     Ok((q, ev))
 }
 
