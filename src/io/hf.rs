@@ -14,10 +14,10 @@
 //! tools and tests.
 
 use crate::model::config::{Arch, Config, RopeScaling};
-use crate::model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
+use crate::model::weights::{LayerWeights, Linear, LinearKind, Packed, Tensor, Weights};
 use crate::{Error, Model, Result};
 use serde_json::{Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 mod safetensors_file;
@@ -101,8 +101,9 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let json = read_json(&cfg_path, |p, m| Error::config(p, m))?;
     let config = parse_config(&json, &cfg_path)?;
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
+    let packed = super::packed::load_note(&json, &cfg_path)?;
     let store = TensorStore::open(dir)?;
-    let weights = load_weights(&store, &config, &specs)?;
+    let weights = load_weights(&store, &config, &specs, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
     Ok(Model {
@@ -513,6 +514,22 @@ impl TensorStore {
         })
     }
 
+    /// Packed tensor `name` of format `kind` (arrays `<name>.*` in the file holding
+    /// `<name>.shape`), checked to be `expected`; see [`super::packed`].
+    fn get_packed(&self, name: &str, kind: &str, expected: &[usize]) -> Result<(Tensor, Packed)> {
+        let shape = format!("{name}.shape");
+        let file = match self.owner.get(&shape) {
+            Some(&i) => &self.files[i],
+            None => {
+                return Err(Error::MissingTensor {
+                    path: self.root.clone(),
+                    tensor: shape,
+                })
+            }
+        };
+        super::packed::load_weight(file, name, kind, expected)
+    }
+
     /// Tensor `name`, checked to have shape `expected`.
     fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let missing = |path: &Path| Error::MissingTensor {
@@ -536,7 +553,12 @@ impl TensorStore {
     }
 }
 
-fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Result<Weights> {
+fn load_weights(
+    store: &TensorStore,
+    config: &Config,
+    specs: &[LayerSpec],
+    packed: &BTreeMap<String, String>,
+) -> Result<Weights> {
     let (h, hd, vocab) = (config.hidden_size, config.head_dim, config.vocab_size);
     let embed = store.get("model.embed_tokens.weight", &[vocab, h])?;
     let mut layers = Vec::with_capacity(specs.len());
@@ -544,13 +566,19 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
         let p = format!("model.layers.{i}");
         let lin = |kind: LinearKind| -> Result<Linear> {
             let shape = spec.linear_shape(kind, h, hd);
-            let weight = store.get(&format!("{p}.{}.weight", kind.hf_name()), &shape)?;
+            let name = format!("{p}.{}.weight", kind.hf_name());
+            let (weight, pk) = match packed.get(&name) {
+                Some(k) => store.get_packed(&name, k, &shape).map(|(t, p)| (t, Some(p)))?,
+                None => (store.get(&name, &shape)?, None),
+            };
             let bias = if has_bias(config, kind) {
                 Some(store.get(&format!("{p}.{}.bias", kind.hf_name()), &shape[..1])?)
             } else {
                 None
             };
-            Ok(Linear::new(weight, bias))
+            let mut lin = Linear::new(weight, bias);
+            lin.packed = pk;
+            Ok(lin)
         };
         layers.push(LayerWeights {
             attn_norm: store.get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -565,17 +593,27 @@ fn load_weights(store: &TensorStore, config: &Config, specs: &[LayerSpec]) -> Re
         });
     }
     let final_norm = store.get("model.norm.weight", &[h])?;
+    let head = "lm_head.weight";
+    let (dense_head, lm_head_packed) = match packed.get(head) {
+        Some(k) => store
+            .get_packed(head, k, &[vocab, h])
+            .map(|(t, p)| (Some(t), Some(p)))?,
+        None => (None, None),
+    };
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(store.get("lm_head.weight", &[vocab, h])?)
+        match dense_head {
+            Some(t) => Some(t),
+            None => Some(store.get(head, &[vocab, h])?),
+        }
     };
     Ok(Weights {
         embed,
         layers,
         final_norm,
         lm_head,
-        lm_head_packed: None,
+        lm_head_packed,
     })
 }
 

@@ -1,7 +1,9 @@
-//! Reading and writing model files: GGUF, HF safetensors directories.
+//! Reading and writing model files: GGUF, HF safetensors directories (optionally with packed
+//! weights, [`packed`]).
 
 pub mod gguf;
 pub mod hf;
+pub mod packed;
 pub mod save;
 
 use crate::{Error, Model, Result};
