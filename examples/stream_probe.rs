@@ -17,10 +17,19 @@ fn main() {
                 best = best.min(t.elapsed().as_secs_f64());
                 assert_eq!(s as usize, n);
             }
-            println!("huge {huge} {mib:5} MiB: 1 thread {:6.1} GB/s", (n * 4) as f64 / best / 1e9);
+            println!(
+                "huge {huge} {mib:5} MiB: 1 thread {:6.1} GB/s",
+                (n * 4) as f64 / best / 1e9
+            );
             unsafe { std::alloc::dealloc(p as *mut u8, layout) };
         }
     }
     let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-    println!("{}", s.lines().filter(|l| l.contains("Huge")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        s.lines()
+            .filter(|l| l.contains("Huge"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

@@ -21,8 +21,8 @@ const CONFIGS: &[(&str, &str)] = &[
     ("layers 8, block influence", "kind='layers'\nremove=8"),
     ("layers 11, block influence", "kind='layers'\nremove=11"),
     ("layers 8, angular (contiguous)", "kind='layers'\nremove=8\nmetric='angular'"),
-    ("heads 1/3 (1 of 3 KV groups), norm", "kind='heads'\nfraction=0.34"),
-    ("heads 2/3 (2 of 3 KV groups), norm", "kind='heads'\nfraction=0.67"),
+    ("heads 1/3 (1 of 3 KV groups), fluctuation + bias", "kind='heads'\nfraction=0.34\nmetric='fluctuation'\nbias_compensation=true"),
+    ("heads 2/3 (2 of 3 KV groups), fluctuation + bias", "kind='heads'\nfraction=0.67\nmetric='fluctuation'\nbias_compensation=true"),
     ("heads 2/3 (2 per group), fluctuation + bias", "kind='heads'\nfraction=0.67\ngqa='per_group'\nmetric='fluctuation'\nbias_compensation=true"),
     ("neurons 17%, wanda-sp", "kind='neurons'\nfraction=0.17"),
     ("neurons 34%, wanda-sp", "kind='neurons'\nfraction=0.34"),
@@ -39,7 +39,7 @@ const CONFIGS: &[(&str, &str)] = &[
     ("low rank 38% of linears, whitened", "kind='low_rank'\nparam_fraction=0.38\nwhiten=true"),
     (
         "plan: layers 3 → neurons 20% → heads 1/3",
-        "kind='layers'\nremove=3\nmetric='angular'\n[[step]]\nkind='neurons'\nfraction=0.2\nmetric='fluctuation'\nbias_compensation=true\n[[step]]\nkind='heads'\nfraction=0.34",
+        "kind='layers'\nremove=3\nmetric='angular'\n[[step]]\nkind='neurons'\nfraction=0.2\nmetric='fluctuation'\nbias_compensation=true\n[[step]]\nkind='heads'\nfraction=0.34\nmetric='fluctuation'\nbias_compensation=true",
     ),
     (
         "plan: layers 3 → neurons 20% → wanda 50%",
@@ -105,7 +105,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let plan = parse_plan(&format!("[[step]]\n{body}"), Path::new(label))?;
         let mut m = copy(&base);
         let t = Instant::now();
-        let records = run_plan(&mut m, &calib, &plan, &mut |_, _| Ok(None), &mut |_, _, _| {})?;
+        let records = run_plan(
+            &mut m,
+            &calib,
+            &plan,
+            &mut |_, _| Ok(None),
+            &mut |_, _, _| {},
+        )?;
         let secs = t.elapsed().as_secs_f64();
         let p = ppl(&m)?;
         let size = ModelSize::of(&m);

@@ -160,8 +160,18 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
         let mut acc = y0.clone();
         f.matmul_add(&x, m, &mut acc, true);
         let want_acc: Vec<f64> = want.iter().zip(&y0).map(|(w, &a)| w + a as f64).collect();
-        let scale_acc: Vec<f64> = scale.iter().zip(&y0).map(|(s, &a)| s + a.abs() as f64).collect();
-        assert_close(&format!("{ctx} accumulate"), &acc, &want_acc, &scale_acc, 1e-4);
+        let scale_acc: Vec<f64> = scale
+            .iter()
+            .zip(&y0)
+            .map(|(s, &a)| s + a.abs() as f64)
+            .collect();
+        assert_close(
+            &format!("{ctx} accumulate"),
+            &acc,
+            &want_acc,
+            &scale_acc,
+            1e-4,
+        );
         if m == 1 {
             let mut v = vec![f32::NAN; rows];
             f.matvec(&x, &mut v);
@@ -223,6 +233,31 @@ fn general_formats_match_dense() {
             }
         }
     }
+}
+
+/// The portable paths (compiled for AVX2 where available) on the same cases.
+#[test]
+fn portable_paths_match_dense() {
+    force_portable(true);
+    let mut rng = Rng(11);
+    for &(rows, cols) in &[(1, 1), (7, 13), (33, 100), (17, 129), (300, 577)] {
+        for sp in [0.0f32, 0.5, 0.95] {
+            let w = random(&mut rng, rows, cols, sp);
+            for f in general_formats(&w, rows, cols) {
+                check(f.as_ref(), &w, rows, cols, &mut rng);
+            }
+        }
+        let cols4 = cols.div_ceil(4) * 4;
+        let w = nm_matrix(&mut rng, rows, cols4, 2, 4);
+        check(
+            &NMBf16::from_dense(&w, rows, cols4, 2, 4).unwrap(),
+            &w,
+            rows,
+            cols4,
+            &mut rng,
+        );
+    }
+    force_portable(false);
 }
 
 #[test]

@@ -49,6 +49,56 @@ fn matmul_matches_naive_on_odd_shapes() {
     }
 }
 
+/// The dense decode path (row dot products for m ≤ 4, threads over rows for large matrices,
+/// GEMM above) against the naive product, storing and accumulating.
+#[test]
+fn dense_small_products_match_naive() {
+    let mut rng = Rng(3);
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (1, 17, 5),
+        (2, 576, 192),
+        (3, 33, 257),
+        (4, 1536, 576),
+        (1, 576, 1536),
+        (1, 576, 4097),
+        (5, 64, 64),
+        (1, 0, 8),
+        (2, 8, 0),
+        (0, 8, 8),
+    ] {
+        let x = rng.vec(m * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        for acc in [false, true] {
+            let init = rng.vec(m * n, 1.0);
+            let (mut a, mut b) = (init.clone(), init.clone());
+            lopper::formats::dense_f32_matmul(&w, n, k, &x, m, &mut a, acc);
+            kernels::matmul_t_naive(&x, &w, &mut b, m, k, n, acc);
+            assert!(
+                max_rel_err(&a, &b) < 1e-5,
+                "m={m} k={k} n={n} accumulate={acc}: {}",
+                max_rel_err(&a, &b)
+            );
+        }
+    }
+}
+
+#[test]
+fn stream_sum_matches_naive() {
+    let mut rng = Rng(5);
+    for n in [0usize, 1, 63, 64, 65, 1000, 4099] {
+        let x = rng.vec(n, 1.0);
+        let (a, b) = (
+            kernels::probe::sum_f32(&x),
+            kernels::probe::sum_f32_naive(&x),
+        );
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "n={n}: {a} vs {b}");
+    }
+    // The probe checks its own sums; it must give a positive finite rate.
+    let g = kernels::probe::stream_gbps(2, 8 << 20, 2);
+    assert!(g.is_finite() && g > 0.0, "{g}");
+}
+
 #[test]
 fn exp_fast_is_accurate() {
     let mut worst = 0f64;

@@ -1,6 +1,7 @@
-//! `lopper convert`: write any loadable model as an HF directory or a GGUF file.
+//! `lopper convert`: write any loadable model as an HF directory (optionally with its linears
+//! stored packed: `--format`, see `lopper::io::packed`) or a GGUF file.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
@@ -31,6 +32,14 @@ pub struct ConvertArgs {
     /// Replace an existing output.
     #[arg(long)]
     pub force: bool,
+    /// Store the linears packed in this format (auto, bitmask, nm, bf16, ...; see `lopper run
+    /// --help`), noted in config.json as `lopper_formats`; lopper loads it without
+    /// re-compressing, transformers cannot. The other tensors are written as f32.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// With --format: format of the LM head (default: dense of the format's value type).
+    #[arg(long)]
+    pub head_format: Option<String>,
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
@@ -64,12 +73,24 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             ),
         ),
     };
+    let packing = a.format.is_some() || a.head_format.is_some();
+    if packing && hf_dtype != Some(lopper::io::save::SaveDtype::F32) {
+        bail!("--format writes an HF directory with the other tensors as f32; drop --to gguf / --dtype {}", a.dtype);
+    }
     let path = super::model_path(&a.model)?;
-    let model = super::load_model(&path, false)?;
+    let mut model = super::load_model(&path, false)?;
+    let packed = super::pack_model(
+        &mut model,
+        a.format.as_deref(),
+        a.head_format.as_deref(),
+        false,
+    )?;
     let sp = super::spinner(false, format!("writing {}", a.out.display()));
     let ctx = || format!("converting {} to {}", path.display(), a.out.display());
     let mut extra = String::new();
-    if let Some(d) = hf_dtype {
+    if packed.is_some() {
+        lopper::io::packed::save_packed(&model, &a.out, a.force).with_context(ctx)?;
+    } else if let Some(d) = hf_dtype {
         lopper::io::save::save_hf(&model, &a.out, d, a.force).with_context(ctx)?;
     }
     if let Some(d) = gguf_dtype {

@@ -100,12 +100,16 @@ impl StructuredArgs {
 pub enum LayerMetricArg {
     #[default]
     BlockInfluence,
+    /// Last token of each window (the paper's choice).
     Angular,
+    /// Averaged over all tokens.
+    AngularAllTokens,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum HeadMetricArg {
     #[default]
     Norm,
+    WandaSp,
     Fluctuation,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -118,6 +122,8 @@ pub enum GqaArg {
 pub enum NeuronMetricArg {
     #[default]
     WandaSp,
+    /// FLAP's Wanda-sp baseline: down_proj only.
+    WandaSpDown,
     Fluctuation,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -157,6 +163,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
     let metric = match s.layer_metric {
         LayerMetricArg::BlockInfluence => DepthMetric::BlockInfluence,
         LayerMetricArg::Angular => DepthMetric::Angular,
+        LayerMetricArg::AngularAllTokens => DepthMetric::AngularAllTokens,
     };
     if let Some(n) = s.remove_layers {
         if n == 0 {
@@ -179,6 +186,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
             fraction: fraction("--heads", f)?,
             metric: match s.head_metric {
                 HeadMetricArg::Norm => HeadMetric::Norm,
+                HeadMetricArg::WandaSp => HeadMetric::WandaSp,
                 HeadMetricArg::Fluctuation => HeadMetric::Fluctuation,
             },
             gqa: match s.gqa {
@@ -194,6 +202,7 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
             fraction: fraction("--neurons", f)?,
             metric: match s.neuron_metric {
                 NeuronMetricArg::WandaSp => NeuronMetric::WandaSp,
+                NeuronMetricArg::WandaSpDown => NeuronMetric::WandaSpDown,
                 NeuronMetricArg::Fluctuation => NeuronMetric::Fluctuation,
             },
             bias_compensation: s.bias_compensation,

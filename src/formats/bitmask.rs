@@ -228,9 +228,15 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
+            drive(
+                self.rows,
+                m,
+                self.nbytes(),
+                1,
+                y,
+                acc,
+                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
+            );
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {

@@ -230,16 +230,24 @@ impl WeightFormat for Bsr {
             );
             return;
         }
-        drive(self.rows, m, self.nbytes(), self.br, y, acc, |r0, r1, out| {
-            for r in r0..r1 {
-                for i in 0..m {
-                    let xi = &x[i * self.cols..];
-                    let s: f32 = self.row_entries(r).map(|(k, v)| v * xi[k]).sum();
-                    // SAFETY: row inside this aligned block range, i < m.
-                    unsafe { out.put(i, r, s) };
+        drive(
+            self.rows,
+            m,
+            self.nbytes(),
+            self.br,
+            y,
+            acc,
+            |r0, r1, out| {
+                for r in r0..r1 {
+                    for i in 0..m {
+                        let xi = &x[i * self.cols..];
+                        let s: f32 = self.row_entries(r).map(|(k, v)| v * xi[k]).sum();
+                        // SAFETY: row inside this aligned block range, i < m.
+                        unsafe { out.put(i, r, s) };
+                    }
                 }
-            }
-        });
+            },
+        );
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes("bsr", self.rows, self.cols, x, m, y);

@@ -82,7 +82,11 @@ impl<E: Elem> CsrOf<E> {
             ));
         }
         if let Some(r) = ptr64.windows(2).position(|w| w[1] < w[0]) {
-            return Err(ferr(pt.name.clone(), Self::KIND, format!("decreases at row {r}")));
+            return Err(ferr(
+                pt.name.clone(),
+                Self::KIND,
+                format!("decreases at row {r}"),
+            ));
         }
         let row_ptr: Vec<usize> = ptr64.into_iter().map(|p| p as usize).collect();
         let col_idx = read_u16(ct);
@@ -199,9 +203,15 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated < cols; disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
+            drive(
+                self.rows,
+                m,
+                self.nbytes(),
+                1,
+                y,
+                acc,
+                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
+            );
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {

@@ -41,7 +41,7 @@ pub use bsr::Bsr;
 pub use csr::{Csr, CsrBf16, CsrI8, CsrOf};
 pub use dense::{dense_f32_matmul, Dense, DenseBf16, DenseI8, DenseOf};
 pub use elem::Elem;
-pub use nm::{NMBf16, NMI8, NMOf, NM};
+pub use nm::{NMBf16, NMOf, NM, NMI8};
 
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -177,9 +177,21 @@ impl std::fmt::Debug for dyn WeightFormat {
 /// once per product, threads over rows); larger ones decode row tiles to f32 and use GEMM.
 pub const SMALL_M: usize = 4;
 
-/// True when the AVX-512 subset the format kernels use is available.
+static PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the format kernels take their portable paths (AVX2-compiled where the CPU has AVX2)
+/// even on AVX-512 machines: for testing those paths and comparing speeds.
+pub fn force_portable(on: bool) {
+    PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True when the AVX-512 subset the format kernels use is available (and not turned off by
+/// [`force_portable`]).
 #[inline]
 pub fn has_avx512() -> bool {
+    if PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")

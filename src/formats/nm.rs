@@ -153,7 +153,14 @@ impl<E: Elem> NMOf<E> {
         let row_bytes = (vpr * bits).div_ceil(8);
         let it = find(tensors, name, "indices", Dtype::U8, Self::KIND)?;
         expect_len(it, rows.checked_mul(row_bytes), Self::KIND)?;
-        let vals = Values::from_tensors(tensors, name, rows, rows.checked_mul(vpr), Self::KIND, "the shape")?;
+        let vals = Values::from_tensors(
+            tensors,
+            name,
+            rows,
+            rows.checked_mul(vpr),
+            Self::KIND,
+            "the shape",
+        )?;
         // Sizes now match real buffers, so allocating is safe.
         let mut out = Self::empty(rows, cols, n, m);
         out.vals = vals;
@@ -279,12 +286,7 @@ impl<E: Elem> NMOf<E> {
     }
     /// (column, value index) of row `r`'s stored values.
     fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.vpr).map(move |v| {
-            (
-                (v / self.n) * self.m + self.idx_at(r, v),
-                r * self.vpr + v,
-            )
-        })
+        (0..self.vpr).map(move |v| ((v / self.n) * self.m + self.idx_at(r, v), r * self.vpr + v))
     }
 }
 
@@ -322,9 +324,15 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         if self.fast_pattern() && has_avx512() {
             // SAFETY: AVX-512 checked; sizes checked; indices validated (< M, so every
             // permuted lane is inside the 32-column window); disjoint rows.
-            drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| unsafe {
-                self.block_avx512(r0, r1, x, m, out)
-            });
+            drive(
+                self.rows,
+                m,
+                self.nbytes(),
+                1,
+                y,
+                acc,
+                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
+            );
             return;
         }
         drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {

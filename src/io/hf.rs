@@ -29,12 +29,12 @@
 
 use crate::model::config::{Arch, Config, RopeScaling};
 use crate::model::weights::{
-    LayerWeights, Linear, LinearKind, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V,
-    MLP_SHORTCUT,
+    LayerWeights, Linear, LinearKind, Packed, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U,
+    LOW_RANK_V, MLP_SHORTCUT,
 };
 use crate::{Error, Model, Result};
 use serde_json::{Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 mod safetensors_file;
@@ -119,8 +119,9 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let config = parse_config(&json, &cfg_path)?;
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
     let ext = parse_extensions(&json, &config, &cfg_path)?;
+    let packed = super::packed::load_note(&json, &cfg_path)?;
     let store = TensorStore::open(dir)?;
-    let weights = load_weights(&store, &config, &specs, &ext)?;
+    let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
     Ok(Model {
@@ -532,6 +533,22 @@ impl TensorStore {
         })
     }
 
+    /// Packed tensor `name` of format `kind` (arrays `<name>.*` in the file holding
+    /// `<name>.shape`), checked to be `expected`; see [`super::packed`].
+    fn get_packed(&self, name: &str, kind: &str, expected: &[usize]) -> Result<(Tensor, Packed)> {
+        let shape = format!("{name}.shape");
+        let file = match self.owner.get(&shape) {
+            Some(&i) => &self.files[i],
+            None => {
+                return Err(Error::MissingTensor {
+                    path: self.root.clone(),
+                    tensor: shape,
+                })
+            }
+        };
+        super::packed::load_weight(file, name, kind, expected)
+    }
+
     /// Tensor `name`, checked to have shape `expected`.
     fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let missing = |path: &Path| Error::MissingTensor {
@@ -560,6 +577,7 @@ fn load_weights(
     config: &Config,
     specs: &[LayerSpec],
     ext: &Extensions,
+    packed: &BTreeMap<String, String>,
 ) -> Result<Weights> {
     let (h, hd, vocab) = (config.hidden_size, config.head_dim, config.vocab_size);
     let embed = store.get("model.embed_tokens.weight", &[vocab, h])?;
@@ -576,8 +594,16 @@ fn load_weights(
             if let Some(&rank) = ext.low_rank.get(&(i, kind)) {
                 return load_low_rank(store, &format!("{p}.{}", kind.hf_name()), shape, rank, bias);
             }
-            let weight = store.get(&format!("{p}.{}.weight", kind.hf_name()), &shape)?;
-            Ok(Linear::new(weight, bias))
+            let name = format!("{p}.{}.weight", kind.hf_name());
+            let (weight, pk) = match packed.get(&name) {
+                Some(k) => store
+                    .get_packed(&name, k, &shape)
+                    .map(|(t, p)| (t, Some(p)))?,
+                None => (store.get(&name, &shape)?, None),
+            };
+            let mut lin = Linear::new(weight, bias);
+            lin.packed = pk;
+            Ok(lin)
         };
         layers.push(LayerWeights {
             attn_norm: store.get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -594,17 +620,27 @@ fn load_weights(
         });
     }
     let final_norm = store.get("model.norm.weight", &[h])?;
+    let head = "lm_head.weight";
+    let (dense_head, lm_head_packed) = match packed.get(head) {
+        Some(k) => store
+            .get_packed(head, k, &[vocab, h])
+            .map(|(t, p)| (Some(t), Some(p)))?,
+        None => (None, None),
+    };
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(store.get("lm_head.weight", &[vocab, h])?)
+        match dense_head {
+            Some(t) => Some(t),
+            None => Some(store.get(head, &[vocab, h])?),
+        }
     };
     Ok(Weights {
         embed,
         layers,
         final_norm,
         lm_head,
-        lm_head_packed: None,
+        lm_head_packed,
     })
 }
 

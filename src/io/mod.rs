@@ -1,8 +1,10 @@
-//! Reading and writing model files: GGUF, HF safetensors directories.
+//! Reading and writing model files: GGUF, HF safetensors directories (optionally with packed
+//! weights, [`packed`]).
 
 pub mod gguf;
 pub mod gguf_write;
 pub mod hf;
+pub mod packed;
 pub mod save;
 
 use crate::{Error, Model, Result};

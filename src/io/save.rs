@@ -111,6 +111,30 @@ pub fn save_hf_with_extras(
     force: bool,
     extras: &[(&str, &[u8])],
 ) -> Result<()> {
+    save_hf_custom(model, out, dtype, force, extras, &Custom::default())
+}
+
+/// Changes to the standard HF layout for lopper's own extensions (e.g. packed weights, see
+/// [`crate::io::packed`]): dense tensors left out, raw tensors added, `config.json` keys added.
+#[derive(Debug, Default)]
+pub struct Custom {
+    /// Dense tensors (HF names) not to write.
+    pub skip: std::collections::HashSet<String>,
+    /// Tensors written as given (little-endian bytes), after the dense ones.
+    pub raw: Vec<crate::formats::RawTensor>,
+    /// Keys added to `config.json` (after it is checked to load).
+    pub config: Map<String, Value>,
+}
+
+/// [`save_hf_with_extras`] with [`Custom`] changes.
+pub fn save_hf_custom(
+    model: &Model,
+    out: &Path,
+    dtype: SaveDtype,
+    force: bool,
+    extras: &[(&str, &[u8])],
+    custom: &Custom,
+) -> Result<()> {
     let out_err = |msg: String| Error::Output {
         path: out.to_path_buf(),
         msg,
@@ -125,8 +149,18 @@ pub fn save_hf_with_extras(
         _ => PathBuf::from("."),
     };
     // Plan everything that can fail on the model before touching the disk.
-    let (config_json, written) = config_json(model, dtype, &out.join("config.json"))?;
-    let entries = tensor_entries(model, &written, out)?;
+    let (mut config_json, written) = config_json(model, dtype, &out.join("config.json"))?;
+    if let Value::Object(o) = &mut config_json {
+        o.extend(custom.config.clone());
+    }
+    let mut entries = tensor_entries(model, &written, out)?;
+    entries.retain(|e| !custom.skip.contains(&e.name));
+    entries.extend(custom.raw.iter().map(|t| Entry {
+        name: t.name.clone(),
+        shape: t.shape.clone(),
+        src: None,
+        raw: Some(t),
+    }));
     refuse_input(model, out)?;
     let exists = out.symlink_metadata().is_ok();
     if exists && !force {
@@ -221,6 +255,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], dtype: SaveDt
             name: n.to_string(),
             shape: t.shape.clone(),
             src: Some(t),
+            raw: None,
         })
         .collect();
     let name = path.file_name().ok_or_else(|| Error::Output {
@@ -244,11 +279,27 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], dtype: SaveDt
     res
 }
 
-/// A tensor to write: its values, or zeros (a bias HF needs that the model lacks).
+/// A tensor to write: its values, raw bytes, or zeros (a bias HF needs that the model lacks).
 struct Entry<'a> {
     name: String,
     shape: Vec<usize>,
     src: Option<&'a Tensor>,
+    /// Written as is (its own dtype), instead of `src`.
+    raw: Option<&'a crate::formats::RawTensor>,
+}
+
+/// The safetensors dtype name of a raw tensor.
+fn raw_dtype_name(d: crate::formats::Dtype) -> &'static str {
+    use crate::formats::Dtype;
+    match d {
+        Dtype::F32 => "F32",
+        Dtype::Bf16 => "BF16",
+        Dtype::I8 => "I8",
+        Dtype::U8 => "U8",
+        Dtype::U16 => "U16",
+        Dtype::U32 => "U32",
+        Dtype::U64 => "U64",
+    }
 }
 
 /// Removes the temp directory unless disarmed (also on panic).
@@ -506,6 +557,7 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
             name,
             shape: t.shape.clone(),
             src: Some(t),
+            raw: None,
         });
         Ok::<(), Error>(())
     };
@@ -541,6 +593,7 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
                     name: format!("{base}.bias"),
                     shape: vec![shape[0]],
                     src: None,
+                    raw: None,
                 }),
                 (Some(_), false) => {
                     return Err(Error::Invalid(format!(
@@ -616,10 +669,13 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
                 )));
             }
         }
-        let bytes = (n * dtype.size()) as u64;
+        let (bytes, dname) = match e.raw {
+            Some(r) => (r.data.len() as u64, raw_dtype_name(r.dtype)),
+            None => ((n * dtype.size()) as u64, dtype.safetensors_name()),
+        };
         let prev = header.insert(
             e.name.clone(),
-            json!({"dtype": dtype.safetensors_name(), "shape": e.shape, "data_offsets": [offset, offset + bytes]}),
+            json!({"dtype": dname, "shape": e.shape, "data_offsets": [offset, offset + bytes]}),
         );
         if prev.is_some() {
             return Err(Error::Invalid(format!(
@@ -643,6 +699,10 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
     let zeros = vec![0f32; CHUNK];
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK * 4);
     for e in entries {
+        if let Some(r) = e.raw {
+            wtr.write_all(&r.data).map_err(err)?;
+            continue;
+        }
         let n: usize = e.shape.iter().product();
         let data = e.src.map(Tensor::data);
         let mut done = 0;

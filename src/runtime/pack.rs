@@ -146,8 +146,9 @@ pub struct PackOpts {
     pub head: Option<FormatChoice>,
     /// DRAM read bandwidth for `auto`'s estimates (GB/s); `None`: measured.
     pub bandwidth_gbps: Option<f64>,
-    /// Measure whether each packed format is at least as fast as dense GEMM on prefill-sized
-    /// products (else prefill uses the dense weight). Off: packed formats serve decode only.
+    /// Measure whether each lossless packed format is at least as fast as dense GEMM on
+    /// prefill-sized products (else prefill uses the dense weight). Off: lossless formats serve
+    /// decode only.
     pub probe_prefill: bool,
 }
 
@@ -270,7 +271,7 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
     // Prefill policy (sequential: timed).
     let mut tensors = Vec::with_capacity(jobs.len());
     let mut packed: Vec<Option<Packed>> = Vec::with_capacity(jobs.len());
-    for ((name, w, r, c, _), f) in jobs.iter().zip(built) {
+    for (((name, w, r, c, _), f), choice) in jobs.iter().zip(built).zip(&resolved) {
         let dense_bytes = r * c * 4;
         let Some(f) = f else {
             tensors.push(PackedTensor {
@@ -283,7 +284,11 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
             packed.push(None);
             continue;
         };
-        let prefill = opts.probe_prefill && probes.prefill_ok(f.as_ref(), w);
+        // A lossy format (bf16, int8) is used for every product, so that prefill and decode
+        // compute with the same values; a lossless one may fall back to the (identical) dense
+        // weight where that is faster.
+        let lossy = choice.value_type() != ValueType::F32;
+        let prefill = lossy || (opts.probe_prefill && probes.prefill_ok(f.as_ref(), w));
         tensors.push(PackedTensor {
             name: name.clone(),
             kind: f.kind().into(),

@@ -7,20 +7,21 @@
 //! [[step]]
 //! kind = "layers"            # depth: remove = N (chosen by metric) or a list [i, j, …]
 //! remove = 3
-//! metric = "angular"         # or "block_influence" (default)
+//! metric = "angular"         # last token; or "angular_all_tokens", "block_influence" (default)
 //!
 //! [[step]]
 //! kind = "neurons"           # FFN channels
 //! fraction = 0.2
-//! metric = "fluctuation"     # or "wanda_sp" (default)
+//! metric = "fluctuation"     # FLAP; or "wanda_sp" (default: gate+up+down), "wanda_sp_down" (FLAP's)
 //! bias_compensation = true   # FLAP (default false)
 //! allocation = "uniform"     # or "adaptive"
 //!
 //! [[step]]
 //! kind = "heads"             # attention heads
 //! fraction = 0.33
-//! metric = "norm"            # or "fluctuation"
+//! metric = "fluctuation"     # or "norm" (default), "wanda_sp"
 //! gqa = "kv_groups"          # or "per_group"
+//! bias_compensation = true   # FLAP: strongly advised for heads (default false)
 //!
 //! [[step]]
 //! kind = "slice"             # SliceGPT: remove this fraction of the hidden dimension
@@ -410,6 +411,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                 &[
                     ("block_influence", DepthMetric::BlockInfluence),
                     ("angular", DepthMetric::Angular),
+                    ("angular_all_tokens", DepthMetric::AngularAllTokens),
                 ],
                 DepthMetric::BlockInfluence,
             )?;
@@ -442,6 +444,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                 "metric",
                 &[
                     ("wanda_sp", NeuronMetric::WandaSp),
+                    ("wanda_sp_down", NeuronMetric::WandaSpDown),
                     ("fluctuation", NeuronMetric::Fluctuation),
                 ],
                 NeuronMetric::WandaSp,
@@ -454,7 +457,9 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             match f.get("round_to") {
                 None => {}
                 Some(toml::Value::Integer(r)) if *r >= 1 => spec.round_to = *r as usize,
-                Some(v) => return Err(f.err("round_to", format!("must be a positive integer, got {v}"))),
+                Some(v) => {
+                    return Err(f.err("round_to", format!("must be a positive integer, got {v}")))
+                }
             }
             Step::Slice(spec)
         }
