@@ -769,3 +769,111 @@ fn convert_default_model_round_trip() {
         "f16 file {st16} bytes vs f32 {st32}"
     );
 }
+
+/// A calibration ids file `[n, len]` of pseudo-random ids below `vocab`.
+fn ids_file(path: &Path, n: usize, len: usize, vocab: usize) {
+    let mut rng = lopper::calibrate::SplitMix64(7);
+    let ids: Vec<u8> = (0..n * len)
+        .flat_map(|_| (rng.below(vocab as u64) as i64).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n, len], &ids).unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, path).unwrap();
+}
+
+#[test]
+fn prune_tiny_plan_shrinks_files_and_reports_every_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("tiny-llama3");
+    let orig = lopper::io::load_model(&model).unwrap();
+    let ids = tmp.path().join("ids.safetensors");
+    ids_file(&ids, 4, 32, orig.config.vocab_size);
+    let plan = tmp.path().join("plan.toml");
+    fs::write(
+        &plan,
+        "[[step]]\nkind = \"layers\"\nremove = [1]\n\
+         [[step]]\nkind = \"neurons\"\nfraction = 0.25\nmetric = \"fluctuation\"\nbias_compensation = true\n\
+         [[step]]\nkind = \"sparse\"\nmethod = \"magnitude\"\nsparsity = 0.5\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("small");
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &s(&model),
+        "--plan",
+        &s(&plan),
+        "--calib-ids",
+        &s(&ids),
+        "--hf-strict",
+        "--out",
+        &s(&dir),
+        "--json",
+    ]);
+    assert_ok(&out);
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+    let kinds: Vec<_> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["layers", "neurons", "sparse"]);
+    let params: Vec<u64> = steps
+        .iter()
+        .map(|s| s["size"]["params"].as_u64().unwrap())
+        .collect();
+    let before = report["size_before"]["params"].as_u64().unwrap();
+    assert!(params[0] < before && params[1] < params[0], "{params:?}");
+    assert_eq!(params[2], params[1], "unstructured pruning keeps shapes");
+    assert!(
+        steps[2]["size"]["nonzero_params"].as_u64().unwrap() < params[1],
+        "{}",
+        steps[2]
+    );
+
+    // The saved model is what the report says: 2 layers, FFN 120, fewer parameters.
+    let m = lopper::io::load_model(&dir).unwrap();
+    assert_eq!(m.weights.layers.len(), 2);
+    assert!(m.weights.layers.iter().all(|l| l.intermediate() == 120));
+    assert_eq!(m.weights.num_params() as u64, params[2]);
+    let insp = lopper(&["inspect", &s(&dir), "--json"]);
+    assert_ok(&insp);
+    let v: serde_json::Value = serde_json::from_str(&insp.stdout).unwrap();
+    assert_eq!(v["total_params"].as_u64().unwrap(), params[2]);
+
+    // The file is smaller by the parameters removed (same writer, same dtype).
+    let full = tmp.path().join("full");
+    assert_ok(&lopper(&[
+        "convert",
+        "--model",
+        &s(&model),
+        "--out",
+        &s(&full),
+    ]));
+    let size = |d: &Path| fs::metadata(d.join("model.safetensors")).unwrap().len() as i64;
+    let saved = size(&full) - size(&dir);
+    let expect = 4 * (before as i64 - params[2] as i64);
+    assert!(
+        (saved - expect).abs() < 8192,
+        "file shrank by {saved} bytes, parameters by {expect} bytes"
+    );
+
+    // --hf-strict refuses a non-uniform result and writes nothing (adaptive allocation gives
+    // these fixed calibration ids different FFN widths per layer; the computation is
+    // deterministic).
+    let strict = tmp.path().join("strict");
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &s(&model),
+        "--neurons",
+        "0.3",
+        "--width-allocation",
+        "adaptive",
+        "--calib-ids",
+        &s(&ids),
+        "--hf-strict",
+        "--out",
+        &s(&strict),
+    ]);
+    assert_fails(&out, &["--hf-strict", "transformers"]);
+    assert!(!strict.exists());
+}
