@@ -17,7 +17,8 @@
 #     (second half of each chunk scored; `llamacpp_check ppl`) on lopper's eval text;
 #  4. speed: `llama-bench -p 32 -n 128 -t 1,2 -r REPS` on the f32 and bf16 files, and lopper's
 #     own decode rate (`lopper run --max-new 128 --ignore-eos`) for reference.
-# Environment: NPRED (32), CTX (2048), CHUNKS (16), REPS (3), SKIP_BENCH=1, SKIP_PPL=1.
+# Environment: NPRED (32), CTX (2048), CHUNKS (16), REPS (3); SKIP_WRITE=1 (reuse the GGUFs in
+# WORK_DIR), SKIP_GREEDY=1, SKIP_PPL=1, SKIP_BENCH=1.
 set -euo pipefail
 
 BIN=${1:?usage: $0 LLAMA_BIN_DIR [WORK_DIR]}
@@ -48,15 +49,19 @@ echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 L=$ROOT/target/release/lopper
 X=$ROOT/target/release/examples/llamacpp_check
 
-echo "== writing GGUFs into $WORK"
-for d in f32 bf16 q8_0; do
-  "$L" convert --out "$WORK/smol-$d.gguf" --dtype "$d" --force
-done
-"$X" cut "$WORK/cut-f32.gguf" f32
+if [ "${SKIP_WRITE:-0}" != 1 ]; then
+  echo "== writing GGUFs into $WORK"
+  for d in f32 bf16 q8_0; do
+    "$L" convert --out "$WORK/smol-$d.gguf" --dtype "$d" --force
+  done
+  "$X" cut "$WORK/cut-f32.gguf" f32
+fi
 
-echo "== greedy: lopper run vs llama-simple ($NPRED new tokens)"
 matches=0 total=0
-for m in smol-f32 cut-f32 smol-bf16; do
+models=(smol-f32 cut-f32 smol-bf16)
+[ "${SKIP_GREEDY:-0}" = 1 ] && models=()
+[ ${#models[@]} -gt 0 ] && echo "== greedy: lopper run vs llama-simple ($NPRED new tokens)"
+for m in "${models[@]}"; do
   for p in "${PROMPTS[@]}"; do
     lo=$("$L" run --model "$WORK/$m.gguf" --prompt "$p" --max-new "$NPRED" --temperature 0 2>/dev/null)
     ll=$("$BIN/llama-simple" -m "$WORK/$m.gguf" -n "$NPRED" "$p" 2>"$WORK/llama-simple.log") || {
@@ -72,7 +77,7 @@ for m in smol-f32 cut-f32 smol-bf16; do
     fi
   done
 done
-echo "greedy: $matches/$total identical"
+[ "$total" -gt 0 ] && echo "greedy: $matches/$total identical"
 
 if [ "${SKIP_PPL:-0}" != 1 ]; then
   echo "== perplexity (llama-perplexity protocol: $CHUNKS chunks x $CTX, second half scored, no BOS)"
