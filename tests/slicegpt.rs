@@ -12,7 +12,7 @@ use lopper::calibrate::{CalibSet, SplitMix64};
 use lopper::model::forward;
 use lopper::structured::lowrank::{self, LowRankSpec, RankRule};
 use lopper::structured::slicegpt::{self, SliceSpec};
-use lopper::{Error, LinearKind, Model};
+use lopper::{Error, LinearKind, Model, Tensor};
 
 fn tiny(name: &str) -> Model {
     lopper::io::load_model(&golden().join("tiny").join(name)).expect("load tiny model")
@@ -129,15 +129,28 @@ fn sliced_tiny_model_runs_counts_and_round_trips() {
     assert_eq!(s.total_params, p1);
     assert_eq!(s.shortcut_params, 3 * 2 * n * n);
     assert_eq!(s.embedding_params, 2 * 320 * n);
-    assert_eq!(
-        lopper::model::flops::prefill_flops(&m.weights, 8, 1, false) > 0.0,
-        true
-    );
+    // FLOPs per token: 2 per linear weight (both low-rank factors) and shortcut entry, plus
+    // attention over one visible key (4·heads·head_dim per layer).
+    let matrix_params: usize = m
+        .weights
+        .named_tensors()
+        .iter()
+        .filter(|(n, _)| n.contains("_proj.") && !n.ends_with(".bias") || n.contains("shortcut"))
+        .map(|(_, t)| t.len())
+        .sum();
+    let flops = lopper::model::flops::prefill_flops(&m.weights, 8, 1, false);
+    assert_eq!(flops, (2 * matrix_params + 3 * 4 * 64) as f64);
     assert!(p1 != p0);
-    // It still predicts something close to the original (a quarter of a random model's width).
+    // Slicing a quarter of the width changes the logits, but not beyond recognition.
     let sliced = forward::forward_logits(&m, &x).unwrap();
     assert!(rel_diff(&sliced, &dense) < 0.5);
     assert!(rel_diff(&sliced, &dense) > 1e-4, "slicing changed nothing");
+    // Zero-padded back to width 64 with a plain RMSNorm, it computes the same logits: the
+    // sliced RMSNorm divides by the original width, and the shortcuts are where they belong.
+    let padded = pad_to(&m, 64);
+    assert_eq!(padded.config.norm_dim(), padded.config.hidden_size);
+    let r = rel_diff(&forward::forward_logits(&padded, &x).unwrap(), &sliced);
+    assert!(r < 1e-5, "padded vs sliced: {r}");
     // KV-cache runtime: shortcuts and the norm divisor on that path too.
     let mut cache = lopper::runtime::kv::KvCache::new(&m, 64);
     let mut c = lopper::runtime::kv::forward_step_all(&m, &x[..30], &mut cache).unwrap();
@@ -174,6 +187,61 @@ fn sliced_tiny_model_runs_counts_and_round_trips() {
         back.lopper_extensions(),
         ["low_rank", "shortcuts", "rms_norm_dim"]
     );
+}
+
+/// `t` `[r, c]` (or `[r]`) zero-padded to `[rows, cols]` (or `[rows]`).
+fn pad(t: &Tensor, rows: usize, cols: usize) -> Tensor {
+    let (r, c) = (t.shape[0], if t.shape.len() == 1 { 1 } else { t.cols() });
+    let mut out = vec![0f32; rows * cols];
+    for i in 0..r {
+        out[i * cols..i * cols + c].copy_from_slice(&t.data()[i * c..(i + 1) * c]);
+    }
+    let shape = if t.shape.len() == 1 {
+        vec![rows]
+    } else {
+        vec![rows, cols]
+    };
+    Tensor::new(shape, out)
+}
+
+/// A sliced model embedded in width `d` by zero padding, with an ordinary RMSNorm.
+fn pad_to(m: &Model, d: usize) -> Model {
+    let mut w = m.weights.clone();
+    let vocab = w.embed.rows();
+    w.embed = pad(&w.embed, vocab, d);
+    w.lm_head = Some(pad(m.weights.lm_head(), vocab, d));
+    w.final_norm = Tensor::new(vec![d], vec![1.0; d]);
+    for l in &mut w.layers {
+        l.attn_norm = Tensor::new(vec![d], vec![1.0; d]);
+        l.mlp_norm = Tensor::new(vec![d], vec![1.0; d]);
+        for k in [
+            LinearKind::Q,
+            LinearKind::K,
+            LinearKind::V,
+            LinearKind::Gate,
+            LinearKind::Up,
+        ] {
+            let lin = l.linear_mut(k);
+            lin.weight = pad(&lin.weight, lin.weight.rows(), d);
+        }
+        for k in [LinearKind::O, LinearKind::Down] {
+            let lin = l.linear_mut(k);
+            lin.weight = pad(&lin.weight, d, lin.weight.cols());
+            lin.bias = lin.bias.as_ref().map(|b| pad(b, d, 1));
+        }
+        l.attn_shortcut = l.attn_shortcut.as_ref().map(|s| pad(s, d, d));
+        l.mlp_shortcut = l.mlp_shortcut.as_ref().map(|s| pad(s, d, d));
+    }
+    let mut config = m.config.clone();
+    config.hidden_size = d;
+    config.rms_norm_dim = None;
+    Model {
+        config,
+        weights: w,
+        tokenizer: None,
+        chat_template: None,
+        source: m.source.clone(),
+    }
 }
 
 #[test]

@@ -28,6 +28,15 @@
 //! e of Σσ²; a layer the energy rule would not make smaller is left dense.
 //!
 //! The linear algebra is f64 (`faer`); the model stays f32.
+//!
+//! Measured on SmolLM2-135M (all seven linears of every block, calibration c4 32×256 tokens,
+//! wiki perplexity on the first 8 windows of 512 tokens, dense 19.69; `examples/structured_figures`):
+//!
+//! | removed from each linear | model params removed | plain SVD | SVD-LLM |
+//! |---|---|---|---|
+//! | 12.5% | 9.9% | 2.5e6 | 74.5 |
+//! | 25% | 19.8% | 4.4e7 | 135.8 |
+//! | 37.5% | 29.7% | 6.9e7 | 269.2 |
 
 use super::{Progress, StepDetails};
 use crate::calibrate::CalibSet;
