@@ -104,6 +104,21 @@ fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize>
         })
 }
 
+/// `acc += expand(values at *vp, k) · x[base..base + 16] (masked by k)`; advances `vp` past
+/// the `popcount(k)` values used.
+///
+/// # Safety
+/// AVX-512 (see [`has_avx512`]); `*vp` valid for `popcount(k)` reads; `base` valid where `k`
+/// is set.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn slice16<E: Elem>(k: u16, vp: &mut *const E, base: *const f32, acc: &mut __m512) {
+    let wv = E::expand_load(k, *vp);
+    let xv = _mm512_maskz_loadu_ps(k, base);
+    *acc = _mm512_fmadd_ps(wv, xv, *acc);
+    *vp = vp.wrapping_add(k.count_ones() as usize);
+}
+
 impl<E: Elem> BitmaskOf<E> {
     const KIND: &'static str = match E::DTYPE {
         Dtype::F32 => "bitmask",
@@ -149,7 +164,7 @@ impl<E: Elem> BitmaskOf<E> {
     /// # Safety
     /// AVX-512 available; masks validated (no bits past `cols`, popcounts = value counts).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let wpr = self.cols.div_ceil(64);
         for r in r0..r1 {
@@ -157,20 +172,24 @@ impl<E: Elem> BitmaskOf<E> {
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.vals.v.as_ptr().add(self.off[r]);
-                let mut a = [_mm512_setzero_ps(); 4];
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                );
                 for w in 0..wpr {
                     let word = *words.add(w);
                     let base = xp.wrapping_add(w * 64);
+                    // Four 16-column slices, unrolled so the accumulators stay in registers.
                     // Lanes outside a mask are neither read nor faulted; masks have no bits
                     // past `cols`.
-                    for (q, acc) in a.iter_mut().enumerate() {
-                        let k = (word >> (16 * q)) as __mmask16;
-                        let wv = E::expand_load(k, vp);
-                        let xv = _mm512_maskz_loadu_ps(k, base.wrapping_add(16 * q));
-                        *acc = _mm512_fmadd_ps(wv, xv, *acc);
-                        vp = vp.wrapping_add(k.count_ones() as usize);
-                    }
+                    slice16(word as u16, &mut vp, base, &mut a0);
+                    slice16((word >> 16) as u16, &mut vp, base.wrapping_add(16), &mut a1);
+                    slice16((word >> 32) as u16, &mut vp, base.wrapping_add(32), &mut a2);
+                    slice16((word >> 48) as u16, &mut vp, base.wrapping_add(48), &mut a3);
                 }
+                let a = [a0, a1, a2, a3];
                 let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
                 out.put(i, r, _mm512_reduce_add_ps(s) * self.vals.scale(r));
             }

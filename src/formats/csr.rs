@@ -114,7 +114,7 @@ impl<E: Elem> CsrOf<E> {
     /// # Safety
     /// AVX-512 available; row pointers and column indices validated.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let (ci, vp) = (self.col_idx.as_ptr(), self.vals.v.as_ptr());
         for r in r0..r1 {

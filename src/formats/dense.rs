@@ -84,28 +84,35 @@ fn row_scale(scales: &[f32], r: usize) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -> __m512 {
-    let mut a = [_mm512_setzero_ps(); 4];
+    #[inline(always)]
+    unsafe fn fma16<E: Elem>(w: *const E, x: *const f32, acc: __m512) -> __m512 {
+        _mm512_fmadd_ps(E::load16(w), _mm512_loadu_ps(x), acc)
+    }
+    // Four accumulators as separate variables, so they stay in registers.
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+    );
     let mut k = 0;
     while k + 64 <= n {
-        for (j, acc) in a.iter_mut().enumerate() {
-            *acc = _mm512_fmadd_ps(
-                E::load16(w.add(k + 16 * j)),
-                _mm512_loadu_ps(x.add(k + 16 * j)),
-                *acc,
-            );
-        }
+        a0 = fma16(w.add(k), x.add(k), a0);
+        a1 = fma16(w.add(k + 16), x.add(k + 16), a1);
+        a2 = fma16(w.add(k + 32), x.add(k + 32), a2);
+        a3 = fma16(w.add(k + 48), x.add(k + 48), a3);
         k += 64;
     }
     while k < n {
         let mk = first_lanes(n - k);
-        a[0] = _mm512_fmadd_ps(
+        a0 = _mm512_fmadd_ps(
             E::load_first(n - k, w.add(k)),
             _mm512_maskz_loadu_ps(mk, x.add(k)),
-            a[0],
+            a0,
         );
         k += 16;
     }
-    _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))
+    _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))
 }
 
 /// Rows `r0..r1` of `y = x·Wᵀ` for a dense `[_, n]` matrix `w` of `E` with row scales
@@ -114,7 +121,7 @@ pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -
 /// # Safety
 /// AVX-512 available; `w` holds rows `r0..r1`; `x` holds `m` rows of `n`; `out` owns these rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx512<E: Elem>(
     w: &[E],

@@ -185,7 +185,7 @@ impl<E: Elem> NMOf<E> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
         // 16 kept values span 16/N groups = 32 columns of x; decode their 16 indices from one
         // u64 (16·bits ≤ 64 bits) with two 64-bit variable shifts.
