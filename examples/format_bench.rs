@@ -81,7 +81,9 @@ fn magnitude(w: &[f32], cols: usize, keep: f64, nm: Option<(usize, usize)>) -> V
                 let mut a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
                 a.sort_by(f32::total_cmp);
                 let t = a[((1.0 - keep) * a.len() as f64) as usize];
-                row.iter_mut().filter(|v| v.abs() < t).for_each(|v| *v = 0.0);
+                row.iter_mut()
+                    .filter(|v| v.abs() < t)
+                    .for_each(|v| *v = 0.0);
             }
         }
     }
@@ -101,23 +103,40 @@ fn main() {
     let threads = rayon::current_num_threads();
     let bw1 = lopper::kernels::probe::stream_gbps(1, 1 << 30, 3);
     let bwn = lopper::kernels::probe::stream_gbps(threads, 1 << 30, 3);
-    println!("STREAM read 1 GiB: {bw1:.1} GB/s (1 thread), {bwn:.1} GB/s ({threads} threads); avx512 {}", has_avx512());
+    println!(
+        "STREAM read 1 GiB: {bw1:.1} GB/s (1 thread), {bwn:.1} GB/s ({threads} threads); avx512 {}",
+        has_avx512()
+    );
     let formats: Vec<(&str, &str, Build)> = vec![
-        ("dense", "f32", |w, r, c, _| Arc::new(Dense::from_dense(w, r, c).unwrap())),
-        ("bitmask", "f32", |w, r, c, _| Arc::new(Bitmask::from_dense(w, r, c).unwrap())),
-        ("csr", "f32", |w, r, c, _| Arc::new(Csr::from_dense(w, r, c).unwrap())),
+        ("dense", "f32", |w, r, c, _| {
+            Arc::new(Dense::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "f32", |w, r, c, _| {
+            Arc::new(Bitmask::from_dense(w, r, c).unwrap())
+        }),
+        ("csr", "f32", |w, r, c, _| {
+            Arc::new(Csr::from_dense(w, r, c).unwrap())
+        }),
         ("nm", "f32", |w, r, c, nm| {
             let (n, m) = nm.unwrap();
             Arc::new(NM::from_dense(w, r, c, n, m).unwrap())
         }),
-        ("dense", "bf16", |w, r, c, _| Arc::new(DenseBf16::from_dense(w, r, c).unwrap())),
-        ("bitmask", "bf16", |w, r, c, _| Arc::new(BitmaskBf16::from_dense(w, r, c).unwrap())),
+        ("dense", "bf16", |w, r, c, _| {
+            Arc::new(DenseBf16::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "bf16", |w, r, c, _| {
+            Arc::new(BitmaskBf16::from_dense(w, r, c).unwrap())
+        }),
         ("nm", "bf16", |w, r, c, nm| {
             let (n, m) = nm.unwrap();
             Arc::new(NMBf16::from_dense(w, r, c, n, m).unwrap())
         }),
-        ("dense", "i8", |w, r, c, _| Arc::new(DenseI8::from_dense(w, r, c).unwrap())),
-        ("bitmask", "i8", |w, r, c, _| Arc::new(BitmaskI8::from_dense(w, r, c).unwrap())),
+        ("dense", "i8", |w, r, c, _| {
+            Arc::new(DenseI8::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "i8", |w, r, c, _| {
+            Arc::new(BitmaskI8::from_dense(w, r, c).unwrap())
+        }),
     ];
     let shapes = [
         ("q_proj", &l0.q.weight),
@@ -131,7 +150,9 @@ fn main() {
             continue;
         }
         let (rows, cols) = (t.rows(), t.cols());
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+            .collect();
         let mut y = vec![0f32; rows];
         for (pname, keep, nm) in [
             ("dense", 1.0, None),

@@ -104,10 +104,22 @@ fn packed_directories_run_like_the_model_they_came_from() {
         assert_eq!(generate(Some(&pruned), &["--format", f]), dense_text, "{f}");
     }
     let packed = dir.path().join("m24-nm");
-    ok(&["convert", "--model", s(&pruned), "--out", s(&packed), "--format", "nm"]);
+    ok(&[
+        "convert",
+        "--model",
+        s(&pruned),
+        "--out",
+        s(&packed),
+        "--format",
+        "nm",
+    ]);
     let cfg = std::fs::read_to_string(packed.join("config.json")).unwrap();
     assert!(cfg.contains("\"lopper_formats\"") && cfg.contains("\"nm\""));
-    let size = |p: &Path| std::fs::metadata(p.join("model.safetensors")).unwrap().len();
+    let size = |p: &Path| {
+        std::fs::metadata(p.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
     assert!(
         (size(&packed) as f64) < 0.75 * size(&pruned) as f64,
         "packed {} vs dense {}",
@@ -137,8 +149,17 @@ fn bench_reports_decode_figures_per_format() {
         "--json",
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("bench --json prints JSON");
-    for key in ["stream_gbps", "stream_gbps_1_thread", "peak_fma_gflops", "gemm_gflops"] {
-        assert!(v[key].as_f64().is_some_and(|g| g > 0.0), "{key}: {}", v[key]);
+    for key in [
+        "stream_gbps",
+        "stream_gbps_1_thread",
+        "peak_fma_gflops",
+        "gemm_gflops",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|g| g > 0.0),
+            "{key}: {}",
+            v[key]
+        );
     }
     let rows = v["decode"].as_array().expect("decode rows");
     assert_eq!(rows.len(), 2);
@@ -152,7 +173,13 @@ fn bench_reports_decode_figures_per_format() {
     );
     assert!((b / d - 0.5).abs() < 1e-3, "{b} / {d}");
     for r in rows {
-        assert!(r["decode_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{r}");
-        assert!(r["prefill_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{r}");
+        assert!(
+            r["decode_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0),
+            "{r}"
+        );
+        assert!(
+            r["prefill_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0),
+            "{r}"
+        );
     }
 }

@@ -160,8 +160,18 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
         let mut acc = y0.clone();
         f.matmul_add(&x, m, &mut acc, true);
         let want_acc: Vec<f64> = want.iter().zip(&y0).map(|(w, &a)| w + a as f64).collect();
-        let scale_acc: Vec<f64> = scale.iter().zip(&y0).map(|(s, &a)| s + a.abs() as f64).collect();
-        assert_close(&format!("{ctx} accumulate"), &acc, &want_acc, &scale_acc, 1e-4);
+        let scale_acc: Vec<f64> = scale
+            .iter()
+            .zip(&y0)
+            .map(|(s, &a)| s + a.abs() as f64)
+            .collect();
+        assert_close(
+            &format!("{ctx} accumulate"),
+            &acc,
+            &want_acc,
+            &scale_acc,
+            1e-4,
+        );
         if m == 1 {
             let mut v = vec![f32::NAN; rows];
             f.matvec(&x, &mut v);

@@ -13,12 +13,8 @@ mod common;
 /// The default model cut to 3 blocks, the last two weights of every 4 zeroed (2:4, not 1:2),
 /// packed with a different format per linear kind (and a bf16 head).
 fn packed_model() -> Model {
-    let m = common::default_model();
-    let mut cfg = m.config.clone();
-    cfg.num_hidden_layers = 3;
-    let mut weights = m.weights.clone();
-    weights.layers.truncate(3);
-    for l in weights.layers.iter_mut() {
+    let mut model = common::default_model_cut(3);
+    for l in model.weights.layers.iter_mut() {
         for kind in LinearKind::ALL {
             for g in l.linear_mut(kind).weight.data_mut().chunks_mut(4) {
                 g[2] = 0.0;
@@ -26,13 +22,6 @@ fn packed_model() -> Model {
             }
         }
     }
-    let mut model = Model {
-        config: cfg,
-        weights,
-        tokenizer: None,
-        chat_template: None,
-        source: m.source.clone(),
-    };
     let rep = runtime::pack(
         &mut model,
         &PackOpts {
@@ -91,12 +80,18 @@ fn kinds(m: &Model) -> Vec<String> {
     v
 }
 
-#[test]
-fn packed_models_round_trip_without_recompression() {
+/// [`packed_model`] saved packed into a temporary directory: (model, directory guard, path).
+fn saved() -> (Model, tempfile::TempDir, std::path::PathBuf) {
     let model = packed_model();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("packed");
     save_packed(&model, &out, false).expect("save");
+    (model, dir, out)
+}
+
+#[test]
+fn packed_models_round_trip_without_recompression() {
+    let (model, dir, out) = saved();
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     let note = cfg[FORMATS_KEY].as_object().expect("lopper_formats");
@@ -108,7 +103,10 @@ fn packed_models_round_trip_without_recompression() {
     assert_eq!(kinds(&back), kinds(&model));
     for (a, b) in back.weights.layers.iter().zip(&model.weights.layers) {
         for kind in LinearKind::ALL {
-            let (pa, pb) = (a.linear(kind).packed.as_ref(), b.linear(kind).packed.as_ref());
+            let (pa, pb) = (
+                a.linear(kind).packed.as_ref(),
+                b.linear(kind).packed.as_ref(),
+            );
             let (pa, pb) = (pa.unwrap(), pb.unwrap());
             assert_eq!(pa.max_rows, SMALL_M);
             assert_eq!(
@@ -130,7 +128,11 @@ fn packed_models_round_trip_without_recompression() {
     let dense_dir = dir.path().join("dense");
     lopper::io::save::save_hf(&model, &dense_dir, lopper::io::save::SaveDtype::F32, false)
         .expect("save dense");
-    let size = |p: &Path| std::fs::metadata(p.join("model.safetensors")).unwrap().len() as i64;
+    let size = |p: &Path| {
+        std::fs::metadata(p.join("model.safetensors"))
+            .unwrap()
+            .len() as i64
+    };
     let saved: i64 = model
         .weights
         .layers
@@ -138,7 +140,13 @@ fn packed_models_round_trip_without_recompression() {
         .flat_map(|l| LinearKind::ALL.map(|k| l.linear(k)))
         .map(|l| (l.weight.len() * 4) as i64 - l.packed.as_ref().unwrap().format.nbytes() as i64)
         .sum();
-    let head = model.weights.lm_head_packed.as_ref().unwrap().format.nbytes() as i64;
+    let head = model
+        .weights
+        .lm_head_packed
+        .as_ref()
+        .unwrap()
+        .format
+        .nbytes() as i64;
     let expect = size(&dense_dir) - saved + head;
     assert!(
         (size(&out) - expect).abs() < 64 << 10,
@@ -158,10 +166,7 @@ fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
 
 #[test]
 fn corrupt_packed_tensors_are_rejected_by_name() {
-    let model = packed_model();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("packed");
-    save_packed(&model, &out, false).expect("save");
+    let (_model, _dir, out) = saved();
     let file = out.join("model.safetensors");
     let orig = std::fs::read(&file).unwrap();
     let expect_err = |what: &str, needles: &[&str]| {
@@ -188,13 +193,19 @@ fn corrupt_packed_tensors_are_rejected_by_name() {
     let r = tensor_range(&b, "model.layers.2.self_attn.q_proj.weight.indices");
     b[r.start] = 0b0000_0111;
     std::fs::write(&file, &b).unwrap();
-    expect_err("nm index", &["model.layers.2.self_attn.q_proj.weight", "increasing"]);
+    expect_err(
+        "nm index",
+        &["model.layers.2.self_attn.q_proj.weight", "increasing"],
+    );
     // A CSR column index ≥ cols.
     let mut b = orig.clone();
     let r = tensor_range(&b, "model.layers.0.mlp.down_proj.weight.col_idx");
     b[r.start + 1] = 0xff;
     std::fs::write(&file, &b).unwrap();
-    expect_err("csr column", &["model.layers.0.mlp.down_proj.weight.col_idx"]);
+    expect_err(
+        "csr column",
+        &["model.layers.0.mlp.down_proj.weight.col_idx"],
+    );
     // A missing array (renamed in the header, same length).
     let mut b = orig.clone();
     let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
@@ -211,7 +222,10 @@ fn corrupt_packed_tensors_are_rejected_by_name() {
         &["model.layers.1.self_attn.k_proj.weight.scales", "missing"],
     );
     std::fs::write(&file, &orig).unwrap();
-    assert!(lopper::io::load_model(&out).is_ok(), "the restored file must load");
+    assert!(
+        lopper::io::load_model(&out).is_ok(),
+        "the restored file must load"
+    );
     // Bad notes in config.json.
     let cfg_path = out.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();

@@ -15,18 +15,7 @@ mod common;
 
 /// The default model cut to its first 4 blocks and magnitude-pruned with `pattern` at 50%.
 fn pruned(pattern: Pattern) -> Model {
-    let m = common::default_model();
-    let mut cfg = m.config.clone();
-    cfg.num_hidden_layers = 4;
-    let mut weights = m.weights.clone();
-    weights.layers.truncate(4);
-    let mut model = Model {
-        config: cfg,
-        weights,
-        tokenizer: None,
-        chat_template: None,
-        source: m.source.clone(),
-    };
+    let mut model = common::default_model_cut(4);
     let calib = CalibSet {
         ids: vec![1; 8],
         n: 1,
@@ -166,7 +155,12 @@ fn every_format_matches_the_dense_forward_pass() {
         let lossless = choice.value_type() == runtime::pack::ValueType::F32;
         if !lossless {
             // Lossy formats serve every product, so prefill and decode see the same values.
-            assert!(rep.tensors.iter().all(|t| t.prefill || t.kind == "dense-f32"), "{name}");
+            assert!(
+                rep.tensors
+                    .iter()
+                    .all(|t| t.prefill || t.kind == "dense-f32"),
+                "{name}"
+            );
         }
         let reference = run(&decoded_reference(&m));
         let d_pack = compare(&format!("{name} as packed"), &run(&m), &reference);
@@ -182,9 +176,14 @@ fn every_format_matches_the_dense_forward_pass() {
             set_max_rows(&mut m, SMALL_M);
             let d_dense = compare(&format!("{name} dense prefill"), &run(&m), &reference);
             let d = compare(&format!("{name} vs original"), &run(&m), base);
-            assert!(d_dense < 5e-4 && d < 5e-4, "{name}: {d_dense} / {d} vs original");
+            assert!(
+                d_dense < 5e-4 && d < 5e-4,
+                "{name}: {d_dense} / {d} vs original"
+            );
         }
-        eprintln!("{name:>13}: max |Δlogit| {d_pack:.2e} (as packed), {d_tiled:.2e} (tiled prefill)");
+        eprintln!(
+            "{name:>13}: max |Δlogit| {d_pack:.2e} (as packed), {d_tiled:.2e} (tiled prefill)"
+        );
     }
 }
 
@@ -206,7 +205,11 @@ fn lossy_formats_stay_close_to_the_original() {
             .zip(&base)
             .flat_map(|(g, b)| g.iter().zip(b).map(|(x, y)| (x - y).abs()))
             .fold(0f32, f32::max);
-        assert!(same + 1 >= base.len(), "{choice}: argmax changed in {} rows", base.len() - same);
+        assert!(
+            same + 1 >= base.len(),
+            "{choice}: argmax changed in {} rows",
+            base.len() - same
+        );
         assert!(worst < 1.0, "{choice}: max |Δlogit| {worst}");
     }
 }
@@ -245,7 +248,11 @@ fn auto_packs_sparse_tensors_smaller_than_dense() {
         assert!(t.bytes <= t.dense_bytes, "{}: {} > dense", t.name, t.kind);
     }
     // 50% sparse linears: every candidate but dense reads ≤ 2.2 of 4 bytes per weight.
-    let body: Vec<_> = rep.tensors.iter().filter(|t| t.name != "lm_head.weight").collect();
+    let body: Vec<_> = rep
+        .tensors
+        .iter()
+        .filter(|t| t.name != "lm_head.weight")
+        .collect();
     assert!(
         body.iter().all(|t| t.kind != "dense-f32"),
         "auto left a 2:4 linear dense: {:?}",

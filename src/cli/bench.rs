@@ -73,11 +73,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         a.format
             .iter()
-            .map(|s| s.parse().map(Some).map_err(|e| anyhow::anyhow!("--format: {e}")))
+            .map(|s| {
+                s.parse()
+                    .map(Some)
+                    .map_err(|e| anyhow::anyhow!("--format: {e}"))
+            })
             .collect::<Result<_>>()?
     };
     let head: Option<FormatChoice> = match &a.head_format {
-        Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--head-format: {e}"))?),
+        Some(s) => Some(
+            s.parse()
+                .map_err(|e| anyhow::anyhow!("--head-format: {e}"))?,
+        ),
         None => None,
     };
     let path = super::model_path(&a.model)?;
@@ -154,7 +161,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }));
     }
     let windows = if a.windows > 0 {
-        Some(prefill_windows(&model, &text, a.seq_len, a.windows, peak, gemm)?)
+        Some(prefill_windows(
+            &model, &text, a.seq_len, a.windows, peak, gemm,
+        )?)
     } else {
         None
     };
@@ -187,7 +196,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     println!(
         "{:<14} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7} {:>10} {:>7} {:>6}",
-        "format", "prefill", "decode", "vs 1st", "MB/token", "GB/s", "%DRAM", "STREAM@ws", "%ws", "same"
+        "format",
+        "prefill",
+        "decode",
+        "vs 1st",
+        "MB/token",
+        "GB/s",
+        "%DRAM",
+        "STREAM@ws",
+        "%ws",
+        "same"
     );
     for r in &rows {
         println!(
@@ -200,7 +218,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r["decode_weight_gbps"].as_f64().unwrap_or(0.0),
             100.0 * r["fraction_of_stream_dram"].as_f64().unwrap_or(0.0),
             r["stream_gbps_at_weight_size"].as_f64().unwrap_or(0.0),
-            100.0 * r["fraction_of_stream_at_weight_size"].as_f64().unwrap_or(0.0),
+            100.0
+                * r["fraction_of_stream_at_weight_size"]
+                    .as_f64()
+                    .unwrap_or(0.0),
             r["tokens_equal_to_baseline"],
         );
     }

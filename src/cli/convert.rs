@@ -36,7 +36,10 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     if (a.format.is_some() || a.head_format.is_some()) && dtype != lopper::io::save::SaveDtype::F32
     {
-        bail!("--format stores the other tensors as f32; drop --dtype {}", a.dtype);
+        bail!(
+            "--format stores the other tensors as f32; drop --dtype {}",
+            a.dtype
+        );
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;

@@ -70,7 +70,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
-    super::pack_model(&mut model, a.format.as_deref(), a.head_format.as_deref(), false)?;
+    super::pack_model(
+        &mut model,
+        a.format.as_deref(),
+        a.head_format.as_deref(),
+        false,
+    )?;
     let tok = model.tokenizer()?;
     let mut stop_tokens = a.stop_ids.clone();
     let text = if a.chat {

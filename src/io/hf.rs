@@ -542,12 +542,7 @@ impl TensorStore {
         };
         let (_, shape) = file.info(name).ok_or_else(|| missing(file.path()))?;
         if shape != expected {
-            return Err(Error::Shape {
-                path: file.path().to_path_buf(),
-                tensor: name.to_string(),
-                got: shape.to_vec(),
-                expected: expected.to_vec(),
-            });
+            return Err(Error::shape(file.path(), name, shape, expected));
         }
         file.tensor(name)
     }
@@ -568,7 +563,9 @@ fn load_weights(
             let shape = spec.linear_shape(kind, h, hd);
             let name = format!("{p}.{}.weight", kind.hf_name());
             let (weight, pk) = match packed.get(&name) {
-                Some(k) => store.get_packed(&name, k, &shape).map(|(t, p)| (t, Some(p)))?,
+                Some(k) => store
+                    .get_packed(&name, k, &shape)
+                    .map(|(t, p)| (t, Some(p)))?,
                 None => (store.get(&name, &shape)?, None),
             };
             let bias = if has_bias(config, kind) {

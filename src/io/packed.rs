@@ -68,7 +68,9 @@ pub fn save_packed_with_extras(
         add(HEAD.into(), p.format.as_ref(), w.lm_head.is_some());
     }
     if !note.is_empty() {
-        custom.config.insert(FORMATS_KEY.into(), Value::Object(note));
+        custom
+            .config
+            .insert(FORMATS_KEY.into(), Value::Object(note));
     }
     save::save_hf_custom(model, out, SaveDtype::F32, force, extras, &custom)
 }
@@ -139,8 +141,8 @@ pub fn load_weight(
         let (Some((dt, shape)), Some(bytes)) = (file.info(n), file.raw(n)) else {
             continue;
         };
-        let dtype = dtype_of(dt)
-            .ok_or_else(|| corrupt(format!("`{n}` has unsupported dtype {dt}")))?;
+        let dtype =
+            dtype_of(dt).ok_or_else(|| corrupt(format!("`{n}` has unsupported dtype {dt}")))?;
         let data = bytes.to_vec();
         raws.push(RawTensor {
             name: n.to_string(),
@@ -155,12 +157,7 @@ pub fn load_weight(
     );
     let shape = [f.rows(), f.cols()];
     if shape != expected {
-        return Err(Error::Shape {
-            path: file.path().to_path_buf(),
-            tensor: name.to_string(),
-            got: shape.to_vec(),
-            expected: expected.to_vec(),
-        });
+        return Err(Error::shape(file.path(), name, &shape, expected));
     }
     let dense = Tensor::new(shape.to_vec(), f.to_dense());
     Ok((

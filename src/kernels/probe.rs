@@ -150,10 +150,7 @@ pub fn stream_gbps(threads: usize, bytes: usize, reps: usize) -> f64 {
         if threads == 1 {
             sum_f32(&buf)
         } else {
-            buf.par_chunks(per)
-                .with_max_len(1)
-                .map(sum_f32)
-                .sum()
+            buf.par_chunks(per).with_max_len(1).map(sum_f32).sum()
         }
     };
     let _ = pass(); // warm up (page tables, clocks)

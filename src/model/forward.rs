@@ -9,11 +9,11 @@
 //!
 //! An [`Observer`] sees every linear layer's input and each block's input/output.
 
+use crate::formats;
 use crate::kernels::{self, attention::AttnDims};
 use crate::model::config::Config;
 use crate::model::observer::{Observer, Site};
 use crate::model::rope::Rope;
-use crate::formats;
 use crate::model::weights::{LayerWeights, Linear, Packed, Tensor, Weights};
 use crate::{Error, Model, Result};
 
