@@ -1,146 +1,210 @@
-//! Matvec benchmark of the compressed weight formats, streaming from DRAM.
+//! Decode-step (matvec) cost of every weight format on the default model's shapes, in one run.
 //!
-//! For a 1536×576 and a 4096×4096 matrix at 50% and 70% unstructured sparsity (plus 2:4 and
-//! 4:8 at 50%), it builds enough copies of each format that the working set far exceeds the
-//! caches, cycles matvecs over the copies, and prints µs per matvec, effective GB/s of weight
-//! bytes read, and speedup vs the fastest dense f32 path in the same run.
+//! Weights come from the real model (layer 0's q/k/up/down and the LM head), magnitude-pruned
+//! in place to 50% unstructured, 70% unstructured and 2:4. Two figures per format:
 //!
-//! `cargo run --release --example format_bench [-- <dense MiB working set, default 512>]`
+//! * `cpu GB/s`: weight bytes / thread CPU time of one single-threaded matvec with the weights
+//!   in cache — the rate the kernel can consume bytes at when memory is not the limit. CPU time
+//!   (not wall time) keeps the figure meaningful on a shared machine. A kernel whose `cpu GB/s`
+//!   is well above the DRAM bandwidth per core is bandwidth-bound in decode.
+//! * `stream µs`, `speedup`: wall time per matvec with all threads while cycling over enough
+//!   copies that the working set exceeds the last-level cache (`LOPPER_BENCH_MIB`, default
+//!   768), and its speedup vs dense of the same value type (f32 / bf16 / int8) in the same run.
+//!
+//! `cargo run --release --example format_bench [-- SHAPE...]` (q_proj, up_proj, down_proj,
+//! lm_head; default all)
 
 use lopper::formats::*;
+use std::sync::Arc;
 use std::time::Instant;
 
-struct Rng(u64);
-impl Rng {
-    fn unif(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// Seconds per matvec, cycling over `copies` until at least 0.4 s have passed (after one warm pass).
-fn time_matvec(
-    copies: &[Box<dyn WeightFormat>],
-    x: &[f32],
-    y: &mut [f32],
-    f: &dyn Fn(&dyn WeightFormat, &[f32], &mut [f32]),
-) -> f64 {
-    for c in copies {
-        f(c.as_ref(), x, y);
-    }
-    let t = Instant::now();
-    let mut n = 0usize;
-    while t.elapsed().as_secs_f64() < 0.4 || n < copies.len() {
-        for c in copies {
-            f(c.as_ref(), x, y);
+/// Best single-thread CPU seconds of one matvec, weights in cache.
+fn cpu_time(f: &dyn WeightFormat, x: &[f32], y: &mut [f32]) -> f64 {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    pool.install(|| {
+        f.matvec(x, y);
+        let mut best = f64::MAX;
+        for _ in 0..7 {
+            let t = thread_cpu();
+            for _ in 0..5 {
+                f.matvec(x, y);
+            }
+            best = best.min((thread_cpu() - t) / 5.0);
         }
-        n += copies.len();
-    }
-    t.elapsed().as_secs_f64() / n as f64
+        best
+    })
 }
+
+/// Wall seconds per matvec cycling over `copies` (all threads).
+fn stream_time(copies: &[Arc<dyn WeightFormat>], x: &[f32], y: &mut [f32]) -> f64 {
+    for c in copies {
+        c.matvec(x, y);
+    }
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for c in copies {
+            c.matvec(x, y);
+        }
+        best = best.min(t.elapsed().as_secs_f64() / copies.len() as f64);
+    }
+    best
+}
+
+fn magnitude(w: &[f32], cols: usize, keep: f64, nm: Option<(usize, usize)>) -> Vec<f32> {
+    let mut w = w.to_vec();
+    match nm {
+        Some((n, m)) => {
+            for g in w.chunks_mut(m) {
+                let mut idx: Vec<usize> = (0..m).collect();
+                idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+                for &k in &idx[n..] {
+                    g[k] = 0.0;
+                }
+            }
+        }
+        None => {
+            for row in w.chunks_mut(cols) {
+                let mut a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+                a.sort_by(f32::total_cmp);
+                let t = a[((1.0 - keep) * a.len() as f64) as usize];
+                row.iter_mut()
+                    .filter(|v| v.abs() < t)
+                    .for_each(|v| *v = 0.0);
+            }
+        }
+    }
+    w
+}
+
+type Build = fn(&[f32], usize, usize, Option<(usize, usize)>) -> Arc<dyn WeightFormat>;
 
 fn main() {
-    let ws_mib: usize = std::env::args()
-        .nth(1)
+    let mib: usize = std::env::var("LOPPER_BENCH_MIB")
+        .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(512);
+        .unwrap_or(768);
+    let model = lopper::io::load_model(&lopper::assets::default_model().expect("model"))
+        .expect("load model");
+    let l0 = &model.weights.layers[0];
+    let threads = rayon::current_num_threads();
+    let bw1 = lopper::kernels::probe::stream_gbps(1, 1 << 30, 3);
+    let bwn = lopper::kernels::probe::stream_gbps(threads, 1 << 30, 3);
     println!(
-        "threads: {}, avx512: {}, dense f32 working set ≈ {ws_mib} MiB per format (copies cycled)",
-        rayon::current_num_threads(),
+        "STREAM read 1 GiB: {bw1:.1} GB/s (1 thread), {bwn:.1} GB/s ({threads} threads); avx512 {}",
         has_avx512()
     );
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    for (rows, cols) in [(1536usize, 576usize), (4096, 4096)] {
-        let copies = (ws_mib << 20).div_ceil(rows * cols * 4).max(2);
-        let dense: Vec<f32> = (0..rows * cols).map(|_| rng.unif() * 2.0 - 1.0).collect();
-        let x: Vec<f32> = (0..cols).map(|_| rng.unif() - 0.5).collect();
-        let mut y = vec![0f32; rows];
-        println!("\n== {rows}×{cols}, {copies} copies ==");
-        println!(
-            "{:<24} {:>10} {:>10} {:>9} {:>9}",
-            "format", "MiB/copy", "µs/matvec", "GB/s", "speedup"
-        );
-        let build = |mk: &dyn Fn() -> Box<dyn WeightFormat>| -> Vec<Box<dyn WeightFormat>> {
-            (0..copies).map(|_| mk()).collect()
-        };
-        let mv = |f: &dyn WeightFormat, x: &[f32], y: &mut [f32]| f.matvec(x, y);
-        let row = |name: &str, c: &[Box<dyn WeightFormat>], s: f64, base: f64| {
-            let b = c[0].nbytes();
-            println!(
-                "{:<24} {:>10.2} {:>10.1} {:>9.1} {:>8.2}x",
-                name,
-                b as f64 / (1 << 20) as f64,
-                s * 1e6,
-                b as f64 / s / 1e9,
-                base / s
-            );
-        };
-        // Dense baselines.
-        let d: Vec<Box<dyn WeightFormat>> =
-            build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
-        let t_own = time_matvec(&d, &x, &mut y, &mv);
-        let dg: Vec<Dense> = (0..copies)
-            .map(|_| Dense::from_dense(&dense, rows, cols).unwrap())
-            .collect();
-        drop(d);
-        let t = Instant::now();
-        let mut n = 0;
-        while t.elapsed().as_secs_f64() < 0.4 || n < copies {
-            for c in &dg {
-                c.matmul_gemm(&x, 1, &mut y);
-            }
-            n += copies;
+    let formats: Vec<(&str, &str, Build)> = vec![
+        ("dense", "f32", |w, r, c, _| {
+            Arc::new(Dense::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "f32", |w, r, c, _| {
+            Arc::new(Bitmask::from_dense(w, r, c).unwrap())
+        }),
+        ("csr", "f32", |w, r, c, _| {
+            Arc::new(Csr::from_dense(w, r, c).unwrap())
+        }),
+        ("nm", "f32", |w, r, c, nm| {
+            let (n, m) = nm.unwrap();
+            Arc::new(NM::from_dense(w, r, c, n, m).unwrap())
+        }),
+        ("dense", "bf16", |w, r, c, _| {
+            Arc::new(DenseBf16::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "bf16", |w, r, c, _| {
+            Arc::new(BitmaskBf16::from_dense(w, r, c).unwrap())
+        }),
+        ("nm", "bf16", |w, r, c, nm| {
+            let (n, m) = nm.unwrap();
+            Arc::new(NMBf16::from_dense(w, r, c, n, m).unwrap())
+        }),
+        ("dense", "i8", |w, r, c, _| {
+            Arc::new(DenseI8::from_dense(w, r, c).unwrap())
+        }),
+        ("bitmask", "i8", |w, r, c, _| {
+            Arc::new(BitmaskI8::from_dense(w, r, c).unwrap())
+        }),
+    ];
+    let shapes = [
+        ("q_proj", &l0.q.weight),
+        ("up_proj", &l0.up.weight),
+        ("down_proj", &l0.down.weight),
+        ("lm_head", model.weights.lm_head()),
+    ];
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    for (sname, t) in shapes {
+        if !only.is_empty() && !only.iter().any(|o| o == sname) {
+            continue;
         }
-        let t_gemm = t.elapsed().as_secs_f64() / n as f64;
-        drop(dg);
-        let base = t_own.min(t_gemm);
-        let dref: Vec<Box<dyn WeightFormat>> =
-            build(&|| Box::new(Dense::from_dense(&dense, rows, cols).unwrap()));
-        row("dense f32 (avx512 rows)", &dref, t_own, base);
-        row("dense f32 (matmul_t)", &dref, t_gemm, base);
-        drop(dref);
-        let c = build(&|| Box::new(DenseBf16::from_dense(&dense, rows, cols).unwrap()));
-        row("dense bf16", &c, time_matvec(&c, &x, &mut y, &mv), base);
-        drop(c);
-        let c = build(&|| Box::new(DenseI8::from_dense(&dense, rows, cols).unwrap()));
-        row("dense int8", &c, time_matvec(&c, &x, &mut y, &mv), base);
-        drop(c);
-        for sp in [0.5f32, 0.7] {
-            let w: Vec<f32> = dense
-                .iter()
-                .map(|&v| if rng.unif() < sp { 0.0 } else { v })
-                .collect();
-            println!("-- {:.0}% unstructured sparsity --", sp * 100.0);
-            let c = build(&|| Box::new(Bitmask::from_dense(&w, rows, cols).unwrap()));
-            row("bitmask f32", &c, time_matvec(&c, &x, &mut y, &mv), base);
-            drop(c);
-            let c = build(&|| Box::new(BitmaskI8::from_dense(&w, rows, cols).unwrap()));
-            row("bitmask int8", &c, time_matvec(&c, &x, &mut y, &mv), base);
-            drop(c);
-            let c = build(&|| Box::new(Csr::from_dense(&w, rows, cols).unwrap()));
-            row("csr u16", &c, time_matvec(&c, &x, &mut y, &mv), base);
-            drop(c);
-            if sp == 0.5 {
-                for (n, m) in [(2usize, 4usize), (4, 8)] {
-                    // Magnitude N:M pruning of the dense matrix.
-                    let mut s = dense.clone();
-                    for g in s.chunks_mut(m) {
-                        let mut idx: Vec<usize> = (0..m).collect();
-                        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-                        for &k in &idx[n..] {
-                            g[k] = 0.0;
-                        }
-                    }
-                    let c = build(&|| Box::new(NM::from_dense(&s, rows, cols, n, m).unwrap()));
-                    row(
-                        &format!("{n}:{m} packed"),
-                        &c,
-                        time_matvec(&c, &x, &mut y, &mv),
-                        base,
-                    );
+        let (rows, cols) = (t.rows(), t.cols());
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+            .collect();
+        let mut y = vec![0f32; rows];
+        for (pname, keep, nm) in [
+            ("dense", 1.0, None),
+            ("50%", 0.5, None),
+            ("2:4", 0.5, Some((2, 4))),
+            ("70%", 0.3, None),
+        ] {
+            if sname == "lm_head" && pname != "dense" {
+                continue;
+            }
+            let w = if keep < 1.0 {
+                magnitude(t.data(), cols, keep, nm)
+            } else {
+                t.data().to_vec()
+            };
+            println!("\n== {sname} {rows}×{cols}, {pname} ==");
+            println!(
+                "{:<14} {:>9} {:>10} {:>10} {:>10} {:>8}",
+                "format", "MB", "cpu µs", "cpu GB/s", "stream µs", "speedup"
+            );
+            let mut base: Vec<(&str, f64)> = Vec::new();
+            for (fname, vt, build) in &formats {
+                if (*fname == "nm") != nm.is_some() && *fname != "dense" {
+                    continue;
                 }
+                if *fname == "csr" && keep > 0.5 {
+                    continue;
+                }
+                if pname == "dense" && *fname != "dense" {
+                    continue;
+                }
+                let f = build(&w, rows, cols, nm);
+                let bytes = f.nbytes();
+                let cpu = cpu_time(f.as_ref(), &x, &mut y);
+                let copies: Vec<Arc<dyn WeightFormat>> = (0..(mib << 20).div_ceil(bytes).max(2))
+                    .map(|_| build(&w, rows, cols, nm))
+                    .collect();
+                let st = stream_time(&copies, &x, &mut y);
+                drop(copies);
+                if *fname == "dense" {
+                    base.push((vt, st));
+                }
+                let b = base.iter().find(|(v, _)| v == vt).map_or(st, |b| b.1);
+                println!(
+                    "{:<14} {:>9.2} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x",
+                    format!("{fname}-{vt}"),
+                    bytes as f64 / 1e6,
+                    cpu * 1e6,
+                    bytes as f64 / cpu / 1e9,
+                    st * 1e6,
+                    b / st
+                );
             }
         }
     }

@@ -91,6 +91,21 @@ impl Error {
         }
     }
 
+    /// A shape error: tensor `tensor` of `path` is `got`, the config expects `expected`.
+    pub fn shape(
+        path: impl Into<PathBuf>,
+        tensor: &str,
+        got: &[usize],
+        expected: &[usize],
+    ) -> Self {
+        Error::Shape {
+            path: path.into(),
+            tensor: tensor.to_string(),
+            got: got.to_vec(),
+            expected: expected.to_vec(),
+        }
+    }
+
     /// A config error for `path`.
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Config {

@@ -13,12 +13,8 @@ mod common;
 /// The default model cut to 3 blocks, the last two weights of every 4 zeroed (2:4, not 1:2),
 /// packed with a different format per linear kind (and a bf16 head).
 fn packed_model() -> Model {
-    let m = common::default_model();
-    let mut cfg = m.config.clone();
-    cfg.num_hidden_layers = 3;
-    let mut weights = m.weights.clone();
-    weights.layers.truncate(3);
-    for l in weights.layers.iter_mut() {
+    let mut model = common::default_model_cut(3);
+    for l in model.weights.layers.iter_mut() {
         for kind in LinearKind::ALL {
             for g in l.linear_mut(kind).weight.data_mut().chunks_mut(4) {
                 g[2] = 0.0;
@@ -26,13 +22,6 @@ fn packed_model() -> Model {
             }
         }
     }
-    let mut model = Model {
-        config: cfg,
-        weights,
-        tokenizer: None,
-        chat_template: None,
-        source: m.source.clone(),
-    };
     let rep = runtime::pack(
         &mut model,
         &PackOpts {
@@ -91,12 +80,18 @@ fn kinds(m: &Model) -> Vec<String> {
     v
 }
 
-#[test]
-fn packed_models_round_trip_without_recompression() {
+/// [`packed_model`] saved packed into a temporary directory: (model, directory guard, path).
+fn saved() -> (Model, tempfile::TempDir, std::path::PathBuf) {
     let model = packed_model();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("packed");
     save_packed(&model, &out, false).expect("save");
+    (model, dir, out)
+}
+
+#[test]
+fn packed_models_round_trip_without_recompression() {
+    let (model, dir, out) = saved();
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     let note = cfg[FORMATS_KEY].as_object().expect("lopper_formats");
@@ -171,10 +166,7 @@ fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
 
 #[test]
 fn corrupt_packed_tensors_are_rejected_by_name() {
-    let model = packed_model();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("packed");
-    save_packed(&model, &out, false).expect("save");
+    let (_model, _dir, out) = saved();
     let file = out.join("model.safetensors");
     let orig = std::fs::read(&file).unwrap();
     let expect_err = |what: &str, needles: &[&str]| {

@@ -15,18 +15,7 @@ mod common;
 
 /// The default model cut to its first 4 blocks and magnitude-pruned with `pattern` at 50%.
 fn pruned(pattern: Pattern) -> Model {
-    let m = common::default_model();
-    let mut cfg = m.config.clone();
-    cfg.num_hidden_layers = 4;
-    let mut weights = m.weights.clone();
-    weights.layers.truncate(4);
-    let mut model = Model {
-        config: cfg,
-        weights,
-        tokenizer: None,
-        chat_template: None,
-        source: m.source.clone(),
-    };
+    let mut model = common::default_model_cut(4);
     let calib = CalibSet {
         ids: vec![1; 8],
         n: 1,

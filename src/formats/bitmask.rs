@@ -8,6 +8,7 @@
 //! (masked) slice of `x`.
 
 use super::elem::{Elem, Values};
+use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -60,7 +61,7 @@ fn check_mask(
     let wpr = cols.div_ceil(64);
     expect_len(t, rows.checked_mul(wpr), kind)?;
     let mask = read_u64(t);
-    let tail: u64 = if cols % 64 == 0 {
+    let tail: u64 = if cols.is_multiple_of(64) {
         0
     } else {
         !0u64 << (cols % 64)
@@ -102,6 +103,21 @@ fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize>
                 Some(w * 64 + t)
             })
         })
+}
+
+/// `acc += expand(values at *vp, k) · x[base..base + 16] (masked by k)`; advances `vp` past
+/// the `popcount(k)` values used.
+///
+/// # Safety
+/// AVX-512 (see [`has_avx512`]); `*vp` valid for `popcount(k)` reads; `base` valid where `k`
+/// is set.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn slice16<E: Elem>(k: u16, vp: &mut *const E, base: *const f32, acc: &mut __m512) {
+    let wv = E::expand_load(k, *vp);
+    let xv = _mm512_maskz_loadu_ps(k, base);
+    *acc = _mm512_fmadd_ps(wv, xv, *acc);
+    *vp = vp.wrapping_add(k.count_ones() as usize);
 }
 
 impl<E: Elem> BitmaskOf<E> {
@@ -149,7 +165,7 @@ impl<E: Elem> BitmaskOf<E> {
     /// # Safety
     /// AVX-512 available; masks validated (no bits past `cols`, popcounts = value counts).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let wpr = self.cols.div_ceil(64);
         for r in r0..r1 {
@@ -157,54 +173,45 @@ impl<E: Elem> BitmaskOf<E> {
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.vals.v.as_ptr().add(self.off[r]);
-                let mut a = [_mm512_setzero_ps(); 4];
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                );
                 for w in 0..wpr {
                     let word = *words.add(w);
                     let base = xp.wrapping_add(w * 64);
+                    // Four 16-column slices, unrolled so the accumulators stay in registers.
                     // Lanes outside a mask are neither read nor faulted; masks have no bits
                     // past `cols`.
-                    for (q, acc) in a.iter_mut().enumerate() {
-                        let k = (word >> (16 * q)) as __mmask16;
-                        let wv = E::expand_load(k, vp);
-                        let xv = _mm512_maskz_loadu_ps(k, base.wrapping_add(16 * q));
-                        *acc = _mm512_fmadd_ps(wv, xv, *acc);
-                        vp = vp.wrapping_add(k.count_ones() as usize);
-                    }
+                    slice16(word as u16, &mut vp, base, &mut a0);
+                    slice16((word >> 16) as u16, &mut vp, base.wrapping_add(16), &mut a1);
+                    slice16((word >> 32) as u16, &mut vp, base.wrapping_add(32), &mut a2);
+                    slice16((word >> 48) as u16, &mut vp, base.wrapping_add(48), &mut a3);
                 }
+                let a = [a0, a1, a2, a3];
                 let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
                 out.put(i, r, _mm512_reduce_add_ps(s) * self.vals.scale(r));
             }
         }
     }
-    /// (column, value index) of row `r`'s nonzeros.
-    fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        iter_bits(&self.mask, self.cols, r).zip(self.off[r]..self.off[r + 1])
+}
+
+impl<E: Elem> Entries for BitmaskOf<E> {
+    type E = E;
+    fn vals(&self) -> &Values<E> {
+        &self.vals
     }
-    fn block_portable(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        for r in r0..r1 {
-            for i in 0..m {
-                let xi = &x[i * self.cols..];
-                let s: f32 = self
-                    .row_iter(r)
-                    .map(|(k, j)| self.vals.v[j].to_f32() * xi[k])
-                    .sum();
-                // SAFETY: r in this block's range, i < m.
-                unsafe { out.put(i, r, s * self.vals.scale(r)) };
-            }
+    fn each(&self, r: usize, mut f: impl FnMut(usize, usize)) {
+        for (j, k) in (self.off[r]..).zip(iter_bits(&self.mask, self.cols, r)) {
+            f(k, j);
         }
     }
 }
 
 impl<E: Elem> WeightFormat for BitmaskOf<E> {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
+    dims!();
     fn nbytes(&self) -> usize {
         self.vals.nbytes() + self.mask.len() * 8
     }
@@ -212,44 +219,19 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let c = self.cols;
-        out[..(r1 - r0) * c].fill(0.0);
-        for r in r0..r1 {
-            for (k, j) in self.row_iter(r) {
-                out[(r - r0) * c + k] = self.vals.get(r, j);
-            }
-        }
+        sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        if m > SMALL_M {
-            return matmul_tiled(self, x, m, y, acc);
-        }
+        // SAFETY (kernel): `product` calls it only after `has_avx512()`; masks validated;
+        // rows written disjointly.
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; masks validated; rows written disjointly.
-            drive(
-                self.rows,
-                m,
-                self.nbytes(),
-                1,
-                y,
-                acc,
-                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
-            );
-            return;
-        }
-        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
-            self.block_portable(r0, r1, x, m, out)
-        });
+        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(usize, usize, Out)> = None;
+        sparse::product(self, x, m, y, acc, 1, fast)
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
-            for (k, j) in self.row_iter(r) {
-                emit(k, self.vals.get64(r, j));
-            }
-        });
+        sparse::naive(self, x, m, y)
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let mut t = vec![

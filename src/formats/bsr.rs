@@ -1,6 +1,8 @@
 //! Block-sparse rows: the matrix is cut into R×C tiles (edge tiles are zero-padded) and only
 //! tiles with a nonzero are stored, row of tiles by row of tiles, with their block-column index.
 
+use super::elem::Values;
+use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -20,11 +22,12 @@ pub struct Bsr {
     /// `rows.div_ceil(br) + 1` offsets into `bcol`.
     brp: Vec<usize>,
     bcol: Vec<u32>,
-    /// `bcol.len() · br · bc` values, each tile row-major.
-    values: Vec<f32>,
+    /// `bcol.len() · br · bc` values, each tile row-major (f32, no scales).
+    vals: Values<f32>,
 }
 
 impl Bsr {
+    const KIND: &'static str = "bsr";
     /// Keeps every `br × bc` tile of `w` that has a nonzero (`1 ≤ br ≤ 32`, `1 ≤ bc ≤ 4096`).
     pub fn from_dense(w: &[f32], rows: usize, cols: usize, br: usize, bc: usize) -> Result<Self> {
         check_dense("bsr", w, rows, cols)?;
@@ -67,7 +70,10 @@ impl Bsr {
             bc,
             brp,
             bcol,
-            values,
+            vals: Values {
+                v: values,
+                scales: Vec::new(),
+            },
         })
     }
     /// Number of stored tiles.
@@ -130,12 +136,15 @@ impl Bsr {
             bc,
             brp,
             bcol,
-            values: read_f32(vt),
+            vals: Values {
+                v: read_f32(vt),
+                scales: Vec::new(),
+            },
         })
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let (br, bc) = (self.br, self.bc);
         let tile = br * bc;
@@ -147,7 +156,7 @@ impl Bsr {
                 for t in self.brp[b]..self.brp[b + 1] {
                     let c0 = self.bcol[t] as usize * bc;
                     let valid = bc.min(self.cols - c0);
-                    let vp = self.values.as_ptr().add(t * tile);
+                    let vp = self.vals.v.as_ptr().add(t * tile);
                     let mut q = 0;
                     while q < valid {
                         let mk: __mmask16 = if valid - q >= 16 {
@@ -172,90 +181,48 @@ impl Bsr {
             }
         }
     }
+}
 
-    /// (column, value) of every stored value of row `r` (inside the matrix).
-    fn row_entries(&self, r: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
+impl Entries for Bsr {
+    type E = f32;
+    fn vals(&self) -> &Values<f32> {
+        &self.vals
+    }
+    fn each(&self, r: usize, mut f: impl FnMut(usize, usize)) {
         let (b, rr) = (r / self.br, r % self.br);
-        let (br, bc, cols) = (self.br, self.bc, self.cols);
-        (self.brp[b]..self.brp[b + 1]).flat_map(move |t| {
+        let (br, bc) = (self.br, self.bc);
+        for t in self.brp[b]..self.brp[b + 1] {
             let c0 = self.bcol[t] as usize * bc;
-            let row = &self.values[t * br * bc + rr * bc..][..bc.min(cols - c0)];
-            row.iter().enumerate().map(move |(j, &v)| (c0 + j, v))
-        })
+            let j0 = t * br * bc + rr * bc;
+            for jj in 0..bc.min(self.cols - c0) {
+                f(c0 + jj, j0 + jj);
+            }
+        }
     }
 }
 
 impl WeightFormat for Bsr {
-    fn kind(&self) -> &'static str {
-        "bsr"
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
+    dims!();
     fn nbytes(&self) -> usize {
-        self.values.len() * 4 + self.bcol.len() * 4 + self.brp.len() * 8
+        self.vals.nbytes() + self.bcol.len() * 4 + self.brp.len() * 8
     }
     fn stored(&self) -> usize {
-        self.values.len()
+        self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let c = self.cols;
-        out[..(r1 - r0) * c].fill(0.0);
-        for r in r0..r1 {
-            for (k, v) in self.row_entries(r) {
-                out[(r - r0) * c + k] = v;
-            }
-        }
+        sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        check_sizes("bsr", self.rows, self.cols, x, m, y);
-        if m > SMALL_M {
-            return matmul_tiled(self, x, m, y, acc);
-        }
+        // SAFETY (kernel): `product` calls it only after `has_avx512()`; block columns
+        // validated; disjoint rows (ranges aligned to the tile height).
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; block columns validated; disjoint rows
-            // (ranges aligned to the tile height).
-            drive(
-                self.rows,
-                m,
-                self.nbytes(),
-                self.br,
-                y,
-                acc,
-                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
-            );
-            return;
-        }
-        drive(
-            self.rows,
-            m,
-            self.nbytes(),
-            self.br,
-            y,
-            acc,
-            |r0, r1, out| {
-                for r in r0..r1 {
-                    for i in 0..m {
-                        let xi = &x[i * self.cols..];
-                        let s: f32 = self.row_entries(r).map(|(k, v)| v * xi[k]).sum();
-                        // SAFETY: row inside this aligned block range, i < m.
-                        unsafe { out.put(i, r, s) };
-                    }
-                }
-            },
-        );
+        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(usize, usize, Out)> = None;
+        sparse::product(self, x, m, y, acc, self.br, fast)
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes("bsr", self.rows, self.cols, x, m, y);
-        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
-            for (k, v) in self.row_entries(r) {
-                emit(k, v as f64);
-            }
-        });
+        sparse::naive(self, x, m, y)
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let ptr: Vec<u64> = self.brp.iter().map(|&p| p as u64).collect();
@@ -269,7 +236,7 @@ impl WeightFormat for Bsr {
             shape_tensor(name, &[self.rows, self.cols, self.br, self.bc]),
             RawTensor::u64(format!("{name}.block_row_ptr"), &ptr),
             bcol,
-            RawTensor::f32(format!("{name}.values"), &self.values),
+            RawTensor::f32(format!("{name}.values"), &self.vals.v),
         ]
     }
 }

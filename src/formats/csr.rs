@@ -3,6 +3,7 @@
 //! below about 6% density for f32, but needs no work per zero.
 
 use super::elem::{first_lanes, Elem, Values};
+use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -118,7 +119,7 @@ impl<E: Elem> CsrOf<E> {
     /// # Safety
     /// AVX-512 available; row pointers and column indices validated.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let (ci, vp) = (self.col_idx.as_ptr(), self.vals.v.as_ptr());
         for r in r0..r1 {
@@ -153,33 +154,22 @@ impl<E: Elem> CsrOf<E> {
             }
         }
     }
-    fn block_portable(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
-        for r in r0..r1 {
-            let rg = self.row_ptr[r]..self.row_ptr[r + 1];
-            for i in 0..m {
-                let xi = &x[i * self.cols..];
-                let s: f32 = self.col_idx[rg.clone()]
-                    .iter()
-                    .zip(&self.vals.v[rg.clone()])
-                    .map(|(&k, v)| v.to_f32() * xi[k as usize])
-                    .sum();
-                // SAFETY: r in this block's range, i < m.
-                unsafe { out.put(i, r, s * self.vals.scale(r)) };
-            }
+}
+
+impl<E: Elem> Entries for CsrOf<E> {
+    type E = E;
+    fn vals(&self) -> &Values<E> {
+        &self.vals
+    }
+    fn each(&self, r: usize, mut f: impl FnMut(usize, usize)) {
+        for j in self.row_ptr[r]..self.row_ptr[r + 1] {
+            f(self.col_idx[j] as usize, j);
         }
     }
 }
 
 impl<E: Elem> WeightFormat for CsrOf<E> {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
+    dims!();
     fn nbytes(&self) -> usize {
         self.vals.nbytes() + self.col_idx.len() * 2 + self.row_ptr.len() * 8
     }
@@ -187,44 +177,19 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         self.col_idx.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let c = self.cols;
-        out[..(r1 - r0) * c].fill(0.0);
-        for r in r0..r1 {
-            for j in self.row_ptr[r]..self.row_ptr[r + 1] {
-                out[(r - r0) * c + self.col_idx[j] as usize] = self.vals.get(r, j);
-            }
-        }
+        sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        if m > SMALL_M {
-            return matmul_tiled(self, x, m, y, acc);
-        }
+        // SAFETY (kernel): `product` calls it only after `has_avx512()`; row pointers and
+        // indices validated (< cols); rows written disjointly.
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; indices validated < cols; disjoint rows.
-            drive(
-                self.rows,
-                m,
-                self.nbytes(),
-                1,
-                y,
-                acc,
-                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
-            );
-            return;
-        }
-        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
-            self.block_portable(r0, r1, x, m, out)
-        });
+        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(usize, usize, Out)> = None;
+        sparse::product(self, x, m, y, acc, 1, fast)
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
-            for j in self.row_ptr[r]..self.row_ptr[r + 1] {
-                emit(self.col_idx[j] as usize, self.vals.get64(r, j));
-            }
-        });
+        sparse::naive(self, x, m, y)
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let ptr: Vec<u64> = self.row_ptr.iter().map(|&p| p as u64).collect();

@@ -84,153 +84,123 @@ fn row_scale(scales: &[f32], r: usize) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -> __m512 {
-    let mut a = [_mm512_setzero_ps(); 4];
+    #[inline(always)]
+    unsafe fn fma16<E: Elem>(w: *const E, x: *const f32, acc: __m512) -> __m512 {
+        _mm512_fmadd_ps(E::load16(w), _mm512_loadu_ps(x), acc)
+    }
+    // Four accumulators as separate variables, so they stay in registers.
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+    );
     let mut k = 0;
     while k + 64 <= n {
-        for (j, acc) in a.iter_mut().enumerate() {
-            *acc = _mm512_fmadd_ps(
-                E::load16(w.add(k + 16 * j)),
-                _mm512_loadu_ps(x.add(k + 16 * j)),
-                *acc,
-            );
-        }
+        a0 = fma16(w.add(k), x.add(k), a0);
+        a1 = fma16(w.add(k + 16), x.add(k + 16), a1);
+        a2 = fma16(w.add(k + 32), x.add(k + 32), a2);
+        a3 = fma16(w.add(k + 48), x.add(k + 48), a3);
         k += 64;
     }
     while k < n {
         let mk = first_lanes(n - k);
-        a[0] = _mm512_fmadd_ps(
+        a0 = _mm512_fmadd_ps(
             E::load_first(n - k, w.add(k)),
             _mm512_maskz_loadu_ps(mk, x.add(k)),
-            a[0],
+            a0,
         );
         k += 16;
     }
-    _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))
+    _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))
 }
 
-/// Rows `r0..r1` of `y = x·Wᵀ` for a dense `[_, n]` matrix `w` of `E` with row scales
-/// `scales` (empty: none).
-///
-/// # Safety
-/// AVX-512 available; `w` holds rows `r0..r1`; `x` holds `m` rows of `n`; `out` owns these rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_avx512<E: Elem>(
-    w: &[E],
-    scales: &[f32],
+/// A small product over a dense `[rows, n]` matrix `w` of `E` with row scales `scales`
+/// (empty: none) and input `x` (`m` rows of `n`).
+#[derive(Clone, Copy)]
+struct Rows<'a, E: Elem> {
+    w: &'a [E],
+    scales: &'a [f32],
     n: usize,
-    r0: usize,
-    r1: usize,
-    x: &[f32],
+    x: &'a [f32],
     m: usize,
-    out: Out,
-) {
-    for r in r0..r1 {
-        let wr = w.as_ptr().add(r * n);
-        for i in 0..m {
-            let s = _mm512_reduce_add_ps(dot_avx512(wr, x.as_ptr().add(i * n), n));
-            out.put(i, r, s * row_scale(scales, r));
+}
+
+impl<E: Elem> Rows<'_, E> {
+    /// Rows `r0..r1` of the product, AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512 available; `w` holds rows `r0..r1`; `out` owns these rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
+    unsafe fn avx512(self, r0: usize, r1: usize, out: Out) {
+        let n = self.n;
+        for r in r0..r1 {
+            let wr = self.w.as_ptr().add(r * n);
+            for i in 0..self.m {
+                let s = _mm512_reduce_add_ps(dot_avx512(wr, self.x.as_ptr().add(i * n), n));
+                out.put(i, r, s * row_scale(self.scales, r));
+            }
         }
     }
-}
 
-/// Portable row dot products (16 partial sums, so the loop vectorises), compiled once more with
-/// AVX2 enabled ([`rows_portable`]).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_body<E: Elem>(
-    w: &[E],
-    scales: &[f32],
-    n: usize,
-    r0: usize,
-    r1: usize,
-    x: &[f32],
-    m: usize,
-    out: Out,
-) {
-    for r in r0..r1 {
-        let wr = &w[r * n..(r + 1) * n];
-        for i in 0..m {
-            let xi = &x[i * n..(i + 1) * n];
-            let mut acc = [0f32; 16];
-            let (wc, xc) = (wr.chunks_exact(16), xi.chunks_exact(16));
-            let (wt, xt) = (wc.remainder(), xc.remainder());
-            for (a, b) in wc.zip(xc) {
-                for l in 0..16 {
-                    acc[l] += a[l].to_f32() * b[l];
+    /// Rows `r0..r1`, portable: 16 partial sums, so the loop vectorises (see [`Rows::portable`]).
+    #[inline(always)]
+    fn portable_body(self, r0: usize, r1: usize, out: Out) {
+        let n = self.n;
+        for r in r0..r1 {
+            let wr = &self.w[r * n..(r + 1) * n];
+            for i in 0..self.m {
+                let xi = &self.x[i * n..(i + 1) * n];
+                let mut acc = [0f32; 16];
+                let (wc, xc) = (wr.chunks_exact(16), xi.chunks_exact(16));
+                let (wt, xt) = (wc.remainder(), xc.remainder());
+                for (a, b) in wc.zip(xc) {
+                    for l in 0..16 {
+                        acc[l] += a[l].to_f32() * b[l];
+                    }
                 }
+                let mut s: f32 = acc.iter().sum();
+                for (a, b) in wt.iter().zip(xt) {
+                    s += a.to_f32() * b;
+                }
+                // SAFETY: r in this block's range, i < m.
+                unsafe { out.put(i, r, s * row_scale(self.scales, r)) };
             }
-            let mut s: f32 = acc.iter().sum();
-            for (a, b) in wt.iter().zip(xt) {
-                s += a.to_f32() * b;
-            }
-            // SAFETY: r in this block's range, i < m.
-            unsafe { out.put(i, r, s * row_scale(scales, r)) };
         }
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn rows_portable<E: Elem>(
-    w: &[E],
-    scales: &[f32],
-    n: usize,
-    r0: usize,
-    r1: usize,
-    x: &[f32],
-    m: usize,
-    out: Out,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2<E: Elem>(
-            w: &[E],
-            scales: &[f32],
-            n: usize,
-            r0: usize,
-            r1: usize,
-            x: &[f32],
-            m: usize,
-            out: Out,
-        ) {
-            rows_body(w, scales, n, r0, r1, x, m, out)
+    /// [`Rows::portable_body`], compiled for AVX2 + FMA when the CPU has them.
+    fn portable(self, r0: usize, r1: usize, out: Out) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<E: Elem>(rows: Rows<'_, E>, r0: usize, r1: usize, out: Out) {
+                rows.portable_body(r0, r1, out)
+            }
+            if crate::kernels::has_avx2() {
+                // SAFETY: AVX2 and FMA checked at run time.
+                return unsafe { avx2(self, r0, r1, out) };
+            }
         }
-        if crate::kernels::has_avx2() {
-            // SAFETY: AVX2 and FMA checked at run time.
-            return unsafe { avx2(w, scales, n, r0, r1, x, m, out) };
-        }
+        self.portable_body(r0, r1, out)
     }
-    rows_body(w, scales, n, r0, r1, x, m, out)
-}
 
-/// `y[m, rows] (+)= x[m, cols] · Wᵀ` for `m ≤` [`SMALL_M`] over a dense matrix of `E`: row
-/// dot products, rows split over threads when the matrix is large.
-#[allow(clippy::too_many_arguments)]
-fn small_product<E: Elem>(
-    w: &[E],
-    scales: &[f32],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    acc: bool,
-) {
-    let bytes = rows * cols * E::DTYPE.size();
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512 checked; sizes checked by the callers; rows written disjointly.
-        drive(rows, m, bytes, 1, y, acc, |r0, r1, out| unsafe {
-            rows_avx512(w, scales, cols, r0, r1, x, m, out)
+    /// `y[m, rows] (+)=` the product, rows split over threads when the matrix is large.
+    fn run(self, rows: usize, y: &mut [f32], acc: bool) {
+        let bytes = rows * self.n * E::DTYPE.size();
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512 checked; sizes checked by the callers; rows written disjointly.
+            drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
+                self.avx512(r0, r1, out)
+            });
+            return;
+        }
+        drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| {
+            self.portable(r0, r1, out)
         });
-        return;
     }
-    drive(rows, m, bytes, 1, y, acc, |r0, r1, out| {
-        rows_portable(w, scales, cols, r0, r1, x, m, out)
-    });
 }
 
 /// `y[m, rows] (+)= x[m, cols] · Wᵀ` for a borrowed dense f32 matrix `w` (`[rows, cols]`):
@@ -247,22 +217,21 @@ pub fn dense_f32_matmul(
     assert!(w.len() >= rows * cols, "dense matmul: weight too small");
     check_sizes("dense", rows, cols, x, m, y);
     if m <= SMALL_M && cols > 0 {
-        small_product(w, &[], rows, cols, x, m, y, accumulate);
+        let job = Rows {
+            w,
+            scales: &[],
+            n: cols,
+            x,
+            m,
+        };
+        job.run(rows, y, accumulate);
     } else {
         crate::kernels::matmul_t(x, w, y, m, cols, rows, accumulate);
     }
 }
 
 impl<E: Elem> WeightFormat for DenseOf<E> {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
+    dims!();
     fn nbytes(&self) -> usize {
         self.vals.nbytes()
     }
@@ -283,16 +252,14 @@ impl<E: Elem> WeightFormat for DenseOf<E> {
             return dense_f32_matmul(w, self.rows, self.cols, x, m, y, accumulate);
         }
         if m <= SMALL_M && self.cols > 0 {
-            small_product(
-                &self.vals.v,
-                &self.vals.scales,
-                self.rows,
-                self.cols,
+            let job = Rows {
+                w: &self.vals.v,
+                scales: &self.vals.scales,
+                n: self.cols,
                 x,
                 m,
-                y,
-                accumulate,
-            );
+            };
+            job.run(self.rows, y, accumulate);
         } else {
             matmul_tiled(self, x, m, y, accumulate);
         }

@@ -32,12 +32,12 @@ pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     }
     /// 16 values at `p` as f32 lanes.
     /// # Safety
-    /// AVX-512F/BW available; `p` valid for 16 reads.
+    /// AVX-512F/BW/VL (and the features of [`super::has_avx512`]) available; `p` valid for 16 reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> __m512;
     /// The first `n ≤ 16` values at `p` in lanes `0..n`, zeros above; reads only `n` values.
     /// # Safety
-    /// AVX-512F/BW available; `p` valid for `n` reads.
+    /// AVX-512F/BW/VL (and the features of [`super::has_avx512`]) available; `p` valid for `n` reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load_first(n: usize, p: *const Self) -> __m512;
     /// `popcount(k)` packed values at `p` spread to the lanes set in `k` (zeros elsewhere).

@@ -29,12 +29,29 @@
 //! validates every count, index and shape and returns [`crate::Error::Format`] naming the
 //! offending tensor — it never panics or reads out of bounds on corrupt input.
 
+/// The `kind`, `rows` and `cols` methods of a [`WeightFormat`] whose type has a `KIND` const
+/// and `rows` / `cols` fields.
+macro_rules! dims {
+    () => {
+        fn kind(&self) -> &'static str {
+            Self::KIND
+        }
+        fn rows(&self) -> usize {
+            self.rows
+        }
+        fn cols(&self) -> usize {
+            self.cols
+        }
+    };
+}
+
 mod bitmask;
 mod bsr;
 mod csr;
 mod dense;
 pub mod elem;
 mod nm;
+mod sparse;
 
 pub use bitmask::{Bitmask, BitmaskBf16, BitmaskI8, BitmaskOf};
 pub use bsr::Bsr;
@@ -194,10 +211,11 @@ pub fn has_avx512() -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
+        crate::kernels::has_avx512()
             && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("popcnt")
+            && std::arch::is_x86_feature_detected!("bmi1")
+            && std::arch::is_x86_feature_detected!("bmi2")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -5,6 +5,7 @@
 //! with a per-row scale ([`NMOf`]); 2:4 with f32 values reads 2.125 bytes per weight.
 
 use super::elem::{Elem, Values};
+use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -56,7 +57,7 @@ impl<E: Elem> NMOf<E> {
                 "nm: need 1 ≤ N < M ≤ 16, got {n}:{m}"
             )));
         }
-        if cols % m != 0 {
+        if !cols.is_multiple_of(m) {
             return Err(Error::Invalid(format!(
                 "nm {n}:{m}: {cols} columns is not a multiple of {m}"
             )));
@@ -192,7 +193,7 @@ impl<E: Elem> NMOf<E> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
         // 16 kept values span 16/N groups = 32 columns of x; decode their 16 indices from one
         // u64 (16·bits ≤ 64 bits) with two 64-bit variable shifts.
@@ -275,31 +276,22 @@ impl<E: Elem> NMOf<E> {
             }
         }
     }
+}
 
-    fn row_dot_scalar(&self, r: usize, x: &[f32]) -> f32 {
-        let mut s = 0f32;
-        for v in 0..self.vpr {
-            let k = (v / self.n) * self.m + self.idx_at(r, v);
-            s += self.vals.v[r * self.vpr + v].to_f32() * x[k];
-        }
-        s * self.vals.scale(r)
+impl<E: Elem> Entries for NMOf<E> {
+    type E = E;
+    fn vals(&self) -> &Values<E> {
+        &self.vals
     }
-    /// (column, value index) of row `r`'s stored values.
-    fn row_iter(&self, r: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.vpr).map(move |v| ((v / self.n) * self.m + self.idx_at(r, v), r * self.vpr + v))
+    fn each(&self, r: usize, mut f: impl FnMut(usize, usize)) {
+        for v in 0..self.vpr {
+            f((v / self.n) * self.m + self.idx_at(r, v), r * self.vpr + v);
+        }
     }
 }
 
 impl<E: Elem> WeightFormat for NMOf<E> {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.cols
-    }
+    dims!();
     fn nbytes(&self) -> usize {
         self.vals.nbytes() + self.rows * self.row_bytes
     }
@@ -307,50 +299,21 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let c = self.cols;
-        out[..(r1 - r0) * c].fill(0.0);
-        for r in r0..r1 {
-            for (k, j) in self.row_iter(r) {
-                out[(r - r0) * c + k] = self.vals.get(r, j);
-            }
-        }
+        sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        if m > SMALL_M {
-            return matmul_tiled(self, x, m, y, acc);
-        }
+        // SAFETY (kernel): `product` calls it only after `has_avx512()`; indices validated
+        // (< M, so every permuted lane is inside the 32-column window); disjoint rows.
         #[cfg(target_arch = "x86_64")]
-        if self.fast_pattern() && has_avx512() {
-            // SAFETY: AVX-512 checked; sizes checked; indices validated (< M, so every
-            // permuted lane is inside the 32-column window); disjoint rows.
-            drive(
-                self.rows,
-                m,
-                self.nbytes(),
-                1,
-                y,
-                acc,
-                |r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) },
-            );
-            return;
-        }
-        drive(self.rows, m, self.nbytes(), 1, y, acc, |r0, r1, out| {
-            for r in r0..r1 {
-                for i in 0..m {
-                    // SAFETY: r in this block's range, i < m.
-                    unsafe { out.put(i, r, self.row_dot_scalar(r, &x[i * self.cols..])) };
-                }
-            }
-        });
+        let fast = self
+            .fast_pattern()
+            .then_some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(usize, usize, Out)> = None;
+        sparse::product(self, x, m, y, acc, 1, fast)
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
-        naive_product(self.rows, self.cols, x, m, y, |r, emit| {
-            for (k, j) in self.row_iter(r) {
-                emit(k, self.vals.get64(r, j));
-            }
-        });
+        sparse::naive(self, x, m, y)
     }
     fn to_tensors(&self, name: &str) -> Vec<RawTensor> {
         let mut t = vec![shape_tensor(name, &[self.rows, self.cols, self.n, self.m])];

@@ -561,12 +561,7 @@ impl TensorStore {
         };
         let (_, shape) = file.info(name).ok_or_else(|| missing(file.path()))?;
         if shape != expected {
-            return Err(Error::Shape {
-                path: file.path().to_path_buf(),
-                tensor: name.to_string(),
-                got: shape.to_vec(),
-                expected: expected.to_vec(),
-            });
+            return Err(Error::shape(file.path(), name, shape, expected));
         }
         file.tensor(name)
     }

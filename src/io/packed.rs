@@ -157,12 +157,7 @@ pub fn load_weight(
     );
     let shape = [f.rows(), f.cols()];
     if shape != expected {
-        return Err(Error::Shape {
-            path: file.path().to_path_buf(),
-            tensor: name.to_string(),
-            got: shape.to_vec(),
-            expected: expected.to_vec(),
-        });
+        return Err(Error::shape(file.path(), name, &shape, expected));
     }
     let dense = Tensor::new(shape.to_vec(), f.to_dense());
     Ok((

@@ -38,7 +38,7 @@ impl TensorStats {
             .into_iter()
             .find(|&(n, m)| {
                 total > 0
-                    && cols % m == 0
+                    && cols.is_multiple_of(m)
                     && w.chunks_exact(m)
                         .all(|g| g.iter().filter(|&&v| v != 0.0).count() <= n)
             });
@@ -94,7 +94,7 @@ fn candidates(vt: ValueType, st: &TensorStats) -> Vec<FormatChoice> {
     v.retain(|c| {
         let is_csr = matches!(c, C::Csr | C::CsrBf16 | C::CsrI8);
         let is_nm = matches!(c, C::Nm | C::NmBf16 | C::NmI8);
-        !(is_csr && st.cols > 1 << 16) && !(is_nm && st.nm.is_none())
+        !((is_csr && st.cols > 1 << 16) || (is_nm && st.nm.is_none()))
     });
     v
 }

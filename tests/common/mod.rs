@@ -58,3 +58,19 @@ pub fn default_model() -> &'static lopper::Model {
         lopper::io::load_model(&p).expect("load default model")
     })
 }
+
+/// A copy of the default model cut to its first `layers` blocks (no tokenizer).
+pub fn default_model_cut(layers: usize) -> lopper::Model {
+    let m = default_model();
+    let mut config = m.config.clone();
+    config.num_hidden_layers = layers;
+    let mut weights = m.weights.clone();
+    weights.layers.truncate(layers);
+    lopper::Model {
+        config,
+        weights,
+        tokenizer: None,
+        chat_template: None,
+        source: m.source.clone(),
+    }
+}

@@ -1,0 +1,106 @@
+//! What the sparse formats (bitmask, CSR, N:M, BSR) share: a view of their stored entries row
+//! by row ([`Entries`]), and on top of it the dense decoding, the naive reference, the portable
+//! row kernel and the dispatch of a product (tiled GEMM for many rows; the format's AVX-512
+//! kernel or the portable one over threads for few). Each format only provides its storage
+//! walk and its SIMD kernel.
+
+use super::elem::{Elem, Values};
+use super::*;
+
+/// A sparse format's stored entries.
+pub(crate) trait Entries: WeightFormat {
+    type E: Elem;
+    /// The stored values (and row scales).
+    fn vals(&self) -> &Values<Self::E>;
+    /// Calls `f(column, value index)` for every stored value of row `r`.
+    fn each(&self, r: usize, f: impl FnMut(usize, usize));
+    /// Stored value `j` as f32, before the row scale.
+    #[inline(always)]
+    fn value(&self, j: usize) -> f32 {
+        self.vals().v[j].to_f32()
+    }
+    /// Scale of row `r` (1 for unscaled value types).
+    #[inline(always)]
+    fn scale(&self, r: usize) -> f32 {
+        self.vals().scale(r)
+    }
+}
+
+/// [`WeightFormat::decode_rows`] from the entries.
+pub(crate) fn decode_rows<F: Entries>(f: &F, r0: usize, r1: usize, out: &mut [f32]) {
+    let c = f.cols();
+    out[..(r1 - r0) * c].fill(0.0);
+    for r in r0..r1 {
+        let s = f.scale(r);
+        let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
+        f.each(r, |k, j| row[k] = f.value(j) * s);
+    }
+}
+
+/// [`WeightFormat::matmul_naive`] from the entries (f64 accumulation).
+pub(crate) fn naive<F: Entries>(f: &F, x: &[f32], m: usize, y: &mut [f32]) {
+    check_sizes(f.kind(), f.rows(), f.cols(), x, m, y);
+    naive_product(f.rows(), f.cols(), x, m, y, |r, emit| {
+        let s = f.scale(r) as f64;
+        f.each(r, |k, j| emit(k, f.value(j) as f64 * s));
+    });
+}
+
+/// Rows `r0..r1` of the product, scalar (the kernel where AVX-512 is not available; compiled
+/// once more for AVX2 + FMA + BMI, see [`portable`]).
+#[inline(always)]
+fn portable_block<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+    let c = f.cols();
+    for r in r0..r1 {
+        for i in 0..m {
+            let xi = &x[i * c..(i + 1) * c];
+            let mut s = 0f32;
+            f.each(r, |k, j| s += f.value(j) * xi[k]);
+            // SAFETY: r in this block's range, i < m.
+            unsafe { out.put(i, r, s * f.scale(r)) };
+        }
+    }
+}
+
+/// [`portable_block`], through its AVX2 build when the CPU has AVX2.
+fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+        unsafe fn avx2<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+            portable_block(f, r0, r1, x, m, out)
+        }
+        if crate::kernels::has_avx2() && std::arch::is_x86_feature_detected!("bmi2") {
+            // SAFETY: the features are checked at run time.
+            return unsafe { avx2(f, r0, r1, x, m, out) };
+        }
+    }
+    portable_block(f, r0, r1, x, m, out)
+}
+
+/// [`WeightFormat::matmul_add`] of a sparse format: sizes checked; more than [`SMALL_M`] rows
+/// through [`matmul_tiled`]; else row ranges (aligned to `align`) over threads through `fast`
+/// when given and the CPU has AVX-512, through the portable kernel otherwise.
+///
+/// `fast` may assume the AVX-512 features of [`has_avx512`]: it is only called after that check.
+pub(crate) fn product<F: Entries>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    acc: bool,
+    align: usize,
+    fast: Option<impl Fn(usize, usize, Out) + Sync>,
+) {
+    check_sizes(f.kind(), f.rows(), f.cols(), x, m, y);
+    if m > SMALL_M {
+        return matmul_tiled(f, x, m, y, acc);
+    }
+    let bytes = f.nbytes();
+    match fast {
+        Some(kernel) if has_avx512() => drive(f.rows(), m, bytes, align, y, acc, kernel),
+        _ => drive(f.rows(), m, bytes, align, y, acc, |r0, r1, out| {
+            portable(f, r0, r1, x, m, out)
+        }),
+    }
+}
