@@ -22,13 +22,7 @@ use lopper::Model;
 use std::time::Instant;
 
 fn copy(m: &Model) -> Model {
-    Model {
-        config: m.config.clone(),
-        weights: m.weights.clone(),
-        tokenizer: m.tokenizer.clone(),
-        chat_template: m.chat_template.clone(),
-        source: m.source.clone(),
-    }
+    m.clone()
 }
 
 struct Ctx {

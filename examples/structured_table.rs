@@ -37,13 +37,7 @@ const CONFIGS: &[(&str, &str)] = &[
 ];
 
 fn copy(m: &Model) -> Model {
-    Model {
-        config: m.config.clone(),
-        weights: m.weights.clone(),
-        tokenizer: m.tokenizer.clone(),
-        chat_template: m.chat_template.clone(),
-        source: m.source.clone(),
-    }
+    m.clone()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -33,13 +33,7 @@ fn tiny(name: &str) -> Model {
 }
 
 fn copy(m: &Model) -> Model {
-    Model {
-        config: m.config.clone(),
-        weights: m.weights.clone(),
-        tokenizer: m.tokenizer.clone(),
-        chat_template: m.chat_template.clone(),
-        source: m.source.clone(),
-    }
+    m.clone()
 }
 
 /// 8 random windows of 32 ids below 320 (the tiny vocabulary).

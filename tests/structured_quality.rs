@@ -21,13 +21,7 @@ use lopper::Model;
 use std::sync::OnceLock;
 
 fn copy(m: &Model) -> Model {
-    Model {
-        config: m.config.clone(),
-        weights: m.weights.clone(),
-        tokenizer: m.tokenizer.clone(),
-        chat_template: m.chat_template.clone(),
-        source: m.source.clone(),
-    }
+    m.clone()
 }
 
 fn calib() -> &'static CalibSet {

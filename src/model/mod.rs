@@ -10,6 +10,7 @@ pub mod weights;
 use std::path::PathBuf;
 
 /// A loaded model: what it is, its weights, and how to tokenize text for it.
+#[derive(Clone)]
 pub struct Model {
     pub config: config::Config,
     pub weights: weights::Weights,
