@@ -130,6 +130,8 @@ impl<E: Elem> CsrOf<E> {
                 let mut a1 = _mm512_setzero_ps();
                 let mut j = s;
                 while j + 32 <= e {
+                    prefetch_ahead(vp.add(j), 2);
+                    prefetch_ahead(ci.add(j), 1);
                     let i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(ci.add(j) as *const __m256i));
                     let i1 =
                         _mm512_cvtepu16_epi32(_mm256_loadu_si256(ci.add(j + 16) as *const __m256i));

@@ -96,7 +96,11 @@ pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -
         _mm512_setzero_ps(),
     );
     let mut k = 0;
+    let size = std::mem::size_of::<E>();
     while k + 64 <= n {
+        // Software prefetch PREFETCH bytes ahead (past the row end into the next rows, which
+        // are contiguous): more misses in flight than the hardware prefetcher keeps alone.
+        prefetch_ahead(w.add(k), size);
         a0 = fma16(w.add(k), x.add(k), a0);
         a1 = fma16(w.add(k + 16), x.add(k + 16), a1);
         a2 = fma16(w.add(k + 32), x.add(k + 32), a2);

@@ -190,6 +190,27 @@ impl std::fmt::Debug for dyn WeightFormat {
     }
 }
 
+/// Distance of the software prefetches in the row kernels, bytes. A decode step streams every
+/// weight once; one core keeps more DRAM reads in flight with these than with the hardware
+/// prefetcher alone (measured: bf16 decode 23 → 33 tokens/s on one core).
+pub(crate) const PREFETCH: usize = 4096;
+
+/// Prefetches `lines` cache lines starting [`PREFETCH`] bytes after `p` (a hint: never faults,
+/// also past the end of an allocation).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead<T>(p: *const T, lines: usize) {
+    let p = (p as *const i8).wrapping_add(PREFETCH);
+    for l in 0..lines {
+        // SAFETY: prefetch is a hint and never faults; SSE is baseline on x86-64.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(64 * l),
+            )
+        };
+    }
+}
+
 /// Products with at most this many rows of `x` use the formats' row kernels (each weight read
 /// once per product, threads over rows); larger ones decode row tiles to f32 and use GEMM.
 pub const SMALL_M: usize = 4;

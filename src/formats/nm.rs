@@ -222,7 +222,10 @@ impl<E: Elem> NMOf<E> {
                 let mut a0 = _mm512_setzero_ps();
                 let mut a1 = _mm512_setzero_ps();
                 let mut blk = 0;
+                prefetch_ahead(ip, 1);
                 while blk + 2 <= nb {
+                    // 32 values (2 lines of f32) per iteration.
+                    prefetch_ahead(vp.add(16 * blk), 2);
                     let i0 = decode(ip.add(blk * step));
                     let i1 = decode(ip.add((blk + 1) * step));
                     let x0 = _mm512_permutex2var_ps(

@@ -250,6 +250,8 @@ pub fn prune_model(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<PruneOutcome> {
     plan.validate(model)?;
+    // Packed copies (a model loaded packed) would go stale as the dense weights change.
+    crate::runtime::unpack(model);
     let t_all = Instant::now();
     let method: Box<dyn super::Pruner> = match plan.method {
         Method::Sparsegpt => Box::new(super::sparsegpt::SparseGpt {
