@@ -416,6 +416,16 @@ fn prune_bad_structured_requests() {
         &with(&m, &["--plan", &badval, "--neurons", "0.2"]),
         &["--plan excludes"],
     );
+    // --target-params: the budget is checked before any calibration work.
+    prune_fails(&with(&m, &["--target-params", "0.95"]), &["--target-params", "(0, 0.9)"]);
+    prune_fails(
+        &with(&m, &["--target-params", "0.2", "--neurons", "0.1"]),
+        &["--target-params", "excludes"],
+    );
+    prune_fails(
+        &with(&m, &["--target-params", "0.2", "--sparsity", "0.5"]),
+        &["--target-params", "excludes"],
+    );
 }
 
 #[test]
@@ -779,6 +789,51 @@ fn ids_file(path: &Path, n: usize, len: usize, vocab: usize) {
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n, len], &ids).unwrap();
     safetensors::serialize_to_file([("input_ids", view)], None, path).unwrap();
+}
+
+#[test]
+fn prune_tiny_target_params_reports_the_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("tiny-llama3");
+    let orig = lopper::io::load_model(&model).unwrap();
+    let ids = tmp.path().join("ids.safetensors");
+    ids_file(&ids, 4, 32, orig.config.vocab_size);
+    let dir = tmp.path().join("small");
+    let out = lopper(&[
+        "prune",
+        "--model",
+        &s(&model),
+        "--target-params",
+        "0.5",
+        "--calib-ids",
+        &s(&ids),
+        "--out",
+        &s(&dir),
+        "--json",
+    ]);
+    assert_ok(&out);
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let search = &report["search"];
+    let cands = search["candidates"].as_array().unwrap();
+    let chosen = search["chosen"].as_u64().unwrap() as usize;
+    let best = cands
+        .iter()
+        .filter_map(|c| c["calib_perplexity"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(cands[chosen]["calib_perplexity"].as_f64(), Some(best));
+    let removed = report["params_removed_fraction"].as_f64().unwrap();
+    assert!((removed - 0.5).abs() < 0.02, "removed {removed}");
+    // The saved model is the chosen mix.
+    let m = lopper::io::load_model(&dir).unwrap();
+    assert_eq!(
+        m.weights.layers.len(),
+        3 - cands[chosen]["layers"].as_u64().unwrap() as usize
+    );
+    assert_eq!(
+        m.weights.num_params() as u64,
+        report["size_after"]["params"].as_u64().unwrap()
+    );
 }
 
 #[test]

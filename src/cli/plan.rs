@@ -11,6 +11,7 @@ use lopper::structured::heads::{GqaMode, HeadMetric, HeadSpec};
 use lopper::structured::lowrank::{LowRankSpec, RankRule};
 use lopper::structured::neurons::{NeuronMetric, NeuronSpec};
 use lopper::structured::plan::{self, ModelSize, Plan, Step};
+use lopper::structured::search::{self, TargetSpec};
 use lopper::structured::slicegpt::SliceSpec;
 use lopper::structured::WidthAllocation;
 use serde_json::json;
@@ -76,6 +77,14 @@ pub struct StructuredArgs {
     /// Linears to factorise: q,k,v,o,gate,up,down, attn or mlp (default all).
     #[arg(long)]
     pub low_rank_modules: Option<String>,
+    /// Remove this fraction of all parameters with the best mix of whole blocks and FFN
+    /// neurons: a small grid of mixes is run and scored by perplexity on calibration windows
+    /// (see the README). Excludes --plan and the other structured flags.
+    #[arg(long, allow_negative_numbers = true)]
+    pub target_params: Option<f64>,
+    /// Calibration windows each --target-params candidate is scored on.
+    #[arg(long, default_value_t = 16)]
+    pub score_windows: usize,
 }
 
 impl StructuredArgs {
@@ -92,7 +101,7 @@ impl StructuredArgs {
 
     /// Whether this run goes through the plan runner.
     pub fn active(&self) -> bool {
-        self.plan.is_some() || self.any_step()
+        self.plan.is_some() || self.any_step() || self.target_params.is_some()
     }
 }
 
@@ -147,6 +156,15 @@ fn fraction(flag: &str, x: f64) -> Result<f64> {
 pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
     let s = &a.structured;
     let sparse_asked = a.sparsity.is_some() || a.pattern != "unstructured";
+    if s.target_params.is_some() {
+        if s.plan.is_some() || s.any_step() || sparse_asked {
+            bail!(lopper::Error::Invalid(
+                "--target-params chooses the structured steps itself: it excludes --plan, the single-step flags and --sparsity/--pattern".into()
+            ));
+        }
+        // The steps are chosen by the search; validated there before the model is touched.
+        return Ok(Plan::default());
+    }
     if let Some(p) = &s.plan {
         if s.any_step() || sparse_asked {
             bail!(lopper::Error::Invalid(
@@ -237,10 +255,23 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
 pub fn run(a: PruneArgs) -> Result<()> {
     let t_all = Instant::now();
     let plan = plan_from_args(&a)?;
+    let target = a.structured.target_params.map(TargetSpec::new).map(|mut t| {
+        t.score_windows = a.structured.score_windows;
+        t
+    });
     let dtype = super::prune::check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
-    let calib = Calibration::build(&a, &model, plan.needs_calibration())?;
+    if let Some(t) = &target {
+        // Validate the budget before any calibration work.
+        search::candidates(&model, t)?;
+        if t.score_windows == 0 {
+            bail!(lopper::Error::Invalid(
+                "--score-windows must be at least 1".into()
+            ));
+        }
+    }
+    let calib = Calibration::build(&a, &model, plan.needs_calibration() || target.is_some())?;
     let evaluator = Evaluator::new(&a, &model)?;
     let size_before = ModelSize::of(&model);
     let before = evaluator.eval(&model, "eval dense")?;
@@ -252,17 +283,37 @@ pub fn run(a: PruneArgs) -> Result<()> {
             .map(|r| r.map(|r| r.perplexity))
             .map_err(|e| lopper::Error::Invalid(format!("{e:#}")))
     };
-    let records = plan::run_plan(
-        &mut model,
-        &calib.set,
-        &plan,
-        &mut eval_step,
-        &mut |stage, d, n| {
-            pb.set_message(stage.to_string());
-            pb.set_length(n.max(1) as u64);
-            pb.set_position(d as u64);
-        },
-    )?;
+    let mut on_progress = |stage: &str, d: usize, n: usize| {
+        pb.set_message(stage.to_string());
+        pb.set_length(n.max(1) as u64);
+        pb.set_position(d as u64);
+    };
+    let mut search_json = serde_json::Value::Null;
+    let records = match &target {
+        None => plan::run_plan(
+            &mut model,
+            &calib.set,
+            &plan,
+            &mut eval_step,
+            &mut on_progress,
+        )?,
+        Some(t) => {
+            let out = search::search(&model, &calib.set, t, &mut on_progress)?;
+            search_json = json!({
+                "target_params_removed": t.target,
+                "depth_shares": t.depth_shares,
+                "score": format!("perplexity on the first {} calibration windows", t.score_windows.min(calib.set.n)),
+                "candidates": out.candidates,
+                "chosen": out.chosen,
+            });
+            model = out.model;
+            let mut records = out.records;
+            if let Some(last) = records.last_mut() {
+                last.perplexity = eval_step(&model, "the chosen mix")?;
+            }
+            records
+        }
+    };
     pb.finish_and_clear();
     let peak_rss = lopper::util::peak_rss_bytes();
     if a.hf_strict {
@@ -284,6 +335,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "perplexity_after": records.last().and_then(|r| r.perplexity),
         "eval": evaluator.protocol(),
         "steps": records,
+        "search": search_json,
         "peak_rss_bytes": peak_rss,
         "output": a.out.display().to_string(),
         "output_dtype": dtype.to_string(),
@@ -296,6 +348,33 @@ pub fn run(a: PruneArgs) -> Result<()> {
         return Ok(());
     }
     println!("calibration   {}", calib.set.source);
+    if let Some(cands) = search_json["candidates"].as_array() {
+        println!(
+            "search        {:.1}% of the parameters; candidates scored by {}:",
+            100.0 * search_json["target_params_removed"].as_f64().unwrap_or(0.0),
+            search_json["score"].as_str().unwrap_or("")
+        );
+        for (i, c) in cands.iter().enumerate() {
+            let mark = if search_json["chosen"].as_u64() == Some(i as u64) { "*" } else { " " };
+            let what = format!(
+                "{} blocks + {:.1}% neurons",
+                c["layers"],
+                100.0 * c["neuron_fraction"].as_f64().unwrap_or(0.0)
+            );
+            match c["calib_perplexity"].as_f64() {
+                Some(p) => println!(
+                    "  {mark} depth share {:.2}: {what:<28} removed {:>5.1}%  calibration perplexity {p:.3}",
+                    c["depth_share"].as_f64().unwrap_or(0.0),
+                    100.0 * c["params_removed_fraction"].as_f64().unwrap_or(0.0)
+                ),
+                None => println!(
+                    "    depth share {:.2}: skipped ({})",
+                    c["depth_share"].as_f64().unwrap_or(0.0),
+                    c["skipped"].as_str().unwrap_or("")
+                ),
+            }
+        }
+    }
     let ppl = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.3}"));
     println!(
         "{:<4} {:<10} {:>12} {:>9} {:>11} {:>8}",

@@ -105,19 +105,60 @@ fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize>
         })
 }
 
-/// `acc += expand(values at *vp, k) · x[base..base + 16] (masked by k)`; advances `vp` past
-/// the `popcount(k)` values used.
+/// `acc += expand(values at *vp, k) · x[base..base + 16]`; advances `vp` past the
+/// `popcount(k)` values used. `FULL`: all 16 lanes of `x` are in bounds, so `x` is loaded
+/// unmasked (lanes outside `k` meet zero weights); else only the lanes in `k` are read.
+/// `VBMI2`: expand through [`Elem::expand_load_vbmi2`].
 ///
 /// # Safety
-/// AVX-512 (see [`has_avx512`]); `*vp` valid for `popcount(k)` reads; `base` valid where `k`
-/// is set.
+/// AVX-512 (see [`has_avx512`]), and VBMI2 when `VBMI2`; `*vp` valid for `popcount(k)` reads;
+/// `base` valid for 16 reads when `FULL`, else where `k` is set.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn slice16<E: Elem>(k: u16, vp: &mut *const E, base: *const f32, acc: &mut __m512) {
-    let wv = E::expand_load(k, *vp);
-    let xv = _mm512_maskz_loadu_ps(k, base);
+unsafe fn slice16<E: Elem, const VBMI2: bool, const FULL: bool>(
+    k: u16,
+    vp: &mut *const E,
+    base: *const f32,
+    acc: &mut __m512,
+) {
+    let wv = if VBMI2 {
+        E::expand_load_vbmi2(k, *vp)
+    } else {
+        E::expand_load(k, *vp)
+    };
+    let xv = if FULL {
+        _mm512_loadu_ps(base)
+    } else {
+        _mm512_maskz_loadu_ps(k, base)
+    };
     *acc = _mm512_fmadd_ps(wv, xv, *acc);
     *vp = vp.wrapping_add(k.count_ones() as usize);
+}
+
+/// One 64-column mask word: four 16-column slices, unrolled so the accumulators stay in
+/// registers.
+///
+/// # Safety
+/// As [`slice16`] for each slice.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn word64<E: Elem, const VBMI2: bool, const FULL: bool>(
+    word: u64,
+    vp: &mut *const E,
+    base: *const f32,
+    a: &mut [__m512; 4],
+) {
+    slice16::<E, VBMI2, FULL>(word as u16, vp, base, &mut a[0]);
+    slice16::<E, VBMI2, FULL>((word >> 16) as u16, vp, base.wrapping_add(16), &mut a[1]);
+    slice16::<E, VBMI2, FULL>((word >> 32) as u16, vp, base.wrapping_add(32), &mut a[2]);
+    slice16::<E, VBMI2, FULL>((word >> 48) as u16, vp, base.wrapping_add(48), &mut a[3]);
+}
+
+/// Whether the CPU has AVX-512 VBMI2 (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_vbmi2() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512vbmi2"))
 }
 
 impl<E: Elem> BitmaskOf<E> {
@@ -162,42 +203,62 @@ impl<E: Elem> BitmaskOf<E> {
             vals,
         })
     }
+    /// Rows `r0..r1` of the product (the body of the AVX-512 kernels below).
+    ///
     /// # Safety
-    /// AVX-512 available; masks validated (no bits past `cols`, popcounts = value counts).
+    /// AVX-512 available (and VBMI2 when `VBMI2`); masks validated (no bits past `cols`,
+    /// popcounts = value counts).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
-    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+    #[inline(always)]
+    unsafe fn rows_avx512<const VBMI2: bool>(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        m: usize,
+        out: Out,
+    ) {
         let wpr = self.cols.div_ceil(64);
+        // Words whose 64 columns are all inside the row: x is read unmasked there.
+        let full = self.cols / 64;
         for r in r0..r1 {
             let words = self.mask.as_ptr().add(r * wpr);
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.vals.v.as_ptr().add(self.off[r]);
-                let (mut a0, mut a1, mut a2, mut a3) = (
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                    _mm512_setzero_ps(),
-                );
-                prefetch_ahead(words.add(wpr), 1);
-                for w in 0..wpr {
-                    let word = *words.add(w);
+                let mut a = [_mm512_setzero_ps(); 4];
+                prefetch_ahead(words, 2);
+                for w in 0..full {
                     // Up to 2 lines of values per 64 columns (f32 at ≤ 50% density).
                     prefetch_ahead(vp, 2);
-                    let base = xp.wrapping_add(w * 64);
-                    // Four 16-column slices, unrolled so the accumulators stay in registers.
-                    // Lanes outside a mask are neither read nor faulted; masks have no bits
-                    // past `cols`.
-                    slice16(word as u16, &mut vp, base, &mut a0);
-                    slice16((word >> 16) as u16, &mut vp, base.wrapping_add(16), &mut a1);
-                    slice16((word >> 32) as u16, &mut vp, base.wrapping_add(32), &mut a2);
-                    slice16((word >> 48) as u16, &mut vp, base.wrapping_add(48), &mut a3);
+                    word64::<E, VBMI2, true>(*words.add(w), &mut vp, xp.add(w * 64), &mut a);
                 }
-                let a = [a0, a1, a2, a3];
+                if full < wpr {
+                    // The last, partial word: lanes outside the mask are neither read nor
+                    // faulted; masks have no bits past `cols`.
+                    let base = xp.wrapping_add(full * 64);
+                    word64::<E, VBMI2, false>(*words.add(full), &mut vp, base, &mut a);
+                }
                 let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
                 out.put(i, r, _mm512_reduce_add_ps(s) * self.vals.scale(r));
             }
         }
+    }
+
+    /// # Safety
+    /// As [`Self::rows_avx512`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
+    unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        self.rows_avx512::<false>(r0, r1, x, m, out)
+    }
+
+    /// # Safety
+    /// As [`Self::rows_avx512`], and AVX-512 VBMI2 available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vbmi2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn block_avx512_vbmi2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        self.rows_avx512::<true>(r0, r1, x, m, out)
     }
 }
 
@@ -228,7 +289,15 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         // SAFETY (kernel): `product` calls it only after `has_avx512()`; masks validated;
         // rows written disjointly.
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        let vbmi2 = E::VBMI2_EXPAND && has_vbmi2();
+        #[cfg(target_arch = "x86_64")]
+        let fast = Some(|r0, r1, out| unsafe {
+            if vbmi2 {
+                self.block_avx512_vbmi2(r0, r1, x, m, out)
+            } else {
+                self.block_avx512(r0, r1, x, m, out)
+            }
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, 1, fast)

@@ -48,6 +48,16 @@ pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     unsafe fn expand_load(k: __mmask16, p: *const Self) -> __m512 {
         _mm512_maskz_expand_ps(k, Self::load_first(k.count_ones() as usize, p))
     }
+    /// True when [`Elem::expand_load_vbmi2`] is faster than [`Elem::expand_load`].
+    const VBMI2_EXPAND: bool = false;
+    /// [`Elem::expand_load`] where AVX-512 VBMI2 is available too.
+    /// # Safety
+    /// As [`Elem::expand_load`], and AVX-512 VBMI2 available.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load_vbmi2(k: __mmask16, p: *const Self) -> __m512 {
+        Self::expand_load(k, p)
+    }
 }
 
 /// Mask of the first `n ≤ 16` lanes.
@@ -135,6 +145,17 @@ impl Elem for half::bf16 {
     unsafe fn load_first(n: usize, p: *const half::bf16) -> __m512 {
         widen_bf16(_mm256_maskz_loadu_epi16(first_lanes(n), p as *const i16))
     }
+    const VBMI2_EXPAND: bool = true;
+    /// One `vpexpandw`: each mask bit is spread to the high 16-bit half of its 32-bit lane
+    /// (`pdep` with 0xAAAAAAAA), so the packed bf16 values land exactly where an f32 keeps its
+    /// top 16 bits, with zeros below — the expansion and the bf16 → f32 conversion in one
+    /// instruction.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load_vbmi2(k: __mmask16, p: *const half::bf16) -> __m512 {
+        let k32: __mmask32 = _pdep_u32(k as u32, 0xAAAA_AAAA);
+        _mm512_castsi512_ps(_mm512_maskz_expandloadu_epi16(k32, p as *const i16))
+    }
 }
 
 impl Elem for i8 {
@@ -166,6 +187,13 @@ impl Elem for i8 {
             first_lanes(n),
             p,
         )))
+    }
+    const VBMI2_EXPAND: bool = true;
+    /// `vpexpandb` puts the packed bytes in place before the widening, so no f32 expand.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load_vbmi2(k: __mmask16, p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(k, p)))
     }
 }
 

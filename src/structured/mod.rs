@@ -11,6 +11,7 @@
 //! - [`slicegpt`]: the embedding dimension (SliceGPT: fold norms, PCA-rotate, slice).
 //! - [`lowrank`]: a linear replaced by two (plain or activation-aware truncated SVD).
 //! - [`plan`]: a sequence of steps (these plus unstructured pruning) on one calibration set.
+//! - [`search`]: `--target-params`, the best depth/width mix for a parameter budget.
 //!
 //! Shared pieces: [`collect`] (one calibration pass with an observer), [`stats`] (per-column
 //! activation moments), [`alloc`] (uniform / adaptive allocation of removals over layers),
@@ -32,6 +33,7 @@ pub mod hf_compat;
 pub mod lowrank;
 pub mod neurons;
 pub mod plan;
+pub mod search;
 pub mod slicegpt;
 pub mod stats;
 pub mod surgery;
