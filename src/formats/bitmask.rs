@@ -7,7 +7,7 @@
 //! a row's packed values into place (`vexpandps`) and multiplies it with the matching
 //! (masked) slice of `x`.
 
-use super::elem::{Elem, Values};
+use super::elem::{self, Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
@@ -245,6 +245,59 @@ impl<E: Elem> BitmaskOf<E> {
         }
     }
 
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path decodes tiles, then runs GEMM):
+    /// each 16-column slice is one expand-load and one store.
+    ///
+    /// # Safety
+    /// As [`Self::rows_avx512`]; `out` holds `(r1 − r0) · cols` values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn decode_avx512<const VBMI2: bool>(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
+        for r in r0..r1 {
+            let words = self.mask.as_ptr().add(r * wpr);
+            let mut vp = self.vals.v.as_ptr().add(self.off[r]);
+            let dst = out.as_mut_ptr().add((r - r0) * cols);
+            let scale = _mm512_set1_ps(self.vals.scale(r));
+            for w in 0..wpr {
+                let word = *words.add(w);
+                for q in 0..4 {
+                    let c0 = w * 64 + q * 16;
+                    if c0 >= cols {
+                        break;
+                    }
+                    let k = (word >> (16 * q)) as u16;
+                    let mut v = if VBMI2 {
+                        E::expand_load_vbmi2(k, vp)
+                    } else {
+                        E::expand_load(k, vp)
+                    };
+                    if E::SCALED {
+                        v = _mm512_mul_ps(v, scale);
+                    }
+                    vp = vp.add(k.count_ones() as usize);
+                    _mm512_mask_storeu_ps(dst.add(c0), elem::first_lanes(cols - c0), v);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`Self::decode_avx512`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_plain(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        self.decode_avx512::<false>(r0, r1, out)
+    }
+
+    /// # Safety
+    /// As [`Self::decode_avx512`], and AVX-512 VBMI2 available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vbmi2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_vbmi2(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        self.decode_avx512::<true>(r0, r1, out)
+    }
+
     /// # Safety
     /// As [`Self::rows_avx512`].
     #[cfg(target_arch = "x86_64")]
@@ -283,6 +336,19 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
+            // SAFETY: features checked; masks validated; `out` is large enough (asserted).
+            unsafe {
+                if E::VBMI2_EXPAND && has_vbmi2() {
+                    self.decode_vbmi2(r0, r1, out)
+                } else {
+                    self.decode_plain(r0, r1, out)
+                }
+            }
+            return;
+        }
         sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {

@@ -4,7 +4,7 @@
 //! per-row bit stream of `ceil(values_per_row · bits / 8)` bytes. Values are f32, bf16 or int8
 //! with a per-row scale ([`NMOf`]); 2:4 with f32 values reads 2.125 bytes per weight.
 
-use super::elem::{Elem, Values};
+use super::elem::{self, Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
@@ -195,25 +195,10 @@ impl<E: Elem> NMOf<E> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
-        // 16 kept values span 16/N groups = 32 columns of x; decode their 16 indices from one
-        // u64 (16·bits ≤ 64 bits) with two 64-bit variable shifts.
-        let b = self.bits as i64;
-        let even: [i64; 8] = std::array::from_fn(|q| 2 * q as i64 * b);
-        let odd: [i64; 8] = std::array::from_fn(|q| (2 * q as i64 + 1) * b);
-        let base: [i32; 16] = std::array::from_fn(|j| ((j / self.n) * self.m) as i32);
-        let sh_even = _mm512_loadu_si512(even.as_ptr().cast());
-        let sh_odd = _mm512_loadu_si512(odd.as_ptr().cast());
-        let basev = _mm512_loadu_si512(base.as_ptr().cast());
-        let lo32 = _mm512_set1_epi64(0xffff_ffff);
-        let kmask = _mm512_set1_epi32((1 << self.bits) - 1);
+        let dec = IdxDecoder::new(self.n, self.m, self.bits);
+        let decode = |ip: *const u8| dec.decode(ip);
         let step = 2 * self.bits; // index bytes per 16 values
         let (nb, rem) = (self.vpr / 16, self.vpr % 16);
-        let decode = |ip: *const u8| {
-            let bc = _mm512_set1_epi64(std::ptr::read_unaligned(ip as *const u64) as i64);
-            let a = _mm512_and_si512(_mm512_srlv_epi64(bc, sh_even), lo32);
-            let o = _mm512_slli_epi64::<32>(_mm512_srlv_epi64(bc, sh_odd));
-            _mm512_add_epi32(_mm512_and_si512(_mm512_or_si512(a, o), kmask), basev)
-        };
         for r in r0..r1 {
             let vp = self.vals.v.as_ptr().add(r * self.vpr);
             let ip = self.idx.as_ptr().add(r * self.row_bytes);
@@ -281,6 +266,89 @@ impl<E: Elem> NMOf<E> {
     }
 }
 
+/// Column offsets (0..32) of 16 consecutive kept values inside their 32-column window, from the
+/// packed index stream (fast patterns: M = 2N, N divides 16). 16·bits ≤ 64, so one u64 read and
+/// two 64-bit variable shifts decode them.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct IdxDecoder {
+    sh_even: __m512i,
+    sh_odd: __m512i,
+    base: __m512i,
+    lo32: __m512i,
+    kmask: __m512i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl IdxDecoder {
+    #[inline(always)]
+    unsafe fn new(n: usize, m: usize, bits: usize) -> IdxDecoder {
+        let b = bits as i64;
+        let even: [i64; 8] = std::array::from_fn(|q| 2 * q as i64 * b);
+        let odd: [i64; 8] = std::array::from_fn(|q| (2 * q as i64 + 1) * b);
+        let base: [i32; 16] = std::array::from_fn(|j| ((j / n) * m) as i32);
+        IdxDecoder {
+            sh_even: _mm512_loadu_si512(even.as_ptr().cast()),
+            sh_odd: _mm512_loadu_si512(odd.as_ptr().cast()),
+            base: _mm512_loadu_si512(base.as_ptr().cast()),
+            lo32: _mm512_set1_epi64(0xffff_ffff),
+            kmask: _mm512_set1_epi32((1 << bits) - 1),
+        }
+    }
+    /// # Safety
+    /// AVX-512F; `ip` valid for 8 reads (the index stream is padded).
+    #[inline(always)]
+    unsafe fn decode(&self, ip: *const u8) -> __m512i {
+        let bc = _mm512_set1_epi64(std::ptr::read_unaligned(ip as *const u64) as i64);
+        let a = _mm512_and_si512(_mm512_srlv_epi64(bc, self.sh_even), self.lo32);
+        let o = _mm512_slli_epi64::<32>(_mm512_srlv_epi64(bc, self.sh_odd));
+        _mm512_add_epi32(_mm512_and_si512(_mm512_or_si512(a, o), self.kmask), self.base)
+    }
+}
+
+impl<E: Elem> NMOf<E> {
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path): each 16 kept values are
+    /// scattered into their 32-column window of a zeroed row.
+    ///
+    /// # Safety
+    /// AVX-512 (see [`has_avx512`]); fast pattern; indices validated; `out` holds
+    /// `(r1 − r0) · cols` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_avx512(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let dec = IdxDecoder::new(self.n, self.m, self.bits);
+        let step = 2 * self.bits;
+        let (nb, rem) = (self.vpr / 16, self.vpr % 16);
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
+            let vp = self.vals.v.as_ptr().add(r * self.vpr);
+            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let dst = out.as_mut_ptr().add((r - r0) * c);
+            let scale = _mm512_set1_ps(self.vals.scale(r));
+            for blk in 0..=nb {
+                let lanes = if blk < nb { 16 } else { rem };
+                if lanes == 0 {
+                    break;
+                }
+                let idx = dec.decode(ip.add(blk * step));
+                let mut v = E::load_first(lanes, vp.add(16 * blk));
+                if E::SCALED {
+                    v = _mm512_mul_ps(v, scale);
+                }
+                // Window `blk` covers columns 32·blk .. 32·blk + 32 (fewer in the tail, where
+                // only the `lanes` valid values are written, all inside the row).
+                _mm512_mask_i32scatter_ps::<4>(
+                    dst.add(32 * blk).cast(),
+                    elem::first_lanes(lanes),
+                    idx,
+                    v,
+                );
+            }
+        }
+    }
+}
+
 impl<E: Elem> Entries for NMOf<E> {
     type E = E;
     fn vals(&self) -> &Values<E> {
@@ -302,6 +370,14 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() && self.fast_pattern() {
+            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
+            // SAFETY: features and pattern checked; indices validated on construction;
+            // `out` is large enough (asserted).
+            unsafe { self.decode_avx512(r0, r1, out) };
+            return;
+        }
         sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
