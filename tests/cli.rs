@@ -791,13 +791,19 @@ fn ids_file(path: &Path, n: usize, len: usize, vocab: usize) {
     safetensors::serialize_to_file([("input_ids", view)], None, path).unwrap();
 }
 
+/// The tiny llama3 model and a 4×32 calibration ids file for it (in `dir`).
+fn tiny_with_ids(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = tiny("tiny-llama3");
+    let vocab = lopper::io::load_model(&model).unwrap().config.vocab_size;
+    let ids = dir.join("ids.safetensors");
+    ids_file(&ids, 4, 32, vocab);
+    (model, ids)
+}
+
 #[test]
 fn prune_tiny_target_params_reports_the_search() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny("tiny-llama3");
-    let orig = lopper::io::load_model(&model).unwrap();
-    let ids = tmp.path().join("ids.safetensors");
-    ids_file(&ids, 4, 32, orig.config.vocab_size);
+    let (model, ids) = tiny_with_ids(tmp.path());
     let dir = tmp.path().join("small");
     let out = lopper(&[
         "prune",
@@ -839,10 +845,7 @@ fn prune_tiny_target_params_reports_the_search() {
 #[test]
 fn prune_tiny_plan_shrinks_files_and_reports_every_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny("tiny-llama3");
-    let orig = lopper::io::load_model(&model).unwrap();
-    let ids = tmp.path().join("ids.safetensors");
-    ids_file(&ids, 4, 32, orig.config.vocab_size);
+    let (model, ids) = tiny_with_ids(tmp.path());
     let plan = tmp.path().join("plan.toml");
     fs::write(
         &plan,
