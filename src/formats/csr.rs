@@ -158,6 +158,40 @@ impl<E: Elem> CsrOf<E> {
     }
 }
 
+impl<E: Elem> CsrOf<E> {
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path): 16 values at a time scattered
+    /// to their columns of a zeroed row.
+    ///
+    /// # Safety
+    /// AVX-512 (see [`has_avx512`]); indices validated; `out` holds `(r1 − r0) · cols` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_avx512(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        out[..(r1 - r0) * c].fill(0.0);
+        for r in r0..r1 {
+            let (a, b) = (self.row_ptr[r], self.row_ptr[r + 1]);
+            let dst = out.as_mut_ptr().add((r - r0) * c);
+            let scale = _mm512_set1_ps(self.vals.scale(r));
+            let mut j = a;
+            while j < b {
+                let n = (b - j).min(16);
+                let k = first_lanes(n);
+                let idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                    k,
+                    self.col_idx.as_ptr().add(j) as *const i16,
+                ));
+                let mut v = E::load_first(n, self.vals.v.as_ptr().add(j));
+                if E::SCALED {
+                    v = _mm512_mul_ps(v, scale);
+                }
+                _mm512_mask_i32scatter_ps::<4>(dst.cast(), k, idx, v);
+                j += n;
+            }
+        }
+    }
+}
+
 impl<E: Elem> Entries for CsrOf<E> {
     type E = E;
     fn vals(&self) -> &Values<E> {
@@ -179,6 +213,14 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         self.col_idx.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
+            // SAFETY: features checked; indices validated (< cols) on construction; `out` is
+            // large enough (asserted).
+            unsafe { self.decode_avx512(r0, r1, out) };
+            return;
+        }
         sparse::decode_rows(self, r0, r1, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
