@@ -4,8 +4,11 @@
 //!
 //! At 50% density f32 values read 2.125 bytes per weight (dense f32: 4), at 30% 1.325, so a
 //! bandwidth-bound matvec can gain up to 1.9× / 3×. The kernel expands each 16-column slice of
-//! a row's packed values into place (`vexpandps`) and multiplies it with the matching
-//! (masked) slice of `x`.
+//! a row's packed values into place (`vexpandps`) and multiplies it with the matching slice of
+//! `x`. With AVX-512 VBMI2, bf16 values are expanded straight into the high halves of the f32
+//! lanes (one `vpexpandw` with the mask spread by `pdep`: expansion and conversion in one
+//! instruction) and int8 values with `vpexpandb`. The prefill path decodes row tiles with the
+//! same expand-loads and multiplies them with GEMM.
 
 use super::elem::{self, Elem, Values};
 use super::sparse::{self, Entries};
