@@ -608,8 +608,7 @@ fn prune_tiny_magnitude_writes_model_and_report() {
         "{:?}",
         leftovers(tmp.path())
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report = read_report(&dir);
     let stdout: serde_json::Value =
         serde_json::from_str(&out.stdout).expect("--json prints the report");
     assert_eq!(report, stdout, "report.json and the printed report differ");
@@ -681,8 +680,7 @@ fn prune_tiny_magnitude_writes_model_and_report() {
         "--force",
     ]);
     assert_ok(&forced);
-    let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report = read_report(&dir);
     assert!((report["sparsity_measured"].as_f64().unwrap() - 0.25).abs() < 1e-3);
     assert!(
         leftovers(tmp.path()).is_empty(),
@@ -791,6 +789,11 @@ fn ids_file(path: &Path, n: usize, len: usize, vocab: usize) {
     safetensors::serialize_to_file([("input_ids", view)], None, path).unwrap();
 }
 
+/// `dir/report.json`, parsed.
+fn read_report(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
 /// The tiny llama3 model and a 4×32 calibration ids file for it (in `dir`).
 fn tiny_with_ids(dir: &Path) -> (PathBuf, PathBuf) {
     let model = tiny("tiny-llama3");
@@ -818,8 +821,7 @@ fn prune_tiny_target_params_reports_the_search() {
         "--json",
     ]);
     assert_ok(&out);
-    let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report = read_report(&dir);
     let search = &report["search"];
     let cands = search["candidates"].as_array().unwrap();
     let chosen = search["chosen"].as_u64().unwrap() as usize;
@@ -869,8 +871,7 @@ fn prune_tiny_plan_shrinks_files_and_reports_every_step() {
         "--json",
     ]);
     assert_ok(&out);
-    let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report = read_report(&dir);
     let steps = report["steps"].as_array().unwrap();
     let kinds: Vec<_> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["layers", "neurons", "sparse"]);
