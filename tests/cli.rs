@@ -417,7 +417,10 @@ fn prune_bad_structured_requests() {
         &["--plan excludes"],
     );
     // --target-params: the budget is checked before any calibration work.
-    prune_fails(&with(&m, &["--target-params", "0.95"]), &["--target-params", "(0, 0.9)"]);
+    prune_fails(
+        &with(&m, &["--target-params", "0.95"]),
+        &["--target-params", "(0, 0.9)"],
+    );
     prune_fails(
         &with(&m, &["--target-params", "0.2", "--neurons", "0.1"]),
         &["--target-params", "excludes"],

@@ -5,12 +5,12 @@
 mod common;
 
 use common::*;
-use lopper::calibrate::{CalibSet, SplitMix64};
+use lopper::calibrate::CalibSet;
 use lopper::model::forward::forward_logits;
-use lopper::structured::plan::{run_plan, Plan, Step};
-use lopper::structured::search::{self, TargetSpec};
 use lopper::structured::depth::{DepthMetric, DepthSpec, LayerSelection};
 use lopper::structured::neurons::{NeuronMetric, NeuronSpec};
+use lopper::structured::plan::{run_plan, Plan, Step};
+use lopper::structured::search::{self, TargetSpec};
 use lopper::structured::WidthAllocation;
 use lopper::Model;
 
@@ -19,14 +19,7 @@ fn tiny() -> Model {
 }
 
 fn calib() -> CalibSet {
-    let mut rng = SplitMix64(5);
-    let (n, len) = (6, 32);
-    CalibSet {
-        ids: (0..n * len).map(|_| rng.below(320) as u32).collect(),
-        n,
-        len,
-        source: "random ids".into(),
-    }
+    random_calib(5, 6, 32, 320)
 }
 
 fn logits(m: &Model) -> Vec<f32> {
@@ -47,7 +40,11 @@ fn candidates_split_the_budget_and_refuse_impossible_targets() {
     }
     assert!(c.iter().any(|(k, p)| k.layers == 1 && p.is_some()));
     // Shares giving the same block count are run once.
-    let run: Vec<usize> = c.iter().filter(|(_, p)| p.is_some()).map(|(k, _)| k.layers).collect();
+    let run: Vec<usize> = c
+        .iter()
+        .filter(|(_, p)| p.is_some())
+        .map(|(k, _)| k.layers)
+        .collect();
     let mut dedup = run.clone();
     dedup.dedup();
     assert_eq!(run, dedup);
@@ -78,10 +75,7 @@ fn search_keeps_the_best_candidate_and_leaves_the_input_alone() {
         .filter_map(|(i, c)| c.calib_perplexity.map(|p| (i, p)))
         .collect();
     assert!(scored.len() >= 2, "{:?}", out.candidates);
-    let best = scored
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap();
+    let best = scored.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
     assert_eq!(out.chosen, best.0);
     for c in out.candidates.iter().filter(|c| c.skipped.is_none()) {
         let r = c.params_removed_fraction.unwrap();
@@ -105,7 +99,14 @@ fn search_keeps_the_best_candidate_and_leaves_the_input_alone() {
         allocation: WidthAllocation::Uniform,
     }));
     let mut again = m.clone();
-    run_plan(&mut again, &cal, &Plan { steps }, &mut |_, _| Ok(None), &mut |_, _, _| {}).unwrap();
+    run_plan(
+        &mut again,
+        &cal,
+        &Plan { steps },
+        &mut |_, _| Ok(None),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(logits(&again), logits(&out.model));
     assert_eq!(out.records.len(), c.steps.len());
 }

@@ -38,14 +38,7 @@ fn copy(m: &Model) -> Model {
 
 /// 8 random windows of 32 ids below 320 (the tiny vocabulary).
 fn tiny_calib() -> CalibSet {
-    let mut rng = SplitMix64(11);
-    let (n, len) = (8, 32);
-    CalibSet {
-        ids: (0..n * len).map(|_| rng.below(320) as u32).collect(),
-        n,
-        len,
-        source: "random ids".into(),
-    }
+    random_calib(11, 8, 32, 320)
 }
 
 fn probe_ids() -> Vec<u32> {

@@ -255,21 +255,20 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
 pub fn run(a: PruneArgs) -> Result<()> {
     let t_all = Instant::now();
     let plan = plan_from_args(&a)?;
-    let target = a.structured.target_params.map(TargetSpec::new).map(|mut t| {
-        t.score_windows = a.structured.score_windows;
-        t
-    });
+    let target = a
+        .structured
+        .target_params
+        .map(TargetSpec::new)
+        .map(|mut t| {
+            t.score_windows = a.structured.score_windows;
+            t
+        });
     let dtype = super::prune::check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
     if let Some(t) = &target {
-        // Validate the budget before any calibration work.
+        // Validate the request before any calibration work.
         search::candidates(&model, t)?;
-        if t.score_windows == 0 {
-            bail!(lopper::Error::Invalid(
-                "--score-windows must be at least 1".into()
-            ));
-        }
     }
     let calib = Calibration::build(&a, &model, plan.needs_calibration() || target.is_some())?;
     let evaluator = Evaluator::new(&a, &model)?;
@@ -288,7 +287,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
         pb.set_length(n.max(1) as u64);
         pb.set_position(d as u64);
     };
-    let mut search_json = serde_json::Value::Null;
+    let mut searched: Option<(&TargetSpec, Vec<search::Candidate>, usize)> = None;
     let records = match &target {
         None => plan::run_plan(
             &mut model,
@@ -299,20 +298,30 @@ pub fn run(a: PruneArgs) -> Result<()> {
         )?,
         Some(t) => {
             let out = search::search(&model, &calib.set, t, &mut on_progress)?;
-            search_json = json!({
-                "target_params_removed": t.target,
-                "depth_shares": t.depth_shares,
-                "score": format!("perplexity on the first {} calibration windows", t.score_windows.min(calib.set.n)),
-                "candidates": out.candidates,
-                "chosen": out.chosen,
-            });
             model = out.model;
             let mut records = out.records;
             if let Some(last) = records.last_mut() {
                 last.perplexity = eval_step(&model, "the chosen mix")?;
             }
+            searched = Some((t, out.candidates, out.chosen));
             records
         }
+    };
+    let score = format!(
+        "perplexity on the first {} calibration windows",
+        target
+            .as_ref()
+            .map_or(0, |t| t.score_windows.min(calib.set.n))
+    );
+    let search_json = match &searched {
+        Some((t, candidates, chosen)) => json!({
+            "target_params_removed": t.target,
+            "depth_shares": t.depth_shares,
+            "score": score,
+            "candidates": candidates,
+            "chosen": chosen,
+        }),
+        None => serde_json::Value::Null,
     };
     pb.finish_and_clear();
     let peak_rss = lopper::util::peak_rss_bytes();
@@ -348,29 +357,28 @@ pub fn run(a: PruneArgs) -> Result<()> {
         return Ok(());
     }
     println!("calibration   {}", calib.set.source);
-    if let Some(cands) = search_json["candidates"].as_array() {
+    if let Some((t, cands, chosen)) = &searched {
         println!(
-            "search        {:.1}% of the parameters; candidates scored by {}:",
-            100.0 * search_json["target_params_removed"].as_f64().unwrap_or(0.0),
-            search_json["score"].as_str().unwrap_or("")
+            "search        {:.1}% of the parameters; candidates scored by {score}:",
+            100.0 * t.target
         );
         for (i, c) in cands.iter().enumerate() {
-            let mark = if search_json["chosen"].as_u64() == Some(i as u64) { "*" } else { " " };
+            let mark = if i == *chosen { "*" } else { " " };
             let what = format!(
                 "{} blocks + {:.1}% neurons",
-                c["layers"],
-                100.0 * c["neuron_fraction"].as_f64().unwrap_or(0.0)
+                c.layers,
+                100.0 * c.neuron_fraction
             );
-            match c["calib_perplexity"].as_f64() {
-                Some(p) => println!(
+            match (c.calib_perplexity, c.params_removed_fraction) {
+                (Some(p), Some(r)) => println!(
                     "  {mark} depth share {:.2}: {what:<28} removed {:>5.1}%  calibration perplexity {p:.3}",
-                    c["depth_share"].as_f64().unwrap_or(0.0),
-                    100.0 * c["params_removed_fraction"].as_f64().unwrap_or(0.0)
+                    c.depth_share,
+                    100.0 * r
                 ),
-                None => println!(
+                _ => println!(
                     "    depth share {:.2}: skipped ({})",
-                    c["depth_share"].as_f64().unwrap_or(0.0),
-                    c["skipped"].as_str().unwrap_or("")
+                    c.depth_share,
+                    c.skipped.as_deref().unwrap_or("")
                 ),
             }
         }

@@ -157,11 +157,11 @@ unsafe fn word64<E: Elem, const VBMI2: bool, const FULL: bool>(
     slice16::<E, VBMI2, FULL>((word >> 48) as u16, vp, base.wrapping_add(48), &mut a[3]);
 }
 
-/// Whether the CPU has AVX-512 VBMI2 (checked once).
+/// Whether `E`'s values expand faster with VBMI2 and the CPU has it (checked once).
 #[cfg(target_arch = "x86_64")]
-fn has_vbmi2() -> bool {
+fn use_vbmi2<E: Elem>() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512vbmi2"))
+    E::VBMI2_EXPAND && *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512vbmi2"))
 }
 
 impl<E: Elem> BitmaskOf<E> {
@@ -226,11 +226,11 @@ impl<E: Elem> BitmaskOf<E> {
         let full = self.cols / 64;
         for r in r0..r1 {
             let words = self.mask.as_ptr().add(r * wpr);
+            prefetch_ahead(words, 2);
             for i in 0..m {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut vp = self.vals.v.as_ptr().add(self.off[r]);
                 let mut a = [_mm512_setzero_ps(); 4];
-                prefetch_ahead(words, 2);
                 for w in 0..full {
                     // Up to 2 lines of values per 64 columns (f32 at ≤ 50% density).
                     prefetch_ahead(vp, 2);
@@ -339,26 +339,25 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
+        // masks validated.
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
-            // SAFETY: features checked; masks validated; `out` is large enough (asserted).
-            unsafe {
-                if E::VBMI2_EXPAND && has_vbmi2() {
-                    self.decode_vbmi2(r0, r1, out)
-                } else {
-                    self.decode_plain(r0, r1, out)
-                }
+        let fast = Some(|out: &mut [f32]| unsafe {
+            if use_vbmi2::<E>() {
+                self.decode_vbmi2(r0, r1, out)
+            } else {
+                self.decode_plain(r0, r1, out)
             }
-            return;
-        }
-        sparse::decode_rows(self, r0, r1, out)
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(&mut [f32])> = None;
+        sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
         // SAFETY (kernel): `product` calls it only after `has_avx512()`; masks validated;
         // rows written disjointly.
         #[cfg(target_arch = "x86_64")]
-        let vbmi2 = E::VBMI2_EXPAND && has_vbmi2();
+        let vbmi2 = use_vbmi2::<E>();
         #[cfg(target_arch = "x86_64")]
         let fast = Some(|r0, r1, out| unsafe {
             if vbmi2 {

@@ -210,7 +210,7 @@ impl WeightFormat for Bsr {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        sparse::decode_rows(self, r0, r1, out)
+        sparse::decode_rows(self, r0, r1, out, None::<fn(&mut [f32])>)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
         // SAFETY (kernel): `product` calls it only after `has_avx512()`; block columns

@@ -213,15 +213,13 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         self.col_idx.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
+        // indices validated (< cols) on construction.
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
-            // SAFETY: features checked; indices validated (< cols) on construction; `out` is
-            // large enough (asserted).
-            unsafe { self.decode_avx512(r0, r1, out) };
-            return;
-        }
-        sparse::decode_rows(self, r0, r1, out)
+        let fast = Some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(&mut [f32])> = None;
+        sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
         // SAFETY (kernel): `product` calls it only after `has_avx512()`; row pointers and

@@ -196,7 +196,6 @@ impl<E: Elem> NMOf<E> {
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn block_avx512(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
         let dec = IdxDecoder::new(self.n, self.m, self.bits);
-        let decode = |ip: *const u8| dec.decode(ip);
         let step = 2 * self.bits; // index bytes per 16 values
         let (nb, rem) = (self.vpr / 16, self.vpr % 16);
         for r in r0..r1 {
@@ -211,8 +210,8 @@ impl<E: Elem> NMOf<E> {
                 while blk + 2 <= nb {
                     // 32 values (2 lines of f32) per iteration.
                     prefetch_ahead(vp.add(16 * blk), 2);
-                    let i0 = decode(ip.add(blk * step));
-                    let i1 = decode(ip.add((blk + 1) * step));
+                    let i0 = dec.decode(ip.add(blk * step));
+                    let i1 = dec.decode(ip.add((blk + 1) * step));
                     let x0 = _mm512_permutex2var_ps(
                         _mm512_loadu_ps(xp.add(32 * blk)),
                         i0,
@@ -228,7 +227,7 @@ impl<E: Elem> NMOf<E> {
                     blk += 2;
                 }
                 if blk < nb {
-                    let i0 = decode(ip.add(blk * step));
+                    let i0 = dec.decode(ip.add(blk * step));
                     let x0 = _mm512_permutex2var_ps(
                         _mm512_loadu_ps(xp.add(32 * blk)),
                         i0,
@@ -251,7 +250,7 @@ impl<E: Elem> NMOf<E> {
                     };
                     let lm: __mmask16 = (1u16 << rem) - 1;
                     let xb = xp.add(32 * nb);
-                    let iv = decode(ip.add(nb * step));
+                    let iv = dec.decode(ip.add(nb * step));
                     let xg = _mm512_permutex2var_ps(
                         _mm512_maskz_loadu_ps(mlo, xb),
                         iv,
@@ -302,7 +301,10 @@ impl IdxDecoder {
         let bc = _mm512_set1_epi64(std::ptr::read_unaligned(ip as *const u64) as i64);
         let a = _mm512_and_si512(_mm512_srlv_epi64(bc, self.sh_even), self.lo32);
         let o = _mm512_slli_epi64::<32>(_mm512_srlv_epi64(bc, self.sh_odd));
-        _mm512_add_epi32(_mm512_and_si512(_mm512_or_si512(a, o), self.kmask), self.base)
+        _mm512_add_epi32(
+            _mm512_and_si512(_mm512_or_si512(a, o), self.kmask),
+            self.base,
+        )
     }
 }
 
@@ -370,15 +372,15 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
+        // fast pattern checked; indices validated on construction.
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() && self.fast_pattern() {
-            assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
-            // SAFETY: features and pattern checked; indices validated on construction;
-            // `out` is large enough (asserted).
-            unsafe { self.decode_avx512(r0, r1, out) };
-            return;
-        }
-        sparse::decode_rows(self, r0, r1, out)
+        let fast = self
+            .fast_pattern()
+            .then_some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<fn(&mut [f32])> = None;
+        sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
         // SAFETY (kernel): `product` calls it only after `has_avx512()`; indices validated

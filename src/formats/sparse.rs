@@ -26,10 +26,31 @@ pub(crate) trait Entries: WeightFormat {
     }
 }
 
-/// [`WeightFormat::decode_rows`] from the entries.
-pub(crate) fn decode_rows<F: Entries>(f: &F, r0: usize, r1: usize, out: &mut [f32]) {
+/// [`WeightFormat::decode_rows`] of a sparse format: rows `r0..r1` into the first
+/// `(r1 − r0) · cols` values of `out`, through the format's SIMD decoder `fast` when given and
+/// the CPU has AVX-512 (it gets exactly that slice), else from the entries.
+///
+/// `fast` may assume the AVX-512 features of [`has_avx512`]: it is only called after that check.
+pub(crate) fn decode_rows<F: Entries>(
+    f: &F,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    fast: Option<impl FnOnce(&mut [f32])>,
+) {
     let c = f.cols();
-    out[..(r1 - r0) * c].fill(0.0);
+    assert!(
+        r0 <= r1 && r1 <= f.rows() && out.len() >= (r1 - r0) * c,
+        "{}: decode_rows({r0}, {r1}) into {} values of a {}×{c} matrix",
+        f.kind(),
+        out.len(),
+        f.rows()
+    );
+    let out = &mut out[..(r1 - r0) * c];
+    if let Some(kernel) = fast.filter(|_| has_avx512()) {
+        return kernel(out);
+    }
+    out.fill(0.0);
     for r in r0..r1 {
         let s = f.scale(r);
         let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];

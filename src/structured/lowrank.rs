@@ -30,7 +30,7 @@
 //! The linear algebra is f64 (`faer`); the model stays f32.
 //!
 //! Measured on SmolLM2-135M (all seven linears of every block, calibration c4 32×256 tokens,
-//! wiki perplexity on the first 8 windows of 512 tokens, dense 19.69; `examples/structured_figures`):
+//! wiki perplexity on the first 8 windows of 512 tokens, dense 19.69; `examples/lowrank_slice_figures.rs`):
 //!
 //! | removed from each linear | model params removed | plain SVD | SVD-LLM |
 //! |---|---|---|---|

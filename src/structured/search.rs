@@ -16,11 +16,14 @@
 //!   set and scored by its perplexity on the first `score_windows` calibration windows (the
 //!   search never looks at the evaluation text); the best copy is kept.
 //!
-//! The grid is deliberately small: every candidate costs two calibration passes. Candidates
+//! The grid is deliberately small: Block Influence is measured once, but every candidate costs a
+//! calibration pass for its neuron scores plus its scoring. Candidates
 //! that would need to remove 90% or more of the FFN channels are skipped; a budget no candidate
 //! can meet is an error.
 
-use super::depth::{DepthMetric, DepthSpec, LayerSelection};
+use super::alloc::ascending;
+use super::collect::observe_all;
+use super::depth::{BlockInfluenceObserver, DepthMetric, DepthSpec, LayerSelection};
 use super::neurons::{NeuronMetric, NeuronSpec};
 use super::plan::{run_plan, ModelSize, Plan, Step, StepRecord};
 use super::{Progress, WidthAllocation};
@@ -80,14 +83,13 @@ pub struct SearchOutcome {
     pub records: Vec<StepRecord>,
 }
 
-/// Parameters of block `i` (linears, biases, norms, shortcuts).
-fn block_params(model: &Model, i: usize) -> usize {
-    let prefix = format!("model.layers.{i}.");
+/// Parameters of all blocks together (linears, biases, norms, shortcuts).
+fn all_block_params(model: &Model) -> usize {
     model
         .weights
         .named_tensors()
         .iter()
-        .filter(|(n, _)| n.starts_with(&prefix))
+        .filter(|(n, _)| n.starts_with("model.layers."))
         .map(|(_, t)| t.len())
         .sum()
 }
@@ -117,6 +119,9 @@ pub fn candidates(model: &Model, spec: &TargetSpec) -> Result<Vec<(Candidate, Op
             spec.target
         )));
     }
+    if spec.score_windows == 0 {
+        return Err(Error::Invalid("--score-windows must be at least 1".into()));
+    }
     if let Some(s) = spec.depth_shares.iter().find(|s| !(0.0..=1.0).contains(*s)) {
         return Err(Error::Invalid(format!(
             "depth shares must be in [0, 1], got {s}"
@@ -130,8 +135,7 @@ pub fn candidates(model: &Model, spec: &TargetSpec) -> Result<Vec<(Candidate, Op
     }
     let total = model.weights.num_params() as f64;
     let budget = spec.target * total;
-    let blocks: Vec<usize> = (0..layers).map(|i| block_params(model, i)).collect();
-    let avg_block = blocks.iter().sum::<usize>() as f64 / layers as f64;
+    let avg_block = all_block_params(model) as f64 / layers as f64;
     let d = model.config.hidden_size as f64;
     let mut out = Vec::new();
     for &share in &spec.depth_shares {
@@ -201,14 +205,36 @@ pub fn candidates(model: &Model, spec: &TargetSpec) -> Result<Vec<(Candidate, Op
 }
 
 /// Run every candidate on a copy of `model` and keep the best (lowest calibration perplexity).
-/// `model` itself is not changed.
+/// `model` itself is not changed. Block Influence depends only on the dense model, so it is
+/// measured once and each candidate removes its `n` lowest-scoring blocks by list (the blocks a
+/// `Count(n)` step would pick), instead of one scoring pass per candidate.
 pub fn search(
     model: &Model,
     calib: &CalibSet,
     spec: &TargetSpec,
     progress: Progress<'_>,
 ) -> Result<SearchOutcome> {
-    let plans = candidates(model, spec)?;
+    let mut plans = candidates(model, spec)?;
+    if plans.iter().any(|(c, p)| p.is_some() && c.layers > 0) {
+        let mut obs = BlockInfluenceObserver::default();
+        observe_all(model, calib, &mut obs, &mut |s, d, k| {
+            progress(&format!("block influence: {s}"), d, k)
+        })?;
+        let order = ascending(&obs.scores());
+        for step in plans
+            .iter_mut()
+            .filter_map(|(_, p)| p.as_mut())
+            .flat_map(|p| &mut p.steps)
+        {
+            if let Step::Layers(DepthSpec { select, .. }) = step {
+                if let LayerSelection::Count(n) = *select {
+                    let mut list = order[..n].to_vec();
+                    list.sort_unstable();
+                    *select = LayerSelection::List(list);
+                }
+            }
+        }
+    }
     let start = ModelSize::of(model);
     let n = plans.len();
     let mut best: Option<(f64, usize, Model, Vec<StepRecord>)> = None;
@@ -221,9 +247,13 @@ pub fn search(
         let t = Instant::now();
         let mut m = model.clone();
         let label = format!("candidate {}/{n}", i + 1);
-        let records = run_plan(&mut m, calib, &plan, &mut |_, _| Ok(None), &mut |s, d, k| {
-            progress(&format!("{label}: {s}"), d, k)
-        })?;
+        let records = run_plan(
+            &mut m,
+            calib,
+            &plan,
+            &mut |_, _| Ok(None),
+            &mut |s, d, k| progress(&format!("{label}: {s}"), d, k),
+        )?;
         progress(&format!("{label}: scoring"), 0, 1);
         let ppl = calib_perplexity(&m, calib, spec.score_windows)?;
         let size = ModelSize::of(&m);

@@ -42,7 +42,7 @@
 //!   head, so on a small tied-embedding model a small slice makes the model *larger*.
 //!
 //! Measured on SmolLM2-135M (calibration c4 32×256 tokens, wiki perplexity on the first 8
-//! windows of 512 tokens, dense 19.69; `examples/structured_figures`): slicing 10% / 20% / 30% /
+//! windows of 512 tokens, dense 19.69; `examples/lowrank_slice_figures.rs`): slicing 10% / 20% / 30% /
 //! 50% of the width (d' = 512 / 456 / 400 / 288) gives 44.5 / 93.1 / 163.5 / 457.9 with
 //! −19.3% / −5.1% / 8.8% / 35.8% of the parameters removed. Slicing the head alone to 512
 //! (rotation only elsewhere) already costs 16.6 → 21.7 on 4×512 windows; keeping the original

@@ -74,3 +74,14 @@ pub fn default_model_cut(layers: usize) -> lopper::Model {
         source: m.source.clone(),
     }
 }
+
+/// `n` windows of `len` random token ids below `vocab` (seeded): calibration for tiny models.
+pub fn random_calib(seed: u64, n: usize, len: usize, vocab: u64) -> lopper::calibrate::CalibSet {
+    let mut rng = lopper::calibrate::SplitMix64(seed);
+    lopper::calibrate::CalibSet {
+        ids: (0..n * len).map(|_| rng.below(vocab) as u32).collect(),
+        n,
+        len,
+        source: "random ids".into(),
+    }
+}
