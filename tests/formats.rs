@@ -3,6 +3,14 @@
 
 use lopper::formats::*;
 
+/// `force_portable` switches every kernel in the process: tests that compare kernels hold this
+/// lock so the portable test cannot flip it under them (tests run on parallel threads).
+static KERNEL_MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn kernel_mode() -> std::sync::MutexGuard<'static, ()> {
+    KERNEL_MODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -220,6 +228,7 @@ const SHAPES: &[(usize, usize)] = &[
 
 #[test]
 fn general_formats_match_dense() {
+    let _mode = kernel_mode();
     let mut rng = Rng(1);
     for &(rows, cols) in SHAPES {
         for sp in [0.0f32, 0.5, 0.7, 0.95, 1.0] {
@@ -238,6 +247,7 @@ fn general_formats_match_dense() {
 /// The portable paths (compiled for AVX2 where available) on the same cases.
 #[test]
 fn portable_paths_match_dense() {
+    let _mode = kernel_mode();
     force_portable(true);
     let mut rng = Rng(11);
     for &(rows, cols) in &[(1, 1), (7, 13), (33, 100), (17, 129), (300, 577)] {
@@ -262,6 +272,7 @@ fn portable_paths_match_dense() {
 
 #[test]
 fn nm_formats_match_dense() {
+    let _mode = kernel_mode();
     let mut rng = Rng(2);
     // (n, m): the first four take the permute kernel, the rest the scalar path.
     for (n, m) in [
@@ -341,6 +352,7 @@ fn nm_violation_names_row_and_group() {
 
 #[test]
 fn block_formats_match_dense() {
+    let _mode = kernel_mode();
     let mut rng = Rng(3);
     for (br, bc) in [(4, 16), (8, 8), (1, 16), (16, 32), (2, 3), (32, 17)] {
         for (rows, cols) in [(4, 16), (13, 50), (64, 128), (100, 257), (512, 512)] {

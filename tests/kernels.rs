@@ -221,3 +221,17 @@ fn gram_matches_naive() {
         assert!(d / scale < 1e-5, "gram {rows}x{cols}: {d}");
     }
 }
+
+#[test]
+fn sub_scaled_is_bit_identical_to_naive() {
+    let mut rng = Rng(9);
+    for n in [0usize, 1, 15, 16, 17, 127, 1000] {
+        let x = rng.vec(n + 3, 2.0);
+        let y0 = rng.vec(n, 1.0);
+        let (mut a, mut b) = (y0.clone(), y0.clone());
+        kernels::sub_scaled(&mut a, 0.37, &x);
+        kernels::sub_scaled_naive(&mut b, 0.37, &x);
+        assert_eq!(a, b, "n={n}");
+        assert!(n == 0 || a != y0);
+    }
+}

@@ -62,13 +62,7 @@ fn stats(cols: usize, seed: u64) -> SiteStats {
         }
     }
     let col_sq = (0..cols).map(|j| xtx[j * cols + j]).collect();
-    SiteStats {
-        cols,
-        samples: 4,
-        tokens,
-        col_sq: Some(col_sq),
-        xtx: Some(xtx),
-    }
+    SiteStats::from_sums(cols, 4, tokens, Some(col_sq), Some(xtx))
 }
 
 /// Statistics for `COLS` inputs, computed once.
@@ -466,13 +460,7 @@ fn bad_shapes_are_refused_naming_the_tensor() {
 #[test]
 fn methods_without_statistics_are_refused() {
     let mut w = dense(8, 16, 1);
-    let empty = SiteStats {
-        cols: 16,
-        samples: 0,
-        tokens: 0,
-        col_sq: None,
-        xtx: None,
-    };
+    let empty = SiteStats::from_sums(16, 0, 0, None, None);
     for m in [Method::Wanda, Method::Sparsegpt] {
         let e = prune::pruner(m, Scope::Row)
             .prune(

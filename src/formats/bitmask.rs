@@ -8,13 +8,23 @@
 //! `x`. With AVX-512 VBMI2, bf16 values are expanded straight into the high halves of the f32
 //! lanes (one `vpexpandw` with the mask spread by `pdep`: expansion and conversion in one
 //! instruction) and int8 values with `vpexpandb`. The prefill path decodes row tiles with the
-//! same expand-loads and multiplies them with GEMM.
+//! same expand-loads and multiplies them with GEMM. NEON has no expand-load: there each 4-column
+//! nibble of the mask selects a byte shuffle for one `tbl` over 4 loaded values
+//! ([`Elem::expand4_neon`]).
 
-use super::elem::{self, Elem, Values};
+#[cfg(target_arch = "x86_64")]
+use super::elem;
+use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+/// Set bits of each 4-bit value.
+#[cfg(target_arch = "aarch64")]
+const POP4: [u8; 16] = [0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4];
 
 /// Sparse bitmask matrix with nonzeros stored as `E`.
 #[derive(Clone, Debug, PartialEq)]
@@ -318,6 +328,91 @@ impl<E: Elem> BitmaskOf<E> {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+impl<E: Elem> BitmaskOf<E> {
+    /// True when every 4-value load of row `r`'s values stays inside the value array (the
+    /// NEON expand reads 4 values per nibble, whatever its popcount); the few last rows where
+    /// it would not take the scalar path.
+    #[inline(always)]
+    fn neon_safe(&self, r: usize) -> bool {
+        self.off[r + 1] + 4 <= self.vals.v.len()
+    }
+
+    /// Rows `r0..r1` of the product, NEON: 16 nibbles per mask word, 4 accumulators.
+    ///
+    /// # Safety
+    /// Masks validated (no bits past `cols`, popcounts = value counts); `out` owns these rows.
+    unsafe fn rows_neon(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
+        let full = cols / 64;
+        for r in r0..r1 {
+            let words = &self.mask[r * wpr..(r + 1) * wpr];
+            for i in 0..m {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let s = if self.neon_safe(r) {
+                    let mut vp = self.vals.v.as_ptr().add(self.off[r]);
+                    let mut a = [vdupq_n_f32(0.0); 4];
+                    for (w, &word) in words[..full].iter().enumerate() {
+                        let xp = xi.as_ptr().add(w * 64);
+                        for q in 0..16 {
+                            let nib = ((word >> (4 * q)) & 15) as usize;
+                            let wv = E::expand4_neon(nib, vp);
+                            a[q % 4] = vfmaq_f32(a[q % 4], wv, vld1q_f32(xp.add(4 * q)));
+                            vp = vp.add(POP4[nib] as usize);
+                        }
+                    }
+                    let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+                    // The partial last word, scalar.
+                    if full < wpr {
+                        let mut b = words[full];
+                        while b != 0 {
+                            let k = full * 64 + b.trailing_zeros() as usize;
+                            s += (*vp).to_f32() * xi[k];
+                            vp = vp.add(1);
+                            b &= b - 1;
+                        }
+                    }
+                    s
+                } else {
+                    let mut s = 0f32;
+                    self.each(r, |k, j| s += self.vals.v[j].to_f32() * xi[k]);
+                    s
+                };
+                out.put(i, r, s * self.vals.scale(r));
+            }
+        }
+    }
+
+    /// Rows `r0..r1` decoded to dense f32, NEON: one expand and one store per nibble.
+    ///
+    /// # Safety
+    /// As [`Self::rows_neon`]; `out` holds `(r1 − r0) · cols` values.
+    unsafe fn decode_neon(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
+        let full = cols / 64;
+        for r in r0..r1 {
+            let row = &mut out[(r - r0) * cols..(r - r0 + 1) * cols];
+            let scale = self.vals.scale(r);
+            if !self.neon_safe(r) || full < wpr {
+                row.fill(0.0);
+                self.each(r, |k, j| row[k] = self.vals.v[j].to_f32() * scale);
+                continue;
+            }
+            let mut vp = self.vals.v.as_ptr().add(self.off[r]);
+            let dst = row.as_mut_ptr();
+            for w in 0..full {
+                let word = self.mask[r * wpr + w];
+                for q in 0..16 {
+                    let nib = ((word >> (4 * q)) & 15) as usize;
+                    let v = vmulq_n_f32(E::expand4_neon(nib, vp), scale);
+                    vst1q_f32(dst.add(w * 64 + 4 * q), v);
+                    vp = vp.add(POP4[nib] as usize);
+                }
+            }
+        }
+    }
+}
+
 impl<E: Elem> Entries for BitmaskOf<E> {
     type E = E;
     fn vals(&self) -> &Values<E> {
@@ -349,7 +444,10 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
                 self.decode_plain(r0, r1, out)
             }
         });
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY (decoder): masks validated; gets `(r1 − r0) · cols` values.
+        #[cfg(target_arch = "aarch64")]
+        let fast = Some(|out: &mut [f32]| unsafe { self.decode_neon(r0, r1, out) });
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(&mut [f32])> = None;
         sparse::decode_rows(self, r0, r1, out, fast)
     }
@@ -366,7 +464,10 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
                 self.block_avx512(r0, r1, x, m, out)
             }
         });
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY (kernel): masks validated; rows written disjointly.
+        #[cfg(target_arch = "aarch64")]
+        let fast = Some(|r0, r1, out| unsafe { self.rows_neon(r0, r1, x, m, out) });
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, 1, fast)
     }

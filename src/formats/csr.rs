@@ -2,7 +2,9 @@
 //! 6 bytes per nonzero with f32 values (4 with bf16, 3 with int8), so it beats the bitmask only
 //! below about 6% density for f32, but needs no work per zero.
 
-use super::elem::{first_lanes, Elem, Values};
+#[cfg(target_arch = "x86_64")]
+use super::elem::first_lanes;
+use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]

@@ -6,8 +6,12 @@
 //! [`dense_f32_matmul`] runs the same kernels on a borrowed f32 matrix (an unpacked model's
 //! weight), so dense f32 needs no copy.
 
-use super::elem::{first_lanes, Elem, Values};
+#[cfg(target_arch = "x86_64")]
+use super::elem::first_lanes;
+use super::elem::{Elem, Values};
 use super::*;
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -119,6 +123,34 @@ pub(crate) unsafe fn dot_avx512<E: Elem>(w: *const E, x: *const f32, n: usize) -
     _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))
 }
 
+/// Sum of `w[k]·x[k]` over `n` values, NEON with 4 accumulators.
+///
+/// # Safety
+/// `w` and `x` valid for `n` reads.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub(crate) unsafe fn dot_neon<E: Elem>(w: *const E, x: *const f32, n: usize) -> f32 {
+    let mut a = [vdupq_n_f32(0.0); 4];
+    let mut k = 0;
+    while k + 16 <= n {
+        for (j, acc) in a.iter_mut().enumerate() {
+            let o = k + 4 * j;
+            *acc = vfmaq_f32(*acc, E::load4_neon(w.add(o)), vld1q_f32(x.add(o)));
+        }
+        k += 16;
+    }
+    while k + 4 <= n {
+        a[0] = vfmaq_f32(a[0], E::load4_neon(w.add(k)), vld1q_f32(x.add(k)));
+        k += 4;
+    }
+    let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+    while k < n {
+        s += (*w.add(k)).to_f32() * *x.add(k);
+        k += 1;
+    }
+    s
+}
+
 /// A small product over a dense `[rows, n]` matrix `w` of `E` with row scales `scales`
 /// (empty: none) and input `x` (`m` rows of `n`).
 #[derive(Clone, Copy)]
@@ -143,6 +175,22 @@ impl<E: Elem> Rows<'_, E> {
             let wr = self.w.as_ptr().add(r * n);
             for i in 0..self.m {
                 let s = _mm512_reduce_add_ps(dot_avx512(wr, self.x.as_ptr().add(i * n), n));
+                out.put(i, r, s * row_scale(self.scales, r));
+            }
+        }
+    }
+
+    /// Rows `r0..r1` of the product, NEON.
+    ///
+    /// # Safety
+    /// `w` holds rows `r0..r1`; `out` owns these rows.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn neon(self, r0: usize, r1: usize, out: Out) {
+        let n = self.n;
+        for r in r0..r1 {
+            let wr = self.w.as_ptr().add(r * n);
+            for i in 0..self.m {
+                let s = dot_neon(wr, self.x.as_ptr().add(i * n), n);
                 out.put(i, r, s * row_scale(self.scales, r));
             }
         }
@@ -198,6 +246,14 @@ impl<E: Elem> Rows<'_, E> {
             // SAFETY: AVX-512 checked; sizes checked by the callers; rows written disjointly.
             drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
                 self.avx512(r0, r1, out)
+            });
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if has_simd() {
+            // SAFETY: sizes checked by the callers; rows written disjointly.
+            drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
+                self.neon(r0, r1, out)
             });
             return;
         }

@@ -6,8 +6,61 @@
 //! always accumulate in f32; an int8 row's sum is multiplied by its scale at the end.
 
 use super::{Dtype, RawTensor};
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+/// NEON expand shuffles: for each 4-bit mask, the `tbl` byte indices that move the packed
+/// values (`size` bytes each) into the set lanes of a 4 × 32-bit vector. A value lands in the
+/// top `size` bytes of its lane (so bf16 becomes f32 and an int8 becomes `b << 24`, which an
+/// arithmetic shift sign-extends); every other byte is 0xFF, which `tbl` turns into 0.
+#[cfg(target_arch = "aarch64")]
+const fn expand_lut(size: usize) -> [[u8; 16]; 16] {
+    let mut t = [[0xFFu8; 16]; 16];
+    let mut nib = 0;
+    while nib < 16 {
+        let mut rank = 0;
+        let mut lane = 0;
+        while lane < 4 {
+            if nib & (1 << lane) != 0 {
+                let mut b = 0;
+                while b < size {
+                    t[nib][4 * lane + 4 - size + b] = (rank * size + b) as u8;
+                    b += 1;
+                }
+                rank += 1;
+            }
+            lane += 1;
+        }
+        nib += 1;
+    }
+    t
+}
+
+#[cfg(target_arch = "aarch64")]
+static EXPAND_F32: [[u8; 16]; 16] = expand_lut(4);
+#[cfg(target_arch = "aarch64")]
+static EXPAND_BF16: [[u8; 16]; 16] = expand_lut(2);
+#[cfg(target_arch = "aarch64")]
+static EXPAND_I8: [[u8; 16]; 16] = expand_lut(1);
+
+/// `tbl` of a 16-byte table with the shuffle of `nib`.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn shuffle(table: uint8x16_t, lut: &[[u8; 16]; 16], nib: usize) -> uint8x16_t {
+    vqtbl1q_u8(table, vld1q_u8(lut.get_unchecked(nib).as_ptr()))
+}
+
+/// 4 bytes at `p` in the low bytes of a 16-byte vector (an unaligned 4-byte read).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn load4_bytes(p: *const u8) -> uint8x16_t {
+    vreinterpretq_u8_u32(vsetq_lane_u32::<0>(
+        (p as *const u32).read_unaligned(),
+        vdupq_n_u32(0),
+    ))
+}
 
 /// A stored weight value type.
 pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
@@ -48,6 +101,17 @@ pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     unsafe fn expand_load(k: __mmask16, p: *const Self) -> __m512 {
         _mm512_maskz_expand_ps(k, Self::load_first(k.count_ones() as usize, p))
     }
+    /// NEON: 4 stored values at `p` as f32 lanes (before the row scale).
+    /// # Safety
+    /// `p` valid for 4 reads.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn load4_neon(p: *const Self) -> float32x4_t;
+    /// NEON: the first `popcount(nib)` values at `p` spread to the lanes set in the 4-bit `nib`
+    /// (zeros elsewhere), by one table lookup (`tbl`) with a per-nibble byte shuffle.
+    /// # Safety
+    /// `nib < 16`; `p` valid for 4 reads (the load reads 4 values whatever `nib` is).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn expand4_neon(nib: usize, p: *const Self) -> float32x4_t;
     /// True when [`Elem::expand_load_vbmi2`] is faster than [`Elem::expand_load`].
     const VBMI2_EXPAND: bool = false;
     /// [`Elem::expand_load`] where AVX-512 VBMI2 is available too.
@@ -106,6 +170,16 @@ impl Elem for f32 {
     unsafe fn expand_load(k: __mmask16, p: *const f32) -> __m512 {
         _mm512_maskz_expandloadu_ps(k, p)
     }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4_neon(p: *const f32) -> float32x4_t {
+        vld1q_f32(p)
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn expand4_neon(nib: usize, p: *const f32) -> float32x4_t {
+        vreinterpretq_f32_u8(shuffle(vld1q_u8(p as *const u8), &EXPAND_F32, nib))
+    }
 }
 
 /// bf16 bits → f32 lanes (a 16-bit shift).
@@ -156,6 +230,17 @@ impl Elem for half::bf16 {
         let k32: __mmask32 = _pdep_u32(k as u32, 0xAAAA_AAAA);
         _mm512_castsi512_ps(_mm512_maskz_expandloadu_epi16(k32, p as *const i16))
     }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4_neon(p: *const half::bf16) -> float32x4_t {
+        vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p as *const u16)))
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn expand4_neon(nib: usize, p: *const half::bf16) -> float32x4_t {
+        let raw = vcombine_u8(vld1_u8(p as *const u8), vdup_n_u8(0));
+        vreinterpretq_f32_u8(shuffle(raw, &EXPAND_BF16, nib))
+    }
 }
 
 impl Elem for i8 {
@@ -194,6 +279,18 @@ impl Elem for i8 {
     #[inline(always)]
     unsafe fn expand_load_vbmi2(k: __mmask16, p: *const i8) -> __m512 {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(k, p)))
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4_neon(p: *const i8) -> float32x4_t {
+        Self::expand4_neon(15, p)
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn expand4_neon(nib: usize, p: *const i8) -> float32x4_t {
+        // Each byte lands in the top byte of its lane; the arithmetic shift sign-extends it.
+        let b = shuffle(load4_bytes(p as *const u8), &EXPAND_I8, nib);
+        vcvtq_f32_s32(vshrq_n_s32::<24>(vreinterpretq_s32_u8(b)))
     }
 }
 

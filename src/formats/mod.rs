@@ -193,6 +193,7 @@ impl std::fmt::Debug for dyn WeightFormat {
 /// Distance of the software prefetches in the row kernels, bytes. A decode step streams every
 /// weight once; one core keeps more DRAM reads in flight with these than with the hardware
 /// prefetcher alone (measured: bf16 decode 23 → 33 tokens/s on one core).
+#[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH: usize = 4096;
 
 /// Prefetches `lines` cache lines starting [`PREFETCH`] bytes after `p` (a hint: never faults,
@@ -221,6 +222,20 @@ static PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// even on AVX-512 machines: for testing those paths and comparing speeds.
 pub fn force_portable(on: bool) {
     PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True when the formats' SIMD kernels run: AVX-512 on x86-64 ([`has_avx512`]), NEON on
+/// aarch64 (part of the base architecture); false when turned off by [`force_portable`].
+#[inline]
+pub fn has_simd() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        !PORTABLE.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        has_avx512()
+    }
 }
 
 /// True when the AVX-512 subset the format kernels use is available (and not turned off by

@@ -3,12 +3,41 @@
 //! indices, packed LSB-first at `ceil(log2 M)` bits each (2 bits for M = 4, 3 for M = 8) in a
 //! per-row bit stream of `ceil(values_per_row · bits / 8)` bytes. Values are f32, bf16 or int8
 //! with a per-row scale ([`NMOf`]); 2:4 with f32 values reads 2.125 bytes per weight.
+//! AVX-512 kernels gather `x` with `vpermt2ps` for every M = 2N pattern; the NEON kernel does
+//! 2:4 with one `tbl` per index byte (other patterns take the portable kernel there).
 
-use super::elem::{self, Elem, Values};
+#[cfg(target_arch = "x86_64")]
+use super::elem;
+use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+/// NEON 2:4 gathers: for each index byte (4 kept values of two 4-column groups, 2 bits each,
+/// LSB first), the `tbl` byte indices that pick their 4 inputs out of the 8 f32 `x` values of
+/// the two groups (a 32-byte table).
+#[cfg(target_arch = "aarch64")]
+static GATHER_2_4: [[u8; 16]; 256] = {
+    let mut t = [[0u8; 16]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut lane = 0;
+        while lane < 4 {
+            let col = 4 * (lane / 2) + ((byte >> (2 * lane)) & 3);
+            let mut b = 0;
+            while b < 4 {
+                t[byte][4 * lane + b] = (4 * col + b) as u8;
+                b += 1;
+            }
+            lane += 1;
+        }
+        byte += 1;
+    }
+    t
+};
 
 /// Padding after the index stream so the kernels may read whole u64 / u16 words.
 const PAD: usize = 8;
@@ -188,6 +217,7 @@ impl<E: Elem> NMOf<E> {
     }
 
     /// True when the permute kernel applies: M = 2N and N divides 16 (1:2, 2:4, 4:8, 8:16).
+    #[cfg(target_arch = "x86_64")]
     fn fast_pattern(&self) -> bool {
         self.m == 2 * self.n && 16 % self.n == 0
     }
@@ -363,6 +393,47 @@ impl<E: Elem> Entries for NMOf<E> {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+impl<E: Elem> NMOf<E> {
+    /// True when the NEON kernel applies (2:4).
+    fn neon_pattern(&self) -> bool {
+        self.n == 2 && self.m == 4
+    }
+
+    /// Rows `r0..r1` of the product for 2:4, NEON: per index byte, 8 inputs loaded as a 32-byte
+    /// table, the 4 kept ones gathered by one `tbl`, one multiply-add with the 4 values.
+    ///
+    /// # Safety
+    /// 2:4; indices validated; `out` owns these rows.
+    unsafe fn block_neon(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
+        let full = self.vpr / 4; // whole index bytes per row
+        for r in r0..r1 {
+            let vp = self.vals.v.as_ptr().add(r * self.vpr);
+            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            for i in 0..mm {
+                let xi = &x[i * self.cols..(i + 1) * self.cols];
+                let xp = xi.as_ptr();
+                let mut a = [vdupq_n_f32(0.0); 2];
+                for b in 0..full {
+                    let table = uint8x16x2_t(
+                        vld1q_u8(xp.add(8 * b) as *const u8),
+                        vld1q_u8(xp.add(8 * b + 4) as *const u8),
+                    );
+                    let g = vld1q_u8(GATHER_2_4.get_unchecked(*ip.add(b) as usize).as_ptr());
+                    let xv = vreinterpretq_f32_u8(vqtbl2q_u8(table, g));
+                    a[b % 2] = vfmaq_f32(a[b % 2], E::load4_neon(vp.add(4 * b)), xv);
+                }
+                let mut s = vaddvq_f32(vaddq_f32(a[0], a[1]));
+                for v in 4 * full..self.vpr {
+                    let k = (v / 2) * 4 + self.idx_at(r, v);
+                    s += (*vp.add(v)).to_f32() * xi[k];
+                }
+                out.put(i, r, s * self.vals.scale(r));
+            }
+        }
+    }
+}
+
 impl<E: Elem> WeightFormat for NMOf<E> {
     dims!();
     fn nbytes(&self) -> usize {
@@ -389,7 +460,12 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         let fast = self
             .fast_pattern()
             .then_some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY (kernel): 2:4 checked; indices validated; disjoint rows.
+        #[cfg(target_arch = "aarch64")]
+        let fast = self
+            .neon_pattern()
+            .then_some(|r0, r1, out| unsafe { self.block_neon(r0, r1, x, m, out) });
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, 1, fast)
     }

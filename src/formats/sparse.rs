@@ -1,6 +1,6 @@
 //! What the sparse formats (bitmask, CSR, N:M, BSR) share: a view of their stored entries row
 //! by row ([`Entries`]), and on top of it the dense decoding, the naive reference, the portable
-//! row kernel and the dispatch of a product (tiled GEMM for many rows; the format's AVX-512
+//! row kernel and the dispatch of a product (tiled GEMM for many rows; the format's SIMD
 //! kernel or the portable one over threads for few). Each format only provides its storage
 //! walk and its SIMD kernel.
 
@@ -28,9 +28,10 @@ pub(crate) trait Entries: WeightFormat {
 
 /// [`WeightFormat::decode_rows`] of a sparse format: rows `r0..r1` into the first
 /// `(r1 − r0) · cols` values of `out`, through the format's SIMD decoder `fast` when given and
-/// the CPU has AVX-512 (it gets exactly that slice), else from the entries.
+/// the CPU runs it ([`has_simd`]; it gets exactly that slice), else from the entries.
 ///
-/// `fast` may assume the AVX-512 features of [`has_avx512`]: it is only called after that check.
+/// `fast` may assume the SIMD features of [`has_simd`] (AVX-512 on x86-64, NEON on aarch64):
+/// it is only called after that check.
 pub(crate) fn decode_rows<F: Entries>(
     f: &F,
     r0: usize,
@@ -47,7 +48,7 @@ pub(crate) fn decode_rows<F: Entries>(
         f.rows()
     );
     let out = &mut out[..(r1 - r0) * c];
-    if let Some(kernel) = fast.filter(|_| has_avx512()) {
+    if let Some(kernel) = fast.filter(|_| has_simd()) {
         return kernel(out);
     }
     out.fill(0.0);
@@ -67,7 +68,7 @@ pub(crate) fn naive<F: Entries>(f: &F, x: &[f32], m: usize, y: &mut [f32]) {
     });
 }
 
-/// Rows `r0..r1` of the product, scalar (the kernel where AVX-512 is not available; compiled
+/// Rows `r0..r1` of the product, scalar (the kernel where no SIMD kernel runs; compiled
 /// once more for AVX2 + FMA + BMI, see [`portable`]).
 #[inline(always)]
 fn portable_block<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
@@ -101,9 +102,10 @@ fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: O
 
 /// [`WeightFormat::matmul_add`] of a sparse format: sizes checked; more than [`SMALL_M`] rows
 /// through [`matmul_tiled`]; else row ranges (aligned to `align`) over threads through `fast`
-/// when given and the CPU has AVX-512, through the portable kernel otherwise.
+/// when given and the CPU runs it ([`has_simd`]), through the portable kernel otherwise.
 ///
-/// `fast` may assume the AVX-512 features of [`has_avx512`]: it is only called after that check.
+/// `fast` may assume the SIMD features of [`has_simd`] (AVX-512 on x86-64, NEON on aarch64):
+/// it is only called after that check.
 pub(crate) fn product<F: Entries>(
     f: &F,
     x: &[f32],
@@ -119,7 +121,7 @@ pub(crate) fn product<F: Entries>(
     }
     let bytes = f.nbytes();
     match fast {
-        Some(kernel) if has_avx512() => drive(f.rows(), m, bytes, align, y, acc, kernel),
+        Some(kernel) if has_simd() => drive(f.rows(), m, bytes, align, y, acc, kernel),
         _ => drive(f.rows(), m, bytes, align, y, acc, |r0, r1, out| {
             portable(f, r0, r1, x, m, out)
         }),

@@ -66,6 +66,24 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    /// `y[i] -= a · x[i]` over the shorter of the two slices (one multiply, one subtract: no
+    /// fused multiply-add, so the result is bit-identical to [`sub_scaled_naive`]). The inner
+    /// step of SparseGPT's column-by-column OBS update.
+    pub fn sub_scaled(y: &mut [f32], a: f32, x: &[f32]) {
+        for (v, &h) in y.iter_mut().zip(x) {
+            *v -= a * h;
+        }
+    }
+}
+
+/// Reference for [`sub_scaled`]: plain scalar loop.
+pub fn sub_scaled_naive(y: &mut [f32], a: f32, x: &[f32]) {
+    for i in 0..y.len().min(x.len()) {
+        y[i] -= a * x[i];
+    }
+}
+
 /// RMSNorm of one row: `out = x / sqrt(mean(x²) + eps) · weight` (HF order of operations).
 pub fn rmsnorm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     rmsnorm_row_dim(x, weight, eps, x.len() as f32, out)

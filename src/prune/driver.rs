@@ -249,10 +249,6 @@ pub fn prune_model(
     plan: &PrunePlan,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<PruneOutcome> {
-    plan.validate(model)?;
-    // Packed copies (a model loaded packed) would go stale as the dense weights change.
-    crate::runtime::unpack(model);
-    let t_all = Instant::now();
     let method: Box<dyn super::Pruner> = match plan.method {
         Method::Sparsegpt => Box::new(super::sparsegpt::SparseGpt {
             precision: plan.hessian_precision,
@@ -260,6 +256,23 @@ pub fn prune_model(
         }),
         m => pruner(m, plan.scope),
     };
+    prune_model_with(model, calib, plan, method.as_ref(), progress)
+}
+
+/// [`prune_model`] with a caller's [`Pruner`](super::Pruner) instead of the one `plan.method`
+/// names (a new method, or an instrumented one); `plan` still gives the pattern, targets,
+/// allocation and skips.
+pub fn prune_model_with(
+    model: &mut Model,
+    calib: &CalibSet,
+    plan: &PrunePlan,
+    method: &dyn super::Pruner,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<PruneOutcome> {
+    plan.validate(model)?;
+    // Packed copies (a model loaded packed) would go stale as the dense weights change.
+    crate::runtime::unpack(model);
+    let t_all = Instant::now();
     let needs = method.needs();
     let owl = matches!(plan.allocation, Allocation::Owl { .. });
     let calibrated = needs != Needs::default() || owl;

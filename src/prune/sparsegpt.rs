@@ -21,6 +21,7 @@ use crate::kernels;
 use crate::{Error, Result};
 use faer::linalg::solvers::DenseSolveCore;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Arithmetic of the Hessian factorisation (the Hessian itself is always summed in f64).
 ///
@@ -57,8 +58,55 @@ impl Default for SparseGpt {
     }
 }
 
+/// SparseGPT's inverse-Hessian factor of one linear input, with the settings it was made with.
+#[derive(Debug)]
+pub struct HessianFactor {
+    percdamp: f64,
+    precision: Precision,
+    /// Upper Cholesky factor of `H⁻¹`, `[cols, cols]` row-major (upper triangle valid).
+    pub u: Vec<f32>,
+    /// Dead inputs (`H_ii = 0`).
+    pub dead: Vec<bool>,
+}
+
+/// The factor for `stats`, computed on first use and shared by every linear reading the same
+/// input (q/k/v share one Hessian, gate/up another).
+pub fn factor_for(
+    stats: &SiteStats,
+    percdamp: f64,
+    precision: Precision,
+    name: &str,
+) -> Result<Arc<HessianFactor>> {
+    if let Some(f) = stats.factor.get() {
+        if f.percdamp == percdamp && f.precision == precision {
+            return Ok(f.clone());
+        }
+    }
+    let mut h = stats.hessian().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{name}: SparseGPT needs the input Hessian, none was collected"
+        ))
+    })?;
+    let (u, dead) = inverse_hessian_factor(&mut h, stats.cols, percdamp, precision, name)?;
+    let f = Arc::new(HessianFactor {
+        percdamp,
+        precision,
+        u,
+        dead,
+    });
+    // A factor with other settings already cached stays; this one is used once.
+    let _ = stats.factor.set(f.clone());
+    Ok(f)
+}
+
 /// Upper Cholesky factor of the inverse of the dampened Hessian, `[n, n]` row-major, f32.
 /// Also returns the dead-input flags. `h` is the f64 Hessian, modified in place.
+///
+/// f64 takes a shortcut with a third of the work of the official sequence (Cholesky, inverse,
+/// Cholesky of the inverse; [`inverse_hessian_factor_naive`]): with `J` the order reversal and
+/// `J·H·J = L·Lᵀ`, `H⁻¹ = (J·L⁻¹·J)ᵀ·(J·L⁻¹·J)` and `J·L⁻¹·J` is upper triangular with a positive
+/// diagonal, so it *is* the upper Cholesky factor of `H⁻¹`: one Cholesky and one triangular
+/// inverse. f32 follows the official sequence, since its point is the official arithmetic.
 pub fn inverse_hessian_factor(
     h: &mut [f64],
     n: usize,
@@ -66,6 +114,36 @@ pub fn inverse_hessian_factor(
     precision: Precision,
     name: &str,
 ) -> Result<(Vec<f32>, Vec<bool>)> {
+    let dead = dampen(h, n, percdamp, name)?;
+    let u = match precision {
+        Precision::F32 => official_sequence(h, n, Precision::F32),
+        Precision::F64 => reversed_cholesky(h, n),
+    };
+    Ok((u.ok_or_else(|| not_positive_definite(name))?, dead))
+}
+
+/// Reference for [`inverse_hessian_factor`]: the official sequence (Cholesky, inverse,
+/// Cholesky of the inverse) in `precision`.
+pub fn inverse_hessian_factor_naive(
+    h: &mut [f64],
+    n: usize,
+    percdamp: f64,
+    precision: Precision,
+    name: &str,
+) -> Result<(Vec<f32>, Vec<bool>)> {
+    let dead = dampen(h, n, percdamp, name)?;
+    let u = official_sequence(h, n, precision).ok_or_else(|| not_positive_definite(name))?;
+    Ok((u, dead))
+}
+
+fn not_positive_definite(name: &str) -> Error {
+    Error::Numeric(format!(
+        "{name}: the dampened Hessian is not positive definite (increase dampening)"
+    ))
+}
+
+/// Dead inputs get `H_ii = 1`; then `H += percdamp·mean(diag H)·I`. Returns the dead flags.
+fn dampen(h: &mut [f64], n: usize, percdamp: f64, name: &str) -> Result<Vec<bool>> {
     let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
     for i in 0..n {
         if dead[i] {
@@ -82,17 +160,39 @@ pub fn inverse_hessian_factor(
             "{name}: the input Hessian contains NaN/Inf"
         )));
     }
-    let not_pd = || {
-        Error::Numeric(format!(
-            "{name}: the dampened Hessian is not positive definite (increase dampening)"
-        ))
-    };
+    Ok(dead)
+}
+
+/// `J·L⁻¹·J` with `J·H·J = L·Lᵀ` (see [`inverse_hessian_factor`]); `None` if `H` is not
+/// positive definite.
+fn reversed_cholesky(h: &[f64], n: usize) -> Option<Vec<f32>> {
+    // `J·H·J` (column-major; `H` is symmetric, so reading it transposed walks memory in order).
+    let r = faer::Mat::<f64>::from_fn(n, n, |i, j| h[(n - 1 - j) * n + (n - 1 - i)]);
+    let llt = r.llt(faer::Side::Lower).ok()?;
+    // L⁻¹ written through a reversed view of a row-major buffer, which makes the buffer J·L⁻¹·J.
+    let mut u64 = vec![0f64; n * n];
+    faer::linalg::triangular_inverse::invert_lower_triangular(
+        faer::MatMut::from_row_major_slice_mut(&mut u64, n, n).reverse_rows_and_cols_mut(),
+        llt.L(),
+        faer::Par::rayon(0),
+    );
+    let mut u = vec![0f32; n * n];
+    for i in 0..n {
+        for j in i..n {
+            u[i * n + j] = u64[i * n + j] as f32;
+        }
+    }
+    Some(u)
+}
+
+/// The official sequence: `chol(chol(H)⁻¹)` upper factor, in `precision`.
+fn official_sequence(h: &[f64], n: usize, precision: Precision) -> Option<Vec<f32>> {
     let mut u = vec![0f32; n * n];
     match precision {
         Precision::F32 => {
             let m = faer::Mat::<f32>::from_fn(n, n, |i, j| h[i * n + j] as f32);
-            let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
-            let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
+            let inv = m.llt(faer::Side::Lower).ok()?.inverse();
+            let llt = inv.llt(faer::Side::Lower).ok()?;
             let l = llt.L();
             for i in 0..n {
                 for j in i..n {
@@ -102,8 +202,8 @@ pub fn inverse_hessian_factor(
         }
         Precision::F64 => {
             let m = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
-            let inv = m.llt(faer::Side::Lower).map_err(|_| not_pd())?.inverse();
-            let llt = inv.llt(faer::Side::Lower).map_err(|_| not_pd())?;
+            let inv = m.llt(faer::Side::Lower).ok()?.inverse();
+            let llt = inv.llt(faer::Side::Lower).ok()?;
             let l = llt.L();
             for i in 0..n {
                 for j in i..n {
@@ -112,7 +212,7 @@ pub fn inverse_hessian_factor(
             }
         }
     }
-    Ok((u, dead))
+    Some(u)
 }
 
 impl SparseGpt {
@@ -146,22 +246,24 @@ impl Pruner for SparseGpt {
         name: &str,
     ) -> Result<()> {
         mask::check_shape(target.pattern, rows, cols, name)?;
-        let mut h = stats.hessian().ok_or_else(|| {
-            Error::Invalid(format!(
-                "{name}: SparseGPT needs the input Hessian, none was collected"
-            ))
-        })?;
-        let (hinv, dead) =
-            inverse_hessian_factor(&mut h, cols, self.percdamp, self.precision, name)?;
-        drop(h);
+        if stats.xtx.is_some() && stats.cols != cols {
+            return Err(Error::Invalid(format!(
+                "{name}: statistics for {} inputs, the matrix has {cols}",
+                stats.cols
+            )));
+        }
+        let factor = factor_for(stats, self.percdamp, self.precision, name)?;
+        let (hinv, dead) = (&factor.u, &factor.dead);
         // Dead inputs carry no signal: their weights are zeroed (as the official code does).
-        w.par_chunks_mut(cols).for_each(|row| {
-            for (v, &d) in row.iter_mut().zip(&dead) {
-                if d {
-                    *v = 0.0;
+        if dead.iter().any(|&d| d) {
+            w.par_chunks_mut(cols).for_each(|row| {
+                for (v, &d) in row.iter_mut().zip(dead) {
+                    if d {
+                        *v = 0.0;
+                    }
                 }
-            }
-        });
+            });
+        }
         let diag: Vec<f32> = (0..cols).map(|c| hinv[c * cols + c]).collect();
         let bs = self.block_for(target.pattern);
         let mut err = vec![0f32; rows * bs];
@@ -224,9 +326,9 @@ impl Pruner for SparseGpt {
                         wb[i] = q;
                         erow[i] = e;
                         // Spread the error over the block's remaining columns.
-                        let hrow = &hinv[(i1 + i) * cols + i1..(i1 + i) * cols + i2];
-                        for (v, &hij) in wb[i + 1..].iter_mut().zip(&hrow[i + 1..]) {
-                            *v -= e * hij;
+                        if e != 0.0 {
+                            let hrow = &hinv[(i1 + i) * cols + i1..(i1 + i) * cols + i2];
+                            kernels::sub_scaled(&mut wb[i + 1..], e, &hrow[i + 1..]);
                         }
                     }
                 });
@@ -263,5 +365,70 @@ impl Pruner for SparseGpt {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random symmetric positive definite matrix with a wide spread of eigenvalues and one
+    /// dead input.
+    fn spd(n: usize) -> Vec<f64> {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let k = n + 7;
+        let x: Vec<f64> = (0..k * n)
+            .map(|i| rnd() * (1.0 + (i % n) as f64 / 4.0))
+            .collect();
+        let mut h = vec![0f64; n * n];
+        for r in 0..k {
+            for i in 0..n {
+                for j in 0..n {
+                    if i != 3 && j != 3 {
+                        h[i * n + j] += x[r * n + i] * x[r * n + j];
+                    }
+                }
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn reversed_cholesky_matches_the_official_sequence() {
+        for n in [5, 64, 131] {
+            let h = spd(n);
+            let (fast, dead) =
+                inverse_hessian_factor(&mut h.clone(), n, 0.01, Precision::F64, "t").unwrap();
+            let (naive, dead2) =
+                inverse_hessian_factor_naive(&mut h.clone(), n, 0.01, Precision::F64, "t").unwrap();
+            assert_eq!(dead, dead2);
+            assert!(dead[3]);
+            let scale = naive.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for i in 0..n {
+                for j in i..n {
+                    let (a, b) = (fast[i * n + j], naive[i * n + j]);
+                    assert!((a - b).abs() <= 1e-5 * scale, "n={n} ({i},{j}): {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn not_positive_definite_is_an_error() {
+        let n = 4;
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            h[i * n + i] = 1.0;
+        }
+        h[1] = 5.0;
+        h[n] = 5.0;
+        let e = inverse_hessian_factor(&mut h, n, 0.01, Precision::F64, "blk.q").unwrap_err();
+        assert!(e.to_string().contains("blk.q"), "{e}");
     }
 }
