@@ -10,6 +10,7 @@
 //!
 //! With `f32` as the fourth argument the inverse-Hessian factorisation runs in f32, the official
 //! code's arithmetic, so the spread shows how far the official result itself could move.
+//! Measured runs: `results/sparsegpt_sensitivity.jsonl` (README, "Results on the default model").
 //!
 //! `cargo run --release --example sparsegpt_sensitivity -- [runs] [pattern] [eps] [f32|f64]`
 //! (defaults: 6, `unstructured`, 3e-7, f64); one JSON line per run on stdout.
