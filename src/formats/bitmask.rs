@@ -347,9 +347,10 @@ impl<E: Elem> BitmaskOf<E> {
         let full = cols / 64;
         for r in r0..r1 {
             let words = &self.mask[r * wpr..(r + 1) * wpr];
+            let safe = self.neon_safe(r);
             for i in 0..m {
                 let xi = &x[i * cols..(i + 1) * cols];
-                let s = if self.neon_safe(r) {
+                let s = if safe {
                     let mut vp = self.vals.v.as_ptr().add(self.off[r]);
                     let mut a = [vdupq_n_f32(0.0); 4];
                     for (w, &word) in words[..full].iter().enumerate() {
@@ -374,9 +375,7 @@ impl<E: Elem> BitmaskOf<E> {
                     }
                     s
                 } else {
-                    let mut s = 0f32;
-                    self.each(r, |k, j| s += self.vals.v[j].to_f32() * xi[k]);
-                    s
+                    sparse::row_dot(self, r, xi)
                 };
                 out.put(i, r, s * self.vals.scale(r));
             }
@@ -392,12 +391,11 @@ impl<E: Elem> BitmaskOf<E> {
         let full = cols / 64;
         for r in r0..r1 {
             let row = &mut out[(r - r0) * cols..(r - r0 + 1) * cols];
-            let scale = self.vals.scale(r);
             if !self.neon_safe(r) || full < wpr {
-                row.fill(0.0);
-                self.each(r, |k, j| row[k] = self.vals.v[j].to_f32() * scale);
+                sparse::decode_row(self, r, row);
                 continue;
             }
+            let scale = self.vals.scale(r);
             let mut vp = self.vals.v.as_ptr().add(self.off[r]);
             let dst = row.as_mut_ptr();
             for w in 0..full {

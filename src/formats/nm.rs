@@ -163,6 +163,12 @@ impl<E: Elem> NMOf<E> {
         ((w >> (bit % 8)) as usize) & ((1 << self.bits) - 1)
     }
 
+    /// Column of row `r`'s kept value `v`: its group's first column plus its in-group index.
+    #[inline(always)]
+    fn col_of(&self, r: usize, v: usize) -> usize {
+        (v / self.n) * self.m + self.idx_at(r, v)
+    }
+
     /// (N, M).
     pub fn pattern(&self) -> (usize, usize) {
         (self.n, self.m)
@@ -388,7 +394,7 @@ impl<E: Elem> Entries for NMOf<E> {
     }
     fn each(&self, r: usize, mut f: impl FnMut(usize, usize)) {
         for v in 0..self.vpr {
-            f((v / self.n) * self.m + self.idx_at(r, v), r * self.vpr + v);
+            f(self.col_of(r, v), r * self.vpr + v);
         }
     }
 }
@@ -425,8 +431,7 @@ impl<E: Elem> NMOf<E> {
                 }
                 let mut s = vaddvq_f32(vaddq_f32(a[0], a[1]));
                 for v in 4 * full..self.vpr {
-                    let k = (v / 2) * 4 + self.idx_at(r, v);
-                    s += (*vp.add(v)).to_f32() * xi[k];
+                    s += (*vp.add(v)).to_f32() * xi[self.col_of(r, v)];
                 }
                 out.put(i, r, s * self.vals.scale(r));
             }

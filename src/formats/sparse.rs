@@ -51,12 +51,27 @@ pub(crate) fn decode_rows<F: Entries>(
     if let Some(kernel) = fast.filter(|_| has_simd()) {
         return kernel(out);
     }
-    out.fill(0.0);
     for r in r0..r1 {
-        let s = f.scale(r);
-        let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
-        f.each(r, |k, j| row[k] = f.value(j) * s);
+        decode_row(f, r, &mut out[(r - r0) * c..(r - r0 + 1) * c]);
     }
+}
+
+/// Row `r` decoded from the entries into `row` (`cols` values, scale applied): the scalar
+/// decoder, also the fallback of SIMD decoders for rows they cannot take.
+#[inline(always)]
+pub(crate) fn decode_row<F: Entries>(f: &F, r: usize, row: &mut [f32]) {
+    row.fill(0.0);
+    let s = f.scale(r);
+    f.each(r, |k, j| row[k] = f.value(j) * s);
+}
+
+/// `Σ w[r, k]·x[k]` over row `r`'s entries, before the row scale: the scalar row kernel, also
+/// the fallback of SIMD kernels for rows they cannot take.
+#[inline(always)]
+pub(crate) fn row_dot<F: Entries>(f: &F, r: usize, x: &[f32]) -> f32 {
+    let mut s = 0f32;
+    f.each(r, |k, j| s += f.value(j) * x[k]);
+    s
 }
 
 /// [`WeightFormat::matmul_naive`] from the entries (f64 accumulation).
@@ -75,9 +90,7 @@ fn portable_block<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, 
     let c = f.cols();
     for r in r0..r1 {
         for i in 0..m {
-            let xi = &x[i * c..(i + 1) * c];
-            let mut s = 0f32;
-            f.each(r, |k, j| s += f.value(j) * xi[k]);
+            let s = row_dot(f, r, &x[i * c..(i + 1) * c]);
             // SAFETY: r in this block's range, i < m.
             unsafe { out.put(i, r, s * f.scale(r)) };
         }

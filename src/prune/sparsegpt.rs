@@ -151,29 +151,27 @@ fn dampen(h: &mut [f64], n: usize, percdamp: f64, name: &str) -> Result<Vec<bool
 
 /// The official sequence: `chol(chol(H)⁻¹)` upper factor, in `precision`.
 fn official_sequence(h: &[f64], n: usize, precision: Precision) -> Option<Vec<f32>> {
-    let mut u = vec![0f32; n * n];
     match precision {
-        Precision::F32 => {
-            let m = faer::Mat::<f32>::from_fn(n, n, |i, j| h[i * n + j] as f32);
-            let inv = m.llt(faer::Side::Lower).ok()?.inverse();
-            let llt = inv.llt(faer::Side::Lower).ok()?;
-            let l = llt.L();
-            for i in 0..n {
-                for j in i..n {
-                    u[i * n + j] = l[(j, i)];
-                }
-            }
-        }
-        Precision::F64 => {
-            let m = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
-            let inv = m.llt(faer::Side::Lower).ok()?.inverse();
-            let llt = inv.llt(faer::Side::Lower).ok()?;
-            let l = llt.L();
-            for i in 0..n {
-                for j in i..n {
-                    u[i * n + j] = l[(j, i)] as f32;
-                }
-            }
+        Precision::F32 => official_sequence_in(h, n, |v| v as f32, |v: f32| v),
+        Precision::F64 => official_sequence_in(h, n, |v| v, |v: f64| v as f32),
+    }
+}
+
+/// [`official_sequence`] in the float type `T` (`to` / `back` convert in and out).
+fn official_sequence_in<T: faer::traits::RealField + Copy>(
+    h: &[f64],
+    n: usize,
+    to: impl Fn(f64) -> T,
+    back: impl Fn(T) -> f32,
+) -> Option<Vec<f32>> {
+    let m = faer::Mat::<T>::from_fn(n, n, |i, j| to(h[i * n + j]));
+    let inv = m.llt(faer::Side::Lower).ok()?.inverse();
+    let llt = inv.llt(faer::Side::Lower).ok()?;
+    let l = llt.L();
+    let mut u = vec![0f32; n * n];
+    for i in 0..n {
+        for j in i..n {
+            u[i * n + j] = back(l[(j, i)]);
         }
     }
     Some(u)
