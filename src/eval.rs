@@ -110,11 +110,28 @@ pub fn perplexity(
     let wins = make_windows(ids, seq_len, windows, text_path)?;
     let t0 = Instant::now();
     let (mut nll, mut n) = (0f64, 0usize);
-    for (i, w) in wins.iter().enumerate() {
-        let (s, c) = window_nll(model, w)?;
-        nll += s;
-        n += c;
-        progress(i + 1, wins.len());
+    // Windows run side by side, one per worker (data parallelism; sums stay in window order).
+    let workers = crate::util::Workers::new();
+    let per_round = workers.as_ref().map_or(1, |w| w.len());
+    for (r, round) in wins.chunks(per_round).enumerate() {
+        let results = match &workers {
+            Some(w) => w.run(
+                round
+                    .iter()
+                    .map(|&win| {
+                        Box::new(move || window_nll(model, win))
+                            as Box<dyn FnOnce() -> Result<(f64, usize)> + Send>
+                    })
+                    .collect(),
+            ),
+            None => round.iter().map(|win| window_nll(model, win)).collect(),
+        };
+        for (i, res) in results.into_iter().enumerate() {
+            let (s, c) = res?;
+            nll += s;
+            n += c;
+            progress(r * per_round + i + 1, wins.len());
+        }
     }
     let seconds = t0.elapsed().as_secs_f64();
     let tokens = wins.len() * seq_len;

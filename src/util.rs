@@ -1,4 +1,4 @@
-//! Small process utilities: peak RSS, timing.
+//! Small process utilities: peak RSS, timing, and [`Workers`] for data-parallel passes.
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -39,5 +39,59 @@ pub fn limit_heap_fragmentation() {
     // SAFETY: mallopt only changes allocator tunables; called before threads allocate heavily.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Single-thread rayon pools, one per thread of the current pool (`--threads`), for data
+/// parallelism: each job runs whole on one worker, and the kernels inside it see a one-thread
+/// pool and run sequentially. Cheaper than splitting every kernel across threads when there
+/// are independent jobs (calibration chunks, evaluation windows), and the kernels give the same
+/// bits either way.
+pub struct Workers {
+    pools: Vec<rayon::ThreadPool>,
+}
+
+impl Workers {
+    /// `None` with a single thread, or when a worker thread cannot be started.
+    pub fn new() -> Option<Workers> {
+        let n = rayon::current_num_threads();
+        if n < 2 {
+            return None;
+        }
+        let pools = (0..n)
+            .map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("lopper-worker-{i}"))
+                    .build()
+                    .ok()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Workers { pools })
+    }
+
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
+    /// Run the jobs concurrently, job `i` on worker `i` (at most [`Workers::len`] jobs);
+    /// results in job order. A job's panic is re-raised here.
+    pub fn run<'a, T: Send>(&self, jobs: Vec<Box<dyn FnOnce() -> T + Send + 'a>>) -> Vec<T> {
+        assert!(jobs.len() <= self.pools.len(), "more jobs than workers");
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .zip(&self.pools)
+                .map(|(job, pool)| sc.spawn(move || pool.install(job)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
     }
 }

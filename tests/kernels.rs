@@ -235,3 +235,72 @@ fn sub_scaled_is_bit_identical_to_naive() {
         assert!(n == 0 || a != y0);
     }
 }
+
+/// Data-parallel passes (`lopper::util::Workers`, one job per single-thread pool) give the same
+/// results as passes whose kernels use every thread only if each kernel's bits do not depend on
+/// the number of threads: checked here in a one-thread pool against a four-thread pool.
+#[test]
+fn kernels_give_the_same_bits_in_any_pool() {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let four = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let mut rng = Rng(21);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let in_both = |f: &(dyn Fn() -> Vec<f32> + Sync)| (one.install(f), four.install(f));
+
+    // Large enough to be split across threads (matmul_t goes parallel above 2^22 FLOPs).
+    let (m, k, n) = (600, 576, 330);
+    let x = rng.vec(m * k, 1.0);
+    let w = rng.vec(n * k, 1.0);
+    let (a, b) = in_both(&|| {
+        let mut y = vec![0f32; m * n];
+        kernels::matmul_t(&x, &w, &mut y, m, k, n, false);
+        y
+    });
+    assert_eq!(bits(&a), bits(&b), "matmul_t");
+
+    let (rows, cols) = (700, 400);
+    let g = rng.vec(rows * cols, 1.0);
+    let (a, b) = in_both(&|| {
+        let mut y = vec![0f32; cols * cols];
+        kernels::gram(&g, rows, cols, &mut y);
+        y
+    });
+    assert_eq!(bits(&a), bits(&b), "gram");
+
+    let d = AttnDims {
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 32,
+    };
+    let t = 300;
+    let (qw, kw) = (6 * 32, 2 * 32);
+    let (q, kk, v) = (
+        rng.vec(t * qw, 1.0),
+        rng.vec(t * kw, 1.0),
+        rng.vec(t * kw, 1.0),
+    );
+    let (a, b) = in_both(&|| {
+        let mut out = vec![0f32; t * qw];
+        kernels::causal_attention(&q, &kk, &v, &mut out, t, t, d, 0.17);
+        out
+    });
+    assert_eq!(bits(&a), bits(&b), "causal_attention");
+
+    let h = rng.vec(500 * 96, 3.0);
+    let nw = rng.vec(96, 1.0);
+    let (a, b) = in_both(&|| {
+        let mut out = vec![0f32; h.len()];
+        kernels::rmsnorm(&h, &nw, 1e-5, &mut out);
+        let mut gate = h.clone();
+        kernels::silu_mul(&mut gate, &out);
+        out.extend(gate);
+        out
+    });
+    assert_eq!(bits(&a), bits(&b), "rmsnorm, silu_mul");
+}

@@ -1138,3 +1138,77 @@ fn ids_file_golden_and_bad() {
         assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
     }
 }
+
+/// Calibration chunks run side by side, one per thread (`prune::runner`); the pruned weights
+/// must not depend on how many threads ran them. 300 windows of 32 tokens make three chunks of
+/// 128, 128 and 44 windows, so the four-thread run really runs chunks in parallel.
+#[test]
+fn pruning_does_not_depend_on_the_thread_count() {
+    let mut rng = SplitMix64(99);
+    let (n, len) = (300, 32);
+    let calib = CalibSet {
+        ids: (0..n * len).map(|_| rng.below(320) as u32).collect(),
+        n,
+        len,
+        source: "random ids".into(),
+    };
+    let pool = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    };
+    // The statistics themselves, bit for bit (f64 sums folded in chunk order).
+    let model = tiny_model();
+    let needs = prune::Needs {
+        col_sq: true,
+        hessian: true,
+    };
+    let stats = |threads: usize| {
+        let mut h = lopper::model::forward::embed(&model.weights, &calib.ids).unwrap();
+        pool(threads).install(|| driver::layer_stats(&model, 1, &mut h, n, len, needs).unwrap())
+    };
+    let (sa, sb) = (stats(1), stats(4));
+    assert_eq!(sa.len(), 4);
+    for (site, a) in &sa {
+        let b = &sb[site];
+        assert_eq!((a.samples, a.tokens), (b.samples, b.tokens));
+        let f64bits = |v: &Option<Vec<f64>>| {
+            v.as_ref()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            f64bits(&a.col_sq) == f64bits(&b.col_sq),
+            "{site:?}: Σx² differs"
+        );
+        assert!(f64bits(&a.xtx) == f64bits(&b.xtx), "{site:?}: XᵀX differs");
+    }
+    for (method, pattern) in [
+        (Method::Wanda, Pattern::Unstructured),
+        (Method::Sparsegpt, Pattern::Unstructured),
+        (Method::Sparsegpt, Pattern::NM { n: 2, m: 4 }),
+    ] {
+        let plan = PrunePlan::new(method, pattern, 0.5);
+        let run = |threads: usize| {
+            let mut model = tiny_model();
+            pool(threads)
+                .install(|| prune::prune_model(&mut model, &calib, &plan, &mut |_, _, _| {}))
+                .unwrap();
+            model
+        };
+        let (a, b) = (run(1), run(4));
+        for (i, (la, lb)) in a.weights.layers.iter().zip(&b.weights.layers).enumerate() {
+            for k in LinearKind::ALL {
+                let (wa, wb) = (la.linear(k).weight.data(), lb.linear(k).weight.data());
+                assert!(
+                    wa.iter().zip(wb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{method:?} {pattern}: {} differs between 1 and 4 threads",
+                    driver::tensor_name(i, k)
+                );
+            }
+        }
+    }
+}

@@ -207,8 +207,15 @@ simd_dispatch! {
             }
         }
         let mut s: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            let e = exp_fast(*v - m);
+        // The tail's exponentials are computed 16 lanes wide in a padded copy (the scalar
+        // `exp_fast` costs about as much as a whole vector), then summed in order.
+        let tail = chunks.into_remainder();
+        let mut pad = [0f32; 16];
+        pad[..tail.len()].copy_from_slice(tail);
+        for p in pad.iter_mut() {
+            *p = exp_fast(*p - m);
+        }
+        for (v, &e) in tail.iter_mut().zip(&pad) {
             *v = e;
             s += e;
         }

@@ -3,6 +3,10 @@
 //! The forward pass calls an [`Observer`] with the input of every linear layer (one call per
 //! distinct input: q/k/v share one, gate/up share one) and with each block's input and output
 //! hidden states. [`NoObserver`] does nothing and is what plain inference passes.
+//!
+//! A [`ChunkObserver`] can also watch a pass whose chunks of rows run in parallel (see
+//! [`crate::prune::runner`]): every chunk is seen by its own part, and the parts are merged back
+//! in chunk order, so the result does not depend on how many threads ran the pass.
 
 use crate::model::weights::LinearKind;
 
@@ -73,3 +77,25 @@ pub trait Observer {
 pub struct NoObserver;
 
 impl Observer for NoObserver {}
+
+/// An observer whose observations can be split over chunks of rows that run in parallel.
+///
+/// Each chunk is watched by its own [`ChunkObserver::Part`]; after the chunks of a round finish,
+/// the parts are handed back to [`ChunkObserver::merge`] in chunk order. An implementation whose
+/// merge performs the same arithmetic as watching the chunks one after another makes a
+/// parallel pass give exactly the result of a sequential one.
+pub trait ChunkObserver: Observer {
+    type Part: Observer + Send;
+    /// An empty part for the next chunk (it may reuse buffers returned by earlier merges).
+    fn part(&mut self) -> Self::Part;
+    /// Fold a finished chunk's part in; called in chunk order.
+    fn merge(&mut self, part: Self::Part);
+}
+
+impl ChunkObserver for NoObserver {
+    type Part = NoObserver;
+    fn part(&mut self) -> NoObserver {
+        NoObserver
+    }
+    fn merge(&mut self, _part: NoObserver) {}
+}

@@ -6,22 +6,22 @@
 //! (3) re-run the *pruned* block to produce block *i+1*'s inputs.
 //!
 //! Memory: the model plus one `[samples·len, hidden]` activation buffer; samples go through a
-//! block in chunks of about [`CHUNK_ROWS`] tokens, so the block's scratch stays small.
+//! block in chunks of about [`CHUNK_ROWS`] tokens, one chunk per thread at a time
+//! ([`BlockRunner`]), so the block's scratch stays small.
 //! OWL allocation adds one dense pass (statistics only) before the pruning pass.
 
 use super::owl::{self, Allocation};
 use super::stats::StatsObserver;
 use super::{mask, pruner, wanda, Method, Needs, Pattern, Scope, Target};
 use crate::calibrate::CalibSet;
-use crate::model::forward::{block_forward, embed, Scratch};
+use crate::model::forward::{embed, Scratch};
 use crate::model::observer::{NoObserver, Observer, Site};
 use crate::model::rope::Rope;
 use crate::{Error, LinearKind, Model, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-/// Calibration tokens pushed through a block at once.
-pub const CHUNK_ROWS: usize = 4096;
+pub use super::runner::{BlockRunner, CHUNK_ROWS};
 
 /// A validated pruning request.
 #[derive(Debug, Clone, Serialize)]
@@ -217,26 +217,23 @@ pub fn run_layer(
     obs: &mut dyn Observer,
     scratch: &mut Scratch,
 ) -> Result<()> {
-    let d = cfg.hidden_size;
-    let per = (CHUNK_ROWS / len).max(1);
+    let width = len * cfg.hidden_size;
+    let per = (CHUNK_ROWS / len.max(1)).max(1);
     let mut tmp = Vec::new();
-    for s0 in (0..n).step_by(per) {
-        let b = per.min(n - s0);
-        let chunk = &mut h[s0 * len * d..(s0 + b) * len * d];
-        if keep {
-            block_forward(cfg, layer, lw, rope, chunk, b, len, scratch, obs);
-            if chunk.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Numeric(format!(
-                    "NaN/Inf in the output of block {layer} (model.layers.{layer}) on calibration samples {s0}..{}",
-                    s0 + b
-                )));
-            }
-        } else {
-            // The block runs on a copy; with a statistics-only observer it stops early.
-            tmp.clear();
-            tmp.extend_from_slice(chunk);
-            block_forward(cfg, layer, lw, rope, &mut tmp, b, len, scratch, obs);
-        }
+    for (i, chunk) in h[..n * width].chunks_mut(per * width).enumerate() {
+        let b = chunk.len() / width;
+        super::runner::run_chunk(
+            cfg,
+            layer,
+            lw,
+            rope,
+            chunk,
+            (i * per, b, len),
+            keep,
+            obs,
+            scratch,
+            &mut tmp,
+        )?;
     }
     Ok(())
 }
@@ -279,7 +276,7 @@ pub fn prune_model_with(
     let n_layers = model.weights.layers.len();
     let (n, len) = (calib.n, calib.len);
     let rope = Rope::new(&model.config, len);
-    let mut scratch = Scratch::default();
+    let mut runner = BlockRunner::new();
     let (mut t_fwd, mut t_stats, mut t_prune) = (0f64, 0f64, 0f64);
 
     // Per-layer targets.
@@ -300,16 +297,16 @@ pub fn prune_model_with(
                     },
                     len,
                 );
-                run_block(
-                    model,
+                runner.run(
+                    &model.config,
                     i,
+                    &model.weights.layers[i],
                     &rope,
                     &mut h,
                     n,
                     len,
                     true,
                     &mut obs,
-                    &mut scratch,
                 )?;
                 t_stats += t.elapsed().as_secs_f64();
                 let lw = &model.weights.layers[i];
@@ -351,63 +348,95 @@ pub fn prune_model_with(
         obs.statistics_only = true;
         if needs != Needs::default() && !to_prune.is_empty() {
             let t = Instant::now();
-            run_block(
-                model,
+            runner.run(
+                &model.config,
                 i,
+                &model.weights.layers[i],
                 &rope,
                 &mut h,
                 n,
                 len,
                 false,
                 &mut obs,
-                &mut scratch,
             )?;
             t_stats += t.elapsed().as_secs_f64();
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
         let t = Instant::now();
         let offset = layer_sparsity[i] - plan.sparsity;
-        for &kind in &to_prune {
-            let name = tensor_name(i, kind);
-            let target = Target {
-                sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99),
-                pattern: plan.pattern,
-            };
-            let empty = super::SiteStats::new(0, Needs::default());
-            let stats = obs.sites.get(&Site::of(kind)).unwrap_or(&empty);
-            let lin = model.weights.layers[i].linear_mut(kind);
-            let (rows, cols) = (lin.out_features(), lin.in_features());
-            // A NaN/Inf weight would otherwise pass silently (magnitude and the last block run no
-            // forward pass that could catch it).
-            if lin.weight.data().iter().any(|v| !v.is_finite()) {
-                return Err(Error::Numeric(format!(
-                    "block {i}: {name} contains NaN/Inf weights"
-                )));
-            }
-            method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
-            let zeros = lin.weight.count_zeros();
-            tensors.push(TensorOutcome {
-                name,
-                shape: [rows, cols],
-                sparsity_target: target.sparsity,
-                zeros,
-                sparsity: zeros as f64 / (rows * cols) as f64,
-            });
-        }
+        let sites = &obs.sites;
+        let layer = &mut model.weights.layers[i];
+        // Per-input preparation (SparseGPT's inverse-Hessian factors) runs ahead on its own
+        // thread, on the sites in reverse order of use (down_proj's, the largest, first), while
+        // the linears are pruned in order; a linear whose factor is not ready yet waits for it
+        // (or computes it, if preparation has not reached it). Both sides are plain threads, not
+        // rayon workers, so neither can end up running the other's code while holding a lock.
+        let prepare = || {
+            Site::ALL.iter().rev().try_for_each(|site| {
+                match (
+                    sites.get(site),
+                    site.linears().iter().find(|k| to_prune.contains(k)),
+                ) {
+                    (Some(stats), Some(&kind)) => method.prepare(stats, &tensor_name(i, kind)),
+                    _ => Ok(()),
+                }
+            })
+        };
+        let (prepared, pruned) = std::thread::scope(|sc| {
+            let ahead = sc.spawn(prepare);
+            let pruned = (|| -> Result<Vec<TensorOutcome>> {
+                let mut out = Vec::new();
+                for &kind in &to_prune {
+                    let name = tensor_name(i, kind);
+                    let target = Target {
+                        sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99),
+                        pattern: plan.pattern,
+                    };
+                    let empty = super::SiteStats::new(0, Needs::default());
+                    let stats = sites.get(&Site::of(kind)).unwrap_or(&empty);
+                    let lin = layer.linear_mut(kind);
+                    let (rows, cols) = (lin.out_features(), lin.in_features());
+                    // A NaN/Inf weight would otherwise pass silently (magnitude and the last
+                    // block run no forward pass that could catch it).
+                    if lin.weight.data().iter().any(|v| !v.is_finite()) {
+                        return Err(Error::Numeric(format!(
+                            "block {i}: {name} contains NaN/Inf weights"
+                        )));
+                    }
+                    method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
+                    let zeros = lin.weight.count_zeros();
+                    out.push(TensorOutcome {
+                        name,
+                        shape: [rows, cols],
+                        sparsity_target: target.sparsity,
+                        zeros,
+                        sparsity: zeros as f64 / (rows * cols) as f64,
+                    });
+                }
+                Ok(out)
+            })();
+            let prepared = ahead
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (prepared, pruned)
+        });
+        // The pruning loop's error names the linear it was pruning; report it first.
+        tensors.extend(pruned?);
+        prepared?;
         t_prune += t.elapsed().as_secs_f64();
         crate::util::trace_rss(&format!("block {i} pruned"));
         if calibrated && i + 1 < n_layers {
             let t = Instant::now();
-            run_block(
-                model,
+            runner.run(
+                &model.config,
                 i,
+                &model.weights.layers[i],
                 &rope,
                 &mut h,
                 n,
                 len,
                 true,
                 &mut NoObserver,
-                &mut scratch,
             )?;
             t_fwd += t.elapsed().as_secs_f64();
         }
@@ -448,16 +477,16 @@ pub fn layer_stats(
     let rope = Rope::new(&model.config, len);
     let mut obs = StatsObserver::new(layer, needs, len);
     obs.statistics_only = true;
-    run_block(
-        model,
+    BlockRunner::new().run(
+        &model.config,
         layer,
+        &model.weights.layers[layer],
         &rope,
         h,
         n,
         len,
         false,
         &mut obs,
-        &mut Scratch::default(),
     )?;
     Ok(obs.sites)
 }

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
+pub mod runner;
 pub mod sparsegpt;
 pub mod stats;
 pub mod wanda;
@@ -155,6 +156,14 @@ pub trait Pruner: Sync {
         target: Target,
         name: &str,
     ) -> Result<()>;
+
+    /// Work on one input's statistics that every linear reading it shares (SparseGPT's
+    /// inverse-Hessian factor), cached in `stats`. The driver may run it ahead, concurrently
+    /// with pruning other linears; `prune` must not rely on it having run. `name` is a tensor
+    /// reading this input, for errors.
+    fn prepare(&self, _stats: &SiteStats, _name: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Build the pruner for `method`.

@@ -72,24 +72,26 @@ pub struct HessianFactor {
 }
 
 /// The factor for `stats`, computed on first use and shared by every linear reading the same
-/// input (q/k/v share one Hessian, gate/up another).
+/// input (q/k/v share one Hessian, gate/up another). A caller that finds it being computed by
+/// another thread waits for it.
 pub fn factor_for(
     stats: &SiteStats,
     percdamp: f64,
     precision: Precision,
     name: &str,
 ) -> Result<Arc<HessianFactor>> {
-    if let Some(f) = stats.factor.get() {
+    let mut slot = stats.factor.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = slot.as_ref() {
         if f.percdamp == percdamp && f.precision == precision {
             return Ok(f.clone());
         }
     }
-    let mut h = stats.hessian().ok_or_else(|| {
+    let h = stats.hessian().ok_or_else(|| {
         Error::Invalid(format!(
             "{name}: SparseGPT needs the input Hessian, none was collected"
         ))
     })?;
-    let (u, dead) = inverse_hessian_factor(&mut h, stats.cols, percdamp, precision, name)?;
+    let (u, dead) = inverse_hessian_factor(h, stats.cols, percdamp, precision, name)?;
     let f = Arc::new(HessianFactor {
         percdamp,
         precision,
@@ -97,13 +99,16 @@ pub fn factor_for(
         dead,
     });
     // A factor with other settings already cached stays; this one is used once.
-    let _ = stats.factor.set(f.clone());
+    if slot.is_none() {
+        *slot = Some(f.clone());
+    }
     Ok(f)
 }
 
 /// Upper Cholesky factor of the inverse of the dampened Hessian, `[n, n]` row-major, f32, by the
 /// official sequence (Cholesky, inverse, Cholesky of the inverse) in `precision`. Also returns
-/// the dead-input flags. `h` is the f64 Hessian, modified in place.
+/// the dead-input flags. `h` is the f64 Hessian (consumed: each intermediate matrix is freed as
+/// soon as the next exists, so at most two `n×n` matrices are alive at once).
 ///
 /// An equivalent shortcut with a third of the work exists (with `J` the order reversal and
 /// `J·H·J = L·Lᵀ`, `J·L⁻¹·J` is the same factor), and was tried: in f64 it changed the factor
@@ -111,13 +116,13 @@ pub fn factor_for(
 /// because near-tie mask decisions flip and their OBS updates cascade (see
 /// `examples/sparsegpt_sensitivity.rs`). lopper keeps the official order of operations.
 pub fn inverse_hessian_factor(
-    h: &mut [f64],
+    mut h: Vec<f64>,
     n: usize,
     percdamp: f64,
     precision: Precision,
     name: &str,
 ) -> Result<(Vec<f32>, Vec<bool>)> {
-    let dead = dampen(h, n, percdamp, name)?;
+    let dead = dampen(&mut h, n, percdamp, name)?;
     let u = official_sequence(h, n, precision).ok_or_else(|| not_positive_definite(name))?;
     Ok((u, dead))
 }
@@ -150,7 +155,7 @@ fn dampen(h: &mut [f64], n: usize, percdamp: f64, name: &str) -> Result<Vec<bool
 }
 
 /// The official sequence: `chol(chol(H)⁻¹)` upper factor, in `precision`.
-fn official_sequence(h: &[f64], n: usize, precision: Precision) -> Option<Vec<f32>> {
+fn official_sequence(h: Vec<f64>, n: usize, precision: Precision) -> Option<Vec<f32>> {
     match precision {
         Precision::F32 => official_sequence_in(h, n, |v| v as f32, |v: f32| v),
         Precision::F64 => official_sequence_in(h, n, |v| v, |v: f64| v as f32),
@@ -159,14 +164,19 @@ fn official_sequence(h: &[f64], n: usize, precision: Precision) -> Option<Vec<f3
 
 /// [`official_sequence`] in the float type `T` (`to` / `back` convert in and out).
 fn official_sequence_in<T: faer::traits::RealField + Copy>(
-    h: &[f64],
+    h: Vec<f64>,
     n: usize,
     to: impl Fn(f64) -> T,
     back: impl Fn(T) -> f32,
 ) -> Option<Vec<f32>> {
     let m = faer::Mat::<T>::from_fn(n, n, |i, j| to(h[i * n + j]));
-    let inv = m.llt(faer::Side::Lower).ok()?.inverse();
+    drop(h);
+    let llt = m.llt(faer::Side::Lower).ok()?;
+    drop(m);
+    let inv = llt.inverse();
+    drop(llt);
     let llt = inv.llt(faer::Side::Lower).ok()?;
+    drop(inv);
     let l = llt.L();
     let mut u = vec![0f32; n * n];
     for i in 0..n {
@@ -196,6 +206,13 @@ impl Pruner for SparseGpt {
             col_sq: false,
             hessian: true,
         }
+    }
+
+    fn prepare(&self, stats: &SiteStats, name: &str) -> Result<()> {
+        if stats.xtx.is_some() {
+            factor_for(stats, self.percdamp, self.precision, name)?;
+        }
+        Ok(())
     }
 
     fn prune(
@@ -343,7 +360,7 @@ mod tests {
         }
         h[1] = 5.0;
         h[n] = 5.0;
-        let e = inverse_hessian_factor(&mut h, n, 0.01, Precision::F64, "blk.q").unwrap_err();
+        let e = inverse_hessian_factor(h, n, 0.01, Precision::F64, "blk.q").unwrap_err();
         assert!(e.to_string().contains("blk.q"), "{e}");
     }
 }

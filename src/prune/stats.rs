@@ -5,14 +5,14 @@
 //! divided by the number of samples) and `Σ x xᵀ` (SparseGPT's `H` is 2/n_samples times this).
 
 use crate::kernels;
-use crate::model::observer::{Observer, Site};
+use crate::model::observer::{ChunkObserver, Observer, Site};
 use crate::prune::Needs;
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Statistics of one linear input.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SiteStats {
     pub cols: usize,
     /// Calibration sequences seen.
@@ -24,8 +24,22 @@ pub struct SiteStats {
     /// `Σ x xᵀ`, `[cols, cols]` row-major, upper triangle (`j >= i`) valid, when collected.
     pub xtx: Option<Vec<f64>>,
     /// SparseGPT's inverse-Hessian factor, computed once and shared by the linears that read
-    /// this input (q/k/v, gate/up). Filled by the first linear pruned.
-    pub(crate) factor: OnceLock<Arc<super::sparsegpt::HessianFactor>>,
+    /// this input (q/k/v, gate/up). Locked while it is being computed, so a second user waits
+    /// instead of repeating the work.
+    pub(crate) factor: Mutex<Option<Arc<super::sparsegpt::HessianFactor>>>,
+}
+
+impl Clone for SiteStats {
+    fn clone(&self) -> Self {
+        SiteStats {
+            cols: self.cols,
+            samples: self.samples,
+            tokens: self.tokens,
+            col_sq: self.col_sq.clone(),
+            xtx: self.xtx.clone(),
+            factor: Mutex::new(self.cached_factor()),
+        }
+    }
 }
 
 impl SiteStats {
@@ -61,8 +75,16 @@ impl SiteStats {
             tokens,
             col_sq,
             xtx,
-            factor: OnceLock::new(),
+            factor: Mutex::new(None),
         }
+    }
+
+    /// The cached SparseGPT factor, if any.
+    pub(crate) fn cached_factor(&self) -> Option<Arc<super::sparsegpt::HessianFactor>> {
+        self.factor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Wanda's `scaler_row`: `Σ x_j² / n_samples` as f32.
@@ -92,37 +114,33 @@ impl SiteStats {
 
     /// Add `rows` rows of `x` (`[rows, cols]`), which hold `samples` sequences.
     pub fn add(&mut self, x: &[f32], rows: usize, samples: usize) {
-        self.add_buffered(x, rows, samples, &mut Vec::new());
+        let mut c = ChunkSums::default();
+        c.compute(x, rows, self.cols, samples, self.needs());
+        self.fold(&c);
     }
 
-    /// [`SiteStats::add`] with a caller-owned scratch buffer for the Gram matrix (avoids a
-    /// large allocation per call).
-    pub fn add_buffered(&mut self, x: &[f32], rows: usize, samples: usize, buf: &mut Vec<f32>) {
-        let cols = self.cols;
-        self.samples += samples;
-        self.tokens += rows;
-        self.factor = OnceLock::new();
-        if let Some(acc) = &mut self.col_sq {
-            // Column chunks in parallel; each sums its columns over all rows.
-            const CH: usize = 64;
-            acc.par_chunks_mut(CH).enumerate().for_each(|(ci, a)| {
-                let c0 = ci * CH;
-                for r in 0..rows {
-                    let row = &x[r * cols + c0..r * cols + c0 + a.len()];
-                    for (s, &v) in a.iter_mut().zip(row) {
-                        *s += (v as f64) * (v as f64);
-                    }
-                }
-            });
+    fn needs(&self) -> Needs {
+        Needs {
+            col_sq: self.col_sq.is_some(),
+            hessian: self.xtx.is_some(),
         }
-        if let Some(acc) = &mut self.xtx {
-            // XᵀX with the f32 GEMM (as the reference implementation does in float32), upper
-            // triangle only, accumulated in f64 across chunks; mirrored once in `hessian()`.
-            if buf.len() < cols * cols {
-                buf.resize(cols * cols, 0.0);
+    }
+
+    /// Fold one chunk's sums in (chunks must be folded in calibration order for results that
+    /// do not depend on the number of threads).
+    pub fn fold(&mut self, c: &ChunkSums) {
+        assert_eq!(c.cols, self.cols, "statistics: chunk width differs");
+        self.samples += c.samples;
+        self.tokens += c.rows;
+        self.factor = Mutex::new(None);
+        if let (Some(acc), Some(part)) = (&mut self.col_sq, &c.col_sq) {
+            for (a, p) in acc.iter_mut().zip(part) {
+                *a += p;
             }
-            let g = &mut buf[..cols * cols];
-            kernels::gram_upper(x, rows, cols, g);
+        }
+        if let (Some(acc), Some(g)) = (&mut self.xtx, &c.gram) {
+            // The chunk's f32 Gram accumulated in f64, upper triangle; mirrored in `hessian()`.
+            let cols = self.cols;
             acc.par_chunks_mut(cols)
                 .zip(g.par_chunks(cols))
                 .enumerate()
@@ -135,7 +153,63 @@ impl SiteStats {
     }
 }
 
+/// One chunk's contribution to a site's statistics: `Σ x_j²` over its rows in f64, and `XᵀX`
+/// in f32 (upper triangle) computed with one GEMM, as the reference implementation does in
+/// float32. Buffers are reused across chunks.
+#[derive(Debug, Default)]
+pub struct ChunkSums {
+    cols: usize,
+    rows: usize,
+    samples: usize,
+    col_sq: Option<Vec<f64>>,
+    gram: Option<Vec<f32>>,
+}
+
+impl ChunkSums {
+    /// Overwrite with the sums of `x` (`[rows, cols]`, holding `samples` sequences).
+    pub fn compute(&mut self, x: &[f32], rows: usize, cols: usize, samples: usize, needs: Needs) {
+        self.cols = cols;
+        self.rows = rows;
+        self.samples = samples;
+        let x = &x[..rows * cols];
+        if needs.col_sq {
+            let acc = self.col_sq.get_or_insert_with(Vec::new);
+            acc.clear();
+            acc.resize(cols, 0.0);
+            // Column chunks in parallel; each sums its columns over all rows.
+            const CH: usize = 64;
+            acc.par_chunks_mut(CH).enumerate().for_each(|(ci, a)| {
+                let c0 = ci * CH;
+                for r in 0..rows {
+                    let row = &x[r * cols + c0..r * cols + c0 + a.len()];
+                    for (s, &v) in a.iter_mut().zip(row) {
+                        *s += (v as f64) * (v as f64);
+                    }
+                }
+            });
+        } else {
+            self.col_sq = None;
+        }
+        if needs.hessian {
+            // Filled by writing (a fresh `vec![0.0; n]` maps copy-on-write zero pages that
+            // fault on first write); gram_upper overwrites every tile it computes.
+            let g = self.gram.get_or_insert_with(Vec::new);
+            if g.len() != cols * cols {
+                g.clear();
+                g.resize(cols * cols, 0.0);
+            }
+            kernels::gram_upper(x, rows, cols, g);
+        } else {
+            self.gram = None;
+        }
+    }
+}
+
 /// An observer that accumulates [`SiteStats`] for every site of one layer.
+///
+/// Each linear input is summed per chunk ([`ChunkSums`]) and folded into the site's totals; in
+/// a chunk-parallel pass the chunks' sums are computed by [`StatsPart`]s and folded in chunk
+/// order, so the statistics are bit-for-bit those of a sequential pass.
 pub struct StatsObserver {
     pub layer: usize,
     pub needs: Needs,
@@ -144,7 +218,54 @@ pub struct StatsObserver {
     pub sites: HashMap<Site, SiteStats>,
     /// When set, blocks stop after their last linear input (no block output is produced).
     pub statistics_only: bool,
-    gram_buf: Vec<f32>,
+    /// Scratch sums of a sequential pass.
+    own: StatsPart,
+    /// Parts back from merges, reused by the next rounds.
+    spare: Vec<StatsPart>,
+}
+
+/// What a [`StatsObserver`] hands to one chunk of a parallel pass.
+pub struct StatsPart {
+    layer: usize,
+    needs: Needs,
+    seq_len: usize,
+    statistics_only: bool,
+    sums: HashMap<Site, ChunkSums>,
+    /// Sites seen since the last fold, in order.
+    seen: Vec<Site>,
+}
+
+impl StatsPart {
+    fn new(layer: usize, needs: Needs, seq_len: usize) -> StatsPart {
+        StatsPart {
+            layer,
+            needs,
+            seq_len,
+            statistics_only: false,
+            sums: HashMap::new(),
+            seen: Vec::new(),
+        }
+    }
+}
+
+impl Observer for StatsPart {
+    fn wants_linear_inputs(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        !self.statistics_only
+    }
+    fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
+        if layer != self.layer {
+            return;
+        }
+        let samples = rows / self.seq_len.max(1);
+        self.sums
+            .entry(site)
+            .or_default()
+            .compute(x, rows, cols, samples, self.needs);
+        self.seen.push(site);
+    }
 }
 
 impl StatsObserver {
@@ -155,7 +276,20 @@ impl StatsObserver {
             seq_len,
             sites: HashMap::new(),
             statistics_only: false,
-            gram_buf: Vec::new(),
+            own: StatsPart::new(layer, needs, seq_len),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Fold the sites `part` saw into the totals.
+    fn fold(&mut self, part: &mut StatsPart) {
+        let needs = self.needs;
+        for site in part.seen.drain(..) {
+            let c = &part.sums[&site];
+            self.sites
+                .entry(site)
+                .or_insert_with(|| SiteStats::new(c.cols, needs))
+                .fold(c);
         }
     }
 }
@@ -168,14 +302,27 @@ impl Observer for StatsObserver {
         !self.statistics_only
     }
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
-        if layer != self.layer {
-            return;
-        }
-        let needs = self.needs;
-        let samples = rows / self.seq_len.max(1);
-        self.sites
-            .entry(site)
-            .or_insert_with(|| SiteStats::new(cols, needs))
-            .add_buffered(&x[..rows * cols], rows, samples, &mut self.gram_buf);
+        let mut own = std::mem::replace(&mut self.own, StatsPart::new(0, self.needs, 0));
+        (own.layer, own.needs, own.seq_len) = (self.layer, self.needs, self.seq_len);
+        own.linear_input(layer, site, x, rows, cols);
+        self.fold(&mut own);
+        self.own = own;
+    }
+}
+
+impl ChunkObserver for StatsObserver {
+    type Part = StatsPart;
+    fn part(&mut self) -> StatsPart {
+        let mut p = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| StatsPart::new(self.layer, self.needs, self.seq_len));
+        (p.layer, p.needs, p.seq_len) = (self.layer, self.needs, self.seq_len);
+        p.statistics_only = self.statistics_only;
+        p
+    }
+    fn merge(&mut self, mut part: StatsPart) {
+        self.fold(&mut part);
+        self.spare.push(part);
     }
 }

@@ -40,10 +40,10 @@
 
 use super::{Progress, StepDetails};
 use crate::calibrate::CalibSet;
-use crate::model::forward::{embed, Scratch};
+use crate::model::forward::embed;
 use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
-use crate::prune::driver::run_block;
+use crate::prune::runner::BlockRunner;
 use crate::prune::stats::StatsObserver;
 use crate::prune::Needs;
 use crate::{Error, Linear, LinearKind, Model, Result, Tensor};
@@ -360,7 +360,7 @@ fn factorize_layers(
     let n_layers = model.weights.layers.len();
     let (n, len) = (calib.n, calib.len);
     let rope = Rope::new(&model.config, len);
-    let mut scratch = Scratch::default();
+    let mut runner = BlockRunner::new();
     let mut h = if spec.whiten {
         embed(&model.weights, &calib.ids)?
     } else {
@@ -377,16 +377,16 @@ fn factorize_layers(
             };
             let mut obs = StatsObserver::new(i, needs, len);
             obs.statistics_only = true;
-            run_block(
-                model,
+            runner.run(
+                &model.config,
                 i,
+                &model.weights.layers[i],
                 &rope,
                 &mut h,
                 n,
                 len,
                 false,
                 &mut obs,
-                &mut scratch,
             )?;
             obs.sites
         } else {
@@ -439,16 +439,16 @@ fn factorize_layers(
             apply(lin, f, out, inp);
         }
         if spec.whiten && i + 1 < n_layers {
-            run_block(
-                model,
+            runner.run(
+                &model.config,
                 i,
+                &model.weights.layers[i],
                 &rope,
                 &mut h,
                 n,
                 len,
                 true,
                 &mut NoObserver,
-                &mut scratch,
             )?;
         }
     }
