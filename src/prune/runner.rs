@@ -4,9 +4,9 @@
 //! [`CHUNK_ROWS`] tokens each). With several threads the chunks run side by side, one per
 //! worker ([`Workers`]: single-thread rayon pools), so the kernels inside it run
 //! sequentially: data parallelism over chunks instead of splitting every GEMM, attention and
-//! element-wise loop across the threads. On 2 cores a block pass over 8×512-token chunks took
-//! 133 ms per chunk this way against 154 ms with every kernel split (median of 5 rounds of 16
-//! chunks; `examples/block_prof.rs` has the per-kernel figures).
+//! element-wise loop across the threads. On 2 cores a block pass over 8×512-token chunks is
+//! about 1.12× faster this way (medians of 5 rounds of 16 chunks: 134 against 152 ms per chunk
+//! in one run, 156 against 175 ms in another; `examples/block_prof.rs`).
 //!
 //! The results do not depend on the number of threads: a GEMM gives the same bits on one
 //! thread as on several (the split is over output tiles, not the inner dimension; checked in
