@@ -218,9 +218,8 @@ pub fn run_layer(
     scratch: &mut Scratch,
 ) -> Result<()> {
     let width = len * cfg.hidden_size;
-    let per = (CHUNK_ROWS / len.max(1)).max(1);
     let mut tmp = Vec::new();
-    for (i, chunk) in h[..n * width].chunks_mut(per * width).enumerate() {
+    for (s0, chunk) in super::runner::chunks(h, n, len, cfg.hidden_size) {
         let b = chunk.len() / width;
         super::runner::run_chunk(
             cfg,
@@ -228,7 +227,7 @@ pub fn run_layer(
             lw,
             rope,
             chunk,
-            (i * per, b, len),
+            (s0, b, len),
             keep,
             obs,
             scratch,

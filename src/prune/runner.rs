@@ -59,12 +59,7 @@ impl BlockRunner {
         obs: &mut O,
     ) -> Result<()> {
         let width = len * cfg.hidden_size;
-        let per = (CHUNK_ROWS / len.max(1)).max(1);
-        let mut chunks: Vec<(usize, &mut [f32])> = h[..n * width]
-            .chunks_mut(per * width)
-            .enumerate()
-            .map(|(i, c)| (i * per, c))
-            .collect();
+        let mut chunks = chunks(h, n, len, cfg.hidden_size);
         if self.scratch.is_empty() {
             self.scratch.push(Default::default());
         }
@@ -104,6 +99,23 @@ impl BlockRunner {
         }
         Ok(())
     }
+}
+
+/// `h` (`n` samples of `len` tokens, `hidden` wide) cut into chunks of whole samples of about
+/// [`CHUNK_ROWS`] tokens, each with the index of its first sample.
+pub(crate) fn chunks(
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    hidden: usize,
+) -> Vec<(usize, &mut [f32])> {
+    let width = len * hidden;
+    let per = (CHUNK_ROWS / len.max(1)).max(1);
+    h[..n * width]
+        .chunks_mut(per * width)
+        .enumerate()
+        .map(|(i, c)| (i * per, c))
+        .collect()
 }
 
 /// Run block `layer` over one chunk of `b` samples (the first is sample `s0`) of `len` tokens.
