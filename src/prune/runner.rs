@@ -24,12 +24,17 @@ pub const CHUNK_ROWS: usize = 4096;
 
 /// Runs blocks over calibration activations, one chunk per worker ([`Workers`], one per thread
 /// of the current rayon pool); sequential with one thread.
-#[derive(Default)]
 pub struct BlockRunner {
     workers: Option<Workers>,
     /// Per-worker scratch: the block's buffers, and a copy of the chunk for statistics-only
     /// passes. Kept across passes.
     scratch: Vec<(Scratch, Vec<f32>)>,
+}
+
+impl Default for BlockRunner {
+    fn default() -> Self {
+        BlockRunner::new()
+    }
 }
 
 impl BlockRunner {
@@ -60,9 +65,6 @@ impl BlockRunner {
     ) -> Result<()> {
         let width = len * cfg.hidden_size;
         let mut chunks = chunks(h, n, len, cfg.hidden_size);
-        if self.scratch.is_empty() {
-            self.scratch.push(Default::default());
-        }
         let workers = match &self.workers {
             Some(w) if chunks.len() > 1 => w,
             _ => {

@@ -218,9 +218,7 @@ pub struct StatsObserver {
     pub sites: HashMap<Site, SiteStats>,
     /// When set, blocks stop after their last linear input (no block output is produced).
     pub statistics_only: bool,
-    /// Scratch sums of a sequential pass.
-    own: StatsPart,
-    /// Parts back from merges, reused by the next rounds.
+    /// Parts back from merges, reused (with their buffers) by later chunks.
     spare: Vec<StatsPart>,
 }
 
@@ -276,7 +274,6 @@ impl StatsObserver {
             seq_len,
             sites: HashMap::new(),
             statistics_only: false,
-            own: StatsPart::new(layer, needs, seq_len),
             spare: Vec::new(),
         }
     }
@@ -301,12 +298,11 @@ impl Observer for StatsObserver {
     fn wants_block_output(&self, _layer: usize) -> bool {
         !self.statistics_only
     }
+    /// A sequential pass: each input goes through a part that is merged right away.
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
-        let mut own = std::mem::replace(&mut self.own, StatsPart::new(0, self.needs, 0));
-        (own.layer, own.needs, own.seq_len) = (self.layer, self.needs, self.seq_len);
-        own.linear_input(layer, site, x, rows, cols);
-        self.fold(&mut own);
-        self.own = own;
+        let mut part = self.part();
+        part.linear_input(layer, site, x, rows, cols);
+        self.merge(part);
     }
 }
 
