@@ -48,6 +48,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
         .into_iter()
         .map(|(name, t)| {
             let zeros = t.count_zeros();
+            t.release();
             TensorSummary {
                 name,
                 shape: t.shape.clone(),

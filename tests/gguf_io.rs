@@ -555,3 +555,28 @@ fn header_corruption_never_panics() {
     eprintln!("{header_end} header bytes corrupted: {ok} loads succeeded, {failed} failed cleanly");
     assert!(failed > 0);
 }
+
+/// A GGUF model loaded with a scratch file (`load_model_with`) has the same tensors, each
+/// dequantized straight into the file and mapped from there.
+#[test]
+fn spilled_gguf_load_is_the_same_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, _) = tiny_file(dir.path(), "llama.gguf", &Tiny::llama());
+    let plain = gguf::load(&p).expect("load");
+    let spill = lopper::model::spill::Spill::create_in(dir.path()).expect("spill");
+    let spilled = lopper::io::load_model_with(&p, Some(&spill)).expect("load spilled");
+    let (a, b) = (
+        plain.weights.named_tensors(),
+        spilled.weights.named_tensors(),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (m, y)) in a.iter().zip(&b) {
+        assert_eq!((n, &x.shape), (m, &y.shape));
+        assert!(x.data() == y.data(), "{n} differs");
+        assert!(
+            matches!(y.data, lopper::model::weights::Storage::Mapped { .. }),
+            "{n} is not mapped"
+        );
+    }
+    assert!(spill.bytes() >= 4 * plain.weights.num_params() as u64);
+}

@@ -842,3 +842,32 @@ fn biases_the_arch_cannot_store() {
     }
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
+
+/// Loading with a scratch file (`load_model_with`, what `lopper prune` does) gives the same
+/// tensors as a plain load, every one of them mapped: converted bf16 ones from the scratch file,
+/// f32 ones from the model file itself. The scratch file leaves nothing in its directory.
+#[test]
+fn spilled_load_gives_the_same_tensors_all_mapped() {
+    use lopper::model::spill::Spill;
+    let m = load("tiny-llama-tied-bias");
+    let tmp = tempfile::tempdir().unwrap();
+    let bf = tmp.path().join("bf16");
+    save_hf(&m, &bf, SaveDtype::Bf16, false).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for dir in [tiny("tiny-llama-tied-bias"), bf] {
+        let plain = lopper::io::load_model(&dir).unwrap();
+        let spill = Spill::create_in(scratch.path()).unwrap();
+        let spilled = lopper::io::load_model_with(&dir, Some(&spill)).unwrap();
+        assert_same_config_and_tensors(&plain, &spilled);
+        for (n, t) in spilled.weights.named_tensors() {
+            assert!(
+                matches!(t.data, Storage::Mapped { .. }),
+                "{}: {n} is not mapped",
+                dir.display()
+            );
+        }
+        let converted = matches!(plain.weights.embed.data, Storage::Owned(_));
+        assert_eq!(spill.bytes() > 0, converted, "{}", dir.display());
+    }
+    assert_eq!(fs::read_dir(scratch.path()).unwrap().count(), 0);
+}

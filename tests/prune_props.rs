@@ -1212,3 +1212,73 @@ fn pruning_does_not_depend_on_the_thread_count() {
         }
     }
 }
+
+/// Pruning with the weights in a scratch file (`prune_model_spilled`, the CLI's default) gives
+/// the same weights and report as pruning in memory, for a mapped (safetensors) and an owned
+/// (dequantized) source, and leaves every weight mapped and nothing in the directory.
+#[test]
+fn spilled_pruning_equals_in_memory_pruning() {
+    use lopper::model::spill::Spill;
+    use lopper::model::weights::Storage;
+    let calib = tiny_calib(5);
+    let mut plans = vec![
+        PrunePlan::new(Method::Wanda, Pattern::Unstructured, 0.5),
+        PrunePlan::new(Method::Sparsegpt, Pattern::NM { n: 2, m: 4 }, 0.5),
+        PrunePlan::new(Method::Magnitude, Pattern::Unstructured, 0.6),
+    ];
+    let mut owl = PrunePlan::new(Method::Sparsegpt, Pattern::Unstructured, 0.6);
+    owl.allocation = Allocation::Owl {
+        m: 5.0,
+        lambda: 0.08,
+    };
+    owl.skip_layers = vec![1];
+    plans.push(owl);
+    for owned in [false, true] {
+        for plan in &plans {
+            let what = format!("{:?} {} owned={owned}", plan.method, plan.pattern);
+            let fresh = || {
+                let mut m = tiny_model();
+                if owned {
+                    for l in &mut m.weights.layers {
+                        l.tensors_mut().into_iter().for_each(|t| {
+                            t.data_mut();
+                        });
+                    }
+                    m.weights.embed.data_mut();
+                }
+                m
+            };
+            let mut a = fresh();
+            let oa = prune::prune_model(&mut a, &calib, plan, &mut |_, _, _| {}).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let spill = Spill::create_in(dir.path()).unwrap();
+            let mut b = fresh();
+            let ob = prune::prune_model_spilled(&mut b, &calib, plan, &spill, &mut |_, _, _| {})
+                .unwrap();
+            assert_eq!(
+                (oa.zeros, oa.pruned_params),
+                (ob.zeros, ob.pruned_params),
+                "{what}"
+            );
+            assert_eq!(oa.layer_sparsity, ob.layer_sparsity, "{what}");
+            assert_report_consistent(&b, &ob);
+            let (ta, tb) = (a.weights.named_tensors(), b.weights.named_tensors());
+            assert_eq!(ta.len(), tb.len());
+            for ((name, x), (_, y)) in ta.iter().zip(&tb) {
+                assert!(
+                    x.data()
+                        .iter()
+                        .zip(y.data())
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{what}: {name} differs"
+                );
+                assert!(
+                    matches!(y.data, Storage::Mapped { .. }),
+                    "{what}: {name} is still in memory"
+                );
+            }
+            assert!(spill.bytes() > 0);
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+}

@@ -56,8 +56,17 @@ pub fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
 
 /// Load a model with a spinner.
 pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
+    load_model_with(path, quiet, None)
+}
+
+/// [`load_model`] with converted weights moved to `spill` as they are read.
+pub fn load_model_with(
+    path: &Path,
+    quiet: bool,
+    spill: Option<&lopper::model::spill::Spill>,
+) -> Result<lopper::Model> {
     let pb = spinner(quiet, format!("loading {}", path.display()));
-    let m = lopper::io::load_model(path)
+    let m = lopper::io::load_model_with(path, spill)
         .with_context(|| format!("cannot load model {}", path.display()));
     pb.finish_and_clear();
     m

@@ -89,6 +89,11 @@ pub struct PruneArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Keep every weight in memory while pruning. By default the weights go to an unlinked
+    /// scratch file beside --out as they are loaded and only the block being pruned is held in
+    /// memory (same results; structured plans always work in memory).
+    #[arg(long)]
+    pub in_memory: bool,
     /// Refuse (and write nothing) when the result is not loadable by transformers: layers of
     /// different shapes, query heads not a multiple of KV heads, biases HF cannot express.
     #[arg(long)]
@@ -268,7 +273,18 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let plan = plan_from_args(&a)?;
     let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
-    let mut model = super::load_model(&model_path, a.json)?;
+    // Unless --in-memory, weights live in an unlinked scratch file beside the output from the
+    // moment they are read; only the block being pruned is held in memory.
+    let spill = if a.in_memory {
+        None
+    } else {
+        let dir = match a.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Some(lopper::model::spill::Spill::create_in(&dir)?)
+    };
+    let mut model = super::load_model_with(&model_path, a.json, spill.as_ref())?;
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
@@ -279,10 +295,14 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let before = evaluate(&model, "eval dense")?;
 
     let pb = super::bar(a.json, model.weights.layers.len() as u64, "pruning");
-    let outcome = lopper::prune::prune_model(&mut model, &calib, &plan, &mut |stage, d, _| {
+    let mut on_block = |stage: &str, d: usize, _: usize| {
         pb.set_message(stage.to_string());
         pb.set_position(d as u64);
-    })?;
+    };
+    let outcome = match &spill {
+        None => lopper::prune::prune_model(&mut model, &calib, &plan, &mut on_block)?,
+        Some(s) => lopper::prune::prune_model_spilled(&mut model, &calib, &plan, s, &mut on_block)?,
+    };
     pb.finish_and_clear();
     let peak_rss_prune = lopper::util::peak_rss_bytes();
     let after = evaluate(&model, "eval pruned")?;
@@ -331,6 +351,8 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "gemm_gflops": gemm_gflops,
         "compute_bound_seconds": compute_bound_s,
         "peak_rss_bytes": peak_rss_prune,
+        "weights_in_scratch_file": spill.is_some(),
+        "scratch_file_bytes": spill.as_ref().map(|s| s.bytes()),
         "perplexity_before": before.as_ref().map(|r| r.perplexity),
         "perplexity_after": after.as_ref().map(|r| r.perplexity),
         "eval": { "before": before, "after": after },

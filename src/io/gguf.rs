@@ -15,6 +15,7 @@
 //! disagree with the metadata, missing tensors, unknown architectures).
 
 use crate::model::config::Arch;
+use crate::model::spill::Spill;
 use crate::model::weights::{LayerWeights, Linear, Tensor, Weights};
 use crate::{Error, Model, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -296,6 +297,12 @@ struct Job {
 
 /// Load a GGUF model file: config, f32 weights in HF layout, tokenizer and chat template.
 pub fn load(path: &Path) -> Result<Model> {
+    load_with(path, None)
+}
+
+/// [`load`], each tensor moved to `spill` as soon as it is dequantized
+/// ([`super::load_model_with`]).
+pub fn load_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
     let f = GgufFile::open(path)?;
     let (config, dims) = read_config(&f)?;
     let (hidden, hd) = (config.hidden_size, config.head_dim);
@@ -372,7 +379,7 @@ pub fn load(path: &Path) -> Result<Model> {
                 Ok(None)
             }
         },
-        || read_jobs(&f, &jobs, hd),
+        || read_jobs(&f, &jobs, hd, spill),
     );
     let (tokenizer, loaded) = (tokenizer?, loaded?);
     let mut by_name: HashMap<String, Tensor> = jobs
@@ -440,7 +447,12 @@ pub fn load(path: &Path) -> Result<Model> {
 }
 
 /// Read, dequantize and (for q/k of the llama family) un-permute every present tensor of `jobs`.
-fn read_jobs(f: &GgufFile, jobs: &[Job], hd: usize) -> Result<Vec<Option<Tensor>>> {
+fn read_jobs(
+    f: &GgufFile,
+    jobs: &[Job],
+    hd: usize,
+    spill: Option<&Spill>,
+) -> Result<Vec<Option<Tensor>>> {
     jobs.par_iter()
         .map(|j| {
             if !f.has_tensor(&j.name) {
@@ -451,6 +463,9 @@ fn read_jobs(f: &GgufFile, jobs: &[Job], hd: usize) -> Result<Vec<Option<Tensor>
                 let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
                 let data = unpermute_rows(t.data(), heads, hd, cols);
                 t = Tensor::new(t.shape.clone(), data);
+            }
+            if let Some(s) = spill {
+                s.spill(&mut t)?;
             }
             Ok(Some(t))
         })

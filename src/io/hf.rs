@@ -28,6 +28,7 @@
 //! tools and tests.
 
 use crate::model::config::{Arch, Config, RopeScaling};
+use crate::model::spill::Spill;
 use crate::model::weights::{
     LayerWeights, Linear, LinearKind, Packed, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U,
     LOW_RANK_V, MLP_SHORTCUT,
@@ -108,6 +109,12 @@ pub fn has_bias(config: &Config, kind: LinearKind) -> bool {
 
 /// Load an HF model directory.
 pub fn load_dir(dir: &Path) -> Result<Model> {
+    load_dir_with(dir, None)
+}
+
+/// [`load_dir`], converted tensors moved to `spill` as they are read
+/// ([`super::load_model_with`]).
+pub fn load_dir_with(dir: &Path, spill: Option<&Spill>) -> Result<Model> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {
         return Err(Error::config(
@@ -120,7 +127,8 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
     let ext = parse_extensions(&json, &config, &cfg_path)?;
     let packed = super::packed::load_note(&json, &cfg_path)?;
-    let store = TensorStore::open(dir)?;
+    let mut store = TensorStore::open(dir)?;
+    store.spill = spill;
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
@@ -458,7 +466,9 @@ impl<'a> Fields<'a> {
 // ---------------------------------------------------------------------------------------------
 
 /// The safetensors files of a directory and which holds each tensor.
-struct TensorStore {
+struct TensorStore<'s> {
+    /// Where converted tensors go as they are read, if anywhere.
+    spill: Option<&'s Spill>,
     files: Vec<SafetensorsFile>,
     /// Tensor name → index into `files`.
     owner: HashMap<String, usize>,
@@ -466,8 +476,8 @@ struct TensorStore {
     root: PathBuf,
 }
 
-impl TensorStore {
-    fn open(dir: &Path) -> Result<TensorStore> {
+impl TensorStore<'_> {
+    fn open(dir: &Path) -> Result<TensorStore<'static>> {
         let single = dir.join(WEIGHTS_FILE);
         if single.is_file() {
             let file = SafetensorsFile::open(&single)?;
@@ -477,6 +487,7 @@ impl TensorStore {
                 .map(|k| (k.to_string(), 0))
                 .collect();
             return Ok(TensorStore {
+                spill: None,
                 files: vec![file],
                 owner,
                 root: single,
@@ -527,6 +538,7 @@ impl TensorStore {
             }
         }
         Ok(TensorStore {
+            spill: None,
             files,
             owner,
             root: index,
@@ -563,12 +575,16 @@ impl TensorStore {
         if shape != expected {
             return Err(Error::shape(file.path(), name, shape, expected));
         }
-        file.tensor(name)
+        let mut t = file.tensor(name)?;
+        if let Some(s) = self.spill {
+            s.spill(&mut t)?;
+        }
+        Ok(t)
     }
 }
 
 fn load_weights(
-    store: &TensorStore,
+    store: &TensorStore<'_>,
     config: &Config,
     specs: &[LayerSpec],
     ext: &Extensions,
@@ -789,7 +805,7 @@ pub fn extensions_json(model: &Model) -> Vec<(String, Value)> {
 
 /// A low-rank linear `base` of dense shape `[out, in]`.
 fn load_low_rank(
-    store: &TensorStore,
+    store: &TensorStore<'_>,
     base: &str,
     [out, inp]: [usize; 2],
     rank: usize,
@@ -802,7 +818,7 @@ fn load_low_rank(
 
 /// Shortcut `name` of layer `i` `[h, h]`, when `flags[i]` says it has one.
 fn load_shortcut(
-    store: &TensorStore,
+    store: &TensorStore<'_>,
     i: usize,
     name: &str,
     flags: &[bool],

@@ -7,20 +7,28 @@ pub mod hf;
 pub mod packed;
 pub mod save;
 
+use crate::model::spill::Spill;
 use crate::{Error, Model, Result};
 use std::path::Path;
 
 /// Load a model from a GGUF file or an HF directory (chosen by what `path` is).
 pub fn load_model(path: &Path) -> Result<Model> {
+    load_model_with(path, None)
+}
+
+/// [`load_model`], with every tensor that has to be converted (dequantized GGUF, f16/bf16) moved
+/// to `spill` as soon as it is read, so that loading never holds the whole f32 model in memory
+/// (f32 safetensors are mapped in place either way); see [`crate::model::spill`].
+pub fn load_model_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        hf::load_dir(path)
+        hf::load_dir_with(path, spill)
     } else if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
         match path.parent() {
-            Some(dir) => hf::load_dir(dir),
+            Some(dir) => hf::load_dir_with(dir, spill),
             None => Err(Error::config(path, "cannot find the model directory")),
         }
     } else {
-        gguf::load(path)
+        gguf::load_with(path, spill)
     }
 }

@@ -716,6 +716,10 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
             wtr.write_all(&buf).map_err(err)?;
             done += m;
         }
+        // A mapped source need not stay resident once written (large models).
+        if let Some(t) = e.src {
+            t.release();
+        }
     }
     let file = wtr.into_inner().map_err(|e| err(e.into_error()))?;
     file.sync_all().map_err(err)

@@ -5,6 +5,7 @@ pub mod flops;
 pub mod forward;
 pub mod observer;
 pub mod rope;
+pub mod spill;
 pub mod weights;
 
 use std::path::PathBuf;

@@ -90,6 +90,23 @@ impl Tensor {
         }
     }
 
+    /// Drop the resident pages of a mapped tensor from this process (it stays readable: the
+    /// pages come back from the page cache or the file when touched). No-op for owned data.
+    /// Lets a pass over a large mapped model keep only what it currently works on resident.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped { map, offset, len } = &self.data {
+            if *len > 0 {
+                // SAFETY: `map` is a read-only shared file mapping (memmap2::Mmap): dropping
+                // its pages loses nothing, they are re-read from the file. memmap2 widens the
+                // range to whole pages; a neighbour's page dropped with it is re-read as well.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, len * 4)
+                };
+            }
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
@@ -299,6 +316,32 @@ impl LayerWeights {
             LinearKind::Up => &mut self.up,
             LinearKind::Down => &mut self.down,
         }
+    }
+
+    /// Every tensor of the block (norms, weights, biases, low-rank factors, shortcuts).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = vec![&mut self.attn_norm, &mut self.mlp_norm];
+        for lin in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ] {
+            out.push(&mut lin.weight);
+            out.extend(lin.bias.as_mut());
+            out.extend(lin.factor.as_mut());
+        }
+        out.extend(self.attn_shortcut.as_mut());
+        out.extend(self.mlp_shortcut.as_mut());
+        out
+    }
+
+    /// [`Tensor::release`] every tensor of the block.
+    pub fn release(&mut self) {
+        self.tensors_mut().into_iter().for_each(|t| t.release());
     }
 
     /// Query heads of this layer (from the q_proj shape).

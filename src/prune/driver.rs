@@ -7,7 +7,9 @@
 //!
 //! Memory: the model plus one `[samples·len, hidden]` activation buffer; samples go through a
 //! block in chunks of about [`CHUNK_ROWS`] tokens, one chunk per thread at a time
-//! ([`BlockRunner`]), so the block's scratch stays small.
+//! ([`BlockRunner`]), so the block's scratch stays small. With [`prune_model_spilled`] the
+//! model is not resident either: its weights live in a memory-mapped scratch file
+//! ([`Spill`]), each block is read when its turn comes and written back when finished.
 //! OWL allocation adds one dense pass (statistics only) before the pruning pass.
 
 use super::owl::{self, Allocation};
@@ -17,6 +19,7 @@ use crate::calibrate::CalibSet;
 use crate::model::forward::{embed, Scratch};
 use crate::model::observer::{NoObserver, Observer, Site};
 use crate::model::rope::Rope;
+use crate::model::spill::Spill;
 use crate::{Error, LinearKind, Model, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -245,14 +248,33 @@ pub fn prune_model(
     plan: &PrunePlan,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<PruneOutcome> {
-    let method: Box<dyn super::Pruner> = match plan.method {
+    let method = method_of(plan);
+    prune_model_with(model, calib, plan, method.as_ref(), progress)
+}
+
+/// [`prune_model`] with the weights moved to `spill` first: only the block being pruned (and
+/// the calibration activations) stay in memory; every block goes back to the file when done
+/// (see [`crate::model::spill`]). The weights afterwards are the same as [`prune_model`]'s.
+pub fn prune_model_spilled(
+    model: &mut Model,
+    calib: &CalibSet,
+    plan: &PrunePlan,
+    spill: &Spill,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<PruneOutcome> {
+    let method = method_of(plan);
+    run(model, calib, plan, method.as_ref(), Some(spill), progress)
+}
+
+/// The pruner `plan.method` names.
+fn method_of(plan: &PrunePlan) -> Box<dyn super::Pruner> {
+    match plan.method {
         Method::Sparsegpt => Box::new(super::sparsegpt::SparseGpt {
             precision: plan.hessian_precision,
             ..Default::default()
         }),
         m => pruner(m, plan.scope),
-    };
-    prune_model_with(model, calib, plan, method.as_ref(), progress)
+    }
 }
 
 /// [`prune_model`] with a caller's [`Pruner`](super::Pruner) instead of the one `plan.method`
@@ -265,9 +287,24 @@ pub fn prune_model_with(
     method: &dyn super::Pruner,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<PruneOutcome> {
+    run(model, calib, plan, method, None, progress)
+}
+
+fn run(
+    model: &mut Model,
+    calib: &CalibSet,
+    plan: &PrunePlan,
+    method: &dyn super::Pruner,
+    spill: Option<&Spill>,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<PruneOutcome> {
     plan.validate(model)?;
     // Packed copies (a model loaded packed) would go stale as the dense weights change.
     crate::runtime::unpack(model);
+    if let Some(s) = spill {
+        s.spill_weights(&mut model.weights)?;
+        crate::util::trace_rss("weights spilled");
+    }
     let t_all = Instant::now();
     let needs = method.needs();
     let owl = matches!(plan.allocation, Allocation::Owl { .. });
@@ -284,6 +321,7 @@ pub fn prune_model_with(
         Allocation::Uniform => vec![plan.sparsity; n_layers],
         Allocation::Owl { m, lambda } => {
             let mut h = embed(&model.weights, &calib.ids)?;
+            model.weights.embed.release();
             let mut lods = Vec::with_capacity(n_layers);
             for i in 0..n_layers {
                 progress("OWL scan", i, n_layers);
@@ -321,6 +359,7 @@ pub fn prune_model_with(
                     })
                     .collect();
                 lods.push(owl::outlier_ratio(&scores, m));
+                model.weights.layers[i].release();
             }
             progress("OWL scan", n_layers, n_layers);
             let alloc = owl::allocate(&lods, plan.sparsity, lambda);
@@ -335,8 +374,11 @@ pub fn prune_model_with(
     } else {
         Vec::new()
     };
+    // Mapped weights (spilled or from an f32 file) leave memory once used; see `release`.
+    model.weights.embed.release();
     crate::util::trace_rss("calibration embedded");
     let mut tensors = Vec::new();
+    let (mut params, mut zeros) = (0usize, 0usize);
     for i in 0..n_layers {
         progress("pruning", i, n_layers);
         let to_prune: Vec<LinearKind> = LinearKind::ALL
@@ -439,16 +481,19 @@ pub fn prune_model_with(
             )?;
             t_fwd += t.elapsed().as_secs_f64();
         }
-    }
-    progress("pruning", n_layers, n_layers);
-    let (mut params, mut zeros) = (0usize, 0usize);
-    for l in &model.weights.layers {
+        // The block is final: count its zeros, then give it back to the file.
+        let layer = &mut model.weights.layers[i];
         for k in LinearKind::ALL {
-            let w = &l.linear(k).weight;
+            let w = &layer.linear(k).weight;
             params += w.len();
             zeros += w.count_zeros();
         }
+        match spill {
+            Some(s) => s.spill_layer(layer)?,
+            None => layer.release(),
+        }
     }
+    progress("pruning", n_layers, n_layers);
     Ok(PruneOutcome {
         tensors,
         layer_sparsity,

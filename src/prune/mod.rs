@@ -20,7 +20,7 @@ use crate::{Error, LinearKind, Result};
 use serde::Serialize;
 use std::str::FromStr;
 
-pub use driver::{prune_model, PruneOutcome, PrunePlan};
+pub use driver::{prune_model, prune_model_spilled, PruneOutcome, PrunePlan};
 pub use stats::SiteStats;
 
 /// Which weights may be zeroed together.

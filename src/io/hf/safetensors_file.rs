@@ -194,6 +194,18 @@ impl SafetensorsFile {
                 })
             }
         };
+        // The converted copy is what is used from now on: the source bytes need not stay
+        // resident (with a spilled load of a large f16/bf16 model they would add up to the
+        // whole file).
+        #[cfg(unix)]
+        // SAFETY: a read-only shared file mapping; dropped pages are re-read if touched again.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                e.start,
+                e.end - e.start,
+            )
+        };
         Ok(Tensor::new(shape, data))
     }
 }
