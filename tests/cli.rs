@@ -589,7 +589,8 @@ fn inspect_tiny_models_as_json() {
 #[test]
 fn prune_tiny_magnitude_writes_model_and_report() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("pruned");
+    // Missing parents are created (the README's first command writes to `runs/…`).
+    let dir = tmp.path().join("runs").join("pruned");
     let out = lopper(&[
         "prune",
         "--model",
@@ -606,6 +607,9 @@ fn prune_tiny_magnitude_writes_model_and_report() {
     for f in ["config.json", "model.safetensors", "report.json"] {
         assert!(dir.join(f).is_file(), "{f} missing from the output");
     }
+    // Only the output: no temp directory, no scratch file.
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    assert_eq!(fs::read_dir(tmp.path().join("runs")).unwrap().count(), 1);
     assert!(
         leftovers(tmp.path()).is_empty(),
         "{:?}",

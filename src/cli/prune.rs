@@ -150,6 +150,15 @@ pub fn check_output(a: &PruneArgs) -> Result<lopper::io::save::SaveDtype> {
     Ok(dtype)
 }
 
+/// Where the weights' scratch file goes: the output's directory, or its nearest existing
+/// ancestor (the output's parents are only created when it is written).
+fn scratch_dir(out: &std::path::Path) -> PathBuf {
+    out.ancestors()
+        .skip(1)
+        .find(|p| !p.as_os_str().is_empty() && p.is_dir())
+        .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
+}
+
 /// Write the model and its report atomically.
 pub fn write_output(
     a: &PruneArgs,
@@ -278,11 +287,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let spill = if a.in_memory {
         None
     } else {
-        let dir = match a.out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        Some(lopper::model::spill::Spill::create_in(&dir)?)
+        Some(lopper::model::spill::Spill::create_in(&scratch_dir(
+            &a.out,
+        ))?)
     };
     let mut model = super::load_model_with(&model_path, a.json, spill.as_ref())?;
     plan.validate(&model)?;
