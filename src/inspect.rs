@@ -48,7 +48,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
         .into_iter()
         .map(|(name, t)| {
             let zeros = t.count_zeros();
-            t.release();
+            t.release_pages();
             TensorSummary {
                 name,
                 shape: t.shape.clone(),
@@ -56,6 +56,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
                 storage: match t.data {
                     Storage::Owned(_) => "owned",
                     Storage::Mapped { .. } => "mapped",
+                    Storage::Lazy { .. } => "lazy",
                 },
                 params: t.len(),
                 zeros,

@@ -1214,8 +1214,9 @@ fn pruning_does_not_depend_on_the_thread_count() {
 }
 
 /// Pruning with the weights in a scratch file (`prune_model_spilled`, the CLI's default) gives
-/// the same weights and report as pruning in memory, for a mapped (safetensors) and an owned
-/// (dequantized) source, and leaves every weight mapped and nothing in the directory.
+/// the same weights and report as pruning in memory, for a mapped (f32 safetensors), an owned
+/// (dequantized) and a lazily converted (bf16 safetensors) source, and afterwards holds no
+/// weight in memory and leaves nothing in the directory.
 #[test]
 fn spilled_pruning_equals_in_memory_pruning() {
     use lopper::model::spill::Spill;
@@ -1233,12 +1234,24 @@ fn spilled_pruning_equals_in_memory_pruning() {
     };
     owl.skip_layers = vec![1];
     plans.push(owl);
-    for owned in [false, true] {
+    let bf = tempfile::tempdir().unwrap();
+    let bf_dir = bf.path().join("bf16");
+    lopper::io::save::save_hf(
+        &tiny_model(),
+        &bf_dir,
+        lopper::io::save::SaveDtype::Bf16,
+        false,
+    )
+    .unwrap();
+    for source in ["mapped", "owned", "bf16"] {
         for plan in &plans {
-            let what = format!("{:?} {} owned={owned}", plan.method, plan.pattern);
-            let fresh = || {
+            let what = format!("{:?} {} {source}", plan.method, plan.pattern);
+            let fresh = |spill: Option<&Spill>| {
+                if source == "bf16" {
+                    return lopper::io::load_model_with(&bf_dir, spill).unwrap();
+                }
                 let mut m = tiny_model();
-                if owned {
+                if source == "owned" {
                     for l in &mut m.weights.layers {
                         l.tensors_mut().into_iter().for_each(|t| {
                             t.data_mut();
@@ -1248,11 +1261,11 @@ fn spilled_pruning_equals_in_memory_pruning() {
                 }
                 m
             };
-            let mut a = fresh();
+            let mut a = fresh(None);
             let oa = prune::prune_model(&mut a, &calib, plan, &mut |_, _, _| {}).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let spill = Spill::create_in(dir.path()).unwrap();
-            let mut b = fresh();
+            let mut b = fresh(Some(&spill));
             let ob = prune::prune_model_spilled(&mut b, &calib, plan, &spill, &mut |_, _, _| {})
                 .unwrap();
             assert_eq!(
@@ -1265,16 +1278,18 @@ fn spilled_pruning_equals_in_memory_pruning() {
             let (ta, tb) = (a.weights.named_tensors(), b.weights.named_tensors());
             assert_eq!(ta.len(), tb.len());
             for ((name, x), (_, y)) in ta.iter().zip(&tb) {
+                let in_memory = match &y.data {
+                    Storage::Owned(_) => true,
+                    Storage::Lazy { cache, .. } => cache.get().is_some(),
+                    Storage::Mapped { .. } => false,
+                };
+                assert!(!in_memory, "{what}: {name} is still in memory");
                 assert!(
                     x.data()
                         .iter()
-                        .zip(y.data())
+                        .zip(&*y.values())
                         .all(|(p, q)| p.to_bits() == q.to_bits()),
                     "{what}: {name} differs"
-                );
-                assert!(
-                    matches!(y.data, Storage::Mapped { .. }),
-                    "{what}: {name} is still in memory"
                 );
             }
             assert!(spill.bytes() > 0);

@@ -112,8 +112,8 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     load_dir_with(dir, None)
 }
 
-/// [`load_dir`], converted tensors moved to `spill` as they are read
-/// ([`super::load_model_with`]).
+/// [`load_dir`] for block-at-a-time work ([`super::load_model_with`]): with `spill`, f16 /
+/// bf16 tensors are converted only when first read (nothing is written to `spill`).
 pub fn load_dir_with(dir: &Path, spill: Option<&Spill>) -> Result<Model> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {
@@ -128,7 +128,7 @@ pub fn load_dir_with(dir: &Path, spill: Option<&Spill>) -> Result<Model> {
     let ext = parse_extensions(&json, &config, &cfg_path)?;
     let packed = super::packed::load_note(&json, &cfg_path)?;
     let mut store = TensorStore::open(dir)?;
-    store.spill = spill;
+    store.lazy = spill.is_some();
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
@@ -466,9 +466,9 @@ impl<'a> Fields<'a> {
 // ---------------------------------------------------------------------------------------------
 
 /// The safetensors files of a directory and which holds each tensor.
-struct TensorStore<'s> {
-    /// Where converted tensors go as they are read, if anywhere.
-    spill: Option<&'s Spill>,
+struct TensorStore {
+    /// Convert f16 / bf16 tensors only when first read.
+    lazy: bool,
     files: Vec<SafetensorsFile>,
     /// Tensor name → index into `files`.
     owner: HashMap<String, usize>,
@@ -476,8 +476,8 @@ struct TensorStore<'s> {
     root: PathBuf,
 }
 
-impl TensorStore<'_> {
-    fn open(dir: &Path) -> Result<TensorStore<'static>> {
+impl TensorStore {
+    fn open(dir: &Path) -> Result<TensorStore> {
         let single = dir.join(WEIGHTS_FILE);
         if single.is_file() {
             let file = SafetensorsFile::open(&single)?;
@@ -487,7 +487,7 @@ impl TensorStore<'_> {
                 .map(|k| (k.to_string(), 0))
                 .collect();
             return Ok(TensorStore {
-                spill: None,
+                lazy: false,
                 files: vec![file],
                 owner,
                 root: single,
@@ -538,7 +538,7 @@ impl TensorStore<'_> {
             }
         }
         Ok(TensorStore {
-            spill: None,
+            lazy: false,
             files,
             owner,
             root: index,
@@ -575,16 +575,16 @@ impl TensorStore<'_> {
         if shape != expected {
             return Err(Error::shape(file.path(), name, shape, expected));
         }
-        let mut t = file.tensor(name)?;
-        if let Some(s) = self.spill {
-            s.spill(&mut t)?;
+        if self.lazy {
+            file.tensor_lazy(name)
+        } else {
+            file.tensor(name)
         }
-        Ok(t)
     }
 }
 
 fn load_weights(
-    store: &TensorStore<'_>,
+    store: &TensorStore,
     config: &Config,
     specs: &[LayerSpec],
     ext: &Extensions,
@@ -805,7 +805,7 @@ pub fn extensions_json(model: &Model) -> Vec<(String, Value)> {
 
 /// A low-rank linear `base` of dense shape `[out, in]`.
 fn load_low_rank(
-    store: &TensorStore<'_>,
+    store: &TensorStore,
     base: &str,
     [out, inp]: [usize; 2],
     rank: usize,
@@ -818,7 +818,7 @@ fn load_low_rank(
 
 /// Shortcut `name` of layer `i` `[h, h]`, when `flags[i]` says it has one.
 fn load_shortcut(
-    store: &TensorStore<'_>,
+    store: &TensorStore,
     i: usize,
     name: &str,
     flags: &[bool],

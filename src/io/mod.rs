@@ -16,9 +16,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
     load_model_with(path, None)
 }
 
-/// [`load_model`], with every tensor that has to be converted (dequantized GGUF, f16/bf16) moved
-/// to `spill` as soon as it is read, so that loading never holds the whole f32 model in memory
-/// (f32 safetensors are mapped in place either way); see [`crate::model::spill`].
+/// [`load_model`] for block-at-a-time work: with `spill`, loading never holds the whole f32 model
+/// in memory. f32 safetensors are mapped in place (as always), f16 / bf16 safetensors are
+/// converted only when first read ([`crate::model::weights::Storage::Lazy`]), GGUF tensors are
+/// dequantized into `spill` one at a time and mapped from there ([`crate::model::spill`]).
 pub fn load_model_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {

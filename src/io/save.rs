@@ -541,7 +541,7 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
     let (h, hd, vocab) = (written.hidden_size, written.head_dim, written.vocab_size);
     let mut list = Vec::new();
     let check = |name: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
-        if t.shape != expected || t.data().len() != t.len() {
+        if t.shape != expected || t.stored_len() != t.len() {
             return Err(Error::Shape {
                 path: out.to_path_buf(),
                 tensor: name.to_string(),
@@ -660,11 +660,11 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
     for e in entries {
         let n: usize = e.shape.iter().product();
         if let Some(t) = e.src {
-            if t.data().len() != n {
+            if t.stored_len() != n {
                 return Err(Error::Invalid(format!(
                     "tensor `{}` has {} values for shape {:?}",
                     e.name,
-                    t.data().len(),
+                    t.stored_len(),
                     e.shape
                 )));
             }
@@ -704,11 +704,11 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
             continue;
         }
         let n: usize = e.shape.iter().product();
-        let data = e.src.map(Tensor::data);
+        let data = e.src.map(Tensor::values);
         let mut done = 0;
         while done < n {
             let m = CHUNK.min(n - done);
-            let vals = match data {
+            let vals = match &data {
                 Some(d) => &d[done..done + m],
                 None => &zeros[..m],
             };
@@ -718,7 +718,7 @@ fn write_entries(path: &Path, entries: &[Entry], dtype: SaveDtype) -> Result<()>
         }
         // A mapped source need not stay resident once written (large models).
         if let Some(t) = e.src {
-            t.release();
+            t.release_pages();
         }
     }
     let file = wtr.into_inner().map_err(|e| err(e.into_error()))?;

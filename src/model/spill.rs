@@ -1,14 +1,15 @@
 //! Weights kept in a scratch file instead of in memory, so that pruning holds only the block it
 //! works on.
 //!
-//! A model loaded from GGUF (dequantized) or from f16/bf16 safetensors lives in heap memory as
-//! f32: 0.54 GB for the default model, 28 GB for a 7B model, more than this machine has. The
+//! A model loaded from GGUF (dequantized) lives in heap memory as f32: 0.54 GB for the default
+//! model, 28 GB for a 7B model, more than this machine has; so do pruned weights. The
 //! layer-sequential pruning driver touches one block at a time, so the rest need not be
 //! resident. [`Spill`] writes tensors to an unlinked file and replaces them by read-only
 //! memory-mapped views ([`Storage::Mapped`], the same storage as an f32 safetensors file);
 //! [`Tensor::release`] then drops a view's pages from the process (the kernel re-reads them
 //! from the page cache or the file when they are touched again). The values, and so every
-//! result, are unchanged: only where the bytes live changes.
+//! result, are unchanged: only where the bytes live changes. (f16 / bf16 safetensors need no
+//! spilling: they are converted block by block from their own file, [`Storage::Lazy`].)
 //!
 //! The file is created in a directory the caller chooses (the output's, which has to hold the
 //! model anyway) and is unlinked at once, so nothing is left behind even if the process dies.
@@ -93,8 +94,8 @@ impl Spill {
         })
     }
 
-    /// Move `t` to the file when it is held in memory (a mapped tensor stays as it is) and drop
-    /// its pages from the process.
+    /// Move `t` to the file when it is held in memory (a mapped or lazy tensor stays as it is)
+    /// and let go of what it holds in memory ([`Tensor::release`]).
     pub fn spill(&self, t: &mut Tensor) -> Result<()> {
         if let Storage::Owned(_) = t.data {
             *t = self.put(t)?;

@@ -1,10 +1,22 @@
 //! Model weights as plain data.
 //!
-//! [`Tensor`] is a row-major f32 array that is either owned or a view into a memory-mapped file
-//! (HF f32 safetensors are mapped, not copied, so a large model does not have to fit in RAM).
+//! [`Tensor`] is a row-major f32 array that is owned, a view into a memory-mapped file (HF f32
+//! safetensors are mapped, not copied, so a large model does not have to fit in RAM), or
+//! converted on first use from a source such as bf16 bytes in a mapped file ([`Storage::Lazy`],
+//! for block-at-a-time work on models whose f32 weights do not fit).
 //! [`Weights`] mirrors the HF module tree; every field documents its shape.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+/// Where a [`Storage::Lazy`] tensor's values come from. Converting cannot fail: a source is
+/// validated when it is created.
+pub trait Source: Send + Sync {
+    /// The values, row-major f32.
+    fn values(&self) -> Vec<f32>;
+    /// What it is, for debugging output.
+    fn describe(&self) -> String;
+}
 
 /// Backing store of a [`Tensor`].
 #[derive(Clone)]
@@ -17,6 +29,11 @@ pub enum Storage {
         offset: usize,
         len: usize,
     },
+    /// Converted from `source` when first read and kept in `cache` until [`Tensor::release`].
+    Lazy {
+        source: Arc<dyn Source>,
+        cache: OnceLock<Vec<f32>>,
+    },
 }
 
 /// A row-major f32 tensor.
@@ -28,9 +45,10 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.data {
-            Storage::Owned(_) => "owned",
-            Storage::Mapped { .. } => "mapped",
+        let kind = match &self.data {
+            Storage::Owned(_) => "owned".to_string(),
+            Storage::Mapped { .. } => "mapped".to_string(),
+            Storage::Lazy { source, .. } => format!("lazy from {}", source.describe()),
         };
         write!(f, "Tensor({:?}, {kind})", self.shape)
     }
@@ -69,31 +87,72 @@ impl Tensor {
         })
     }
 
-    /// The values.
+    /// A tensor converted from `source` on first use; panics if `len` disagrees with `shape`
+    /// (a programming error).
+    pub fn lazy(shape: Vec<usize>, len: usize, source: Arc<dyn Source>) -> Tensor {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            len,
+            "lazy tensor: bad length"
+        );
+        Tensor {
+            shape,
+            data: Storage::Lazy {
+                source,
+                cache: OnceLock::new(),
+            },
+        }
+    }
+
+    /// The values (a lazy tensor is converted now and keeps them until [`Tensor::release`]).
     pub fn data(&self) -> &[f32] {
         match &self.data {
             Storage::Owned(v) => v,
             Storage::Mapped { map, offset, len } => {
                 bytemuck::cast_slice(&map[*offset..*offset + *len * 4])
             }
+            Storage::Lazy { source, cache } => cache.get_or_init(|| source.values()),
         }
     }
 
-    /// Mutable values; a mapped tensor is copied into memory first (copy-on-write).
+    /// The values without keeping a conversion: a lazy tensor not converted yet is converted
+    /// into the returned copy only (for one-off reads of a whole model: saving, statistics).
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match &self.data {
+            Storage::Lazy { source, cache } if cache.get().is_none() => Cow::Owned(source.values()),
+            _ => Cow::Borrowed(self.data()),
+        }
+    }
+
+    /// Mutable values; a mapped or lazy tensor is copied into memory first (copy-on-write).
     pub fn data_mut(&mut self) -> &mut [f32] {
-        if let Storage::Mapped { .. } = self.data {
-            self.data = Storage::Owned(self.data().to_vec());
+        match &mut self.data {
+            Storage::Owned(_) => {}
+            Storage::Mapped { .. } => self.data = Storage::Owned(self.data().to_vec()),
+            Storage::Lazy { source, cache } => {
+                let v = cache.take().unwrap_or_else(|| source.values());
+                self.data = Storage::Owned(v);
+            }
         }
         match &mut self.data {
             Storage::Owned(v) => v,
-            Storage::Mapped { .. } => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
-    /// Drop the resident pages of a mapped tensor from this process (it stays readable: the
-    /// pages come back from the page cache or the file when touched). No-op for owned data.
-    /// Lets a pass over a large mapped model keep only what it currently works on resident.
-    pub fn release(&self) {
+    /// Let go of what a mapped or lazy tensor holds in memory: a lazy tensor's conversion, a
+    /// mapped tensor's resident pages (see [`Tensor::release_pages`]). It stays readable. No-op
+    /// for owned data. Lets a pass over a large model keep only what it works on resident.
+    pub fn release(&mut self) {
+        if let Storage::Lazy { cache, .. } = &mut self.data {
+            cache.take();
+        }
+        self.release_pages();
+    }
+
+    /// Drop the resident pages of a mapped tensor from this process (the pages come back from
+    /// the page cache or the file when touched). No-op for other storage.
+    pub fn release_pages(&self) {
         #[cfg(unix)]
         if let Storage::Mapped { map, offset, len } = &self.data {
             if *len > 0 {
@@ -104,6 +163,16 @@ impl Tensor {
                     map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, len * 4)
                 };
             }
+        }
+    }
+
+    /// Number of values held (or, for a lazy tensor, that conversion gives), without reading
+    /// them; equals [`Tensor::len`] for every well-formed tensor.
+    pub fn stored_len(&self) -> usize {
+        match &self.data {
+            Storage::Owned(v) => v.len(),
+            Storage::Mapped { len, .. } => *len,
+            Storage::Lazy { .. } => self.len(),
         }
     }
 
@@ -129,7 +198,7 @@ impl Tensor {
 
     /// Number of exactly-zero values.
     pub fn count_zeros(&self) -> usize {
-        self.data().iter().filter(|v| **v == 0.0).count()
+        self.values().iter().filter(|v| **v == 0.0).count()
     }
 }
 

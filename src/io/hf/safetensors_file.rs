@@ -4,7 +4,7 @@
 //! prefix, JSON, dtype × shape = byte span, offsets inside the data section), so later reads
 //! can never go out of bounds; a bad file gives [`Error::Format`] naming it.
 
-use crate::model::weights::Tensor;
+use crate::model::weights::{Source, Tensor};
 use crate::{Error, Result};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -195,22 +195,67 @@ impl SafetensorsFile {
             }
         };
         // The converted copy is what is used from now on: the source bytes need not stay
-        // resident (with a spilled load of a large f16/bf16 model they would add up to the
-        // whole file).
-        #[cfg(unix)]
-        // SAFETY: a read-only shared file mapping; dropped pages are re-read if touched again.
-        let _ = unsafe {
-            self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                e.start,
-                e.end - e.start,
-            )
-        };
+        // resident.
+        drop_pages(&self.map, e.start, e.end - e.start);
         Ok(Tensor::new(shape, data))
+    }
+
+    /// `name` as f32 like [`SafetensorsFile::tensor`], except that F16 / BF16 are converted
+    /// only when first read ([`crate::model::weights::Storage::Lazy`]): loading a large
+    /// half-precision model this way holds none of it in memory.
+    pub fn tensor_lazy(&self, name: &str) -> Result<Tensor> {
+        match self.entries.get(name) {
+            Some(e) if e.dtype == "F16" || e.dtype == "BF16" => {
+                let n = (e.end - e.start) / 2;
+                let source = HalfSource {
+                    map: self.map.clone(),
+                    start: e.start,
+                    end: e.end,
+                    bf16: e.dtype == "BF16",
+                    what: format!("{} `{name}` in {}", e.dtype, self.path.display()),
+                };
+                Ok(Tensor::lazy(e.shape.clone(), n, Arc::new(source)))
+            }
+            _ => self.tensor(name),
+        }
     }
 }
 
 /// Little-endian 16-bit floats to f32, in parallel for large tensors.
+/// F16 / BF16 bytes of a mapped file, converted when a lazy tensor is first read.
+struct HalfSource {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+    bf16: bool,
+    what: String,
+}
+
+impl Source for HalfSource {
+    fn values(&self) -> Vec<f32> {
+        let bytes = &self.map[self.start..self.end];
+        let v = if self.bf16 {
+            convert_half::<bf16>(bytes)
+        } else {
+            convert_half::<f16>(bytes)
+        };
+        drop_pages(&self.map, self.start, self.end - self.start);
+        v
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+/// Drop the resident pages of `len` bytes at `start` of a read-only file mapping (they are
+/// re-read from the file if touched again).
+fn drop_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    // SAFETY: a read-only shared file mapping: dropping pages loses nothing.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+}
+
 fn convert_half<T>(bytes: &[u8]) -> Vec<f32>
 where
     T: bytemuck::Pod + Send + Sync + HalfFrom16,
