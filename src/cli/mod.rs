@@ -59,7 +59,7 @@ pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
     load_model_with(path, quiet, None)
 }
 
-/// [`load_model`] with converted weights moved to `spill` as they are read.
+/// [`load_model`] for block-at-a-time work (see [`lopper::io::load_model_with`]).
 pub fn load_model_with(
     path: &Path,
     quiet: bool,
