@@ -607,6 +607,20 @@ fn prune_tiny_magnitude_writes_model_and_report() {
     for f in ["config.json", "model.safetensors", "report.json"] {
         assert!(dir.join(f).is_file(), "{f} missing from the output");
     }
+    // A scratch directory nothing can be created in (procfs, even for root): the error names it
+    // and hints at the way out.
+    if cfg!(target_os = "linux") {
+        let bad = lopper(&[
+            "prune",
+            "--model",
+            &s(&tiny("tiny-llama3")),
+            "--method",
+            "magnitude",
+            "--out",
+            "/proc/lopper-no-such-dir/pruned",
+        ]);
+        assert_fails(&bad, &["/proc", "scratch file", "--in-memory"]);
+    }
     // Only the output: no temp directory, no scratch file.
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     assert_eq!(fs::read_dir(tmp.path().join("runs")).unwrap().count(), 1);
