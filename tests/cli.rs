@@ -586,6 +586,19 @@ fn inspect_tiny_models_as_json() {
     );
 }
 
+/// `lopper prune` of tiny-llama3 with magnitude (default sparsity) into `out`.
+fn magnitude_tiny_to(out: &str) -> Out {
+    lopper(&[
+        "prune",
+        "--model",
+        &s(&tiny("tiny-llama3")),
+        "--method",
+        "magnitude",
+        "--out",
+        out,
+    ])
+}
+
 #[test]
 fn prune_tiny_magnitude_writes_model_and_report() {
     let tmp = tempfile::tempdir().unwrap();
@@ -610,15 +623,7 @@ fn prune_tiny_magnitude_writes_model_and_report() {
     // A scratch directory nothing can be created in (procfs, even for root): the error names it
     // and hints at the way out.
     if cfg!(target_os = "linux") {
-        let bad = lopper(&[
-            "prune",
-            "--model",
-            &s(&tiny("tiny-llama3")),
-            "--method",
-            "magnitude",
-            "--out",
-            "/proc/lopper-no-such-dir/pruned",
-        ]);
+        let bad = magnitude_tiny_to("/proc/lopper-no-such-dir/pruned");
         assert_fails(&bad, &["/proc", "scratch file", "--in-memory"]);
     }
     // Only the output: no temp directory, no scratch file.
@@ -678,15 +683,7 @@ fn prune_tiny_magnitude_writes_model_and_report() {
     );
 
     // Writing again needs --force, and with it succeeds.
-    let again = lopper(&[
-        "prune",
-        "--model",
-        &s(&tiny("tiny-llama3")),
-        "--method",
-        "magnitude",
-        "--out",
-        &s(&dir),
-    ]);
+    let again = magnitude_tiny_to(&s(&dir));
     assert_fails(&again, &["exists"]);
     let forced = lopper(&[
         "prune",
