@@ -68,6 +68,9 @@ pub enum Error {
     /// Output could not be written.
     #[error("{path}: cannot write output: {msg}")]
     Output { path: PathBuf, msg: String },
+    /// The weights' scratch file ([`crate::model::spill`]) in directory `path` failed.
+    #[error("{path}: the weights' scratch file: {msg}")]
+    Scratch { path: PathBuf, msg: String },
 }
 
 /// Library result type.

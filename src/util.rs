@@ -13,6 +13,21 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Drop the resident pages of `len` bytes at `start` of a read-only file mapping from this
+/// process (widened to whole pages; they are re-read from the page cache or the file when
+/// touched again). No-op off Unix.
+pub fn drop_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 {
+        // SAFETY: `memmap2::Mmap` is a read-only shared file mapping: dropping its pages loses
+        // nothing.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, len);
+}
+
 /// Current resident set size of this process in bytes (Linux `VmRSS`), if known.
 pub fn rss_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS:")

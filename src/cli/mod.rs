@@ -174,7 +174,7 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 lopper::Error::UnsupportedArch { .. } => "lopper supports llama-family models (llama, mistral, qwen2)",
                 lopper::Error::Tokenizer { .. } => "an HF directory needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata",
                 lopper::Error::Text { .. } => "use a longer UTF-8 text (eval: --text, or lower --seq-len / --windows; prune: --calib, or lower --samples / --calib-len)",
-                lopper::Error::Output { msg, .. } if msg.contains("scratch file") => "the weights' scratch file goes beside --out: choose an --out on a disk with room for about twice the f32 model, or pass --in-memory to keep the weights in RAM",
+                lopper::Error::Scratch { .. } => "the weights' scratch file goes beside --out: choose an --out on a disk with room for about twice the f32 model, or pass --in-memory to keep the weights in RAM",
                 lopper::Error::Output { .. } => "choose another --out directory or pass --force",
                 _ => return None,
             });

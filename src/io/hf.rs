@@ -28,7 +28,6 @@
 //! tools and tests.
 
 use crate::model::config::{Arch, Config, RopeScaling};
-use crate::model::spill::Spill;
 use crate::model::weights::{
     LayerWeights, Linear, LinearKind, Packed, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U,
     LOW_RANK_V, MLP_SHORTCUT,
@@ -109,12 +108,12 @@ pub fn has_bias(config: &Config, kind: LinearKind) -> bool {
 
 /// Load an HF model directory.
 pub fn load_dir(dir: &Path) -> Result<Model> {
-    load_dir_with(dir, None)
+    load_dir_with(dir, false)
 }
 
-/// [`load_dir`] for block-at-a-time work ([`super::load_model_with`]): with `spill`, f16 /
-/// bf16 tensors are converted only when first read (nothing is written to `spill`).
-pub fn load_dir_with(dir: &Path, spill: Option<&Spill>) -> Result<Model> {
+/// [`load_dir`], with f16 / bf16 tensors converted only when first read when `lazy`
+/// ([`super::load_model_with`]).
+pub fn load_dir_with(dir: &Path, lazy: bool) -> Result<Model> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {
         return Err(Error::config(
@@ -128,7 +127,7 @@ pub fn load_dir_with(dir: &Path, spill: Option<&Spill>) -> Result<Model> {
     let ext = parse_extensions(&json, &config, &cfg_path)?;
     let packed = super::packed::load_note(&json, &cfg_path)?;
     let mut store = TensorStore::open(dir)?;
-    store.lazy = spill.is_some();
+    store.lazy = lazy;
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;

@@ -23,10 +23,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
 pub fn load_model_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        hf::load_dir_with(path, spill)
+        hf::load_dir_with(path, spill.is_some())
     } else if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
         match path.parent() {
-            Some(dir) => hf::load_dir_with(dir, spill),
+            Some(dir) => hf::load_dir_with(dir, spill.is_some()),
             None => Err(Error::config(path, "cannot find the model directory")),
         }
     } else {

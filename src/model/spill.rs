@@ -44,9 +44,9 @@ impl std::fmt::Debug for Spill {
 impl Spill {
     /// A new, already unlinked scratch file in `dir`.
     pub fn create_in(dir: &Path) -> Result<Spill> {
-        let file = tempfile::tempfile_in(dir).map_err(|e| Error::Output {
+        let file = tempfile::tempfile_in(dir).map_err(|e| Error::Scratch {
             path: dir.to_path_buf(),
-            msg: format!("cannot create a scratch file for the weights there: {e}"),
+            msg: format!("cannot create it there: {e}"),
         })?;
         Ok(Spill {
             file: Mutex::new((file, 0)),
@@ -66,9 +66,9 @@ impl Spill {
         if bytes.is_empty() {
             return Ok(t.clone());
         }
-        let err = |e: std::io::Error| Error::Output {
+        let err = |e: std::io::Error| Error::Scratch {
             path: self.dir.clone(),
-            msg: format!("writing the weights' scratch file: {e}"),
+            msg: format!("writing: {e}"),
         };
         let mut g = self
             .file

@@ -87,14 +87,8 @@ impl Tensor {
         })
     }
 
-    /// A tensor converted from `source` on first use; panics if `len` disagrees with `shape`
-    /// (a programming error).
-    pub fn lazy(shape: Vec<usize>, len: usize, source: Arc<dyn Source>) -> Tensor {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            len,
-            "lazy tensor: bad length"
-        );
+    /// A tensor converted from `source` on first use.
+    pub fn lazy(shape: Vec<usize>, source: Arc<dyn Source>) -> Tensor {
         Tensor {
             shape,
             data: Storage::Lazy {
@@ -111,28 +105,42 @@ impl Tensor {
             Storage::Mapped { map, offset, len } => {
                 bytemuck::cast_slice(&map[*offset..*offset + *len * 4])
             }
-            Storage::Lazy { source, cache } => cache.get_or_init(|| source.values()),
+            Storage::Lazy { source, cache } => cache.get_or_init(|| self.convert(source)),
         }
+    }
+
+    /// `source`'s values, checked against the shape (a source giving another count is a
+    /// programming error).
+    fn convert(&self, source: &Arc<dyn Source>) -> Vec<f32> {
+        let v = source.values();
+        assert_eq!(
+            v.len(),
+            self.len(),
+            "{}: wrong value count",
+            source.describe()
+        );
+        v
     }
 
     /// The values without keeping a conversion: a lazy tensor not converted yet is converted
     /// into the returned copy only (for one-off reads of a whole model: saving, statistics).
     pub fn values(&self) -> Cow<'_, [f32]> {
         match &self.data {
-            Storage::Lazy { source, cache } if cache.get().is_none() => Cow::Owned(source.values()),
+            Storage::Lazy { source, cache } if cache.get().is_none() => {
+                Cow::Owned(self.convert(source))
+            }
             _ => Cow::Borrowed(self.data()),
         }
     }
 
     /// Mutable values; a mapped or lazy tensor is copied into memory first (copy-on-write).
     pub fn data_mut(&mut self) -> &mut [f32] {
-        match &mut self.data {
-            Storage::Owned(_) => {}
-            Storage::Mapped { .. } => self.data = Storage::Owned(self.data().to_vec()),
-            Storage::Lazy { source, cache } => {
-                let v = cache.take().unwrap_or_else(|| source.values());
-                self.data = Storage::Owned(v);
-            }
+        if !matches!(self.data, Storage::Owned(_)) {
+            let kept = match &mut self.data {
+                Storage::Lazy { cache, .. } => cache.take(),
+                _ => None,
+            };
+            self.data = Storage::Owned(kept.unwrap_or_else(|| self.values().into_owned()));
         }
         match &mut self.data {
             Storage::Owned(v) => v,
@@ -153,16 +161,8 @@ impl Tensor {
     /// Drop the resident pages of a mapped tensor from this process (the pages come back from
     /// the page cache or the file when touched). No-op for other storage.
     pub fn release_pages(&self) {
-        #[cfg(unix)]
         if let Storage::Mapped { map, offset, len } = &self.data {
-            if *len > 0 {
-                // SAFETY: `map` is a read-only shared file mapping (memmap2::Mmap): dropping
-                // its pages loses nothing, they are re-read from the file. memmap2 widens the
-                // range to whole pages; a neighbour's page dropped with it is re-read as well.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, len * 4)
-                };
-            }
+            crate::util::drop_pages(map, *offset, len * 4);
         }
     }
 

@@ -196,7 +196,7 @@ impl SafetensorsFile {
         };
         // The converted copy is what is used from now on: the source bytes need not stay
         // resident.
-        drop_pages(&self.map, e.start, e.end - e.start);
+        crate::util::drop_pages(&self.map, e.start, e.end - e.start);
         Ok(Tensor::new(shape, data))
     }
 
@@ -206,7 +206,6 @@ impl SafetensorsFile {
     pub fn tensor_lazy(&self, name: &str) -> Result<Tensor> {
         match self.entries.get(name) {
             Some(e) if e.dtype == "F16" || e.dtype == "BF16" => {
-                let n = (e.end - e.start) / 2;
                 let source = HalfSource {
                     map: self.map.clone(),
                     start: e.start,
@@ -214,14 +213,13 @@ impl SafetensorsFile {
                     bf16: e.dtype == "BF16",
                     what: format!("{} `{name}` in {}", e.dtype, self.path.display()),
                 };
-                Ok(Tensor::lazy(e.shape.clone(), n, Arc::new(source)))
+                Ok(Tensor::lazy(e.shape.clone(), Arc::new(source)))
             }
             _ => self.tensor(name),
         }
     }
 }
 
-/// Little-endian 16-bit floats to f32, in parallel for large tensors.
 /// F16 / BF16 bytes of a mapped file, converted when a lazy tensor is first read.
 struct HalfSource {
     map: Arc<memmap2::Mmap>,
@@ -239,7 +237,7 @@ impl Source for HalfSource {
         } else {
             convert_half::<f16>(bytes)
         };
-        drop_pages(&self.map, self.start, self.end - self.start);
+        crate::util::drop_pages(&self.map, self.start, self.end - self.start);
         v
     }
 
@@ -248,14 +246,7 @@ impl Source for HalfSource {
     }
 }
 
-/// Drop the resident pages of `len` bytes at `start` of a read-only file mapping (they are
-/// re-read from the file if touched again).
-fn drop_pages(map: &memmap2::Mmap, start: usize, len: usize) {
-    #[cfg(unix)]
-    // SAFETY: a read-only shared file mapping: dropping pages loses nothing.
-    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
-}
-
+/// Little-endian 16-bit floats to f32, in parallel for large tensors.
 fn convert_half<T>(bytes: &[u8]) -> Vec<f32>
 where
     T: bytemuck::Pod + Send + Sync + HalfFrom16,
