@@ -7,9 +7,12 @@
 //!
 //! Memory: full-vocabulary logits are produced `LOGIT_CHUNK` rows at a time and reduced to NLL
 //! right away, so a 2048-token window never holds its 2048×vocab logits at once.
+//! [`perplexity_by_block`] gives the same figure holding one block's weights at a time.
 
-use crate::model::forward::{forward_hidden, logits};
+use crate::model::forward::{block_forward, embed, forward_hidden, logits, Scratch};
 use crate::model::observer::NoObserver;
+use crate::model::rope::Rope;
+use crate::util::Workers;
 use crate::{kernels, Error, Model, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -68,8 +71,13 @@ pub fn make_windows<'a>(
 
 /// Sum of next-token NLL over one window and the number of predictions (`len − 1`).
 pub fn window_nll(model: &Model, window: &[u32]) -> Result<(f64, usize)> {
+    let h = forward_hidden(model, window, 1, window.len(), &mut NoObserver)?;
+    hidden_nll(model, &h, window)
+}
+
+/// [`window_nll`] from the window's final-normed hidden states `h` `[len, hidden]`.
+fn hidden_nll(model: &Model, h: &[f32], window: &[u32]) -> Result<(f64, usize)> {
     let l = window.len();
-    let h = forward_hidden(model, window, 1, l, &mut NoObserver)?;
     let d = model.config.hidden_size;
     let mut total = 0f64;
     let mut r0 = 0;
@@ -133,17 +141,127 @@ pub fn perplexity(
             progress(r * per_round + i + 1, wins.len());
         }
     }
+    Ok(result(nll, n, &wins, seq_len, ids.len(), t0))
+}
+
+/// [`perplexity`], computed block by block: every window goes through block 0, then block 1,
+/// and so on, and each block's weights are released once all windows are through it
+/// ([`crate::LayerWeights::release`]). A model whose weights are mapped or converted when first
+/// read (what `lopper prune` loads by default) so never holds more than one block of f32
+/// weights, where window by window it would end up holding all of them; the cost is every
+/// window's hidden states (`windows · seq_len · hidden` f32: 75 MB for wiki-16x2048 on the
+/// default model). Each window's arithmetic is [`window_nll`]'s, on the same kind of
+/// single-thread worker, so the figure is bit for bit the same. `progress(done, total)` is
+/// called after each block and after the final scoring.
+pub fn perplexity_by_block(
+    model: &mut Model,
+    ids: &[u32],
+    seq_len: usize,
+    windows: usize,
+    text_path: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    let wins = make_windows(ids, seq_len, windows, text_path)?;
+    let t0 = Instant::now();
+    let cfg = model.config.clone();
+    let mut hs = wins
+        .iter()
+        .map(|w| embed(&model.weights, w))
+        .collect::<Result<Vec<_>>>()?;
+    model.weights.embed.release();
+    let rope = Rope::new(&cfg, seq_len);
+    let workers = Workers::new();
+    let per_round = workers.as_ref().map_or(1, |w| w.len());
+    let mut scratch: Vec<Scratch> = (0..per_round).map(|_| Scratch::default()).collect();
+    let n_layers = model.weights.layers.len();
+    let steps = n_layers + 1;
+    for i in 0..n_layers {
+        let lw = &model.weights.layers[i];
+        // Each worker takes a contiguous share of the windows: one join per block.
+        let share = hs.len().div_ceil(per_round);
+        let mut jobs: Vec<Box<dyn FnOnce() + Send + '_>> = Vec::new();
+        for (group, s) in hs.chunks_mut(share).zip(scratch.iter_mut()) {
+            let (cfg, rope) = (&cfg, &rope);
+            jobs.push(Box::new(move || {
+                for h in group {
+                    block_forward(cfg, i, lw, rope, h, 1, seq_len, s, &mut NoObserver)
+                }
+            }));
+        }
+        match &workers {
+            Some(w) => {
+                w.run(jobs);
+            }
+            None => jobs.into_iter().for_each(|j| j()),
+        }
+        model.weights.layers[i].release();
+        progress(i + 1, steps);
+    }
+    drop(scratch);
+    // Final norm and scoring, window by window as in `window_nll`.
+    let (mut nll, mut n) = (0f64, 0usize);
+    let m = &*model;
+    let score = |h: &[f32], win: &[u32]| -> Result<(f64, usize)> {
+        let model = m;
+        let mut normed = vec![0f32; h.len()];
+        kernels::rmsnorm_dim(
+            h,
+            model.weights.final_norm.data(),
+            model.config.rms_norm_eps as f32,
+            model.config.norm_dim(),
+            &mut normed,
+        );
+        hidden_nll(model, &normed, win)
+    };
+    for (hr, wr) in hs.chunks(per_round).zip(wins.chunks(per_round)) {
+        let results = match &workers {
+            Some(w) => w.run(
+                hr.iter()
+                    .zip(wr)
+                    .map(|(h, &win)| {
+                        let score = &score;
+                        Box::new(move || score(h, win))
+                            as Box<dyn FnOnce() -> Result<(f64, usize)> + Send>
+                    })
+                    .collect(),
+            ),
+            None => hr.iter().zip(wr).map(|(h, win)| score(h, win)).collect(),
+        };
+        for res in results {
+            let (s, c) = res?;
+            nll += s;
+            n += c;
+        }
+    }
+    model.weights.embed.release();
+    model.weights.final_norm.release();
+    if let Some(head) = &mut model.weights.lm_head {
+        head.release();
+    }
+    progress(steps, steps);
+    Ok(result(nll, n, &wins, seq_len, ids.len(), t0))
+}
+
+/// The [`EvalResult`] of summed NLL `nll` over `n` predictions.
+fn result(
+    nll: f64,
+    n: usize,
+    wins: &[&[u32]],
+    seq_len: usize,
+    text_tokens: usize,
+    t0: Instant,
+) -> EvalResult {
     let seconds = t0.elapsed().as_secs_f64();
     let tokens = wins.len() * seq_len;
-    Ok(EvalResult {
+    EvalResult {
         perplexity: (nll / n as f64).exp(),
         mean_nll: nll / n as f64,
         predictions: n,
         tokens,
         windows: wins.len(),
         seq_len,
-        text_tokens: ids.len(),
+        text_tokens,
         seconds,
         tokens_per_second: tokens as f64 / seconds,
-    })
+    }
 }

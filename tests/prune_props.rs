@@ -1297,3 +1297,62 @@ fn spilled_pruning_equals_in_memory_pruning() {
         }
     }
 }
+
+/// Evaluation block by block (what `lopper prune --eval` runs) gives the window-by-window
+/// perplexity bit for bit, reports each block, and leaves no weight of a lazily converted
+/// (bf16) model in memory.
+#[test]
+fn evaluation_by_block_equals_window_by_window_and_holds_no_block() {
+    use lopper::model::weights::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let bf_dir = dir.path().join("bf16");
+    lopper::io::save::save_hf(
+        &tiny_model(),
+        &bf_dir,
+        lopper::io::save::SaveDtype::Bf16,
+        false,
+    )
+    .unwrap();
+    let mut rng = SplitMix64(11);
+    // 5 windows: with 2 workers the last round runs one.
+    let ids: Vec<u32> = (0..5 * 48 + 7).map(|_| rng.below(320) as u32).collect();
+    let text = Path::new("random ids");
+    let eager = lopper::io::load_model(&bf_dir).unwrap();
+    let want = lopper::eval::perplexity(&eager, &ids, 48, 5, text, &mut |_, _| {}).unwrap();
+    let spill = lopper::model::spill::Spill::create_in(dir.path()).unwrap();
+    let mut lazy = lopper::io::load_model_with(&bf_dir, Some(&spill)).unwrap();
+    let mut steps = Vec::new();
+    let got = lopper::eval::perplexity_by_block(&mut lazy, &ids, 48, 5, text, &mut |d, n| {
+        steps.push((d, n))
+    })
+    .unwrap();
+    assert_eq!(
+        got.perplexity.to_bits(),
+        want.perplexity.to_bits(),
+        "{} vs {}",
+        got.perplexity,
+        want.perplexity
+    );
+    assert_eq!(
+        (got.predictions, got.windows, got.tokens),
+        (want.predictions, want.windows, want.tokens)
+    );
+    let blocks = lazy.weights.layers.len();
+    assert_eq!(
+        steps,
+        (1..=blocks + 1)
+            .map(|d| (d, blocks + 1))
+            .collect::<Vec<_>>()
+    );
+    let mut lazies = 0;
+    for (name, t) in lazy.weights.named_tensors() {
+        if let Storage::Lazy { cache, .. } = &t.data {
+            lazies += 1;
+            assert!(cache.get().is_none(), "{name} is still in memory");
+        }
+    }
+    assert!(lazies > 7 * blocks, "only {lazies} lazy tensors");
+    // Too few tokens for one window: the same error as window by window.
+    let e = lopper::eval::perplexity_by_block(&mut lazy, &ids[..40], 48, 5, text, &mut |_, _| {});
+    assert!(matches!(e, Err(Error::Text { .. })), "{e:?}");
+}
