@@ -1,9 +1,10 @@
 //! Experiment (2026-11-29, not used by lopper): a sparse × dense product for the pruning
 //! driver's second pass (the pruned block re-run over the calibration set), bit for bit the
-//! dense GEMM, timed against it on the pass's shapes. Result on this CPU: the FMA loop alone is
-//! 1.1–1.5× faster than the `gemm` crate at 50% unstructured sparsity, but transposing tiles of
-//! activations in and out of the layout it needs eats the gain: 0.85–1.13× end to end (shared
-//! inputs for q/k/v and gate/up: 0.9–1.08×). So the second pass stays dense. Kept as the
+//! dense GEMM, timed against it on the pass's shapes. Result on this CPU (quiet machine; busier
+//! runs in brackets): the FMA loop alone is 1.32–1.44× (1.1–1.5×) faster than the `gemm` crate at
+//! 50% unstructured sparsity, but transposing tiles of activations in and out of the layout it
+//! needs eats the gain: 0.96–1.14× (0.84–1.13×) end to end; q/k/v and gate/up sharing one
+//! transposed input: 0.97× and 1.03× (0.88–1.08×). So the second pass stays dense. Kept as the
 //! starting point for a layout that keeps activations transposed between layers.
 //! `cargo run --release --example spmm_experiment [density]`
 //!

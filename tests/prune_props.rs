@@ -191,6 +191,14 @@ fn tiny_model() -> Model {
     lopper::io::load_model(&tiny_dir("tiny-llama3")).expect("load tiny-llama3")
 }
 
+/// The tiny model saved as bf16 in `dir/bf16` (loaded lazily with a spill); returns that path.
+fn save_tiny_bf16(dir: &Path) -> PathBuf {
+    let out = dir.join("bf16");
+    let dtype = lopper::io::save::SaveDtype::Bf16;
+    lopper::io::save::save_hf(&tiny_model(), &out, dtype, false).unwrap();
+    out
+}
+
 /// 8 random calibration windows of 32 ids below 320 (the tiny vocabulary).
 fn tiny_calib(seed: u64) -> CalibSet {
     let mut rng = SplitMix64(seed);
@@ -1235,14 +1243,7 @@ fn spilled_pruning_equals_in_memory_pruning() {
     owl.skip_layers = vec![1];
     plans.push(owl);
     let bf = tempfile::tempdir().unwrap();
-    let bf_dir = bf.path().join("bf16");
-    lopper::io::save::save_hf(
-        &tiny_model(),
-        &bf_dir,
-        lopper::io::save::SaveDtype::Bf16,
-        false,
-    )
-    .unwrap();
+    let bf_dir = save_tiny_bf16(bf.path());
     for source in ["mapped", "owned", "bf16"] {
         for plan in &plans {
             let what = format!("{:?} {} {source}", plan.method, plan.pattern);
@@ -1305,14 +1306,7 @@ fn spilled_pruning_equals_in_memory_pruning() {
 fn evaluation_by_block_equals_window_by_window_and_holds_no_block() {
     use lopper::model::weights::Storage;
     let dir = tempfile::tempdir().unwrap();
-    let bf_dir = dir.path().join("bf16");
-    lopper::io::save::save_hf(
-        &tiny_model(),
-        &bf_dir,
-        lopper::io::save::SaveDtype::Bf16,
-        false,
-    )
-    .unwrap();
+    let bf_dir = save_tiny_bf16(dir.path());
     let mut rng = SplitMix64(11);
     // 5 windows: with 2 workers the last round runs one.
     let ids: Vec<u32> = (0..5 * 48 + 7).map(|_| rng.below(320) as u32).collect();
