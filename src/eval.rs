@@ -117,30 +117,11 @@ pub fn perplexity(
 ) -> Result<EvalResult> {
     let wins = make_windows(ids, seq_len, windows, text_path)?;
     let t0 = Instant::now();
-    let (mut nll, mut n) = (0f64, 0usize);
-    // Windows run side by side, one per worker (data parallelism; sums stay in window order).
-    let workers = crate::util::Workers::new();
-    let per_round = workers.as_ref().map_or(1, |w| w.len());
-    for (r, round) in wins.chunks(per_round).enumerate() {
-        let results = match &workers {
-            Some(w) => w.run(
-                round
-                    .iter()
-                    .map(|&win| {
-                        Box::new(move || window_nll(model, win))
-                            as Box<dyn FnOnce() -> Result<(f64, usize)> + Send>
-                    })
-                    .collect(),
-            ),
-            None => round.iter().map(|win| window_nll(model, win)).collect(),
-        };
-        for (i, res) in results.into_iter().enumerate() {
-            let (s, c) = res?;
-            nll += s;
-            n += c;
-            progress(r * per_round + i + 1, wins.len());
-        }
-    }
+    let workers = Workers::new();
+    let count = wins.len();
+    let (nll, n) = sum_windows(&workers, count, &|i| window_nll(model, wins[i]), &mut |d| {
+        progress(d, count)
+    })?;
     Ok(result(nll, n, &wins, seq_len, ids.len(), t0))
 }
 
@@ -199,40 +180,20 @@ pub fn perplexity_by_block(
     }
     drop(scratch);
     // Final norm and scoring, window by window as in `window_nll`.
-    let (mut nll, mut n) = (0f64, 0usize);
     let m = &*model;
-    let score = |h: &[f32], win: &[u32]| -> Result<(f64, usize)> {
-        let model = m;
+    let score = |i: usize| -> Result<(f64, usize)> {
+        let h = &hs[i];
         let mut normed = vec![0f32; h.len()];
         kernels::rmsnorm_dim(
             h,
-            model.weights.final_norm.data(),
-            model.config.rms_norm_eps as f32,
-            model.config.norm_dim(),
+            m.weights.final_norm.data(),
+            m.config.rms_norm_eps as f32,
+            m.config.norm_dim(),
             &mut normed,
         );
-        hidden_nll(model, &normed, win)
+        hidden_nll(m, &normed, wins[i])
     };
-    for (hr, wr) in hs.chunks(per_round).zip(wins.chunks(per_round)) {
-        let results = match &workers {
-            Some(w) => w.run(
-                hr.iter()
-                    .zip(wr)
-                    .map(|(h, &win)| {
-                        let score = &score;
-                        Box::new(move || score(h, win))
-                            as Box<dyn FnOnce() -> Result<(f64, usize)> + Send>
-                    })
-                    .collect(),
-            ),
-            None => hr.iter().zip(wr).map(|(h, win)| score(h, win)).collect(),
-        };
-        for res in results {
-            let (s, c) = res?;
-            nll += s;
-            n += c;
-        }
-    }
+    let (nll, n) = sum_windows(&workers, wins.len(), &score, &mut |_| {})?;
     model.weights.embed.release();
     model.weights.final_norm.release();
     if let Some(head) = &mut model.weights.lm_head {
@@ -240,6 +201,39 @@ pub fn perplexity_by_block(
     }
     progress(steps, steps);
     Ok(result(nll, n, &wins, seq_len, ids.len(), t0))
+}
+
+/// `f(i)` for windows `0..count`, side by side, one per worker of `workers` (rounds of
+/// consecutive windows), summed in window order; `done(i + 1)` after window `i`.
+fn sum_windows(
+    workers: &Option<Workers>,
+    count: usize,
+    f: &(dyn Fn(usize) -> Result<(f64, usize)> + Sync),
+    done: &mut dyn FnMut(usize),
+) -> Result<(f64, usize)> {
+    let per_round = workers.as_ref().map_or(1, |w| w.len());
+    let (mut nll, mut n) = (0f64, 0usize);
+    for r0 in (0..count).step_by(per_round) {
+        let round = r0..(r0 + per_round).min(count);
+        let results = match workers {
+            Some(w) => w.run(
+                round
+                    .clone()
+                    .map(|i| {
+                        Box::new(move || f(i)) as Box<dyn FnOnce() -> Result<(f64, usize)> + Send>
+                    })
+                    .collect(),
+            ),
+            None => round.clone().map(f).collect(),
+        };
+        for (i, res) in round.zip(results) {
+            let (s, c) = res?;
+            nll += s;
+            n += c;
+            done(i + 1);
+        }
+    }
+    Ok((nll, n))
 }
 
 /// The [`EvalResult`] of summed NLL `nll` over `n` predictions.

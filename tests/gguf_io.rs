@@ -556,27 +556,41 @@ fn header_corruption_never_panics() {
     assert!(failed > 0);
 }
 
-/// A GGUF model loaded with a scratch file (`load_model_with`) has the same tensors, each
-/// dequantized straight into the file and mapped from there.
+/// A GGUF model loaded lazily (`load_model_with`, what `lopper prune` does) has the same
+/// tensors, un-permuted q/k rows included, each dequantized only when read and let go again by
+/// `release`; a tensor whose data runs past the end of the file is refused at load time.
 #[test]
-fn spilled_gguf_load_is_the_same_model() {
+fn lazy_gguf_load_is_the_same_model() {
+    use lopper::model::weights::Storage;
     let dir = tempfile::tempdir().expect("tempdir");
     let (p, _) = tiny_file(dir.path(), "llama.gguf", &Tiny::llama());
     let plain = gguf::load(&p).expect("load");
-    let spill = lopper::model::spill::Spill::create_in(dir.path()).expect("spill");
-    let spilled = lopper::io::load_model_with(&p, Some(&spill)).expect("load spilled");
-    let (a, b) = (
-        plain.weights.named_tensors(),
-        spilled.weights.named_tensors(),
-    );
+    let mut lazy = lopper::io::load_model_with(&p, true).expect("load lazily");
+    let (a, b) = (plain.weights.named_tensors(), lazy.weights.named_tensors());
     assert_eq!(a.len(), b.len());
     for ((n, x), (m, y)) in a.iter().zip(&b) {
         assert_eq!((n, &x.shape), (m, &y.shape));
-        assert!(x.data() == y.data(), "{n} differs");
         assert!(
-            matches!(y.data, lopper::model::weights::Storage::Mapped { .. }),
-            "{n} is not mapped"
+            matches!(&y.data, Storage::Lazy { cache, .. } if cache.get().is_none()),
+            "{n} is {y:?}"
         );
+        assert!(x.data() == &*y.values(), "{n} differs");
     }
-    assert!(spill.bytes() >= 4 * plain.weights.num_params() as u64);
+    let q = &mut lazy.weights.layers[0].q.weight;
+    assert!(q.data() == plain.weights.layers[0].q.weight.data());
+    assert!(matches!(&q.data, Storage::Lazy { cache, .. } if cache.get().is_some()));
+    q.release();
+    assert!(matches!(&q.data, Storage::Lazy { cache, .. } if cache.get().is_none()));
+    // Truncated: the last tensor's data is cut off; the lazy load refuses it by name.
+    let bytes = std::fs::read(&p).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 64]).unwrap();
+    let Err(e) = lopper::io::load_model_with(&cut, true) else {
+        panic!("truncated file loaded")
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cut.gguf") && msg.contains("past the end"),
+        "{msg}"
+    );
 }

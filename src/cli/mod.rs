@@ -56,17 +56,13 @@ pub fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
 
 /// Load a model with a spinner.
 pub fn load_model(path: &Path, quiet: bool) -> Result<lopper::Model> {
-    load_model_with(path, quiet, None)
+    load_model_with(path, quiet, false)
 }
 
 /// [`load_model`] for block-at-a-time work (see [`lopper::io::load_model_with`]).
-pub fn load_model_with(
-    path: &Path,
-    quiet: bool,
-    spill: Option<&lopper::model::spill::Spill>,
-) -> Result<lopper::Model> {
+pub fn load_model_with(path: &Path, quiet: bool, lazy: bool) -> Result<lopper::Model> {
     let pb = spinner(quiet, format!("loading {}", path.display()));
-    let m = lopper::io::load_model_with(path, spill)
+    let m = lopper::io::load_model_with(path, lazy)
         .with_context(|| format!("cannot load model {}", path.display()));
     pb.finish_and_clear();
     m
@@ -174,7 +170,7 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 lopper::Error::UnsupportedArch { .. } => "lopper supports llama-family models (llama, mistral, qwen2)",
                 lopper::Error::Tokenizer { .. } => "an HF directory needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata",
                 lopper::Error::Text { .. } => "use a longer UTF-8 text (eval: --text, or lower --seq-len / --windows; prune: --calib, or lower --samples / --calib-len)",
-                lopper::Error::Scratch { .. } => "the weights' scratch file goes beside --out: choose an --out on a disk with room for about twice the f32 model, or pass --in-memory to keep the weights in RAM",
+                lopper::Error::Scratch { .. } => "the weights' scratch file goes beside --out: choose an --out on a disk with room for the pruned weights as f32 (about the f32 model), or pass --in-memory to keep the weights in RAM",
                 lopper::Error::Output { .. } => "choose another --out directory or pass --force",
                 _ => return None,
             });

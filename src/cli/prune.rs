@@ -306,8 +306,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let plan = plan_from_args(&a)?;
     let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
-    // Unless --in-memory, weights live in an unlinked scratch file beside the output from the
-    // moment they are read; only the block being pruned is held in memory.
+    // Unless --in-memory, weights stay in their files (mapped, or converted when first read) and
+    // pruned blocks go to an unlinked scratch file beside the output; only the block being
+    // pruned is held in memory.
     let spill = if a.in_memory {
         None
     } else {
@@ -315,7 +316,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
             &a.out,
         ))?)
     };
-    let mut model = super::load_model_with(&model_path, a.json, spill.as_ref())?;
+    let mut model = super::load_model_with(&model_path, a.json, spill.is_some())?;
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).

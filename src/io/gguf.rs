@@ -15,15 +15,15 @@
 //! disagree with the metadata, missing tensors, unknown architectures).
 
 use crate::model::config::Arch;
-use crate::model::spill::Spill;
-use crate::model::weights::{LayerWeights, Linear, Tensor, Weights};
+use crate::model::weights::{LayerWeights, Linear, Source, Tensor, Weights};
 use crate::{Error, Model, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 mod meta;
 mod scan;
@@ -39,6 +39,8 @@ pub struct GgufFile {
     path: PathBuf,
     content: Content,
     file_size: u64,
+    /// The whole file, mapped: tensors are read from here (and by lazy tensors, after `self`).
+    map: Arc<memmap2::Mmap>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -123,10 +125,14 @@ impl GgufFile {
                 format!("tensor data would start at byte {} but the file has only {file_size} bytes (truncated)", content.tensor_data_offset),
             ));
         }
+        let file = reader.into_inner();
+        // SAFETY: read-only; like every mapped model file, it must not be truncated while in use.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Ok(GgufFile {
             path: path.into(),
             content,
             file_size,
+            map: Arc::new(map),
         })
     }
 
@@ -162,6 +168,47 @@ impl GgufFile {
 
     /// Read tensor `name` and dequantize it to f32, in the file's own row order.
     pub fn read_tensor(&self, name: &str) -> Result<Tensor> {
+        let (info, dims) = self.locate(name)?;
+        let data = dequantize(&self.map, info, self.content.tensor_data_offset)
+            .map_err(|msg| self.bad(name, msg))?;
+        Ok(Tensor::new(dims, data))
+    }
+
+    /// Tensor `name` as f32 like [`GgufFile::read_tensor`] (then rows un-permuted for
+    /// `unpermute = Some((heads, head_dim))`), but dequantized only when first read
+    /// ([`crate::model::weights::Storage::Lazy`], from the mapped file): loading a large
+    /// quantized model this way holds none of it in memory. Everything that can be wrong with
+    /// the tensor is checked here, not when it is read.
+    pub fn tensor_lazy(&self, name: &str, unpermute: Option<(usize, usize)>) -> Result<Tensor> {
+        let (info, dims) = self.locate(name)?;
+        if let Some((heads, hd)) = unpermute {
+            let rows = dims.first().copied().unwrap_or(0);
+            if rows != heads * hd || hd % 2 != 0 {
+                let msg = format!("{rows} rows do not form {heads} heads of {hd} (even) rows");
+                return Err(self.bad(name, msg));
+            }
+        }
+        let source = GgufSource {
+            map: self.map.clone(),
+            info: TensorInfo {
+                ggml_dtype: info.ggml_dtype,
+                shape: info.shape.clone(),
+                offset: info.offset,
+            },
+            data_offset: self.content.tensor_data_offset,
+            unpermute,
+            what: format!("{:?} `{name}` in {}", info.ggml_dtype, self.path.display()),
+        };
+        Ok(Tensor::lazy(dims, Arc::new(source)))
+    }
+
+    fn bad(&self, name: &str, msg: String) -> Error {
+        Error::format(&self.path, FORMAT, format!("tensor `{name}`: {msg}"))
+    }
+
+    /// The directory entry and shape of tensor `name`, after checking its type, its size and
+    /// that its data lies inside the file.
+    fn locate(&self, name: &str) -> Result<(&TensorInfo, Vec<usize>)> {
         let path = &self.path;
         let info = self
             .content
@@ -172,56 +219,92 @@ impl GgufFile {
                 tensor: name.into(),
             })?;
         let dtype = info.ggml_dtype;
-        let unsupported = || Error::UnsupportedDtype {
-            path: path.clone(),
-            tensor: name.into(),
-            dtype: format!("{dtype:?}"),
-        };
         if !is_supported(dtype) {
-            return Err(unsupported());
+            return Err(Error::UnsupportedDtype {
+                path: path.clone(),
+                tensor: name.into(),
+                dtype: format!("{dtype:?}"),
+            });
         }
         let dims = info.shape.dims().to_vec();
-        let bad = |msg: String| Error::format(path, FORMAT, format!("tensor `{name}`: {msg}"));
         let elems = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad(format!("shape {dims:?} is too large")))?;
+            .ok_or_else(|| self.bad(name, format!("shape {dims:?} is too large")))?;
         let block = dtype.block_size();
         if !elems.is_multiple_of(block) {
-            return Err(bad(format!(
-                "{elems} elements is not a multiple of the {dtype:?} block size {block}"
-            )));
+            return Err(self.bad(
+                name,
+                format!("{elems} elements is not a multiple of the {dtype:?} block size {block}"),
+            ));
         }
         // u128: a corrupt shape must not wrap around into a size that fits the file.
         let bytes = (elems / block) as u128 * dtype.type_size() as u128;
         let start = self.content.tensor_data_offset as u128 + info.offset as u128;
         if start + bytes > self.file_size as u128 {
-            return Err(bad(format!(
+            return Err(self.bad(name, format!(
                 "its data ({bytes} bytes at offset {start}) extends past the end of the file ({} bytes): truncated or corrupt file",
                 self.file_size
             )));
         }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let q = info
-            .read(
-                &mut reader,
-                self.content.tensor_data_offset,
-                &candle_core::Device::Cpu,
-            )
-            .map_err(|e| bad(format!("cannot read data: {}", candle_msg(&e))))?;
-        let data = q
-            .dequantize(&candle_core::Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| bad(format!("cannot dequantize {dtype:?}: {}", candle_msg(&e))))?;
-        if data.len() != elems {
-            return Err(bad(format!(
-                "dequantized to {} values, expected {elems}",
-                data.len()
-            )));
+        Ok((info, dims))
+    }
+}
+
+/// Dequantize the tensor of `info` from the mapped file to f32 (file row order).
+fn dequantize(
+    map: &memmap2::Mmap,
+    info: &TensorInfo,
+    data_offset: u64,
+) -> std::result::Result<Vec<f32>, String> {
+    let dtype = info.ggml_dtype;
+    let mut reader = std::io::Cursor::new(&map[..]);
+    let q = info
+        .read(&mut reader, data_offset, &candle_core::Device::Cpu)
+        .map_err(|e| format!("cannot read data: {}", candle_msg(&e)))?;
+    let data = q
+        .dequantize(&candle_core::Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| format!("cannot dequantize {dtype:?}: {}", candle_msg(&e)))?;
+    let elems = info.shape.elem_count();
+    if data.len() != elems {
+        return Err(format!(
+            "dequantized to {} values, expected {elems}",
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
+/// A GGUF tensor dequantized (and un-permuted) when a lazy tensor is first read.
+struct GgufSource {
+    map: Arc<memmap2::Mmap>,
+    info: TensorInfo,
+    data_offset: u64,
+    unpermute: Option<(usize, usize)>,
+    what: String,
+}
+
+impl Source for GgufSource {
+    fn values(&self) -> Vec<f32> {
+        // `tensor_lazy` checked type, size and bounds; what is left cannot fail on a mapped file.
+        let data = dequantize(&self.map, &self.info, self.data_offset)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what));
+        let start = (self.data_offset + self.info.offset) as usize;
+        let bytes = self.info.shape.elem_count() / self.info.ggml_dtype.block_size()
+            * self.info.ggml_dtype.type_size();
+        crate::util::drop_pages(&self.map, start, bytes);
+        match self.unpermute {
+            Some((heads, hd)) => {
+                let cols = data.len() / (heads * hd).max(1);
+                unpermute_rows(&data, heads, hd, cols)
+            }
+            None => data,
         }
-        Ok(Tensor::new(dims, data))
+    }
+    fn describe(&self) -> String {
+        self.what.clone()
     }
 }
 
@@ -297,12 +380,12 @@ struct Job {
 
 /// Load a GGUF model file: config, f32 weights in HF layout, tokenizer and chat template.
 pub fn load(path: &Path) -> Result<Model> {
-    load_with(path, None)
+    load_with(path, false)
 }
 
-/// [`load`], each tensor moved to `spill` as soon as it is dequantized
-/// ([`super::load_model_with`]).
-pub fn load_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
+/// [`load`]; with `lazy`, each tensor is dequantized only when first read and can be released
+/// again ([`GgufFile::tensor_lazy`], [`super::load_model_with`]).
+pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
     let f = GgufFile::open(path)?;
     let (config, dims) = read_config(&f)?;
     let (hidden, hd) = (config.hidden_size, config.head_dim);
@@ -379,7 +462,7 @@ pub fn load_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
                 Ok(None)
             }
         },
-        || read_jobs(&f, &jobs, hd, spill),
+        || read_jobs(&f, &jobs, hd, lazy),
     );
     let (tokenizer, loaded) = (tokenizer?, loaded?);
     let mut by_name: HashMap<String, Tensor> = jobs
@@ -446,26 +529,23 @@ pub fn load_with(path: &Path, spill: Option<&Spill>) -> Result<Model> {
     })
 }
 
-/// Read, dequantize and (for q/k of the llama family) un-permute every present tensor of `jobs`.
-fn read_jobs(
-    f: &GgufFile,
-    jobs: &[Job],
-    hd: usize,
-    spill: Option<&Spill>,
-) -> Result<Vec<Option<Tensor>>> {
+/// Read, dequantize and (for q/k of the llama family) un-permute every present tensor of `jobs`
+/// (with `lazy`, only check them and defer that to the first read).
+fn read_jobs(f: &GgufFile, jobs: &[Job], hd: usize, lazy: bool) -> Result<Vec<Option<Tensor>>> {
     jobs.par_iter()
         .map(|j| {
             if !f.has_tensor(&j.name) {
                 return Ok(None);
+            }
+            if lazy {
+                let unpermute = j.unpermute_heads.map(|h| (h, hd));
+                return f.tensor_lazy(&j.name, unpermute).map(Some);
             }
             let mut t = f.read_tensor(&j.name)?;
             if let Some(heads) = j.unpermute_heads {
                 let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
                 let data = unpermute_rows(t.data(), heads, hd, cols);
                 t = Tensor::new(t.shape.clone(), data);
-            }
-            if let Some(s) = spill {
-                s.spill(&mut t)?;
             }
             Ok(Some(t))
         })

@@ -1,20 +1,24 @@
 //! Weights kept in a scratch file instead of in memory, so that pruning holds only the block it
 //! works on.
 //!
-//! A model loaded from GGUF (dequantized) lives in heap memory as f32: 0.54 GB for the default
-//! model, 28 GB for a 7B model, more than this machine has; so do pruned weights. The
+//! Pruned weights are new values: as f32 on the heap they would add up to the whole model
+//! (0.54 GB for the default model, 28 GB for a 7B model, more than this machine has). The
 //! layer-sequential pruning driver touches one block at a time, so the rest need not be
 //! resident. [`Spill`] writes tensors to an unlinked file and replaces them by read-only
 //! memory-mapped views ([`Storage::Mapped`], the same storage as an f32 safetensors file);
 //! [`Tensor::release`] then drops a view's pages from the process (the kernel re-reads them
 //! from the page cache or the file when they are touched again). The values, and so every
-//! result, are unchanged: only where the bytes live changes. (f16 / bf16 safetensors need no
-//! spilling: they are converted block by block from their own file, [`Storage::Lazy`].)
+//! result, are unchanged: only where the bytes live changes. Input weights need no spilling when
+//! loaded with [`crate::io::load_model_with`]: f32 safetensors are mapped, f16 / bf16 and GGUF
+//! tensors are converted when first read from their own mapped file ([`Storage::Lazy`]); a model
+//! loaded into memory (or built in code) has its heap tensors spilled up front
+//! ([`Spill::spill_weights`]).
 //!
 //! The file is created in a directory the caller chooses (the output's, which has to hold the
 //! model anyway) and is unlinked at once, so nothing is left behind even if the process dies.
-//! It only grows: a pruned tensor is appended, the dense one it replaces stays as dead bytes
-//! (about twice the f32 model on disk at most).
+//! It only grows: a pruned tensor is appended, and one that replaces a spilled tensor leaves that
+//! one as dead bytes (about the f32 size of the pruned weights for a lazily loaded model, twice
+//! the f32 model at most).
 
 use crate::model::weights::{LayerWeights, Storage, Tensor, Weights};
 use crate::{Error, Result};
