@@ -251,7 +251,8 @@ impl GgufFile {
     }
 }
 
-/// Dequantize the tensor of `info` from the mapped file to f32 (file row order).
+/// Dequantize the tensor of `info` from the mapped file to f32 (file row order), then drop the
+/// file's pages it read from this process.
 fn dequantize(
     map: &memmap2::Mmap,
     info: &TensorInfo,
@@ -262,6 +263,9 @@ fn dequantize(
     let q = info
         .read(&mut reader, data_offset, &candle_core::Device::Cpu)
         .map_err(|e| format!("cannot read data: {}", candle_msg(&e)))?;
+    // The bytes are copied into `q`: the file's pages need not stay resident.
+    let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+    crate::util::drop_pages(map, (data_offset + info.offset) as usize, bytes);
     let data = q
         .dequantize(&candle_core::Device::Cpu)
         .and_then(|t| t.flatten_all())
@@ -291,10 +295,6 @@ impl Source for GgufSource {
         // `tensor_lazy` checked type, size and bounds; what is left cannot fail on a mapped file.
         let data = dequantize(&self.map, &self.info, self.data_offset)
             .unwrap_or_else(|e| panic!("{}: {e}", self.what));
-        let start = (self.data_offset + self.info.offset) as usize;
-        let bytes = self.info.shape.elem_count() / self.info.ggml_dtype.block_size()
-            * self.info.ggml_dtype.type_size();
-        crate::util::drop_pages(&self.map, start, bytes);
         match self.unpermute {
             Some((heads, hd)) => {
                 let cols = data.len() / (heads * hd).max(1);
