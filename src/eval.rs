@@ -9,7 +9,7 @@
 //! right away, so a 2048-token window never holds its 2048×vocab logits at once.
 //! [`perplexity_by_block`] gives the same figure holding one block's weights at a time.
 
-use crate::model::forward::{block_forward, embed, forward_hidden, logits, Scratch};
+use crate::model::forward::{block_forward, embed, final_norm, forward_hidden, logits, Scratch};
 use crate::model::observer::NoObserver;
 use crate::model::rope::Rope;
 use crate::util::Workers;
@@ -181,18 +181,7 @@ pub fn perplexity_by_block(
     drop(scratch);
     // Final norm and scoring, window by window as in `window_nll`.
     let m = &*model;
-    let score = |i: usize| -> Result<(f64, usize)> {
-        let h = &hs[i];
-        let mut normed = vec![0f32; h.len()];
-        kernels::rmsnorm_dim(
-            h,
-            m.weights.final_norm.data(),
-            m.config.rms_norm_eps as f32,
-            m.config.norm_dim(),
-            &mut normed,
-        );
-        hidden_nll(m, &normed, wins[i])
-    };
+    let score = |i: usize| hidden_nll(m, &final_norm(m, &hs[i]), wins[i]);
     let (nll, n) = sum_windows(&workers, wins.len(), &score, &mut |_| {})?;
     model.weights.embed.release();
     model.weights.final_norm.release();

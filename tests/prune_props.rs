@@ -191,7 +191,8 @@ fn tiny_model() -> Model {
     lopper::io::load_model(&tiny_dir("tiny-llama3")).expect("load tiny-llama3")
 }
 
-/// The tiny model saved as bf16 in `dir/bf16` (loaded lazily with a spill); returns that path.
+/// The tiny model saved as bf16 in `dir/bf16` (converted on first read when loaded lazily);
+/// returns that path.
 fn save_tiny_bf16(dir: &Path) -> PathBuf {
     let out = dir.join("bf16");
     let dtype = lopper::io::save::SaveDtype::Bf16;
@@ -1247,9 +1248,9 @@ fn spilled_pruning_equals_in_memory_pruning() {
     for source in ["mapped", "owned", "bf16"] {
         for plan in &plans {
             let what = format!("{:?} {} {source}", plan.method, plan.pattern);
-            let fresh = |spill: Option<&Spill>| {
+            let fresh = |lazy: bool| {
                 if source == "bf16" {
-                    return lopper::io::load_model_with(&bf_dir, spill.is_some()).unwrap();
+                    return lopper::io::load_model_with(&bf_dir, lazy).unwrap();
                 }
                 let mut m = tiny_model();
                 if source == "owned" {
@@ -1262,11 +1263,11 @@ fn spilled_pruning_equals_in_memory_pruning() {
                 }
                 m
             };
-            let mut a = fresh(None);
+            let mut a = fresh(false);
             let oa = prune::prune_model(&mut a, &calib, plan, &mut |_, _, _| {}).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let spill = Spill::create_in(dir.path()).unwrap();
-            let mut b = fresh(Some(&spill));
+            let mut b = fresh(true);
             let ob = prune::prune_model_spilled(&mut b, &calib, plan, &spill, &mut |_, _, _| {})
                 .unwrap();
             assert_eq!(

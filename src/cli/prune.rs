@@ -89,10 +89,11 @@ pub struct PruneArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Keep every weight in memory while pruning. By default only the block being pruned is
-    /// held in memory: f32 safetensors stay mapped, f16/bf16 ones are converted block by block,
-    /// GGUF tensors and pruned blocks go to an unlinked scratch file beside --out (same results;
-    /// structured plans always work in memory).
+    /// Keep every weight in memory while pruning (and evaluate window by window). By default
+    /// only the block being pruned is held in memory: f32 safetensors stay mapped, f16/bf16
+    /// and GGUF tensors are converted block by block, pruned blocks go to an unlinked scratch
+    /// file beside --out, and --eval runs block by block (same results; structured plans always
+    /// work in memory).
     #[arg(long)]
     pub in_memory: bool,
     /// Refuse (and write nothing) when the result is not loadable by transformers: layers of

@@ -281,6 +281,11 @@ fn dequantize(
     Ok(data)
 }
 
+/// [`unpermute_rows`] of whole rows of a q/k weight or bias (its columns follow from its length).
+fn hf_rows(data: &[f32], (heads, hd): (usize, usize)) -> Vec<f32> {
+    unpermute_rows(data, heads, hd, data.len() / (heads * hd).max(1))
+}
+
 /// A GGUF tensor dequantized (and un-permuted) when a lazy tensor is first read.
 struct GgufSource {
     map: Arc<memmap2::Mmap>,
@@ -296,10 +301,7 @@ impl Source for GgufSource {
         let data = dequantize(&self.map, &self.info, self.data_offset)
             .unwrap_or_else(|e| panic!("{}: {e}", self.what));
         match self.unpermute {
-            Some((heads, hd)) => {
-                let cols = data.len() / (heads * hd).max(1);
-                unpermute_rows(&data, heads, hd, cols)
-            }
+            Some(heads_hd) => hf_rows(&data, heads_hd),
             None => data,
         }
     }
@@ -541,13 +543,11 @@ fn read_jobs(f: &GgufFile, jobs: &[Job], hd: usize, lazy: bool) -> Result<Vec<Op
                 let unpermute = j.unpermute_heads.map(|h| (h, hd));
                 return f.tensor_lazy(&j.name, unpermute).map(Some);
             }
-            let mut t = f.read_tensor(&j.name)?;
-            if let Some(heads) = j.unpermute_heads {
-                let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
-                let data = unpermute_rows(t.data(), heads, hd, cols);
-                t = Tensor::new(t.shape.clone(), data);
-            }
-            Ok(Some(t))
+            let t = f.read_tensor(&j.name)?;
+            Ok(Some(match j.unpermute_heads {
+                Some(heads) => Tensor::new(t.shape.clone(), hf_rows(t.data(), (heads, hd))),
+                None => t,
+            }))
         })
         .collect()
 }

@@ -284,15 +284,21 @@ pub fn forward_hidden(
     for (i, lw) in model.weights.layers.iter().enumerate() {
         block_forward(cfg, i, lw, &rope, &mut h, batch, seq, &mut scratch, obs);
     }
+    Ok(final_norm(model, &h))
+}
+
+/// The final RMSNorm of hidden states `h` `[rows, hidden]` (what [`forward_hidden`] returns).
+pub fn final_norm(model: &Model, h: &[f32]) -> Vec<f32> {
+    let cfg = &model.config;
     let mut out = vec![0f32; h.len()];
     kernels::rmsnorm_dim(
-        &h,
+        h,
         model.weights.final_norm.data(),
         cfg.rms_norm_eps as f32,
         cfg.norm_dim(),
         &mut out,
     );
-    Ok(out)
+    out
 }
 
 /// Logits `[rows, vocab]` for normed hidden states `[rows, hidden]`.
