@@ -12,7 +12,7 @@
 //!   768), and its speedup vs dense of the same value type (f32 / bf16 / int8) in the same run.
 //!
 //! `cargo run --release --example format_bench [-- SHAPE...]` (q_proj, up_proj, down_proj,
-//! lm_head; default all)
+//! lm_head; default all). `LOPPER_ISA=portable` or `avx2` caps the kernel set.
 
 use lopper::formats::*;
 use std::sync::Arc;
@@ -97,6 +97,12 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(768);
+    // `LOPPER_ISA=portable|avx2` caps the kernels (to compare them with the best set).
+    match std::env::var("LOPPER_ISA").as_deref() {
+        Ok("portable") => limit_isa(Some(Isa::Portable)),
+        Ok("avx2") => limit_isa(Some(Isa::Avx2)),
+        _ => {}
+    }
     let model = lopper::io::load_model(&lopper::assets::default_model().expect("model"))
         .expect("load model");
     let l0 = &model.weights.layers[0];
@@ -104,8 +110,8 @@ fn main() {
     let bw1 = lopper::kernels::probe::stream_gbps(1, 1 << 30, 3);
     let bwn = lopper::kernels::probe::stream_gbps(threads, 1 << 30, 3);
     println!(
-        "STREAM read 1 GiB: {bw1:.1} GB/s (1 thread), {bwn:.1} GB/s ({threads} threads); avx512 {}",
-        has_avx512()
+        "STREAM read 1 GiB: {bw1:.1} GB/s (1 thread), {bwn:.1} GB/s ({threads} threads); kernels {}",
+        isa().name()
     );
     let formats: Vec<(&str, &str, Build)> = vec![
         ("dense", "f32", |w, r, c, _| {

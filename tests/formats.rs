@@ -3,12 +3,37 @@
 
 use lopper::formats::*;
 
-/// `force_portable` switches every kernel in the process: tests that compare kernels hold this
-/// lock so the portable test cannot flip it under them (tests run on parallel threads).
+/// `limit_isa` switches every kernel in the process: tests that compare kernels hold this
+/// lock so another test cannot flip it under them (tests run on parallel threads).
 static KERNEL_MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn kernel_mode() -> std::sync::MutexGuard<'static, ()> {
     KERNEL_MODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lifts the kernel cap when dropped, also when a check panics.
+struct Uncap;
+impl Drop for Uncap {
+    fn drop(&mut self) {
+        limit_isa(None);
+    }
+}
+
+/// Runs `body` once with every kernel set this CPU has: the best one (AVX-512, AVX2 or NEON),
+/// AVX2 again on AVX-512 machines, and the portable paths.
+fn each_kernel_set(mut body: impl FnMut()) {
+    let _mode = kernel_mode();
+    let _uncap = Uncap;
+    limit_isa(None);
+    let mut caps = vec![None];
+    if isa() == Isa::Avx512 {
+        caps.push(Some(Isa::Avx2));
+    }
+    caps.push(Some(Isa::Portable));
+    for cap in caps {
+        limit_isa(cap);
+        body();
+    }
 }
 
 struct Rng(u64);
@@ -157,7 +182,7 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
         let mut naive = vec![f32::NAN; m * rows];
         f.matmul(&x, m, &mut fast);
         f.matmul_naive(&x, m, &mut naive);
-        let ctx = format!("{kind} {rows}×{cols} m={m}");
+        let ctx = format!("{kind} {rows}×{cols} m={m} ({} kernels)", isa().name());
         assert_close(&format!("{ctx} naive"), &naive, &want, &scale, 1e-5);
         assert_close(&format!("{ctx} fast"), &fast, &want, &scale, 1e-4);
         if lossless(kind) {
@@ -228,109 +253,85 @@ const SHAPES: &[(usize, usize)] = &[
 
 #[test]
 fn general_formats_match_dense() {
-    let _mode = kernel_mode();
-    let mut rng = Rng(1);
-    for &(rows, cols) in SHAPES {
-        for sp in [0.0f32, 0.5, 0.7, 0.95, 1.0] {
-            let mut w = random(&mut rng, rows, cols, sp);
-            // Some empty rows.
-            for r in (0..rows).step_by(5) {
-                w[r * cols..(r + 1) * cols].fill(0.0);
-            }
-            for f in general_formats(&w, rows, cols) {
-                check(f.as_ref(), &w, rows, cols, &mut rng);
-            }
-        }
-    }
-}
-
-/// The portable paths (compiled for AVX2 where available) on the same cases.
-#[test]
-fn portable_paths_match_dense() {
-    let _mode = kernel_mode();
-    force_portable(true);
-    let mut rng = Rng(11);
-    for &(rows, cols) in &[(1, 1), (7, 13), (33, 100), (17, 129), (300, 577)] {
-        for sp in [0.0f32, 0.5, 0.95] {
-            let w = random(&mut rng, rows, cols, sp);
-            for f in general_formats(&w, rows, cols) {
-                check(f.as_ref(), &w, rows, cols, &mut rng);
+    each_kernel_set(|| {
+        let mut rng = Rng(1);
+        for &(rows, cols) in SHAPES {
+            for sp in [0.0f32, 0.5, 0.7, 0.95, 1.0] {
+                let mut w = random(&mut rng, rows, cols, sp);
+                // Some empty rows.
+                for r in (0..rows).step_by(5) {
+                    w[r * cols..(r + 1) * cols].fill(0.0);
+                }
+                for f in general_formats(&w, rows, cols) {
+                    check(f.as_ref(), &w, rows, cols, &mut rng);
+                }
             }
         }
-        let cols4 = cols.div_ceil(4) * 4;
-        let w = nm_matrix(&mut rng, rows, cols4, 2, 4);
-        check(
-            &NMBf16::from_dense(&w, rows, cols4, 2, 4).unwrap(),
-            &w,
-            rows,
-            cols4,
-            &mut rng,
-        );
-    }
-    force_portable(false);
+    });
 }
 
 #[test]
 fn nm_formats_match_dense() {
-    let _mode = kernel_mode();
-    let mut rng = Rng(2);
-    // (n, m): the first four take the permute kernel, the rest the scalar path.
-    for (n, m) in [
-        (2, 4),
-        (4, 8),
-        (1, 2),
-        (8, 16),
-        (1, 4),
-        (3, 8),
-        (2, 8),
-        (3, 4),
-    ] {
-        for (rows, cols) in [
-            (0, 0),
-            (1, m),
-            (3, 2 * m),
-            (5, 3 * m),
-            (7, 8 * m),
-            (19, 9 * m),
-            (33, 40 * m),
-            (256, 1024),
+    each_kernel_set(|| {
+        let mut rng = Rng(2);
+        // (n, m): the first four take the permute kernel, the rest the scalar path.
+        for (n, m) in [
+            (2, 4),
+            (4, 8),
+            (1, 2),
+            (8, 16),
+            (1, 4),
+            (3, 8),
+            (2, 8),
+            (3, 4),
         ] {
-            if cols % m != 0 {
-                continue;
+            for (rows, cols) in [
+                (0, 0),
+                (1, m),
+                (3, 2 * m),
+                (5, 3 * m),
+                (7, 8 * m),
+                (19, 9 * m),
+                (33, 40 * m),
+                (256, 1024),
+            ] {
+                if cols % m != 0 {
+                    continue;
+                }
+                let w = nm_matrix(&mut rng, rows, cols, n, m);
+                let f = NM::from_dense(&w, rows, cols, n, m).unwrap();
+                assert_eq!(f.pattern(), (n, m));
+                check(&f, &w, rows, cols, &mut rng);
+                check(
+                    &NMBf16::from_dense(&w, rows, cols, n, m).unwrap(),
+                    &w,
+                    rows,
+                    cols,
+                    &mut rng,
+                );
+                check(
+                    &NMI8::from_dense(&w, rows, cols, n, m).unwrap(),
+                    &w,
+                    rows,
+                    cols,
+                    &mut rng,
+                );
+                // The general formats agree on N:M matrices too.
+                for g in general_formats(&w, rows, cols) {
+                    check(g.as_ref(), &w, rows, cols, &mut rng);
+                }
             }
-            let w = nm_matrix(&mut rng, rows, cols, n, m);
-            let f = NM::from_dense(&w, rows, cols, n, m).unwrap();
-            assert_eq!(f.pattern(), (n, m));
-            check(&f, &w, rows, cols, &mut rng);
+            // All-zero matrix.
+            let z = vec![0f32; 4 * 2 * m];
             check(
-                &NMBf16::from_dense(&w, rows, cols, n, m).unwrap(),
-                &w,
-                rows,
-                cols,
+                &NM::from_dense(&z, 4, 2 * m, n, m).unwrap(),
+                &z,
+                4,
+                2 * m,
                 &mut rng,
             );
-            check(
-                &NMI8::from_dense(&w, rows, cols, n, m).unwrap(),
-                &w,
-                rows,
-                cols,
-                &mut rng,
-            );
-            // The general formats agree on N:M matrices too.
-            for g in general_formats(&w, rows, cols) {
-                check(g.as_ref(), &w, rows, cols, &mut rng);
-            }
         }
-        // All-zero matrix.
-        let z = vec![0f32; 4 * 2 * m];
-        check(
-            &NM::from_dense(&z, 4, 2 * m, n, m).unwrap(),
-            &z,
-            4,
-            2 * m,
-            &mut rng,
-        );
-    }
+    });
 }
 
 #[test]
@@ -352,19 +353,20 @@ fn nm_violation_names_row_and_group() {
 
 #[test]
 fn block_formats_match_dense() {
-    let _mode = kernel_mode();
-    let mut rng = Rng(3);
-    for (br, bc) in [(4, 16), (8, 8), (1, 16), (16, 32), (2, 3), (32, 17)] {
-        for (rows, cols) in [(4, 16), (13, 50), (64, 128), (100, 257), (512, 512)] {
-            for density in [0.0f32, 0.2, 0.6, 1.0] {
-                let w = block_matrix(&mut rng, rows, cols, br, bc, density);
-                let f = Bsr::from_dense(&w, rows, cols, br, bc).unwrap();
-                check(&f, &w, rows, cols, &mut rng);
+    each_kernel_set(|| {
+        let mut rng = Rng(3);
+        for (br, bc) in [(4, 16), (8, 8), (1, 16), (16, 32), (2, 3), (32, 17)] {
+            for (rows, cols) in [(4, 16), (13, 50), (64, 128), (100, 257), (512, 512)] {
+                for density in [0.0f32, 0.2, 0.6, 1.0] {
+                    let w = block_matrix(&mut rng, rows, cols, br, bc, density);
+                    let f = Bsr::from_dense(&w, rows, cols, br, bc).unwrap();
+                    check(&f, &w, rows, cols, &mut rng);
+                }
             }
         }
-    }
-    assert!(Bsr::from_dense(&[0.0; 4], 2, 2, 33, 1).is_err());
-    assert!(Bsr::from_dense(&[0.0; 4], 2, 2, 1, 0).is_err());
+        assert!(Bsr::from_dense(&[0.0; 4], 2, 2, 33, 1).is_err());
+        assert!(Bsr::from_dense(&[0.0; 4], 2, 2, 1, 0).is_err());
+    });
 }
 
 #[test]

@@ -14,6 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lopper::formats::Isa;
 use lopper::model::observer::NoObserver;
 use lopper::runtime::{self, FormatChoice, GenerateOpts, PackOpts, SampleOpts};
 use serde_json::{json, Value};
@@ -27,6 +28,8 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     /// Weight formats to compare, comma-separated (first = baseline of the ratios): auto,
     /// auto-bf16, dense, bf16, int8, bitmask[-bf16|-i8], csr[-bf16|-i8], nm[-bf16|-i8], bsr.
+    /// A suffix `@portable` or `@avx2` runs that entry with the kernels capped to that set
+    /// (e.g. `bitmask,bitmask@portable` compares the SIMD and portable kernels in one run).
     /// Default: the model as loaded (packed if it was saved packed, else dense f32).
     #[arg(long, value_delimiter = ',')]
     pub format: Vec<String>,
@@ -68,16 +71,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.gen < 2 || a.prompt_len == 0 {
         bail!("--gen must be at least 2 and --prompt-len at least 1");
     }
-    let choices: Vec<Option<FormatChoice>> = if a.format.is_empty() {
-        vec![None]
+    let choices: Vec<Entry> = if a.format.is_empty() {
+        vec![Entry {
+            format: None,
+            kernels: None,
+        }]
     } else {
         a.format
             .iter()
-            .map(|s| {
-                s.parse()
-                    .map(Some)
-                    .map_err(|e| anyhow::anyhow!("--format: {e}"))
-            })
+            .map(|s| parse_entry(s))
             .collect::<Result<_>>()?
     };
     let head: Option<FormatChoice> = match &a.head_format {
@@ -102,7 +104,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for _ in 0..a.reps.max(1) {
         for (slot, choice) in runs.iter_mut().zip(&choices) {
             let r = decode_run(&mut model, *choice, head, prompt, a.gen)
-                .with_context(|| format!("benchmarking {}", label(*choice)))?;
+                .with_context(|| format!("benchmarking {}", choice.label()))?;
             match slot {
                 Some(best) if best.decode_tps >= r.decode_tps => {
                     best.prefill_tps = best.prefill_tps.max(r.prefill_tps)
@@ -170,6 +172,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let report = json!({
         "model": path.display().to_string(),
         "threads": threads,
+        "kernels": lopper::formats::isa().name(),
         "prompt_len": a.prompt_len,
         "gen": a.gen,
         "reps": a.reps,
@@ -187,7 +190,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "machine     {threads} threads; STREAM read ({} MiB) {stream1:.1} GB/s on 1 thread, {stream_n:.1} GB/s on {threads}; FMA peak {peak:.0} GFLOP/s; GEMM {gemm:.0} GFLOP/s",
+        "machine     {threads} threads, {} kernels; STREAM read ({} MiB) {stream1:.1} GB/s on 1 thread, {stream_n:.1} GB/s on {threads}; FMA peak {peak:.0} GFLOP/s; GEMM {gemm:.0} GFLOP/s",
+        lopper::formats::isa().name(),
         dram_buf >> 20
     );
     println!(
@@ -248,19 +252,62 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn label(c: Option<FormatChoice>) -> String {
-    c.map_or("as-loaded".into(), |c| c.name().into())
+/// One `--format` entry: a format (None: the model as loaded) and an optional kernel cap.
+#[derive(Clone, Copy)]
+struct Entry {
+    format: Option<FormatChoice>,
+    kernels: Option<Isa>,
 }
 
-/// Packs `model` as `choice` (None: as loaded) and times one greedy generation.
+impl Entry {
+    fn label(&self) -> String {
+        let f = self.format.map_or("as-loaded", |c| c.name());
+        match self.kernels {
+            Some(k) => format!("{f}@{}", k.name()),
+            None => f.into(),
+        }
+    }
+}
+
+/// `FORMAT[@portable|@avx2]`.
+fn parse_entry(s: &str) -> Result<Entry> {
+    let (f, k) = match s.split_once('@') {
+        Some((f, k)) => (f, Some(k)),
+        None => (s, None),
+    };
+    let format = f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
+    let kernels = match k {
+        None => None,
+        Some("portable") => Some(Isa::Portable),
+        Some("avx2") => Some(Isa::Avx2),
+        Some(other) => bail!("--format {s}: unknown kernel set '{other}' (portable or avx2)"),
+    };
+    Ok(Entry {
+        format: Some(format),
+        kernels,
+    })
+}
+
+/// Lifts the kernel cap when dropped (also on an early error return).
+struct Uncap;
+impl Drop for Uncap {
+    fn drop(&mut self) {
+        lopper::formats::limit_isa(None);
+    }
+}
+
+/// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, with
+/// the entry's kernel cap.
 fn decode_run(
     model: &mut lopper::Model,
-    choice: Option<FormatChoice>,
+    entry: Entry,
     head: Option<FormatChoice>,
     prompt: &[u32],
     gen: usize,
 ) -> Result<FormatRun> {
-    let (weight_bytes, pack_seconds, kinds) = match choice {
+    let _uncap = Uncap;
+    lopper::formats::limit_isa(entry.kernels);
+    let (weight_bytes, pack_seconds, kinds) = match entry.format {
         Some(c) => {
             let rep = runtime::pack(
                 model,
@@ -291,7 +338,7 @@ fn decode_run(
     let mut tokens = Vec::with_capacity(gen);
     let stats = runtime::generate(model, prompt, &opts, &mut |t| tokens.push(t))?;
     Ok(FormatRun {
-        label: label(choice),
+        label: entry.label(),
         weight_bytes,
         pack_seconds,
         prefill_tps: stats.prefill_tokens_per_s,

@@ -12,11 +12,11 @@
 //! nibble of the mask selects a byte shuffle for one `tbl` over 4 loaded values
 //! ([`Elem::expand4_neon`]).
 
-#[cfg(target_arch = "x86_64")]
-use super::elem;
 use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
+#[cfg(target_arch = "x86_64")]
+use super::{avx2, elem};
 #[cfg(target_arch = "aarch64")]
 use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
@@ -328,6 +328,120 @@ impl<E: Elem> BitmaskOf<E> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl<E: Elem> BitmaskOf<E> {
+    /// True when every 8-value load of row `r`'s values stays inside the value array (the
+    /// AVX2 expand loads 8 values per mask byte, whatever its popcount); the few last rows
+    /// where it would not take the scalar path.
+    #[inline(always)]
+    fn avx2_safe(&self, r: usize) -> bool {
+        self.off[r + 1] + 8 <= self.vals.v.len()
+    }
+
+    /// Rows `r0..r1` of the product, AVX2: every mask byte expands 8 packed values into place
+    /// ([`Elem::expand8`]) for one FMA with 8 columns of `x`; 4 accumulators. Columns past the
+    /// last multiple of 8 are done scalar.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; masks validated (no bits past `cols`, popcounts = value counts);
+    /// `out` owns these rows.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn rows_avx2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
+        let bytes = cols / 8; // mask bytes whose 8 columns are all inside the row
+        for r in r0..r1 {
+            let mask = self.mask.as_ptr().add(r * wpr) as *const u8;
+            prefetch_ahead(mask, 2);
+            for i in 0..m {
+                let xi = &x[i * cols..(i + 1) * cols];
+                if !self.avx2_safe(r) {
+                    out.put(i, r, sparse::row_dot(self, r, xi) * self.vals.scale(r));
+                    continue;
+                }
+                let xp = xi.as_ptr();
+                let mut vp = self.vals.v.as_ptr().add(self.off[r]);
+                let mut a = [_mm256_setzero_ps(); 4];
+                let mut t = 0;
+                while t + 8 <= bytes {
+                    // One mask word: 64 columns, up to 2 lines of f32 values at ≤ 50% density.
+                    prefetch_ahead(vp, 2);
+                    for q in 0..8 {
+                        let b = *mask.add(t + q);
+                        let w = E::expand8(b, vp);
+                        a[q % 4] =
+                            _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(8 * (t + q))), a[q % 4]);
+                        vp = vp.add(b.count_ones() as usize);
+                    }
+                    t += 8;
+                }
+                while t < bytes {
+                    // (a[0] only: a variable index would keep `a` in memory.)
+                    let b = *mask.add(t);
+                    let w = E::expand8(b, vp);
+                    a[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(8 * t)), a[0]);
+                    vp = vp.add(b.count_ones() as usize);
+                    t += 1;
+                }
+                let mut s = avx2::hsum(_mm256_add_ps(
+                    _mm256_add_ps(a[0], a[1]),
+                    _mm256_add_ps(a[2], a[3]),
+                ));
+                if 8 * bytes < cols {
+                    // The last partial byte, scalar.
+                    let mut b = *mask.add(bytes);
+                    while b != 0 {
+                        s += (*vp).to_f32() * xi[8 * bytes + b.trailing_zeros() as usize];
+                        vp = vp.add(1);
+                        b &= b - 1;
+                    }
+                }
+                out.put(i, r, s * self.vals.scale(r));
+            }
+        }
+    }
+
+    /// Rows `r0..r1` decoded to dense f32, AVX2: one expand and one store per mask byte.
+    ///
+    /// # Safety
+    /// As [`Self::rows_avx2`]; `out` holds `(r1 − r0) · cols` values.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
+        for r in r0..r1 {
+            let row = &mut out[(r - r0) * cols..(r - r0 + 1) * cols];
+            if !self.avx2_safe(r) {
+                sparse::decode_row(self, r, row);
+                continue;
+            }
+            let mask = self.mask.as_ptr().add(r * wpr) as *const u8;
+            let s = self.vals.scale(r);
+            let scale = _mm256_set1_ps(s);
+            let mut vp = self.vals.v.as_ptr().add(self.off[r]);
+            let dst = row.as_mut_ptr();
+            let bytes = cols / 8;
+            for t in 0..bytes {
+                let b = *mask.add(t);
+                let mut v = E::expand8(b, vp);
+                if E::SCALED {
+                    v = _mm256_mul_ps(v, scale);
+                }
+                _mm256_storeu_ps(dst.add(8 * t), v);
+                vp = vp.add(b.count_ones() as usize);
+            }
+            if 8 * bytes < cols {
+                // The last partial byte, scalar.
+                row[8 * bytes..].fill(0.0);
+                let mut b = *mask.add(bytes);
+                while b != 0 {
+                    row[8 * bytes + b.trailing_zeros() as usize] = (*vp).to_f32() * s;
+                    vp = vp.add(1);
+                    b &= b - 1;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 impl<E: Elem> BitmaskOf<E> {
     /// True when every 4-value load of row `r`'s values stays inside the value array (the
@@ -432,39 +546,41 @@ impl<E: Elem> WeightFormat for BitmaskOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
-        // masks validated.
+        // SAFETY (decoder): the ISA checked; gets `(r1 − r0) · cols` values; masks validated.
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|out: &mut [f32]| unsafe {
-            if use_vbmi2::<E>() {
-                self.decode_vbmi2(r0, r1, out)
-            } else {
-                self.decode_plain(r0, r1, out)
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|out: &mut [f32]| unsafe {
+            match isa {
+                Isa::Avx2 => self.decode_avx2(r0, r1, out),
+                _ if use_vbmi2::<E>() => self.decode_vbmi2(r0, r1, out),
+                _ => self.decode_plain(r0, r1, out),
             }
         });
         // SAFETY (decoder): masks validated; gets `(r1 − r0) · cols` values.
         #[cfg(target_arch = "aarch64")]
-        let fast = Some(|out: &mut [f32]| unsafe { self.decode_neon(r0, r1, out) });
+        let fast = (isa() == Isa::Neon)
+            .then_some(|out: &mut [f32]| unsafe { self.decode_neon(r0, r1, out) });
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(&mut [f32])> = None;
         sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        // SAFETY (kernel): `product` calls it only after `has_avx512()`; masks validated;
-        // rows written disjointly.
+        // SAFETY (kernel): the ISA checked; masks validated; rows written disjointly.
         #[cfg(target_arch = "x86_64")]
-        let vbmi2 = use_vbmi2::<E>();
+        let (isa, vbmi2) = (isa(), use_vbmi2::<E>());
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|r0, r1, out| unsafe {
-            if vbmi2 {
-                self.block_avx512_vbmi2(r0, r1, x, m, out)
-            } else {
-                self.block_avx512(r0, r1, x, m, out)
+        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|r0, r1, out| unsafe {
+            match isa {
+                Isa::Avx2 => self.rows_avx2(r0, r1, x, m, out),
+                _ if vbmi2 => self.block_avx512_vbmi2(r0, r1, x, m, out),
+                _ => self.block_avx512(r0, r1, x, m, out),
             }
         });
         // SAFETY (kernel): masks validated; rows written disjointly.
         #[cfg(target_arch = "aarch64")]
-        let fast = Some(|r0, r1, out| unsafe { self.rows_neon(r0, r1, x, m, out) });
+        let fast = (isa() == Isa::Neon)
+            .then_some(|r0, r1, out| unsafe { self.rows_neon(r0, r1, x, m, out) });
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, 1, fast)

@@ -213,10 +213,11 @@ impl WeightFormat for Bsr {
         sparse::decode_rows(self, r0, r1, out, None::<fn(&mut [f32])>)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        // SAFETY (kernel): `product` calls it only after `has_avx512()`; block columns
-        // validated; disjoint rows (ranges aligned to the tile height).
+        // SAFETY (kernel): AVX-512 checked; block columns validated; disjoint rows (ranges
+        // aligned to the tile height).
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        let fast =
+            has_avx512().then_some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, self.br, fast)

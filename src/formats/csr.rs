@@ -3,6 +3,8 @@
 //! below about 6% density for f32, but needs no work per zero.
 
 #[cfg(target_arch = "x86_64")]
+use super::avx2;
+#[cfg(target_arch = "x86_64")]
 use super::elem::first_lanes;
 use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
@@ -160,6 +162,45 @@ impl<E: Elem> CsrOf<E> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl<E: Elem> CsrOf<E> {
+    /// Rows `r0..r1` of the product, AVX2: 8 inputs gathered at a time (`vgatherdps`), two
+    /// accumulators; the last `nnz % 8` of a row scalar.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; row pointers and column indices validated; `out` owns these rows.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn block_avx2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (ci, vp) = (self.col_idx.as_ptr(), self.vals.v.as_ptr());
+        for r in r0..r1 {
+            let (s, e) = (self.row_ptr[r], self.row_ptr[r + 1]);
+            for i in 0..m {
+                let xp = x.as_ptr().add(i * self.cols);
+                let mut a = [_mm256_setzero_ps(); 2];
+                let mut j = s;
+                while j + 16 <= e {
+                    prefetch_ahead(vp.add(j), 1);
+                    prefetch_ahead(ci.add(j), 1);
+                    for (h, acc) in a.iter_mut().enumerate() {
+                        let o = j + 8 * h;
+                        let idx =
+                            _mm256_cvtepu16_epi32(_mm_loadu_si128(ci.add(o) as *const __m128i));
+                        let g = _mm256_i32gather_ps::<4>(xp, idx);
+                        *acc = _mm256_fmadd_ps(E::load8(vp.add(o)), g, *acc);
+                    }
+                    j += 16;
+                }
+                let mut sum = avx2::hsum(_mm256_add_ps(a[0], a[1]));
+                while j < e {
+                    sum += (*vp.add(j)).to_f32() * *xp.add(*ci.add(j) as usize);
+                    j += 1;
+                }
+                out.put(i, r, sum * self.vals.scale(r));
+            }
+        }
+    }
+}
+
 impl<E: Elem> CsrOf<E> {
     /// Rows `r0..r1` decoded to dense f32 (the prefill path): 16 values at a time scattered
     /// to their columns of a zeroed row.
@@ -215,19 +256,28 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         self.col_idx.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
-        // indices validated (< cols) on construction.
+        // SAFETY (decoder): AVX-512 checked; gets `(r1 − r0) · cols` values; indices validated
+        // (< cols) on construction.
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
+        let fast =
+            has_avx512().then_some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(&mut [f32])> = None;
         sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        // SAFETY (kernel): `product` calls it only after `has_avx512()`; row pointers and
-        // indices validated (< cols); rows written disjointly.
+        // SAFETY (kernel): the ISA checked; row pointers and indices validated (< cols); rows
+        // written disjointly.
         #[cfg(target_arch = "x86_64")]
-        let fast = Some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|r0, r1, out| unsafe {
+            if isa == Isa::Avx2 {
+                self.block_avx2(r0, r1, x, m, out)
+            } else {
+                self.block_avx512(r0, r1, x, m, out)
+            }
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, 1, fast)

@@ -1,8 +1,9 @@
 //! Dense weights with f32, bf16 or int8 (+ per-row scale) values: [`DenseOf`].
 //!
 //! Small products (`m ≤` [`SMALL_M`], i.e. decode) run row dot products that stream each weight
-//! row once (AVX-512 with 4 accumulators, rows split over threads); larger ones go to GEMM —
-//! directly for f32, through decoded f32 row tiles for bf16 / int8 ([`super::matmul_tiled`]).
+//! row once (AVX-512, AVX2 or NEON with 4 accumulators, rows split over threads); larger ones
+//! go to GEMM — directly for f32, through decoded f32 row tiles for bf16 / int8
+//! ([`super::matmul_tiled`]).
 //! [`dense_f32_matmul`] runs the same kernels on a borrowed f32 matrix (an unpacked model's
 //! weight), so dense f32 needs no copy.
 
@@ -180,6 +181,23 @@ impl<E: Elem> Rows<'_, E> {
         }
     }
 
+    /// Rows `r0..r1` of the product, AVX2.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; `w` holds rows `r0..r1`; `out` owns these rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(self, r0: usize, r1: usize, out: Out) {
+        let n = self.n;
+        for r in r0..r1 {
+            let wr = self.w.as_ptr().add(r * n);
+            for i in 0..self.m {
+                let s = super::avx2::dot(wr, self.x.as_ptr().add(i * n), n);
+                out.put(i, r, s * row_scale(self.scales, r));
+            }
+        }
+    }
+
     /// Rows `r0..r1` of the product, NEON.
     ///
     /// # Safety
@@ -249,8 +267,16 @@ impl<E: Elem> Rows<'_, E> {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx2 {
+            // SAFETY: AVX2 + FMA checked; sizes checked by the callers; rows written disjointly.
+            drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
+                self.avx2(r0, r1, out)
+            });
+            return;
+        }
         #[cfg(target_arch = "aarch64")]
-        if has_simd() {
+        if isa() == Isa::Neon {
             // SAFETY: sizes checked by the callers; rows written disjointly.
             drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
                 self.neon(r0, r1, out)

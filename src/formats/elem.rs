@@ -2,7 +2,8 @@
 //!
 //! Every format (dense, bitmask, CSR, N:M) is generic over [`Elem`], so the f32, bf16 and int8
 //! variants share one kernel each and differ only in how 16 stored values become 16 f32 lanes
-//! (`load16` / `load_first` / `expand_load`) and whether each row carries a scale. Products
+//! (`load16` / `load_first` / `expand_load`; `load8` for AVX2, `load4_neon` / `expand4_neon`
+//! for NEON) and whether each row carries a scale. Products
 //! always accumulate in f32; an int8 row's sum is multiplied by its scale at the end.
 
 use super::{Dtype, RawTensor};
@@ -101,6 +102,18 @@ pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     unsafe fn expand_load(k: __mmask16, p: *const Self) -> __m512 {
         _mm512_maskz_expand_ps(k, Self::load_first(k.count_ones() as usize, p))
     }
+    /// AVX2: 8 values at `p` as f32 lanes.
+    /// # Safety
+    /// AVX2 and FMA available; `p` valid for 8 reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// AVX2: the `popcount(b)` values at `p` spread to the lanes set in `b` as f32, zeros
+    /// elsewhere (see [`super::avx2`]). f32 permutes with `vpermps`; bf16 and int8 place their
+    /// bytes with one `vpshufb`, which also zeroes the other lanes.
+    /// # Safety
+    /// AVX2 + FMA available; `p` valid for 8 reads (8 values are loaded whatever `b` is).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn expand8(b: u8, p: *const Self) -> __m256;
     /// NEON: 4 stored values at `p` as f32 lanes (before the row scale).
     /// # Safety
     /// `p` valid for 4 reads.
@@ -170,6 +183,16 @@ impl Elem for f32 {
     unsafe fn expand_load(k: __mmask16, p: *const f32) -> __m512 {
         _mm512_maskz_expandloadu_ps(k, p)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand8(b: u8, p: *const f32) -> __m256 {
+        super::avx2::expand8_f32(b, p)
+    }
     #[cfg(target_arch = "aarch64")]
     #[inline(always)]
     unsafe fn load4_neon(p: *const f32) -> float32x4_t {
@@ -230,6 +253,17 @@ impl Elem for half::bf16 {
         let k32: __mmask32 = _pdep_u32(k as u32, 0xAAAA_AAAA);
         _mm512_castsi512_ps(_mm512_maskz_expandloadu_epi16(k32, p as *const i16))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> __m256 {
+        let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand8(b: u8, p: *const half::bf16) -> __m256 {
+        super::avx2::expand8_bf16(b, p)
+    }
     #[cfg(target_arch = "aarch64")]
     #[inline(always)]
     unsafe fn load4_neon(p: *const half::bf16) -> float32x4_t {
@@ -279,6 +313,16 @@ impl Elem for i8 {
     #[inline(always)]
     unsafe fn expand_load_vbmi2(k: __mmask16, p: *const i8) -> __m512 {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(k, p)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand8(b: u8, p: *const i8) -> __m256 {
+        super::avx2::expand8_i8(b, p)
     }
     #[cfg(target_arch = "aarch64")]
     #[inline(always)]

@@ -18,11 +18,14 @@
 //! | [`Bsr`] | R×C f32 tiles + block-column indices | FMAs along tile rows |
 //!
 //! Every format has a single-threaded scalar `matmul_naive` (f64 accumulation) read straight
-//! from its own storage. The fast path ([`WeightFormat::matmul_add`]) uses AVX-512 when the CPU
-//! has it (portable code compiled for AVX2 otherwise: vectorised for dense, scalar for the
-//! sparse formats) and rayon over row ranges once the weights exceed [`PAR_BYTES`]; for more
-//! than [`SMALL_M`] rows of `x` it decodes row tiles to f32 and multiplies them with GEMM, so
-//! prefill through any format costs about what dense GEMM costs.
+//! from its own storage. The fast path ([`WeightFormat::matmul_add`]) runs the best kernel set
+//! the CPU has ([`isa`]): AVX-512 (the table above), AVX2 (8 lanes: dense, bitmask through a
+//! permute table per mask byte, N:M for M = 2N with N | 8 through two permutes and a blend, CSR
+//! through `vgatherdps`; see `avx2.rs`), NEON on aarch64, else portable scalar code (compiled
+//! for AVX2 where present), and rayon over row ranges once the weights exceed [`PAR_BYTES`];
+//! for more than [`SMALL_M`] rows of `x` it decodes row tiles to f32 and multiplies them with
+//! GEMM, so prefill through any format costs about what dense GEMM costs. [`limit_isa`] caps
+//! the kernel set, to test and time the lower ones on the same machine.
 //!
 //! Serialization: [`WeightFormat::to_tensors`] gives named raw little-endian arrays
 //! (`<name>.shape` as u64 plus the format's arrays); each format's `from_tensors(name, &[...])`
@@ -45,6 +48,8 @@ macro_rules! dims {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod bitmask;
 mod bsr;
 mod csr;
@@ -216,47 +221,92 @@ pub(crate) fn prefetch_ahead<T>(p: *const T, lines: usize) {
 /// once per product, threads over rows); larger ones decode row tiles to f32 and use GEMM.
 pub const SMALL_M: usize = 4;
 
-static PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes the format kernels take their portable paths (AVX2-compiled where the CPU has AVX2)
-/// even on AVX-512 machines: for testing those paths and comparing speeds.
-pub fn force_portable(on: bool) {
-    PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+/// The instruction set the format kernels are written for. [`isa`] says which one runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// No hand-written SIMD: scalar code (compiled a second time for AVX2 + FMA where the CPU
+    /// has them, so LLVM may vectorise it).
+    Portable,
+    /// x86-64 AVX2 + FMA (+ POPCNT, BMI1/2): 8-lane kernels for dense, bitmask, N:M and CSR.
+    Avx2,
+    /// x86-64 AVX-512 F/VL/BW (+ POPCNT, BMI1/2): 16-lane kernels for every format.
+    Avx512,
+    /// aarch64 NEON (base architecture): dense, bitmask and 2:4 kernels.
+    Neon,
 }
 
-/// True when the formats' SIMD kernels run: AVX-512 on x86-64 ([`has_avx512`]), NEON on
-/// aarch64 (part of the base architecture); false when turned off by [`force_portable`].
+impl Isa {
+    /// Lower-case name, as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+}
+
+/// The cap set by [`limit_isa`]: 0 none, 1 portable, 2 AVX2.
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Caps the kernels the formats use: `Some(Isa::Portable)` takes the portable paths even where
+/// SIMD kernels exist, `Some(Isa::Avx2)` the AVX2 kernels on AVX-512 machines; `None` lifts the
+/// cap. A cap above what the CPU has changes nothing. For testing those paths and comparing
+/// speeds; it switches every kernel in the process.
+pub fn limit_isa(max: Option<Isa>) {
+    let v = match max {
+        None | Some(Isa::Avx512) | Some(Isa::Neon) => 0,
+        Some(Isa::Portable) => 1,
+        Some(Isa::Avx2) => 2,
+    };
+    CAP.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The best kernel set this CPU runs (checked once).
+fn detected_isa() -> Isa {
+    static D: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected;
+            let base = is_x86_feature_detected!("popcnt")
+                && is_x86_feature_detected!("bmi1")
+                && is_x86_feature_detected!("bmi2");
+            if base && crate::kernels::has_avx512() && is_x86_feature_detected!("avx512bw") {
+                Isa::Avx512
+            } else if base && crate::kernels::has_avx2() {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            Isa::Neon
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            Isa::Portable
+        }
+    })
+}
+
+/// The kernel set the formats use now: the best the CPU runs, capped by [`limit_isa`].
 #[inline]
-pub fn has_simd() -> bool {
-    #[cfg(target_arch = "aarch64")]
-    {
-        !PORTABLE.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    #[cfg(not(target_arch = "aarch64"))]
-    {
-        has_avx512()
+pub fn isa() -> Isa {
+    let d = detected_isa();
+    match (CAP.load(std::sync::atomic::Ordering::Relaxed), d) {
+        (1, _) => Isa::Portable,
+        (2, Isa::Avx512) => Isa::Avx2,
+        _ => d,
     }
 }
 
-/// True when the AVX-512 subset the format kernels use is available (and not turned off by
-/// [`force_portable`]).
+/// True when the AVX-512 format kernels run ([`isa`] is [`Isa::Avx512`]).
 #[inline]
 pub fn has_avx512() -> bool {
-    if PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::kernels::has_avx512()
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("popcnt")
-            && std::arch::is_x86_feature_detected!("bmi1")
-            && std::arch::is_x86_feature_detected!("bmi2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa() == Isa::Avx512
 }
 
 pub(crate) fn check_sizes(kind: &str, rows: usize, cols: usize, x: &[f32], m: usize, y: &[f32]) {

@@ -3,14 +3,15 @@
 //! indices, packed LSB-first at `ceil(log2 M)` bits each (2 bits for M = 4, 3 for M = 8) in a
 //! per-row bit stream of `ceil(values_per_row · bits / 8)` bytes. Values are f32, bf16 or int8
 //! with a per-row scale ([`NMOf`]); 2:4 with f32 values reads 2.125 bytes per weight.
-//! AVX-512 kernels gather `x` with `vpermt2ps` for every M = 2N pattern; the NEON kernel does
-//! 2:4 with one `tbl` per index byte (other patterns take the portable kernel there).
+//! AVX-512 kernels gather `x` with `vpermt2ps` for every M = 2N pattern with N | 16; the AVX2
+//! kernels pick from two `vpermps` with a blend for M = 2N with N | 8; the NEON kernel does 2:4
+//! with one `tbl` per index byte (other patterns take the portable kernel).
 
-#[cfg(target_arch = "x86_64")]
-use super::elem;
 use super::elem::{Elem, Values};
 use super::sparse::{self, Entries};
 use super::*;
+#[cfg(target_arch = "x86_64")]
+use super::{avx2, elem};
 #[cfg(target_arch = "aarch64")]
 use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
@@ -301,6 +302,134 @@ impl<E: Elem> NMOf<E> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl<E: Elem> NMOf<E> {
+    /// True when the AVX2 kernel applies: M = 2N and N divides 8 (1:2, 2:4, 4:8, 8:16), so 8
+    /// kept values span a 16-column window and their indices fit one u32.
+    fn avx2_pattern(&self) -> bool {
+        self.m == 2 * self.n && 8 % self.n == 0
+    }
+
+    /// Rows `r0..r1` of the product for the AVX2 patterns: per 8 kept values, their column
+    /// offsets in the 16-column window are decoded from one u32 of the index stream (variable
+    /// shifts), the 8 inputs picked from the window's two halves ([`avx2::gather16`]), one FMA.
+    /// The last `vpr % 8` values are done scalar.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; AVX2 pattern; indices validated (< M); `out` owns these rows.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn block_avx2(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
+        let dec = Avx2Offsets::new(self.n, self.m, self.bits);
+        let nb = self.vpr / 8;
+        for r in r0..r1 {
+            let vp = self.vals.v.as_ptr().add(r * self.vpr);
+            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            for i in 0..mm {
+                let xi = &x[i * self.cols..(i + 1) * self.cols];
+                let xp = xi.as_ptr();
+                // 8 kept values (block `blk`) times their gathered inputs.
+                let term = |blk: usize| {
+                    let off = dec.offsets(ip.add(blk * self.bits));
+                    let g = avx2::gather16(
+                        _mm256_loadu_ps(xp.add(16 * blk)),
+                        _mm256_loadu_ps(xp.add(16 * blk + 8)),
+                        off,
+                    );
+                    (E::load8(vp.add(8 * blk)), g)
+                };
+                // Two accumulators in separate variables, so they stay in registers.
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                prefetch_ahead(ip, 1);
+                let mut blk = 0;
+                while blk + 2 <= nb {
+                    prefetch_ahead(vp.add(8 * blk), 1);
+                    let (w0, g0) = term(blk);
+                    let (w1, g1) = term(blk + 1);
+                    a0 = _mm256_fmadd_ps(w0, g0, a0);
+                    a1 = _mm256_fmadd_ps(w1, g1, a1);
+                    blk += 2;
+                }
+                if blk < nb {
+                    let (w0, g0) = term(blk);
+                    a0 = _mm256_fmadd_ps(w0, g0, a0);
+                }
+                let mut s = avx2::hsum(_mm256_add_ps(a0, a1));
+                for v in 8 * nb..self.vpr {
+                    s += (*vp.add(v)).to_f32() * xi[self.col_of(r, v)];
+                }
+                out.put(i, r, s * self.vals.scale(r));
+            }
+        }
+    }
+
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path), AVX2 patterns: offsets decoded
+    /// as in [`Self::block_avx2`], then 8 scalar stores into the zeroed window.
+    ///
+    /// # Safety
+    /// As [`Self::block_avx2`]; `out` holds `(r1 − r0) · cols` values.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let dec = Avx2Offsets::new(self.n, self.m, self.bits);
+        let (c, nb) = (self.cols, self.vpr / 8);
+        out[..(r1 - r0) * c].fill(0.0);
+        let (mut off, mut val) = ([0i32; 8], [0f32; 8]);
+        for r in r0..r1 {
+            let vp = self.vals.v.as_ptr().add(r * self.vpr);
+            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
+            let s = self.vals.scale(r);
+            for blk in 0..nb {
+                let o = dec.offsets(ip.add(blk * self.bits));
+                _mm256_storeu_si256(off.as_mut_ptr() as *mut __m256i, o);
+                _mm256_storeu_ps(val.as_mut_ptr(), E::load8(vp.add(8 * blk)));
+                let win = &mut row[16 * blk..16 * blk + 16];
+                for j in 0..8 {
+                    // Offsets are < 16 (indices validated < M, window base + index).
+                    *win.get_unchecked_mut(off[j] as usize) = val[j] * s;
+                }
+            }
+            for v in 8 * nb..self.vpr {
+                row[self.col_of(r, v)] = (*vp.add(v)).to_f32() * s;
+            }
+        }
+    }
+}
+
+/// Column offsets (0..16) of 8 consecutive kept values inside their 16-column window (AVX2
+/// patterns: M = 2N, N divides 8): lane `j` is `(j / N)·M` plus bits `j·b .. (j+1)·b` of the
+/// u32 at the values' first index byte (`b` = index bits; 8 values take `b` bytes).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2Offsets {
+    shifts: __m256i,
+    base: __m256i,
+    kmask: __m256i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2Offsets {
+    #[inline(always)]
+    unsafe fn new(n: usize, m: usize, bits: usize) -> Avx2Offsets {
+        let shifts: [i32; 8] = std::array::from_fn(|j| (j * bits) as i32);
+        let base: [i32; 8] = std::array::from_fn(|j| ((j / n) * m) as i32);
+        Avx2Offsets {
+            shifts: _mm256_loadu_si256(shifts.as_ptr().cast()),
+            base: _mm256_loadu_si256(base.as_ptr().cast()),
+            kmask: _mm256_set1_epi32((1 << bits) - 1),
+        }
+    }
+    /// # Safety
+    /// AVX2; `ip` valid for 4 reads (the index stream is padded).
+    #[inline(always)]
+    unsafe fn offsets(&self, ip: *const u8) -> __m256i {
+        let word = _mm256_set1_epi32(std::ptr::read_unaligned(ip as *const u32) as i32);
+        _mm256_add_epi32(
+            _mm256_and_si256(_mm256_srlv_epi32(word, self.shifts), self.kmask),
+            self.base,
+        )
+    }
+}
+
 /// Column offsets (0..32) of 16 consecutive kept values inside their 32-column window, from the
 /// packed index stream (fast patterns: M = 2N, N divides 16). 16·bits ≤ 64, so one u64 read and
 /// two 64-bit variable shifts decode them.
@@ -448,27 +577,48 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         self.vals.v.len()
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        // SAFETY (decoder): called only after `has_avx512()`, with `(r1 − r0) · cols` values;
-        // fast pattern checked; indices validated on construction.
+        // SAFETY (decoder): the ISA and the pattern checked; gets `(r1 − r0) · cols` values;
+        // indices validated on construction.
         #[cfg(target_arch = "x86_64")]
-        let fast = self
-            .fast_pattern()
-            .then_some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        let fast = match isa {
+            Isa::Avx512 => self.fast_pattern(),
+            Isa::Avx2 => self.avx2_pattern(),
+            _ => false,
+        }
+        .then_some(|out: &mut [f32]| unsafe {
+            if isa == Isa::Avx2 {
+                self.decode_avx2(r0, r1, out)
+            } else {
+                self.decode_avx512(r0, r1, out)
+            }
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(&mut [f32])> = None;
         sparse::decode_rows(self, r0, r1, out, fast)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        // SAFETY (kernel): `product` calls it only after `has_avx512()`; indices validated
-        // (< M, so every permuted lane is inside the 32-column window); disjoint rows.
+        // SAFETY (kernel): the ISA and the pattern checked; indices validated (< M, so every
+        // permuted lane is inside the 32- or 16-column window); disjoint rows.
         #[cfg(target_arch = "x86_64")]
-        let fast = self
-            .fast_pattern()
-            .then_some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
-        // SAFETY (kernel): 2:4 checked; indices validated; disjoint rows.
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        let fast = match isa {
+            Isa::Avx512 => self.fast_pattern(),
+            Isa::Avx2 => self.avx2_pattern(),
+            _ => false,
+        }
+        .then_some(|r0, r1, out| unsafe {
+            if isa == Isa::Avx2 {
+                self.block_avx2(r0, r1, x, m, out)
+            } else {
+                self.block_avx512(r0, r1, x, m, out)
+            }
+        });
+        // SAFETY (kernel): NEON and 2:4 checked; indices validated; disjoint rows.
         #[cfg(target_arch = "aarch64")]
-        let fast = self
-            .neon_pattern()
+        let fast = (isa() == Isa::Neon && self.neon_pattern())
             .then_some(|r0, r1, out| unsafe { self.block_neon(r0, r1, x, m, out) });
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let fast: Option<fn(usize, usize, Out)> = None;

@@ -27,11 +27,10 @@ pub(crate) trait Entries: WeightFormat {
 }
 
 /// [`WeightFormat::decode_rows`] of a sparse format: rows `r0..r1` into the first
-/// `(r1 − r0) · cols` values of `out`, through the format's SIMD decoder `fast` when given and
-/// the CPU runs it ([`has_simd`]; it gets exactly that slice), else from the entries.
+/// `(r1 − r0) · cols` values of `out`, through the format's SIMD decoder `fast` when given (it
+/// gets exactly that slice), else from the entries.
 ///
-/// `fast` may assume the SIMD features of [`has_simd`] (AVX-512 on x86-64, NEON on aarch64):
-/// it is only called after that check.
+/// A format passes `fast` only when the current [`isa`] runs it.
 pub(crate) fn decode_rows<F: Entries>(
     f: &F,
     r0: usize,
@@ -48,7 +47,7 @@ pub(crate) fn decode_rows<F: Entries>(
         f.rows()
     );
     let out = &mut out[..(r1 - r0) * c];
-    if let Some(kernel) = fast.filter(|_| has_simd()) {
+    if let Some(kernel) = fast {
         return kernel(out);
     }
     for r in r0..r1 {
@@ -115,10 +114,9 @@ fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: O
 
 /// [`WeightFormat::matmul_add`] of a sparse format: sizes checked; more than [`SMALL_M`] rows
 /// through [`matmul_tiled`]; else row ranges (aligned to `align`) over threads through `fast`
-/// when given and the CPU runs it ([`has_simd`]), through the portable kernel otherwise.
+/// when given, through the portable kernel otherwise.
 ///
-/// `fast` may assume the SIMD features of [`has_simd`] (AVX-512 on x86-64, NEON on aarch64):
-/// it is only called after that check.
+/// A format passes `fast` only when the current [`isa`] runs it.
 pub(crate) fn product<F: Entries>(
     f: &F,
     x: &[f32],
@@ -134,7 +132,7 @@ pub(crate) fn product<F: Entries>(
     }
     let bytes = f.nbytes();
     match fast {
-        Some(kernel) if has_simd() => drive(f.rows(), m, bytes, align, y, acc, kernel),
+        Some(kernel) => drive(f.rows(), m, bytes, align, y, acc, kernel),
         _ => drive(f.rows(), m, bytes, align, y, acc, |r0, r1, out| {
             portable(f, r0, r1, x, m, out)
         }),

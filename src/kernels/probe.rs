@@ -26,6 +26,27 @@ unsafe fn fma_loop_avx512(iters: usize) -> (f32, usize) {
     (s, iters * ACC * 16 * 2)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(iters: usize) -> (f32, usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); ACC];
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm256_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let mut s = 0.0;
+    for r in acc {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), r);
+        s += lanes.iter().sum::<f32>();
+    }
+    (s, iters * ACC * 8 * 2)
+}
+
 fn fma_loop_scalar(iters: usize) -> (f32, usize) {
     let mut acc = [0f32; ACC * 8];
     for _ in 0..iters {
@@ -41,6 +62,11 @@ fn fma_loop(iters: usize) -> (f32, usize) {
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: feature checked at run time.
         return unsafe { fma_loop_avx512(iters) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: features checked at run time.
+        return unsafe { fma_loop_avx2(iters) };
     }
     fma_loop_scalar(iters)
 }

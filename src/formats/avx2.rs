@@ -1,0 +1,176 @@
+//! What the AVX2 kernels of the formats share (x86-64 without AVX-512, e.g. AMD Zen 2/3 or
+//! Intel client cores): 8-lane dot products, the horizontal sum, and the two tricks that stand
+//! in for AVX-512's expand-load and two-source permute, which AVX2 lacks.
+//!
+//! - **Expand** (bitmask): for each 8-bit slice of the mask a table gives the `vpermps`
+//!   indices that move the packed f32 values into the set lanes, with the sign bit set on
+//!   exactly those lanes, so one `vblendvps` against zero clears the others ([`expand8_f32`]).
+//!   bf16 and int8 values (8 of them fit 16 bytes) are loaded into both 128-bit halves and a
+//!   byte table puts each value's bytes at the top of its lane with one `vpshufb`, which zeroes
+//!   every other byte: expansion and widening at once ([`expand8_bf16`], [`expand8_i8`]).
+//! - **Two-source permute** (N:M): 8 kept values span a 16-column window of `x`; both halves are
+//!   permuted with the same indices and `vblendvps` picks by bit 3 of the index, moved to the
+//!   sign bit by a shift ([`gather16`]).
+//!
+//! All functions here are `#[inline(always)]` and must be called from a function compiled with
+//! `#[target_feature(enable = "avx2,fma")]` (callers check [`super::isa`]).
+
+use super::elem::Elem;
+use std::arch::x86_64::*;
+
+/// One row of a 256-entry table: 32 bytes, aligned for a single aligned load.
+#[repr(C, align(32))]
+pub(crate) struct Row([u8; 32]);
+
+/// For every 8-bit mask `b`: lane `l` (4 bytes) of row `b` holds `rank | i32::MIN` when bit `l`
+/// is set (`rank` = set bits below `l`, the packed value that belongs there), else 0.
+static EXPAND_F32: [Row; 256] = {
+    let mut t = [const { Row([0; 32]) }; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut rank = 0u32;
+        let mut l = 0;
+        while l < 8 {
+            if b & (1 << l) != 0 {
+                let v = (rank | 1 << 31).to_le_bytes();
+                let mut k = 0;
+                while k < 4 {
+                    t[b].0[4 * l + k] = v[k];
+                    k += 1;
+                }
+                rank += 1;
+            }
+            l += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// `vpshufb` tables for values of `size` bytes (2: bf16, 1: int8): lane `l` of row `b` takes
+/// the bytes of packed value `rank` into its top `size` bytes when bit `l` is set; every other
+/// byte index is 0x80, which `vpshufb` turns into 0. Indices are within each 128-bit half,
+/// whose 16 bytes both hold the packed values.
+const fn shuffle_table(size: usize) -> [Row; 256] {
+    let mut t = [const { Row([0x80; 32]) }; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut rank = 0;
+        let mut l = 0;
+        while l < 8 {
+            if b & (1 << l) != 0 {
+                let mut k = 0;
+                while k < size {
+                    t[b].0[4 * l + 4 - size + k] = (rank * size + k) as u8;
+                    k += 1;
+                }
+                rank += 1;
+            }
+            l += 1;
+        }
+        b += 1;
+    }
+    t
+}
+
+static EXPAND_BF16: [Row; 256] = shuffle_table(2);
+static EXPAND_I8: [Row; 256] = shuffle_table(1);
+
+/// Row `b` of `table` as a vector.
+#[inline(always)]
+unsafe fn row(table: &[Row; 256], b: u8) -> __m256i {
+    _mm256_load_si256(table.get_unchecked(b as usize).0.as_ptr() as *const __m256i)
+}
+
+/// The `popcount(b)` packed f32 values at `p` spread to the lanes set in `b`, zeros elsewhere.
+///
+/// # Safety
+/// AVX2 + FMA; `p` valid for 8 reads (8 values are loaded whatever `b` is).
+#[inline(always)]
+pub(crate) unsafe fn expand8_f32(b: u8, p: *const f32) -> __m256 {
+    let ctl = row(&EXPAND_F32, b);
+    let v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), ctl);
+    _mm256_blendv_ps(_mm256_setzero_ps(), v, _mm256_castsi256_ps(ctl))
+}
+
+/// [`expand8_f32`] for bf16 values: each lands in the high half of its f32 lane (an exact
+/// bf16 → f32 conversion).
+///
+/// # Safety
+/// AVX2 + FMA; `p` valid for 8 reads.
+#[inline(always)]
+pub(crate) unsafe fn expand8_bf16(b: u8, p: *const half::bf16) -> __m256 {
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    _mm256_castsi256_ps(_mm256_shuffle_epi8(v, row(&EXPAND_BF16, b)))
+}
+
+/// [`expand8_f32`] for int8 values: each lands in the top byte of its lane, an arithmetic
+/// shift sign-extends it, then it is converted to f32 (before the row scale).
+///
+/// # Safety
+/// AVX2 + FMA; `p` valid for 8 reads.
+#[inline(always)]
+pub(crate) unsafe fn expand8_i8(b: u8, p: *const i8) -> __m256 {
+    let v = _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+    let placed = _mm256_shuffle_epi8(v, row(&EXPAND_I8, b));
+    _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(placed))
+}
+
+/// Lane `j` = `x[off[j]]` for 8 offsets in `0..16`: `lo` holds `x[0..8]`, `hi` `x[8..16]`.
+///
+/// # Safety
+/// AVX2; every offset in `0..16`.
+#[inline(always)]
+pub(crate) unsafe fn gather16(lo: __m256, hi: __m256, off: __m256i) -> __m256 {
+    let from_hi = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(off));
+    _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(lo, off),
+        _mm256_permutevar8x32_ps(hi, off),
+        from_hi,
+    )
+}
+
+/// Sum of the 8 lanes.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Sum of `w[k]·x[k]` over `n` values: 4 accumulators of 8 lanes, software prefetch ahead of
+/// the weight stream (as the AVX-512 kernel), the last `n % 8` values scalar.
+///
+/// # Safety
+/// AVX2 + FMA; `w` and `x` valid for `n` reads.
+#[inline(always)]
+pub(crate) unsafe fn dot<E: Elem>(w: *const E, x: *const f32, n: usize) -> f32 {
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut k = 0;
+    let size = std::mem::size_of::<E>();
+    while k + 32 <= n {
+        // 32 values are 128 bytes of f32, 64 of bf16, 32 of int8.
+        super::prefetch_ahead(w.add(k), size.div_ceil(2));
+        for (j, acc) in a.iter_mut().enumerate() {
+            let o = k + 8 * j;
+            *acc = _mm256_fmadd_ps(E::load8(w.add(o)), _mm256_loadu_ps(x.add(o)), *acc);
+        }
+        k += 32;
+    }
+    while k + 8 <= n {
+        a[0] = _mm256_fmadd_ps(E::load8(w.add(k)), _mm256_loadu_ps(x.add(k)), a[0]);
+        k += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
+    while k < n {
+        s += (*w.add(k)).to_f32() * *x.add(k);
+        k += 1;
+    }
+    s
+}
