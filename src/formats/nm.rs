@@ -170,6 +170,16 @@ impl<E: Elem> NMOf<E> {
         (v / self.n) * self.m + self.idx_at(r, v)
     }
 
+    /// Row `r`'s first kept value and first index byte (the SIMD kernels' starting points;
+    /// in bounds for `r < rows`).
+    #[inline(always)]
+    fn row_ptrs(&self, r: usize) -> (*const E, *const u8) {
+        (
+            self.vals.v.as_ptr().wrapping_add(r * self.vpr),
+            self.idx.as_ptr().wrapping_add(r * self.row_bytes),
+        )
+    }
+
     /// (N, M).
     pub fn pattern(&self) -> (usize, usize) {
         (self.n, self.m)
@@ -236,8 +246,7 @@ impl<E: Elem> NMOf<E> {
         let step = 2 * self.bits; // index bytes per 16 values
         let (nb, rem) = (self.vpr / 16, self.vpr % 16);
         for r in r0..r1 {
-            let vp = self.vals.v.as_ptr().add(r * self.vpr);
-            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let (vp, ip) = self.row_ptrs(r);
             for i in 0..mm {
                 let xp = x.as_ptr().add(i * self.cols);
                 let mut a0 = _mm512_setzero_ps();
@@ -322,8 +331,7 @@ impl<E: Elem> NMOf<E> {
         let dec = Avx2Offsets::new(self.n, self.m, self.bits);
         let nb = self.vpr / 8;
         for r in r0..r1 {
-            let vp = self.vals.v.as_ptr().add(r * self.vpr);
-            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let (vp, ip) = self.row_ptrs(r);
             for i in 0..mm {
                 let xi = &x[i * self.cols..(i + 1) * self.cols];
                 let xp = xi.as_ptr();
@@ -374,8 +382,7 @@ impl<E: Elem> NMOf<E> {
         out[..(r1 - r0) * c].fill(0.0);
         let (mut off, mut val) = ([0i32; 8], [0f32; 8]);
         for r in r0..r1 {
-            let vp = self.vals.v.as_ptr().add(r * self.vpr);
-            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let (vp, ip) = self.row_ptrs(r);
             let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
             let s = self.vals.scale(r);
             for blk in 0..nb {
@@ -489,8 +496,7 @@ impl<E: Elem> NMOf<E> {
         let c = self.cols;
         out[..(r1 - r0) * c].fill(0.0);
         for r in r0..r1 {
-            let vp = self.vals.v.as_ptr().add(r * self.vpr);
-            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let (vp, ip) = self.row_ptrs(r);
             let dst = out.as_mut_ptr().add((r - r0) * c);
             let scale = _mm512_set1_ps(self.vals.scale(r));
             for blk in 0..=nb {
@@ -543,8 +549,7 @@ impl<E: Elem> NMOf<E> {
     unsafe fn block_neon(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
         let full = self.vpr / 4; // whole index bytes per row
         for r in r0..r1 {
-            let vp = self.vals.v.as_ptr().add(r * self.vpr);
-            let ip = self.idx.as_ptr().add(r * self.row_bytes);
+            let (vp, ip) = self.row_ptrs(r);
             for i in 0..mm {
                 let xi = &x[i * self.cols..(i + 1) * self.cols];
                 let xp = xi.as_ptr();
