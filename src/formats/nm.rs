@@ -233,6 +233,18 @@ impl<E: Elem> NMOf<E> {
         Ok(out)
     }
 
+    /// The x86 kernel set that runs this pattern now ([`isa`], if it has a kernel for it).
+    #[cfg(target_arch = "x86_64")]
+    fn x86_kernels(&self) -> Option<Isa> {
+        let isa = isa();
+        let ok = match isa {
+            Isa::Avx512 => self.fast_pattern(),
+            Isa::Avx2 => self.avx2_pattern(),
+            _ => false,
+        };
+        ok.then_some(isa)
+    }
+
     /// True when the permute kernel applies: M = 2N and N divides 16 (1:2, 2:4, 4:8, 8:16).
     #[cfg(target_arch = "x86_64")]
     fn fast_pattern(&self) -> bool {
@@ -585,18 +597,13 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         // SAFETY (decoder): the ISA and the pattern checked; gets `(r1 − r0) · cols` values;
         // indices validated on construction.
         #[cfg(target_arch = "x86_64")]
-        let isa = isa();
-        #[cfg(target_arch = "x86_64")]
-        let fast = match isa {
-            Isa::Avx512 => self.fast_pattern(),
-            Isa::Avx2 => self.avx2_pattern(),
-            _ => false,
-        }
-        .then_some(|out: &mut [f32]| unsafe {
-            if isa == Isa::Avx2 {
-                self.decode_avx2(r0, r1, out)
-            } else {
-                self.decode_avx512(r0, r1, out)
+        let fast = self.x86_kernels().map(|isa| {
+            move |out: &mut [f32]| unsafe {
+                if isa == Isa::Avx2 {
+                    self.decode_avx2(r0, r1, out)
+                } else {
+                    self.decode_avx512(r0, r1, out)
+                }
             }
         });
         #[cfg(not(target_arch = "x86_64"))]
@@ -607,18 +614,13 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         // SAFETY (kernel): the ISA and the pattern checked; indices validated (< M, so every
         // permuted lane is inside the 32- or 16-column window); disjoint rows.
         #[cfg(target_arch = "x86_64")]
-        let isa = isa();
-        #[cfg(target_arch = "x86_64")]
-        let fast = match isa {
-            Isa::Avx512 => self.fast_pattern(),
-            Isa::Avx2 => self.avx2_pattern(),
-            _ => false,
-        }
-        .then_some(|r0, r1, out| unsafe {
-            if isa == Isa::Avx2 {
-                self.block_avx2(r0, r1, x, m, out)
-            } else {
-                self.block_avx512(r0, r1, x, m, out)
+        let fast = self.x86_kernels().map(|isa| {
+            move |r0, r1, out| unsafe {
+                if isa == Isa::Avx2 {
+                    self.block_avx2(r0, r1, x, m, out)
+                } else {
+                    self.block_avx512(r0, r1, x, m, out)
+                }
             }
         });
         // SAFETY (kernel): NEON and 2:4 checked; indices validated; disjoint rows.
