@@ -11,20 +11,12 @@ fn kernel_mode() -> std::sync::MutexGuard<'static, ()> {
     KERNEL_MODE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Lifts the kernel cap when dropped, also when a check panics.
-struct Uncap;
-impl Drop for Uncap {
-    fn drop(&mut self) {
-        limit_isa(None);
-    }
-}
-
 /// Runs `body` once with every kernel set this CPU has: the best one (AVX-512, AVX2 or NEON),
 /// AVX2 again on AVX-512 machines, and the portable paths.
 fn each_kernel_set(mut body: impl FnMut()) {
     let _mode = kernel_mode();
-    let _uncap = Uncap;
-    limit_isa(None);
+    // Lifted at the end, also when a check panics.
+    let _cap = cap_isa(None);
     let mut caps = vec![None];
     if isa() == Isa::Avx512 {
         caps.push(Some(Isa::Avx2));

@@ -288,14 +288,6 @@ fn parse_entry(s: &str) -> Result<Entry> {
     })
 }
 
-/// Lifts the kernel cap when dropped (also on an early error return).
-struct Uncap;
-impl Drop for Uncap {
-    fn drop(&mut self) {
-        lopper::formats::limit_isa(None);
-    }
-}
-
 /// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, with
 /// the entry's kernel cap.
 fn decode_run(
@@ -305,8 +297,7 @@ fn decode_run(
     prompt: &[u32],
     gen: usize,
 ) -> Result<FormatRun> {
-    let _uncap = Uncap;
-    lopper::formats::limit_isa(entry.kernels);
+    let _cap = lopper::formats::cap_isa(entry.kernels);
     let (weight_bytes, pack_seconds, kinds) = match entry.format {
         Some(c) => {
             let rep = runtime::pack(

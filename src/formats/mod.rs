@@ -263,6 +263,21 @@ pub fn limit_isa(max: Option<Isa>) {
     CAP.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Keeps a [`limit_isa`] cap until dropped (also when unwinding), then lifts it.
+pub struct IsaCap(());
+
+impl Drop for IsaCap {
+    fn drop(&mut self) {
+        limit_isa(None);
+    }
+}
+
+/// [`limit_isa`]`(max)` until the returned guard is dropped.
+pub fn cap_isa(max: Option<Isa>) -> IsaCap {
+    limit_isa(max);
+    IsaCap(())
+}
+
 /// The best kernel set this CPU runs (checked once).
 fn detected_isa() -> Isa {
     static D: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
