@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Round-robin repetitions over the formats (best run of each is reported).
     #[arg(long, default_value_t = 2)]
     pub reps: usize,
+    /// Extra prompt prefills timed after each decode run (the best of all is reported): one
+    /// short prefill is too small a sample on a noisy machine.
+    #[arg(long, default_value_t = 5)]
+    pub prefill_reps: usize,
     /// Tokens per prefill window (the full-window prefill benchmark).
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
@@ -65,6 +69,9 @@ struct FormatRun {
     decode_tps: f64,
     tokens: Vec<u32>,
     kinds: Value,
+    /// Packed tensors whose prefill products use the packed format (the rest fall back to
+    /// the dense f32 weight for prefill), and all packed tensors.
+    prefill_packed: (usize, usize),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -103,7 +110,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut runs: Vec<Option<FormatRun>> = (0..choices.len()).map(|_| None).collect();
     for _ in 0..a.reps.max(1) {
         for (slot, choice) in runs.iter_mut().zip(&choices) {
-            let r = decode_run(&mut model, *choice, head, prompt, a.gen)
+            let r = decode_run(&mut model, *choice, head, prompt, a.gen, a.prefill_reps)
                 .with_context(|| format!("benchmarking {}", choice.label()))?;
             match slot {
                 Some(best) if best.decode_tps >= r.decode_tps => {
@@ -152,6 +159,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "prefill_tokens_per_s": r.prefill_tps,
             "decode_tokens_per_s": r.decode_tps,
             "decode_speedup": r.decode_tps / base.decode_tps,
+            "prefill_speedup": r.prefill_tps / base.prefill_tps,
+            "prefill_packed_tensors": r.prefill_packed.0,
+            "packed_tensors": r.prefill_packed.1,
             "weight_bytes_per_token": r.weight_bytes,
             "decode_weight_gbps": gbps,
             "fraction_of_stream_dram": gbps / stream_n,
@@ -176,6 +186,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prompt_len": a.prompt_len,
         "gen": a.gen,
         "reps": a.reps,
+        "prefill_reps": a.prefill_reps,
         "stream_dram_buffer_bytes": dram_buf,
         "stream_gbps_1_thread": stream1,
         "stream_gbps": stream_n,
@@ -195,13 +206,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dram_buf >> 20
     );
     println!(
-        "decode      prompt {} tokens, {} generated (greedy), best of {} round-robin runs\n",
-        a.prompt_len, a.gen, a.reps
+        "decode      prompt {} tokens, {} generated (greedy), best of {} round-robin runs (prefill: best of {} per run)\n",
+        a.prompt_len,
+        a.gen,
+        a.reps,
+        1 + a.prefill_reps
     );
     println!(
-        "{:<14} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7} {:>10} {:>7} {:>6}",
+        "{:<14} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9} {:>8} {:>7} {:>10} {:>7} {:>6}",
         "format",
         "prefill",
+        "vs 1st",
+        "pf packed",
         "decode",
         "vs 1st",
         "MB/token",
@@ -213,9 +229,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<14} {:>9.1} {:>9.1} {:>6.2}x {:>9.1} {:>8.2} {:>6.0}% {:>10.1} {:>6.0}% {:>6}",
+            "{:<14} {:>9.1} {:>6.2}x {:>9} {:>9.1} {:>6.2}x {:>9.1} {:>8.2} {:>6.0}% {:>10.1} {:>6.0}% {:>6}",
             r["format"].as_str().unwrap_or("?"),
             r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["prefill_speedup"].as_f64().unwrap_or(0.0),
+            format!(
+                "{}/{}",
+                r["prefill_packed_tensors"], r["packed_tensors"]
+            ),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
             r["decode_speedup"].as_f64().unwrap_or(0.0),
             r["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
@@ -229,7 +250,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r["tokens_equal_to_baseline"],
         );
     }
-    println!("\n(prefill/decode in tokens/s; MB/token = weight bytes read per decode token; GB/s = that × decode rate;\n %DRAM against STREAM on the large buffer, STREAM@ws = STREAM on a buffer the size of the weights;\n same = leading generated tokens equal to the first format's)");
+    println!("\n(prefill/decode in tokens/s; pf packed = packed tensors whose prefill uses the packed format, the\n rest fall back to dense f32 for prefill; MB/token = weight bytes read per decode token; GB/s = that × decode rate;\n %DRAM against STREAM on the large buffer, STREAM@ws = STREAM on a buffer the size of the weights;\n same = leading generated tokens equal to the first format's)");
     if let Some(w) = windows {
         println!(
             "\nprefill     {:.0} tokens/s ({:.1} GFLOP/s) blocks only, {} tokens/window, dense f32",
@@ -288,17 +309,18 @@ fn parse_entry(s: &str) -> Result<Entry> {
     })
 }
 
-/// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, with
-/// the entry's kernel cap.
+/// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, then
+/// `prefill_reps` more prompt prefills, with the entry's kernel cap.
 fn decode_run(
     model: &mut lopper::Model,
     entry: Entry,
     head: Option<FormatChoice>,
     prompt: &[u32],
     gen: usize,
+    prefill_reps: usize,
 ) -> Result<FormatRun> {
     let _cap = lopper::formats::cap_isa(entry.kernels);
-    let (weight_bytes, pack_seconds, kinds) = match entry.format {
+    let (weight_bytes, pack_seconds, kinds, prefill_packed) = match entry.format {
         Some(c) => {
             let rep = runtime::pack(
                 model,
@@ -312,13 +334,19 @@ fn decode_run(
                 let e = count.entry(t.kind.clone()).or_insert(json!(0));
                 *e = json!(e.as_u64().unwrap_or(0) + 1);
             }
-            (rep.bytes(), rep.seconds, Value::Object(count))
+            let packed: Vec<_> = rep.tensors.iter().filter(|t| t.kind != "dense-f32").collect();
+            let via = packed.iter().filter(|t| t.prefill).count();
+            (rep.bytes(), rep.seconds, Value::Object(count), (via, packed.len()))
         }
-        None => (
-            lopper::runtime::pack::decode_bytes(&model.weights),
-            0.0,
-            Value::Null,
-        ),
+        None => {
+            let via = model.weights.packed().filter(|p| p.max_rows > lopper::formats::SMALL_M).count();
+            (
+                lopper::runtime::pack::decode_bytes(&model.weights),
+                0.0,
+                Value::Null,
+                (via, model.weights.packed().count()),
+            )
+        }
     };
     let opts = GenerateOpts {
         max_new: gen,
@@ -328,14 +356,22 @@ fn decode_run(
     };
     let mut tokens = Vec::with_capacity(gen);
     let stats = runtime::generate(model, prompt, &opts, &mut |t| tokens.push(t))?;
+    let mut prefill_tps = stats.prefill_tokens_per_s;
+    for _ in 0..prefill_reps {
+        let mut cache = runtime::KvCache::new(model, prompt.len());
+        let t = Instant::now();
+        runtime::forward_step(model, prompt, &mut cache)?;
+        prefill_tps = prefill_tps.max(prompt.len() as f64 / t.elapsed().as_secs_f64());
+    }
     Ok(FormatRun {
         label: entry.label(),
         weight_bytes,
         pack_seconds,
-        prefill_tps: stats.prefill_tokens_per_s,
+        prefill_tps,
         decode_tps: stats.decode_tokens_per_s,
         tokens,
         kinds,
+        prefill_packed,
     })
 }
 

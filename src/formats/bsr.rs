@@ -5,6 +5,8 @@ use super::elem::Values;
 use super::sparse::{self, Entries};
 use super::*;
 #[cfg(target_arch = "x86_64")]
+use super::avx2;
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Largest tile height the kernels accept.
@@ -183,6 +185,49 @@ impl Bsr {
     }
 }
 
+impl Bsr {
+    /// [`Bsr::block_avx512`] with 8 lanes: whole 8-column steps along each tile row, then one
+    /// masked step for the rest of the tile width.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_avx2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
+        let (br, bc) = (self.br, self.bc);
+        let tile = br * bc;
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for b in r0 / br..r1.div_ceil(br) {
+            let rn = br.min(self.rows - b * br);
+            for i in 0..m {
+                let xp = x.as_ptr().add(i * self.cols);
+                let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS];
+                for t in self.brp[b]..self.brp[b + 1] {
+                    let c0 = self.bcol[t] as usize * bc;
+                    let valid = bc.min(self.cols - c0);
+                    let vp = self.vals.v.as_ptr().add(t * tile);
+                    let mut q = 0;
+                    while q + 8 <= valid {
+                        let xv = _mm256_loadu_ps(xp.add(c0 + q));
+                        for (rr, a) in acc.iter_mut().enumerate().take(rn) {
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(rr * bc + q)), xv, *a);
+                        }
+                        q += 8;
+                    }
+                    if q < valid {
+                        let mk = _mm256_cmpgt_epi32(_mm256_set1_epi32((valid - q) as i32), lanes);
+                        let xv = _mm256_maskload_ps(xp.add(c0 + q), mk);
+                        for (rr, a) in acc.iter_mut().enumerate().take(rn) {
+                            let w = _mm256_maskload_ps(vp.add(rr * bc + q), mk);
+                            *a = _mm256_fmadd_ps(w, xv, *a);
+                        }
+                    }
+                }
+                for (rr, a) in acc.iter().enumerate().take(rn) {
+                    out.put(i, b * br + rr, avx2::hsum(*a));
+                }
+            }
+        }
+    }
+}
+
 impl Entries for Bsr {
     type E = f32;
     fn vals(&self) -> &Values<f32> {
@@ -213,11 +258,18 @@ impl WeightFormat for Bsr {
         sparse::decode_rows(self, r0, r1, out, None::<fn(&mut [f32])>)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) {
-        // SAFETY (kernel): AVX-512 checked; block columns validated; disjoint rows (ranges
+        // SAFETY (kernel): the ISA checked; block columns validated; disjoint rows (ranges
         // aligned to the tile height).
         #[cfg(target_arch = "x86_64")]
-        let fast =
-            has_avx512().then_some(|r0, r1, out| unsafe { self.block_avx512(r0, r1, x, m, out) });
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|r0, r1, out| unsafe {
+            if isa == Isa::Avx2 {
+                self.block_avx2(r0, r1, x, m, out)
+            } else {
+                self.block_avx512(r0, r1, x, m, out)
+            }
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, self.br, fast)

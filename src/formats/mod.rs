@@ -21,7 +21,7 @@
 //! from its own storage. The fast path ([`WeightFormat::matmul_add`]) runs the best kernel set
 //! the CPU has ([`isa`]): AVX-512 (the table above), AVX2 (8 lanes: dense, bitmask through a
 //! permute table per mask byte, N:M for M = 2N with N | 8 through two permutes and a blend, CSR
-//! through `vgatherdps`; see `avx2.rs`), NEON on aarch64, else portable scalar code (compiled
+//! through `vgatherdps`, BSR by FMAs along tile rows; see `avx2.rs`), NEON on aarch64, else portable scalar code (compiled
 //! for AVX2 where present), and rayon over row ranges once the weights exceed [`PAR_BYTES`];
 //! for more than [`SMALL_M`] rows of `x` it decodes row tiles to f32 and multiplies them with
 //! GEMM, so prefill through any format costs about what dense GEMM costs. [`limit_isa`] caps
@@ -227,7 +227,8 @@ pub enum Isa {
     /// No hand-written SIMD: scalar code (compiled a second time for AVX2 + FMA where the CPU
     /// has them, so LLVM may vectorise it).
     Portable,
-    /// x86-64 AVX2 + FMA (+ POPCNT, BMI1/2): 8-lane kernels for dense, bitmask, N:M and CSR.
+    /// x86-64 AVX2 + FMA (+ POPCNT, BMI1/2): 8-lane kernels for dense, bitmask, N:M, CSR and
+    /// BSR.
     Avx2,
     /// x86-64 AVX-512 F/VL/BW (+ POPCNT, BMI1/2): 16-lane kernels for every format.
     Avx512,

@@ -485,6 +485,15 @@ impl Weights {
         out
     }
 
+    /// The runtime's packed copies: block linears in order, then the LM head.
+    pub fn packed(&self) -> impl Iterator<Item = &Packed> {
+        self.layers
+            .iter()
+            .flat_map(|l| LinearKind::ALL.map(|k| l.linear(k).packed.as_ref()))
+            .chain([self.lm_head_packed.as_ref()])
+            .flatten()
+    }
+
     /// Total number of parameters (a tied head counted once).
     pub fn num_params(&self) -> usize {
         self.named_tensors().iter().map(|(_, t)| t.len()).sum()
