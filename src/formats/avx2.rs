@@ -93,6 +93,34 @@ pub(crate) unsafe fn expand8_f32(b: u8, p: *const f32) -> __m256 {
     _mm256_blendv_ps(_mm256_setzero_ps(), v, _mm256_castsi256_ps(ctl))
 }
 
+/// Lanes `first..first + popcount(b)` of `v` spread, in order, to the lanes set in `b`; zeros
+/// elsewhere (`first + popcount(b) ≤ 8`). [`expand8_f32`] from a register, so that 8 values
+/// loaded once can fill two 8-column windows.
+///
+/// # Safety
+/// AVX2 + FMA.
+#[inline(always)]
+pub(crate) unsafe fn expand8_reg(b: u8, v: __m256, first: i32) -> __m256 {
+    // The table's set lanes hold `rank | sign`; adding `first` keeps the sign bit.
+    let ctl = _mm256_add_epi32(row(&EXPAND_F32, b), _mm256_set1_epi32(first));
+    let p = _mm256_permutevar8x32_ps(v, ctl);
+    _mm256_blendv_ps(_mm256_setzero_ps(), p, _mm256_castsi256_ps(ctl))
+}
+
+/// For a 2:4 index byte (four 2-bit in-group indices: two groups of 4 columns, increasing
+/// within each): the 8-bit mask of the columns its 4 values sit in.
+pub(crate) static MASK_2OF4: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let lo = (1u8 << (b & 3)) | (1u8 << ((b >> 2) & 3));
+        let hi = (1u8 << ((b >> 4) & 3)) | (1u8 << ((b >> 6) & 3));
+        t[b] = lo | (hi << 4);
+        b += 1;
+    }
+    t
+};
+
 /// [`expand8_f32`] for bf16 values: each lands in the high half of its f32 lane (an exact
 /// bf16 → f32 conversion).
 ///

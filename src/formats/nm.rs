@@ -389,6 +389,9 @@ impl<E: Elem> NMOf<E> {
     /// As [`Self::block_avx2`]; `out` holds `(r1 − r0) · cols` values.
     #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        if (self.n, self.m) == (2, 4) {
+            return self.decode_avx2_2of4(r0, r1, out);
+        }
         let dec = Avx2Offsets::new(self.n, self.m, self.bits);
         let (c, nb) = (self.cols, self.vpr / 8);
         out[..(r1 - r0) * c].fill(0.0);
@@ -407,6 +410,42 @@ impl<E: Elem> NMOf<E> {
                     *win.get_unchecked_mut(off[j] as usize) = val[j] * s;
                 }
             }
+            for v in 8 * nb..self.vpr {
+                row[self.col_of(r, v)] = (*vp.add(v)).to_f32() * s;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<E: Elem> NMOf<E> {
+    /// [`Self::decode_avx2`] for 2:4, without scalar stores: each index byte (4 values, 8
+    /// columns) becomes its column mask through a table ([`avx2::MASK_2OF4`]; in-group indices
+    /// are validated increasing, so the values sit in column order), and the 8 values of a
+    /// 16-column window, loaded once, are permuted into both halves ([`avx2::expand8_reg`]).
+    ///
+    /// # Safety
+    /// As [`Self::decode_avx2`], with N:M = 2:4.
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn decode_avx2_2of4(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (c, nb) = (self.cols, self.vpr / 8);
+        for r in r0..r1 {
+            let (vp, ip) = self.row_ptrs(r);
+            let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
+            let s = self.vals.scale(r);
+            let scale = _mm256_set1_ps(s);
+            let dst = row.as_mut_ptr();
+            for blk in 0..nb {
+                let mut v = E::load8(vp.add(8 * blk));
+                if E::SCALED {
+                    v = _mm256_mul_ps(v, scale);
+                }
+                let lo = avx2::MASK_2OF4[*ip.add(2 * blk) as usize];
+                let hi = avx2::MASK_2OF4[*ip.add(2 * blk + 1) as usize];
+                _mm256_storeu_ps(dst.add(16 * blk), avx2::expand8_reg(lo, v, 0));
+                _mm256_storeu_ps(dst.add(16 * blk + 8), avx2::expand8_reg(hi, v, 4));
+            }
+            row[16 * nb..].fill(0.0);
             for v in 8 * nb..self.vpr {
                 row[self.col_of(r, v)] = (*vp.add(v)).to_f32() * s;
             }
