@@ -334,12 +334,25 @@ fn decode_run(
                 let e = count.entry(t.kind.clone()).or_insert(json!(0));
                 *e = json!(e.as_u64().unwrap_or(0) + 1);
             }
-            let packed: Vec<_> = rep.tensors.iter().filter(|t| t.kind != "dense-f32").collect();
+            let packed: Vec<_> = rep
+                .tensors
+                .iter()
+                .filter(|t| t.kind != "dense-f32")
+                .collect();
             let via = packed.iter().filter(|t| t.prefill).count();
-            (rep.bytes(), rep.seconds, Value::Object(count), (via, packed.len()))
+            (
+                rep.bytes(),
+                rep.seconds,
+                Value::Object(count),
+                (via, packed.len()),
+            )
         }
         None => {
-            let via = model.weights.packed().filter(|p| p.max_rows > lopper::formats::SMALL_M).count();
+            let via = model
+                .weights
+                .packed()
+                .filter(|p| p.max_rows > lopper::formats::SMALL_M)
+                .count();
             (
                 lopper::runtime::pack::decode_bytes(&model.weights),
                 0.0,

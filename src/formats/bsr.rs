@@ -1,11 +1,11 @@
 //! Block-sparse rows: the matrix is cut into R×C tiles (edge tiles are zero-padded) and only
 //! tiles with a nonzero are stored, row of tiles by row of tiles, with their block-column index.
 
+#[cfg(target_arch = "x86_64")]
+use super::avx2;
 use super::elem::Values;
 use super::sparse::{self, Entries};
 use super::*;
-#[cfg(target_arch = "x86_64")]
-use super::avx2;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
