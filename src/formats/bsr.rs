@@ -261,13 +261,13 @@ impl WeightFormat for Bsr {
         // SAFETY (kernel): the ISA checked; block columns validated; disjoint rows (ranges
         // aligned to the tile height).
         #[cfg(target_arch = "x86_64")]
-        let isa = isa();
-        #[cfg(target_arch = "x86_64")]
-        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|r0, r1, out| unsafe {
-            if isa == Isa::Avx2 {
-                self.block_avx2(r0, r1, x, m, out)
-            } else {
-                self.block_avx512(r0, r1, x, m, out)
+        let fast = x86_simd().map(|isa| {
+            move |r0, r1, out| unsafe {
+                if isa == Isa::Avx2 {
+                    self.block_avx2(r0, r1, x, m, out)
+                } else {
+                    self.block_avx512(r0, r1, x, m, out)
+                }
             }
         });
         #[cfg(not(target_arch = "x86_64"))]

@@ -269,13 +269,13 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         // SAFETY (kernel): the ISA checked; row pointers and indices validated (< cols); rows
         // written disjointly.
         #[cfg(target_arch = "x86_64")]
-        let isa = isa();
-        #[cfg(target_arch = "x86_64")]
-        let fast = matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(|r0, r1, out| unsafe {
-            if isa == Isa::Avx2 {
-                self.block_avx2(r0, r1, x, m, out)
-            } else {
-                self.block_avx512(r0, r1, x, m, out)
+        let fast = x86_simd().map(|isa| {
+            move |r0, r1, out| unsafe {
+                if isa == Isa::Avx2 {
+                    self.block_avx2(r0, r1, x, m, out)
+                } else {
+                    self.block_avx512(r0, r1, x, m, out)
+                }
             }
         });
         #[cfg(not(target_arch = "x86_64"))]

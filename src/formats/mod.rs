@@ -279,6 +279,14 @@ pub fn cap_isa(max: Option<Isa>) -> IsaCap {
     IsaCap(())
 }
 
+/// The current kernel set when it is an x86 SIMD one (AVX-512 or AVX2): what a format with a
+/// kernel for each dispatches on.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_simd() -> Option<Isa> {
+    let isa = isa();
+    matches!(isa, Isa::Avx512 | Isa::Avx2).then_some(isa)
+}
+
 /// The best kernel set this CPU runs (checked once).
 fn detected_isa() -> Isa {
     static D: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();

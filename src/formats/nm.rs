@@ -236,13 +236,10 @@ impl<E: Elem> NMOf<E> {
     /// The x86 kernel set that runs this pattern now ([`isa`], if it has a kernel for it).
     #[cfg(target_arch = "x86_64")]
     fn x86_kernels(&self) -> Option<Isa> {
-        let isa = isa();
-        let ok = match isa {
-            Isa::Avx512 => self.fast_pattern(),
+        x86_simd().filter(|&isa| match isa {
             Isa::Avx2 => self.avx2_pattern(),
-            _ => false,
-        };
-        ok.then_some(isa)
+            _ => self.fast_pattern(),
+        })
     }
 
     /// True when the permute kernel applies: M = 2N and N divides 16 (1:2, 2:4, 4:8, 8:16).
