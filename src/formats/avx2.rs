@@ -158,6 +158,18 @@ pub(crate) unsafe fn gather16(lo: __m256, hi: __m256, off: __m256i) -> __m256 {
     )
 }
 
+/// Bitwise OR of the 8 lanes.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+pub(crate) unsafe fn or_lanes(v: __m256i) -> u32 {
+    let s = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_or_si128(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_or_si128(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s) as u32
+}
+
 /// Sum of the 8 lanes.
 ///
 /// # Safety

@@ -379,8 +379,13 @@ impl<E: Elem> NMOf<E> {
         }
     }
 
-    /// Rows `r0..r1` decoded to dense f32 (the prefill path), AVX2 patterns: offsets decoded
-    /// as in [`Self::block_avx2`], then 8 scalar stores into the zeroed window.
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path), AVX2 patterns other than 2:4:
+    /// the offsets of 8 kept values, decoded as in [`Self::block_avx2`], become the 16-bit
+    /// mask of the columns they fill in their window (`1 << offset`, OR-ed across lanes;
+    /// offsets are distinct and, with in-group indices validated increasing, in column
+    /// order), and the 8 values, loaded once, are permuted into both 8-column halves
+    /// ([`avx2::expand8_reg`]; the upper half starts at value `popcount(low mask)`, which
+    /// 8:16 needs). 2:4 reads its masks from a table instead ([`Self::decode_avx2_2of4`]).
     ///
     /// # Safety
     /// As [`Self::block_avx2`]; `out` holds `(r1 − r0) · cols` values.
@@ -390,23 +395,29 @@ impl<E: Elem> NMOf<E> {
             return self.decode_avx2_2of4(r0, r1, out);
         }
         let dec = Avx2Offsets::new(self.n, self.m, self.bits);
+        let one = _mm256_set1_epi32(1);
         let (c, nb) = (self.cols, self.vpr / 8);
-        out[..(r1 - r0) * c].fill(0.0);
-        let (mut off, mut val) = ([0i32; 8], [0f32; 8]);
         for r in r0..r1 {
             let (vp, ip) = self.row_ptrs(r);
             let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
             let s = self.vals.scale(r);
+            let scale = _mm256_set1_ps(s);
+            let dst = row.as_mut_ptr();
             for blk in 0..nb {
-                let o = dec.offsets(ip.add(blk * self.bits));
-                _mm256_storeu_si256(off.as_mut_ptr() as *mut __m256i, o);
-                _mm256_storeu_ps(val.as_mut_ptr(), E::load8(vp.add(8 * blk)));
-                let win = &mut row[16 * blk..16 * blk + 16];
-                for j in 0..8 {
-                    // Offsets are < 16 (indices validated < M, window base + index).
-                    *win.get_unchecked_mut(off[j] as usize) = val[j] * s;
+                let mut v = E::load8(vp.add(8 * blk));
+                if E::SCALED {
+                    v = _mm256_mul_ps(v, scale);
                 }
+                let off = dec.offsets(ip.add(blk * self.bits));
+                let mask = avx2::or_lanes(_mm256_sllv_epi32(one, off));
+                let (lo, hi) = (mask as u8, (mask >> 8) as u8);
+                _mm256_storeu_ps(dst.add(16 * blk), avx2::expand8_reg(lo, v, 0));
+                _mm256_storeu_ps(
+                    dst.add(16 * blk + 8),
+                    avx2::expand8_reg(hi, v, lo.count_ones() as i32),
+                );
             }
+            row[16 * nb..].fill(0.0);
             for v in 8 * nb..self.vpr {
                 row[self.col_of(r, v)] = (*vp.add(v)).to_f32() * s;
             }
