@@ -334,11 +334,11 @@ fn nm_violation_names_row_and_group() {
     assert!(e.contains("row 1") && e.contains("group 1"), "{e}");
     assert!(NM::from_dense(&w, 3, 8, 4, 8).is_ok());
     assert!(
-        NM::from_dense(&vec![0.0; 6], 1, 6, 2, 4).is_err(),
+        NM::from_dense(&[0.0; 6], 1, 6, 2, 4).is_err(),
         "cols not a multiple of M"
     );
     assert!(
-        NM::from_dense(&vec![0.0; 8], 1, 8, 4, 4).is_err(),
+        NM::from_dense(&[0.0; 8], 1, 8, 4, 4).is_err(),
         "N must be < M"
     );
 }

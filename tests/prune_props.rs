@@ -735,7 +735,7 @@ fn driver_skips_layers_and_modules() {
                     );
                 } else {
                     let z = w.iter().filter(|v| **v == 0.0).count() as f64 / w.len() as f64;
-                    assert!(z >= 0.5 && z < 0.51, "{method:?}: {name} sparsity {z}");
+                    assert!((0.5..0.51).contains(&z), "{method:?}: {name} sparsity {z}");
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! * FLAP bias compensation lowers the output error on the calibration data (heads and neurons);
 //! * statistics collected once serve several steps (`*_with_stats`) and give the same result as
 //!   the one-shot functions; statistics of another shape are refused.
+//!
 //! Larger figures: `examples/structured_figures.rs`.
 
 mod common;

@@ -432,6 +432,8 @@ pub(crate) fn matmul_tiled<F: WeightFormat + ?Sized>(
         static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     (0..tiles).into_par_iter().for_each(|t| {
+        // Rebound so the closure captures the Send wrapper whole, not its raw pointer field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let (r0, r1) = (t * tile, ((t + 1) * tile).min(rows));
         TILE.with(|buf| {

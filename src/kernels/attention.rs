@@ -30,7 +30,7 @@ thread_local! {
 fn check(q: &[f32], k: &[f32], v: &[f32], out: &[f32], tq: usize, tk: usize, d: AttnDims) {
     assert!(tq <= tk, "attention: more queries than keys");
     assert!(
-        d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0,
+        d.n_kv_heads > 0 && d.n_heads.is_multiple_of(d.n_kv_heads),
         "attention: bad GQA grouping"
     );
     let qw = d.n_heads * d.head_dim;
@@ -69,6 +69,8 @@ pub fn causal_attention(
     let past = tk - tq;
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..d.n_heads * blocks).into_par_iter().for_each(|task| {
+        // Rebound so the closure captures the Send wrapper whole, not its raw pointer field.
+        #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
         let (h, b) = (task / blocks, task % blocks);
         let g = h / group;

@@ -222,6 +222,8 @@ pub fn gram_upper(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     };
     let dst = SendPtr(out.as_mut_ptr());
     blocks.par_iter().for_each(|&(i0, mi, j0, nj)| {
+        // Rebound so the closure captures the Send wrapper whole, not its raw pointer field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: lhs = x[:, i0..i0+mi]ᵀ, rhs = x[:, j0..j0+nj]; blocks are disjoint.
         unsafe {

@@ -123,18 +123,23 @@ impl Config {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
             return bad("head counts and head_dim must be positive".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if self.rms_norm_dim == Some(0) {
             return bad("rms_norm_dim must be positive".into());
         }
+        // Negated so that NaN fails too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
             return bad("rope_theta must be > 0 and rms_norm_eps >= 0".into());
         }

@@ -46,6 +46,8 @@ pub fn inv_freq(cfg: &Config) -> Vec<f32> {
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    // As transformers writes it (NaN-safe negations).
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);

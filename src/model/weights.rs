@@ -78,7 +78,7 @@ impl Tensor {
     pub fn mapped(shape: Vec<usize>, map: Arc<memmap2::Mmap>, offset: usize) -> Option<Tensor> {
         let len: usize = shape.iter().product();
         let end = offset.checked_add(len.checked_mul(4)?)?;
-        if end > map.len() || (map.as_ptr() as usize + offset) % 4 != 0 {
+        if end > map.len() || !(map.as_ptr() as usize + offset).is_multiple_of(4) {
             return None;
         }
         Some(Tensor {

@@ -93,6 +93,8 @@ impl PrunePlan {
             }
         }
         if let Allocation::Owl { m, lambda } = self.allocation {
+            // Negated so that NaN fails too.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(m > 0.0) || !(0.0..0.5).contains(&lambda) {
                 return bad(format!(
                     "OWL needs M > 0 and 0 <= lambda < 0.5, got M={m} lambda={lambda}"
@@ -379,7 +381,7 @@ fn run(
     crate::util::trace_rss("calibration embedded");
     let mut tensors = Vec::new();
     let (mut params, mut zeros) = (0usize, 0usize);
-    for i in 0..n_layers {
+    for (i, &target) in layer_sparsity.iter().enumerate() {
         progress("pruning", i, n_layers);
         let to_prune: Vec<LinearKind> = LinearKind::ALL
             .into_iter()
@@ -404,7 +406,7 @@ fn run(
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
         let t = Instant::now();
-        let offset = layer_sparsity[i] - plan.sparsity;
+        let offset = target - plan.sparsity;
         let sites = &obs.sites;
         let layer = &mut model.weights.layers[i];
         // Per-input preparation (SparseGPT's inverse-Hessian factors) runs ahead on its own

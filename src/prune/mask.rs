@@ -42,9 +42,9 @@ pub fn threshold_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
 pub fn check_shape(pattern: Pattern, rows: usize, cols: usize, name: &str) -> Result<()> {
     let bad = |m: String| Err(Error::Invalid(format!("{name} [{rows}x{cols}]: {m}")));
     match pattern {
-        Pattern::NM { m, .. } if cols % m != 0 => bad(format!("{cols} inputs are not a multiple of M={m} for pattern {pattern}")),
-        Pattern::Vector { v } if cols % v != 0 => bad(format!("{cols} inputs are not a multiple of the vector length {v}")),
-        Pattern::Block { r, c } if rows % r != 0 || cols % c != 0 => bad(format!(
+        Pattern::NM { m, .. } if !cols.is_multiple_of(m) => bad(format!("{cols} inputs are not a multiple of M={m} for pattern {pattern}")),
+        Pattern::Vector { v } if !cols.is_multiple_of(v) => bad(format!("{cols} inputs are not a multiple of the vector length {v}")),
+        Pattern::Block { r, c } if !rows.is_multiple_of(r) || !cols.is_multiple_of(c) => bad(format!(
             "block {r}x{c} does not divide the matrix (lopper refuses rather than padding; choose a block shape that divides every pruned matrix)"
         )),
         _ => Ok(()),

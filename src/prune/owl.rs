@@ -11,19 +11,14 @@
 use serde::Serialize;
 
 /// How sparsity is spread over blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Allocation {
     /// Every block gets the target sparsity.
+    #[default]
     Uniform,
     /// Outlier-weighted layerwise sparsity.
     Owl { m: f64, lambda: f64 },
-}
-
-impl Default for Allocation {
-    fn default() -> Self {
-        Allocation::Uniform
-    }
 }
 
 /// LOD of one block: % of `scores` (all its linears' Wanda scores) above `m ×` their mean.
@@ -53,6 +48,8 @@ pub fn allocate(lods: &[f64], s: f64, lambda: f64) -> Vec<f64> {
     let (lo, hi) = lods
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    // Negated so that NaN takes this branch too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     if lods.is_empty() || !(hi > lo) {
         return vec![s; lods.len()];
     }
