@@ -4,12 +4,15 @@
 # calibration ids; appends one JSON line per (round, method) to OUT. Not part of lopper or its
 # tests; it is how results/official_side_by_side*.jsonl were made.
 #
-#   scripts/official_side_by_side.sh PYTHON WANDA_DIR ROUNDS OUT.jsonl
+#   scripts/official_side_by_side.sh PYTHON WANDA_DIR ROUNDS OUT.jsonl [FIRST_ROUND]
+#
+# Odd rounds run the official code first, even rounds lopper first; FIRST_ROUND (default 1)
+# continues an earlier series.
 #
 # PYTHON: an interpreter with the packages named in scripts/official_prune.py. Needs a release
 # build (target/release/lopper), the cached default model (~/.cache/lopper) and ../shared/golden.
 set -euo pipefail
-py=$1 wanda=$2 rounds=$3 out=$4
+py=$1 wanda=$2 rounds=$3 out=$4 first=${5:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${LOPPER_CACHE:-$HOME/.cache/lopper}
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -31,7 +34,7 @@ lopper() { # method → "seconds peak_rss_gb"
         --out "$tmp/lp" >"$tmp/lp.log" 2>&1
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%.1f %.2f" % (r["prune_seconds"], r["peak_rss_bytes"]/2**30))' "$tmp/lp/report.json"
 }
-for round in $(seq 1 "$rounds"); do
+for round in $(seq "$first" $((first + rounds - 1))); do
     for method in wanda sparsegpt; do
         if [ $((round % 2)) -eq 1 ]; then
             o=$(official $method); l=$(lopper $method); order="official, then lopper"
