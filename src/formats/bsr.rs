@@ -261,15 +261,9 @@ impl WeightFormat for Bsr {
         // SAFETY (kernel): the ISA checked; block columns validated; disjoint rows (ranges
         // aligned to the tile height).
         #[cfg(target_arch = "x86_64")]
-        let fast = x86_simd().map(|isa| {
-            move |r0, r1, out| unsafe {
-                if isa == Isa::Avx2 {
-                    self.block_avx2(r0, r1, x, m, out)
-                } else {
-                    self.block_avx512(r0, r1, x, m, out)
-                }
-            }
-        });
+        let fast = unsafe {
+            sparse::x86_kernel(self, x86_simd(), x, m, Self::block_avx2, Self::block_avx512)
+        };
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(usize, usize, Out)> = None;
         sparse::product(self, x, m, y, acc, self.br, fast)

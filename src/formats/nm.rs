@@ -379,63 +379,49 @@ impl<E: Elem> NMOf<E> {
         }
     }
 
-    /// Rows `r0..r1` decoded to dense f32 (the prefill path), AVX2 patterns other than 2:4:
-    /// the offsets of 8 kept values, decoded as in [`Self::block_avx2`], become the 16-bit
-    /// mask of the columns they fill in their window (`1 << offset`, OR-ed across lanes;
-    /// offsets are distinct and, with in-group indices validated increasing, in column
-    /// order), and the 8 values, loaded once, are permuted into both 8-column halves
-    /// ([`avx2::expand8_reg`]; the upper half starts at value `popcount(low mask)`, which
-    /// 8:16 needs). 2:4 reads its masks from a table instead ([`Self::decode_avx2_2of4`]).
+    /// Rows `r0..r1` decoded to dense f32 (the prefill path), AVX2 patterns, without scalar
+    /// stores: the 8 kept values of each 16-column window, loaded once, are permuted into both
+    /// 8-column halves ([`avx2::expand8_reg`]; the upper half starts at value `popcount(low
+    /// mask)`, which 8:16 needs) by the window's 16-bit column mask. 2:4 reads the mask of each
+    /// index byte (4 values, 8 columns) from a table ([`avx2::MASK_2OF4`]); the other patterns
+    /// build it from the decoded offsets (`1 << offset`, OR-ed across lanes). Offsets are
+    /// distinct and, with in-group indices validated increasing, in column order.
     ///
     /// # Safety
     /// As [`Self::block_avx2`]; `out` holds `(r1 − r0) · cols` values.
     #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
         if (self.n, self.m) == (2, 4) {
-            return self.decode_avx2_2of4(r0, r1, out);
-        }
-        let dec = Avx2Offsets::new(self.n, self.m, self.bits);
-        let one = _mm256_set1_epi32(1);
-        let (c, nb) = (self.cols, self.vpr / 8);
-        for r in r0..r1 {
-            let (vp, ip) = self.row_ptrs(r);
-            let row = &mut out[(r - r0) * c..(r - r0 + 1) * c];
-            let s = self.vals.scale(r);
-            let scale = _mm256_set1_ps(s);
-            let dst = row.as_mut_ptr();
-            for blk in 0..nb {
-                let mut v = E::load8(vp.add(8 * blk));
-                if E::SCALED {
-                    v = _mm256_mul_ps(v, scale);
-                }
+            self.decode_avx2_by(r0, r1, out, |ip, blk| {
+                let b = ip.add(2 * blk);
+                let lo = avx2::MASK_2OF4[*b as usize];
+                (lo, avx2::MASK_2OF4[*b.add(1) as usize], 4)
+            })
+        } else {
+            let dec = Avx2Offsets::new(self.n, self.m, self.bits);
+            let one = _mm256_set1_epi32(1);
+            self.decode_avx2_by(r0, r1, out, |ip, blk| {
                 let off = dec.offsets(ip.add(blk * self.bits));
                 let mask = avx2::or_lanes(_mm256_sllv_epi32(one, off));
-                let (lo, hi) = (mask as u8, (mask >> 8) as u8);
-                _mm256_storeu_ps(dst.add(16 * blk), avx2::expand8_reg(lo, v, 0));
-                _mm256_storeu_ps(
-                    dst.add(16 * blk + 8),
-                    avx2::expand8_reg(hi, v, lo.count_ones() as i32),
-                );
-            }
-            row[16 * nb..].fill(0.0);
-            for v in 8 * nb..self.vpr {
-                row[self.col_of(r, v)] = (*vp.add(v)).to_f32() * s;
-            }
+                let lo = mask as u8;
+                (lo, (mask >> 8) as u8, lo.count_ones() as i32)
+            })
         }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-impl<E: Elem> NMOf<E> {
-    /// [`Self::decode_avx2`] for 2:4, without scalar stores: each index byte (4 values, 8
-    /// columns) becomes its column mask through a table ([`avx2::MASK_2OF4`]; in-group indices
-    /// are validated increasing, so the values sit in column order), and the 8 values of a
-    /// 16-column window, loaded once, are permuted into both halves ([`avx2::expand8_reg`]).
+    /// [`Self::decode_avx2`] with `masks(index stream, window)` giving a window's low and high
+    /// 8-column masks and the value the high half starts at.
     ///
     /// # Safety
-    /// As [`Self::decode_avx2`], with N:M = 2:4.
+    /// As [`Self::decode_avx2`]; `masks` reads only the row's index stream.
     #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
-    unsafe fn decode_avx2_2of4(&self, r0: usize, r1: usize, out: &mut [f32]) {
+    unsafe fn decode_avx2_by(
+        &self,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+        masks: impl Fn(*const u8, usize) -> (u8, u8, i32),
+    ) {
         let (c, nb) = (self.cols, self.vpr / 8);
         for r in r0..r1 {
             let (vp, ip) = self.row_ptrs(r);
@@ -448,10 +434,9 @@ impl<E: Elem> NMOf<E> {
                 if E::SCALED {
                     v = _mm256_mul_ps(v, scale);
                 }
-                let lo = avx2::MASK_2OF4[*ip.add(2 * blk) as usize];
-                let hi = avx2::MASK_2OF4[*ip.add(2 * blk + 1) as usize];
+                let (lo, hi, first) = masks(ip, blk);
                 _mm256_storeu_ps(dst.add(16 * blk), avx2::expand8_reg(lo, v, 0));
-                _mm256_storeu_ps(dst.add(16 * blk + 8), avx2::expand8_reg(hi, v, 4));
+                _mm256_storeu_ps(dst.add(16 * blk + 8), avx2::expand8_reg(hi, v, first));
             }
             row[16 * nb..].fill(0.0);
             for v in 8 * nb..self.vpr {
@@ -661,15 +646,16 @@ impl<E: Elem> WeightFormat for NMOf<E> {
         // SAFETY (kernel): the ISA and the pattern checked; indices validated (< M, so every
         // permuted lane is inside the 32- or 16-column window); disjoint rows.
         #[cfg(target_arch = "x86_64")]
-        let fast = self.x86_kernels().map(|isa| {
-            move |r0, r1, out| unsafe {
-                if isa == Isa::Avx2 {
-                    self.block_avx2(r0, r1, x, m, out)
-                } else {
-                    self.block_avx512(r0, r1, x, m, out)
-                }
-            }
-        });
+        let fast = unsafe {
+            sparse::x86_kernel(
+                self,
+                self.x86_kernels(),
+                x,
+                m,
+                Self::block_avx2,
+                Self::block_avx512,
+            )
+        };
         // SAFETY (kernel): NEON and 2:4 checked; indices validated; disjoint rows.
         #[cfg(target_arch = "aarch64")]
         let fast = (isa() == Isa::Neon && self.neon_pattern())

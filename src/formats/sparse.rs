@@ -112,6 +112,32 @@ fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: O
     portable_block(f, r0, r1, x, m, out)
 }
 
+/// A format's SIMD row kernel: rows `r0..r1` of the product with `x[m, cols]` into `out`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) type RowKernel<F> = unsafe fn(&F, usize, usize, &[f32], usize, Out);
+
+/// The `fast` argument of [`product`] on x86: `avx2` or `avx512` as `isa` says, None without one.
+///
+/// # Safety
+/// `isa` is None or the current x86 kernel set ([`x86_simd`], possibly narrowed by the format),
+/// and under it that kernel may run on `f`, `x`, `m` and disjoint row ranges: what it relies on
+/// was validated when `f` was built.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn x86_kernel<'a, F: Sync>(
+    f: &'a F,
+    isa: Option<Isa>,
+    x: &'a [f32],
+    m: usize,
+    avx2: RowKernel<F>,
+    avx512: RowKernel<F>,
+) -> Option<impl Fn(usize, usize, Out) + Sync + 'a> {
+    isa.map(move |isa| {
+        let kernel = if isa == Isa::Avx2 { avx2 } else { avx512 };
+        // SAFETY: the caller's contract.
+        move |r0, r1, out| unsafe { kernel(f, r0, r1, x, m, out) }
+    })
+}
+
 /// [`WeightFormat::matmul_add`] of a sparse format: sizes checked; more than [`SMALL_M`] rows
 /// through [`matmul_tiled`]; else row ranges (aligned to `align`) over threads through `fast`
 /// when given, through the portable kernel otherwise.
