@@ -132,7 +132,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64], tol: f64) 
 }
 
 fn lossless(kind: &str) -> bool {
-    !(kind.ends_with("-bf16") || kind.ends_with("-i8"))
+    !(kind.ends_with("-bf16") || kind.ends_with("-f16") || kind.ends_with("-i8"))
 }
 
 /// Checks one format against the dense matrix it was built from.
@@ -147,7 +147,8 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
             "{kind}: to_dense differs from the source ({rows}×{cols})"
         );
     } else {
-        // Quantized formats: within half a step of the row's scale (bf16: 2⁻⁸ relative).
+        // Quantized formats: within half a step of the row's scale (bf16: 2⁻⁸ relative; f16:
+        // 2⁻¹¹ relative, or half its subnormal step 2⁻²⁴).
         for r in 0..rows {
             let amax = w[r * cols..(r + 1) * cols]
                 .iter()
@@ -156,6 +157,8 @@ fn check(f: &dyn WeightFormat, w: &[f32], rows: usize, cols: usize, rng: &mut Rn
                 let (a, b) = (w[r * cols + k], d[r * cols + k]);
                 let tol = if kind.ends_with("-bf16") {
                     a.abs() / 256.0
+                } else if kind.ends_with("-f16") {
+                    a.abs() / 2048.0 + 2f32.powi(-25)
                 } else {
                     amax / 254.0 * 1.001
                 };
@@ -215,12 +218,15 @@ fn general_formats(w: &[f32], rows: usize, cols: usize) -> Vec<Box<dyn WeightFor
     vec![
         Box::new(Dense::from_dense(w, rows, cols).unwrap()),
         Box::new(DenseBf16::from_dense(w, rows, cols).unwrap()),
+        Box::new(DenseF16::from_dense(w, rows, cols).unwrap()),
         Box::new(DenseI8::from_dense(w, rows, cols).unwrap()),
         Box::new(Bitmask::from_dense(w, rows, cols).unwrap()),
         Box::new(BitmaskI8::from_dense(w, rows, cols).unwrap()),
         Box::new(BitmaskBf16::from_dense(w, rows, cols).unwrap()),
+        Box::new(BitmaskOf::<half::f16>::from_dense(w, rows, cols).unwrap()),
         Box::new(Csr::from_dense(w, rows, cols).unwrap()),
         Box::new(CsrBf16::from_dense(w, rows, cols).unwrap()),
+        Box::new(CsrOf::<half::f16>::from_dense(w, rows, cols).unwrap()),
         Box::new(CsrI8::from_dense(w, rows, cols).unwrap()),
         Box::new(Bsr::from_dense(w, rows, cols, 4, 16).unwrap()),
         Box::new(Bsr::from_dense(w, rows, cols, 3, 5).unwrap()),
@@ -296,6 +302,13 @@ fn nm_formats_match_dense() {
                 check(&f, &w, rows, cols, &mut rng);
                 check(
                     &NMBf16::from_dense(&w, rows, cols, n, m).unwrap(),
+                    &w,
+                    rows,
+                    cols,
+                    &mut rng,
+                );
+                check(
+                    &NMOf::<half::f16>::from_dense(&w, rows, cols, n, m).unwrap(),
                     &w,
                     rows,
                     cols,

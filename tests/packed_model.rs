@@ -130,7 +130,7 @@ fn every_format_matches_the_dense_forward_pass() {
     for (choice, name) in FormatChoice::ALL {
         let nm = matches!(
             choice,
-            FormatChoice::Nm | FormatChoice::NmBf16 | FormatChoice::NmI8
+            FormatChoice::Nm | FormatChoice::NmBf16 | FormatChoice::NmF16 | FormatChoice::NmI8
         );
         let (src, base) = if nm {
             (two_four(), &base_24)
@@ -184,7 +184,11 @@ fn every_format_matches_the_dense_forward_pass() {
 #[test]
 fn lossy_formats_stay_close_to_the_original() {
     let base = run(unstructured());
-    for choice in [FormatChoice::Bf16, FormatChoice::BitmaskI8] {
+    for choice in [
+        FormatChoice::Bf16,
+        FormatChoice::F16,
+        FormatChoice::BitmaskI8,
+    ] {
         let mut m = copy(unstructured());
         runtime::pack(&mut m, &opts(choice)).expect("pack");
         let got = run(&m);
@@ -206,6 +210,24 @@ fn lossy_formats_stay_close_to_the_original() {
         );
         assert!(worst < 1.0, "{choice}: max |Δlogit| {worst}");
     }
+}
+
+#[test]
+fn f16_refuses_weights_outside_its_range() {
+    let mut m = copy(unstructured());
+    m.weights.layers[1].down.weight.data_mut()[5] = 1e5;
+    for choice in [FormatChoice::F16, FormatChoice::BitmaskF16] {
+        let e = runtime::pack(&mut m, &opts(choice))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.layers.1.mlp.down_proj.weight") && e.contains("f16 range"),
+            "{e}"
+        );
+        assert!(m.weights.layers.iter().all(|l| l.q.packed.is_none()));
+    }
+    // bf16 holds it.
+    runtime::pack(&mut m, &opts(FormatChoice::Bf16)).expect("bf16 pack");
 }
 
 #[test]

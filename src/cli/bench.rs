@@ -26,8 +26,9 @@ pub struct BenchArgs {
     /// GGUF file or HF directory (default: SmolLM2-135M-Instruct, fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Weight formats to compare, comma-separated (first = baseline of the ratios): auto,
-    /// auto-bf16, dense, bf16, int8, bitmask[-bf16|-i8], csr[-bf16|-i8], nm[-bf16|-i8], bsr.
+    /// Weight formats to compare, comma-separated (first = baseline of the ratios):
+    /// auto[-bf16|-f16], dense, bf16, f16, int8, bitmask[-bf16|-f16|-i8], csr[-bf16|-f16|-i8],
+    /// nm[-bf16|-f16|-i8], bsr.
     /// A suffix `@portable` or `@avx2` runs that entry with the kernels capped to that set
     /// (e.g. `bitmask,bitmask@portable` compares the SIMD and portable kernels in one run).
     /// Default: the model as loaded (packed if it was saved packed, else dense f32).

@@ -42,8 +42,8 @@ pub struct RunArgs {
     /// Do not stop at the model's eos token.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Weight format for the runtime: auto, auto-bf16, dense, bf16, int8, bitmask[-bf16|-i8],
-    /// csr[-bf16|-i8], nm[-bf16|-i8], bsr. Default: as loaded (packed if saved packed, else
+    /// Weight format for the runtime: auto[-bf16|-f16], dense, bf16, f16, int8,
+    /// bitmask[-bf16|-f16|-i8], csr[-bf16|-f16|-i8], nm[-bf16|-f16|-i8], bsr. Default: as loaded (packed if saved packed, else
     /// dense f32).
     #[arg(long)]
     pub format: Option<String>,

@@ -13,7 +13,7 @@
 //!   sign bit by a shift ([`gather16`]).
 //!
 //! All functions here are `#[inline(always)]` and must be called from a function compiled with
-//! `#[target_feature(enable = "avx2,fma")]` (callers check [`super::isa`]).
+//! `#[target_feature(enable = "avx2,fma,f16c")]` (callers check [`super::isa`]).
 
 use super::elem::Elem;
 use std::arch::x86_64::*;
@@ -74,6 +74,32 @@ const fn shuffle_table(size: usize) -> [Row; 256] {
 }
 
 static EXPAND_BF16: [Row; 256] = shuffle_table(2);
+
+/// One row of [`EXPAND_F16`]: 16 bytes, aligned for a single aligned load.
+#[repr(C, align(16))]
+pub(crate) struct Row16([u8; 16]);
+
+/// For every 8-bit mask `b`: the `pshufb` indices that put packed 16-bit value `rank` into
+/// 16-bit slot `l` when bit `l` is set, 0x80 (a zero byte) in every other slot — eight f16
+/// values in place for one `vcvtph2ps`.
+static EXPAND_F16: [Row16; 256] = {
+    let mut t = [const { Row16([0x80; 16]) }; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut rank = 0;
+        let mut l = 0;
+        while l < 8 {
+            if b & (1 << l) != 0 {
+                t[b].0[2 * l] = 2 * rank;
+                t[b].0[2 * l + 1] = 2 * rank + 1;
+                rank += 1;
+            }
+            l += 1;
+        }
+        b += 1;
+    }
+    t
+};
 static EXPAND_I8: [Row; 256] = shuffle_table(1);
 
 /// Row `b` of `table` as a vector.
@@ -130,6 +156,17 @@ pub(crate) static MASK_2OF4: [u8; 256] = {
 pub(crate) unsafe fn expand8_bf16(b: u8, p: *const half::bf16) -> __m256 {
     let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
     _mm256_castsi256_ps(_mm256_shuffle_epi8(v, row(&EXPAND_BF16, b)))
+}
+
+/// [`expand8_f32`] for IEEE f16 values: one byte shuffle puts the packed values into their
+/// 16-bit slots (zeros elsewhere), then `vcvtph2ps` widens all 8 exactly.
+///
+/// # Safety
+/// AVX2 + FMA + F16C; `p` valid for 8 reads.
+#[inline(always)]
+pub(crate) unsafe fn expand8_f16(b: u8, p: *const half::f16) -> __m256 {
+    let ctl = _mm_load_si128(EXPAND_F16.get_unchecked(b as usize).0.as_ptr() as *const __m128i);
+    _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128(p as *const __m128i), ctl))
 }
 
 /// [`expand8_f32`] for int8 values: each lands in the top byte of its lane, an arithmetic

@@ -177,6 +177,7 @@ fn use_vbmi2<E: Elem>() -> bool {
 impl<E: Elem> BitmaskOf<E> {
     const KIND: &'static str = match E::DTYPE {
         Dtype::F32 => "bitmask",
+        Dtype::F16 => "bitmask-f16",
         Dtype::Bf16 => "bitmask-bf16",
         _ => "bitmask-i8",
     };
@@ -345,7 +346,7 @@ impl<E: Elem> BitmaskOf<E> {
     /// # Safety
     /// AVX2 + FMA available; masks validated (no bits past `cols`, popcounts = value counts);
     /// `out` owns these rows.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn rows_avx2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
         let bytes = cols / 8; // mask bytes whose 8 columns are all inside the row
@@ -404,7 +405,7 @@ impl<E: Elem> BitmaskOf<E> {
     ///
     /// # Safety
     /// As [`Self::rows_avx2`]; `out` holds `(r1 − r0) · cols` values.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let (cols, wpr) = (self.cols, self.cols.div_ceil(64));
         for r in r0..r1 {

@@ -32,6 +32,7 @@ pub type CsrI8 = CsrOf<i8>;
 impl<E: Elem> CsrOf<E> {
     const KIND: &'static str = match E::DTYPE {
         Dtype::F32 => "csr",
+        Dtype::F16 => "csr-f16",
         Dtype::Bf16 => "csr-bf16",
         _ => "csr-i8",
     };
@@ -169,7 +170,7 @@ impl<E: Elem> CsrOf<E> {
     ///
     /// # Safety
     /// AVX2 + FMA available; row pointers and column indices validated; `out` owns these rows.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn block_avx2(&self, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
         let (ci, vp) = (self.col_idx.as_ptr(), self.vals.v.as_ptr());
         for r in r0..r1 {

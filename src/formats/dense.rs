@@ -28,6 +28,9 @@ pub struct DenseOf<E: Elem> {
 pub type Dense = DenseOf<f32>;
 /// Dense bf16 (round-to-nearest-even from f32); products accumulate in f32.
 pub type DenseBf16 = DenseOf<half::bf16>;
+/// Dense IEEE f16 (round-to-nearest-even from f32; `runtime::pack` refuses weights beyond
+/// ±65504, which f16 would turn into infinities); products accumulate in f32.
+pub type DenseF16 = DenseOf<half::f16>;
 /// Dense int8 with a per-row f32 scale: `W[r, k] = q[r, k] · scale[r]`.
 pub type DenseI8 = DenseOf<i8>;
 
@@ -43,6 +46,7 @@ impl<E: Elem> DenseOf<E> {
     }
     const KIND: &'static str = match E::DTYPE {
         Dtype::F32 => "dense-f32",
+        Dtype::F16 => "dense-f16",
         Dtype::Bf16 => "dense-bf16",
         _ => "dense-i8",
     };
@@ -186,7 +190,7 @@ impl<E: Elem> Rows<'_, E> {
     /// # Safety
     /// AVX2 + FMA available; `w` holds rows `r0..r1`; `out` owns these rows.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn avx2(self, r0: usize, r1: usize, out: Out) {
         let n = self.n;
         for r in r0..r1 {
@@ -244,7 +248,7 @@ impl<E: Elem> Rows<'_, E> {
     fn portable(self, r0: usize, r1: usize, out: Out) {
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2<E: Elem>(rows: Rows<'_, E>, r0: usize, r1: usize, out: Out) {
                 rows.portable_body(r0, r1, out)
             }
@@ -316,6 +320,78 @@ pub fn dense_f32_matmul(
     }
 }
 
+/// Rows `r0..` of stored values `w` (`cols` each) as f32, each times its row scale: the tiles
+/// the prefill GEMM multiplies ([`super::matmul_tiled`]). Reference for the SIMD versions.
+fn widen_naive<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
+    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let s = row_scale(scales, r0 + i);
+        for (d, &v) in o.iter_mut().zip(row) {
+            *d = v.to_f32() * s;
+        }
+    }
+}
+
+/// [`widen_naive`], 16 values per step (the same products, so the same bits).
+///
+/// # Safety
+/// AVX-512 (see [`has_avx512`]) available; `out.len() == w.len()`, a multiple of `cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+unsafe fn widen_avx512<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
+    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let s = _mm512_set1_ps(row_scale(scales, r0 + i));
+        let mut k = 0;
+        while k < cols {
+            let n = (cols - k).min(16);
+            let v = _mm512_mul_ps(E::load_first(n, row.as_ptr().add(k)), s);
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(k), first_lanes(n), v);
+            k += 16;
+        }
+    }
+}
+
+/// [`widen_naive`], 8 values per step, the rest of a row scalar.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `out.len() == w.len()`, a multiple of `cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_avx2<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
+    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let s = row_scale(scales, r0 + i);
+        let sv = _mm256_set1_ps(s);
+        let mut k = 0;
+        while k + 8 <= cols {
+            let v = _mm256_mul_ps(E::load8(row.as_ptr().add(k)), sv);
+            _mm256_storeu_ps(o.as_mut_ptr().add(k), v);
+            k += 8;
+        }
+        for (d, &v) in o[k..].iter_mut().zip(&row[k..]) {
+            *d = v.to_f32() * s;
+        }
+    }
+}
+
+/// [`widen_naive`], 4 values per step, the rest of a row scalar.
+///
+/// # Safety
+/// `out.len() == w.len()`, a multiple of `cols`.
+#[cfg(target_arch = "aarch64")]
+unsafe fn widen_neon<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
+    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let s = row_scale(scales, r0 + i);
+        let mut k = 0;
+        while k + 4 <= cols {
+            let v = vmulq_n_f32(E::load4_neon(row.as_ptr().add(k)), s);
+            vst1q_f32(o.as_mut_ptr().add(k), v);
+            k += 4;
+        }
+        for (d, &v) in o[k..].iter_mut().zip(&row[k..]) {
+            *d = v.to_f32() * s;
+        }
+    }
+}
+
 impl<E: Elem> WeightFormat for DenseOf<E> {
     dims!();
     fn nbytes(&self) -> usize {
@@ -326,11 +402,24 @@ impl<E: Elem> WeightFormat for DenseOf<E> {
     }
     fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let c = self.cols;
-        for r in r0..r1 {
-            for k in 0..c {
-                out[(r - r0) * c + k] = self.vals.get(r, r * c + k);
-            }
+        if c == 0 {
+            return;
         }
+        let (w, scales) = (&self.vals.v[r0 * c..r1 * c], &self.vals.scales);
+        let out = &mut out[..(r1 - r0) * c];
+        #[cfg(target_arch = "x86_64")]
+        match isa() {
+            // SAFETY: the ISA checked; `w` and `out` hold the same number of values.
+            Isa::Avx512 => return unsafe { widen_avx512(w, scales, r0, c, out) },
+            Isa::Avx2 => return unsafe { widen_avx2(w, scales, r0, c, out) },
+            _ => {}
+        }
+        #[cfg(target_arch = "aarch64")]
+        if isa() == Isa::Neon {
+            // SAFETY: `w` and `out` hold the same number of values.
+            return unsafe { widen_neon(w, scales, r0, c, out) };
+        }
+        widen_naive(w, scales, r0, c, out)
     }
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
@@ -363,5 +452,55 @@ impl<E: Elem> WeightFormat for DenseOf<E> {
         let mut t = vec![shape_tensor(name, &[self.rows, self.cols])];
         t.extend(self.vals.tensors(name));
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD row widening gives exactly [`widen_naive`]'s bits for every value type, on
+    /// widths with and without a SIMD tail.
+    fn widen_matches_naive<E: Elem>() {
+        for (rows, cols) in [(1, 1), (3, 7), (2, 8), (5, 23), (4, 64), (3, 129)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1.37e-3)
+                .collect();
+            let d = DenseOf::<E>::from_dense(&w, rows, cols).unwrap();
+            let (v, s) = (&d.vals.v[cols..], &d.vals.scales);
+            let mut want = vec![f32::NAN; v.len()];
+            widen_naive(v, s, 1, cols, &mut want);
+            let check = |what: &str, f: &dyn Fn(&mut [f32])| {
+                let mut got = vec![f32::NAN; v.len()];
+                f(&mut got);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} {rows}×{cols} {what}", E::NAME);
+            };
+            check("decode_rows", &|o| d.decode_rows(1, rows, o));
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::has_avx2() {
+                // SAFETY: AVX2, FMA and F16C checked; equal lengths.
+                check("avx2", &|o| unsafe { widen_avx2(v, s, 1, cols, o) });
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: AVX-512 F/VL/BW and FMA checked; equal lengths.
+                check("avx512", &|o| unsafe { widen_avx512(v, s, 1, cols, o) });
+            }
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: equal lengths.
+            check("neon", &|o| unsafe { widen_neon(v, s, 1, cols, o) });
+        }
+    }
+
+    #[test]
+    fn simd_widening_matches_naive() {
+        widen_matches_naive::<f32>();
+        widen_matches_naive::<half::bf16>();
+        widen_matches_naive::<half::f16>();
+        widen_matches_naive::<i8>();
     }
 }

@@ -1,6 +1,7 @@
-//! Stored value types of the weight formats: f32, bf16 and int8 with a per-row f32 scale.
+//! Stored value types of the weight formats: f32, bf16, IEEE f16 and int8 with a per-row f32
+//! scale.
 //!
-//! Every format (dense, bitmask, CSR, N:M) is generic over [`Elem`], so the f32, bf16 and int8
+//! Every format (dense, bitmask, CSR, N:M) is generic over [`Elem`], so the f32, bf16, f16 and int8
 //! variants share one kernel each and differ only in how 16 stored values become 16 f32 lanes
 //! (`load16` / `load_first` / `expand_load`; `load8` for AVX2, `load4_neon` / `expand4_neon`
 //! for NEON) and whether each row carries a scale. Products
@@ -277,6 +278,91 @@ impl Elem for half::bf16 {
     }
 }
 
+/// IEEE f16 values in the top 16 bits of each 32-bit lane → f32 lanes, exactly, without the
+/// FP16 extension (Rust's NEON f16 types are not stable). The magnitude bits shifted into
+/// an f32's exponent/mantissa position give `value · 2⁻¹¹²`, which one multiply by 2¹¹²
+/// corrects — subnormal f16 values included; an all-ones exponent (Inf/NaN) is restored to
+/// the f32 one; the sign is ORed back.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn widen_f16_top(v: uint32x4_t) -> float32x4_t {
+    let sign = vandq_u32(v, vdupq_n_u32(0x8000_0000));
+    let mag = vshrq_n_u32::<3>(vandq_u32(v, vdupq_n_u32(0x7fff_0000)));
+    let f = vmulq_f32(
+        vreinterpretq_f32_u32(mag),
+        vdupq_n_f32(f32::from_bits(0x7780_0000)),
+    );
+    let inf_nan = vandq_u32(
+        vcgeq_u32(mag, vdupq_n_u32(0x0f80_0000)),
+        vdupq_n_u32(0x7f80_0000),
+    );
+    vreinterpretq_f32_u32(vorrq_u32(
+        vorrq_u32(vreinterpretq_u32_f32(f), inf_nan),
+        sign,
+    ))
+}
+
+impl Elem for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    const SCALED: bool = false;
+    const NAME: &'static str = "f16";
+    fn encode(row: &[f32]) -> (Vec<half::f16>, f32) {
+        (row.iter().map(|&v| half::f16::from_f32(v)).collect(), 1.0)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn read(t: &RawTensor) -> Vec<half::f16> {
+        super::read_u16(t)
+            .into_iter()
+            .map(half::f16::from_bits)
+            .collect()
+    }
+    fn bytes(v: &[half::f16]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_first(n: usize, p: *const half::f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p as *const i16))
+    }
+    const VBMI2_EXPAND: bool = true;
+    /// `vpexpandw` puts the packed 16-bit values into their slots before the widening.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand_load_vbmi2(k: __mmask16, p: *const half::f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_expandloadu_epi16(k, p as *const i16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn expand8(b: u8, p: *const half::f16) -> __m256 {
+        super::avx2::expand8_f16(b, p)
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4_neon(p: *const half::f16) -> float32x4_t {
+        widen_f16_top(vshll_n_u16::<16>(vld1_u16(p as *const u16)))
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn expand4_neon(nib: usize, p: *const half::f16) -> float32x4_t {
+        // The bf16 shuffle puts each 16-bit value in the top half of its lane.
+        let raw = vcombine_u8(vld1_u8(p as *const u8), vdup_n_u8(0));
+        widen_f16_top(vreinterpretq_u32_u8(shuffle(raw, &EXPAND_BF16, nib)))
+    }
+}
+
 impl Elem for i8 {
     const DTYPE: Dtype = Dtype::I8;
     const SCALED: bool = true;
@@ -385,11 +471,6 @@ impl<E: Elem> Values<E> {
             1.0
         }
     }
-    /// Stored value `j` of row `r` as f32, scale applied.
-    #[inline(always)]
-    pub fn get(&self, r: usize, j: usize) -> f32 {
-        self.v[j].to_f32() * self.scale(r)
-    }
     /// Stored value `j` of row `r` in f64, scale applied (naive references).
     #[inline(always)]
     pub fn get64(&self, r: usize, j: usize) -> f64 {
@@ -452,5 +533,83 @@ impl<E: Elem> Values<E> {
             v: E::read(vt),
             scales,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f16 bit pattern (subnormals, ±0, ±Inf and NaN included) widens exactly as the
+    /// `half` crate's conversion does, through each SIMD load this CPU runs.
+    #[test]
+    fn f16_widening_is_exact_for_every_value() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let same = |got: f32, h: half::f16| {
+            let want = h.to_f32();
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "f16 {:#06x}: got {got} want {want}",
+                h.to_bits()
+            );
+        };
+        #[cfg(target_arch = "aarch64")]
+        for c in all.chunks_exact(4) {
+            let mut out = [0f32; 4];
+            // SAFETY: 4 values readable; NEON is baseline on aarch64.
+            unsafe { vst1q_f32(out.as_mut_ptr(), half::f16::load4_neon(c.as_ptr())) };
+            out.iter().zip(c).for_each(|(&g, &h)| same(g, h));
+            // Expanding the first two values into lanes 1 and 3.
+            unsafe {
+                vst1q_f32(
+                    out.as_mut_ptr(),
+                    half::f16::expand4_neon(0b1010, c.as_ptr()),
+                )
+            };
+            assert_eq!(out[0].to_bits(), 0);
+            assert_eq!(out[2].to_bits(), 0);
+            same(out[1], c[0]);
+            same(out[3], c[1]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::has_avx2() {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2(all: &[half::f16], same: impl Fn(f32, half::f16)) {
+                for c in all.chunks_exact(8) {
+                    let mut out = [0f32; 8];
+                    _mm256_storeu_ps(out.as_mut_ptr(), half::f16::load8(c.as_ptr()));
+                    out.iter().zip(c).for_each(|(&g, &h)| same(g, h));
+                    // The first three values into lanes 0, 4 and 7.
+                    let e = half::f16::expand8(0b1001_0001, c.as_ptr());
+                    _mm256_storeu_ps(out.as_mut_ptr(), e);
+                    for (l, &g) in out.iter().enumerate() {
+                        match l {
+                            0 => same(g, c[0]),
+                            4 => same(g, c[1]),
+                            7 => same(g, c[2]),
+                            _ => assert_eq!(g.to_bits(), 0, "lane {l}"),
+                        }
+                    }
+                }
+            }
+            // SAFETY: AVX2, FMA and F16C checked.
+            unsafe { avx2(&all, same) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512bw") {
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+            unsafe fn avx512(all: &[half::f16], same: impl Fn(f32, half::f16)) {
+                for c in all.chunks_exact(16) {
+                    let mut out = [0f32; 16];
+                    _mm512_storeu_ps(out.as_mut_ptr(), half::f16::load16(c.as_ptr()));
+                    out.iter().zip(c).for_each(|(&g, &h)| same(g, h));
+                    _mm512_storeu_ps(out.as_mut_ptr(), half::f16::load_first(5, c.as_ptr()));
+                    out[..5].iter().zip(c).for_each(|(&g, &h)| same(g, h));
+                    assert!(out[5..].iter().all(|v| v.to_bits() == 0));
+                }
+            }
+            // SAFETY: AVX-512 F/VL/BW checked.
+            unsafe { avx512(&all, same) };
+        }
     }
 }

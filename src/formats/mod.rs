@@ -61,7 +61,7 @@ mod sparse;
 pub use bitmask::{Bitmask, BitmaskBf16, BitmaskI8, BitmaskOf};
 pub use bsr::Bsr;
 pub use csr::{Csr, CsrBf16, CsrI8, CsrOf};
-pub use dense::{dense_f32_matmul, Dense, DenseBf16, DenseI8, DenseOf};
+pub use dense::{dense_f32_matmul, Dense, DenseBf16, DenseF16, DenseI8, DenseOf};
 pub use elem::Elem;
 pub use nm::{NMBf16, NMOf, NM, NMI8};
 
@@ -75,6 +75,7 @@ pub const PAR_BYTES: usize = 256 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
     F32,
+    F16,
     Bf16,
     I8,
     U8,
@@ -88,7 +89,7 @@ impl Dtype {
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
-            Dtype::Bf16 | Dtype::U16 => 2,
+            Dtype::F16 | Dtype::Bf16 | Dtype::U16 => 2,
             Dtype::I8 | Dtype::U8 => 1,
             Dtype::U32 => 4,
             Dtype::U64 => 8,
@@ -610,15 +611,19 @@ pub(crate) fn read_dims(
 /// Every kind [`from_tensors`] accepts.
 pub const KINDS: &[&str] = &[
     "dense-f32",
+    "dense-f16",
     "dense-bf16",
     "dense-i8",
     "bitmask",
+    "bitmask-f16",
     "bitmask-bf16",
     "bitmask-i8",
     "csr",
+    "csr-f16",
     "csr-bf16",
     "csr-i8",
     "nm",
+    "nm-f16",
     "nm-bf16",
     "nm-i8",
     "bsr",
@@ -630,18 +635,22 @@ pub fn from_tensors(
     name: &str,
     tensors: &[RawTensor],
 ) -> Result<Box<dyn WeightFormat>> {
-    use half::bf16;
+    use half::{bf16, f16};
     Ok(match kind {
         "dense-f32" => Box::new(Dense::from_tensors(name, tensors)?),
+        "dense-f16" => Box::new(DenseF16::from_tensors(name, tensors)?),
         "dense-bf16" => Box::new(DenseBf16::from_tensors(name, tensors)?),
         "dense-i8" => Box::new(DenseI8::from_tensors(name, tensors)?),
         "bitmask" => Box::new(Bitmask::from_tensors(name, tensors)?),
+        "bitmask-f16" => Box::new(BitmaskOf::<f16>::from_tensors(name, tensors)?),
         "bitmask-bf16" => Box::new(BitmaskOf::<bf16>::from_tensors(name, tensors)?),
         "bitmask-i8" => Box::new(BitmaskI8::from_tensors(name, tensors)?),
         "csr" => Box::new(Csr::from_tensors(name, tensors)?),
+        "csr-f16" => Box::new(CsrOf::<f16>::from_tensors(name, tensors)?),
         "csr-bf16" => Box::new(CsrOf::<bf16>::from_tensors(name, tensors)?),
         "csr-i8" => Box::new(CsrOf::<i8>::from_tensors(name, tensors)?),
         "nm" => Box::new(NM::from_tensors(name, tensors)?),
+        "nm-f16" => Box::new(NMOf::<f16>::from_tensors(name, tensors)?),
         "nm-bf16" => Box::new(NMOf::<bf16>::from_tensors(name, tensors)?),
         "nm-i8" => Box::new(NMOf::<i8>::from_tensors(name, tensors)?),
         "bsr" => Box::new(Bsr::from_tensors(name, tensors)?),

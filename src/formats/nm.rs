@@ -74,6 +74,7 @@ fn bits_for(m: usize) -> usize {
 impl<E: Elem> NMOf<E> {
     const KIND: &'static str = match E::DTYPE {
         Dtype::F32 => "nm",
+        Dtype::F16 => "nm-f16",
         Dtype::Bf16 => "nm-bf16",
         _ => "nm-i8",
     };
@@ -335,7 +336,7 @@ impl<E: Elem> NMOf<E> {
     ///
     /// # Safety
     /// AVX2 + FMA available; AVX2 pattern; indices validated (< M); `out` owns these rows.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn block_avx2(&self, r0: usize, r1: usize, x: &[f32], mm: usize, out: Out) {
         let dec = Avx2Offsets::new(self.n, self.m, self.bits);
         let nb = self.vpr / 8;
@@ -389,7 +390,7 @@ impl<E: Elem> NMOf<E> {
     ///
     /// # Safety
     /// As [`Self::block_avx2`]; `out` holds `(r1 − r0) · cols` values.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx2(&self, r0: usize, r1: usize, out: &mut [f32]) {
         if (self.n, self.m) == (2, 4) {
             self.decode_avx2_by(r0, r1, out, |ip, blk| {
@@ -414,7 +415,7 @@ impl<E: Elem> NMOf<E> {
     ///
     /// # Safety
     /// As [`Self::decode_avx2`]; `masks` reads only the row's index stream.
-    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx2_by(
         &self,
         r0: usize,

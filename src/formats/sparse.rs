@@ -100,7 +100,7 @@ fn portable_block<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, 
 fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+        #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2")]
         unsafe fn avx2<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
             portable_block(f, r0, r1, x, m, out)
         }

@@ -112,6 +112,7 @@ pub fn load_note(json: &Value, path: &Path) -> Result<BTreeMap<String, String>> 
 fn dtype_of(s: &str) -> Option<Dtype> {
     Some(match s {
         "F32" => Dtype::F32,
+        "F16" => Dtype::F16,
         "BF16" => Dtype::Bf16,
         "I8" => Dtype::I8,
         "U8" => Dtype::U8,

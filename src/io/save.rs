@@ -293,6 +293,7 @@ fn raw_dtype_name(d: crate::formats::Dtype) -> &'static str {
     use crate::formats::Dtype;
     match d {
         Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
         Dtype::Bf16 => "BF16",
         Dtype::I8 => "I8",
         Dtype::U8 => "U8",

@@ -34,12 +34,15 @@ pub fn has_avx512() -> bool {
     }
 }
 
-/// True when the CPU has AVX2 and FMA.
+/// True when the CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; the f16 formats'
+/// AVX2 kernels convert with it).
 #[inline]
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

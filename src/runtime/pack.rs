@@ -17,7 +17,7 @@ use super::autopick::{self, Probes, TensorStats};
 use crate::formats::{self, WeightFormat};
 use crate::model::weights::Packed;
 use crate::{Error, LinearKind, Model, Result};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use std::time::Instant;
 #[serde(rename_all = "lowercase")]
 pub enum ValueType {
     F32,
+    F16,
     Bf16,
     I8,
 }
@@ -40,19 +41,26 @@ pub enum FormatChoice {
     Auto,
     /// Per tensor, the fastest estimated bf16-valued format.
     AutoBf16,
+    /// Per tensor, the fastest estimated IEEE-f16-valued format.
+    AutoF16,
     /// Dense f32 (no packed copy: the model's own weights).
     Dense,
     Bf16,
+    /// Dense IEEE f16 (values beyond ±65504 are refused).
+    F16,
     Int8,
     Bitmask,
     BitmaskBf16,
+    BitmaskF16,
     BitmaskI8,
     Csr,
     CsrBf16,
+    CsrF16,
     CsrI8,
     /// N:M (the tensor's own pattern among 1:2, 2:4, 4:8, 8:16).
     Nm,
     NmBf16,
+    NmF16,
     NmI8,
     /// Block-sparse rows with the tile shape (among 8×8, 4×16, 4×4, 1×16, 2×2, 1×4) that stores
     /// the fewest values.
@@ -61,20 +69,25 @@ pub enum FormatChoice {
 
 impl FormatChoice {
     /// Every choice with its CLI name.
-    pub const ALL: [(FormatChoice, &'static str); 15] = [
+    pub const ALL: [(FormatChoice, &'static str); 20] = [
         (FormatChoice::Auto, "auto"),
         (FormatChoice::AutoBf16, "auto-bf16"),
+        (FormatChoice::AutoF16, "auto-f16"),
         (FormatChoice::Dense, "dense"),
         (FormatChoice::Bf16, "bf16"),
+        (FormatChoice::F16, "f16"),
         (FormatChoice::Int8, "int8"),
         (FormatChoice::Bitmask, "bitmask"),
         (FormatChoice::BitmaskBf16, "bitmask-bf16"),
+        (FormatChoice::BitmaskF16, "bitmask-f16"),
         (FormatChoice::BitmaskI8, "bitmask-i8"),
         (FormatChoice::Csr, "csr"),
         (FormatChoice::CsrBf16, "csr-bf16"),
+        (FormatChoice::CsrF16, "csr-f16"),
         (FormatChoice::CsrI8, "csr-i8"),
         (FormatChoice::Nm, "nm"),
         (FormatChoice::NmBf16, "nm-bf16"),
+        (FormatChoice::NmF16, "nm-f16"),
         (FormatChoice::NmI8, "nm-i8"),
         (FormatChoice::Bsr, "bsr"),
     ];
@@ -92,9 +105,15 @@ impl FormatChoice {
         use FormatChoice::*;
         match self {
             AutoBf16 | Bf16 | BitmaskBf16 | CsrBf16 | NmBf16 => ValueType::Bf16,
+            AutoF16 | F16 | BitmaskF16 | CsrF16 | NmF16 => ValueType::F16,
             Int8 | BitmaskI8 | CsrI8 | NmI8 => ValueType::I8,
             _ => ValueType::F32,
         }
+    }
+
+    /// True for `auto`, `auto-bf16` and `auto-f16` (resolved per tensor by [`autopick::pick`]).
+    pub fn is_auto(self) -> bool {
+        matches!(self, Self::Auto | Self::AutoBf16 | Self::AutoF16)
     }
 
     /// The dense choice of the same value type (what the LM head gets by default).
@@ -102,6 +121,7 @@ impl FormatChoice {
         match self.value_type() {
             ValueType::F32 => FormatChoice::Dense,
             ValueType::Bf16 => FormatChoice::Bf16,
+            ValueType::F16 => FormatChoice::F16,
             ValueType::I8 => FormatChoice::Int8,
         }
     }
@@ -115,6 +135,7 @@ impl std::str::FromStr for FormatChoice {
             "f32" | "dense-f32" => "dense",
             "i8" | "dense-i8" => "int8",
             "dense-bf16" => "bf16",
+            "dense-f16" => "f16",
             other => other,
         };
         Self::ALL
@@ -230,9 +251,7 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
         head.cols(),
         head_choice,
     ));
-    let auto = jobs
-        .iter()
-        .any(|j| matches!(j.4, FormatChoice::Auto | FormatChoice::AutoBf16));
+    let auto = jobs.iter().any(|j| j.4.is_auto());
     let stats: Vec<TensorStats> = jobs
         .par_iter()
         .map(|(_, w, r, c, _)| TensorStats::of(w, *r, *c))
@@ -250,7 +269,7 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
     let mut resolved = Vec::with_capacity(jobs.len());
     for ((name, w, _, _, choice), st) in jobs.iter().zip(&stats) {
         resolved.push(match choice {
-            FormatChoice::Auto | FormatChoice::AutoBf16 => autopick::pick(
+            c if c.is_auto() => autopick::pick(
                 name,
                 w,
                 st,
@@ -365,20 +384,36 @@ pub(crate) fn build(
         })
     };
     let wrap = |e: Error| Error::Invalid(format!("cannot pack {name} as {choice}: {e}"));
+    if choice.value_type() == ValueType::F16 {
+        // f16 saturates to infinity past ±65504: refuse instead of corrupting the weight.
+        let limit = f16::MAX.to_f32();
+        if let Some(i) = w.iter().position(|v| v.abs() > limit) {
+            return Err(Error::Invalid(format!(
+                "cannot pack {name} as {choice}: weight [{}, {}] = {} is outside the f16 \
+                 range (±{limit}); use bf16 or f32",
+                i / cols.max(1),
+                i % cols.max(1),
+                w[i]
+            )));
+        }
+    }
     let f: Arc<dyn WeightFormat> = match choice {
         C::Dense => return Ok(None),
-        C::Auto | C::AutoBf16 => {
+        C::Auto | C::AutoBf16 | C::AutoF16 => {
             return Err(Error::Invalid(format!(
                 "{name}: `{choice}` must be resolved before building"
             )))
         }
         C::Bf16 => Arc::new(DenseBf16::from_dense(w, rows, cols).map_err(wrap)?),
+        C::F16 => Arc::new(DenseF16::from_dense(w, rows, cols).map_err(wrap)?),
         C::Int8 => Arc::new(DenseI8::from_dense(w, rows, cols).map_err(wrap)?),
         C::Bitmask => Arc::new(Bitmask::from_dense(w, rows, cols).map_err(wrap)?),
         C::BitmaskBf16 => Arc::new(BitmaskBf16::from_dense(w, rows, cols).map_err(wrap)?),
+        C::BitmaskF16 => Arc::new(BitmaskOf::<f16>::from_dense(w, rows, cols).map_err(wrap)?),
         C::BitmaskI8 => Arc::new(BitmaskI8::from_dense(w, rows, cols).map_err(wrap)?),
         C::Csr => Arc::new(Csr::from_dense(w, rows, cols).map_err(wrap)?),
         C::CsrBf16 => Arc::new(CsrOf::<bf16>::from_dense(w, rows, cols).map_err(wrap)?),
+        C::CsrF16 => Arc::new(CsrOf::<f16>::from_dense(w, rows, cols).map_err(wrap)?),
         C::CsrI8 => Arc::new(CsrOf::<i8>::from_dense(w, rows, cols).map_err(wrap)?),
         C::Nm => {
             let (n, m) = nm()?;
@@ -387,6 +422,10 @@ pub(crate) fn build(
         C::NmBf16 => {
             let (n, m) = nm()?;
             Arc::new(NMOf::<bf16>::from_dense(w, rows, cols, n, m).map_err(wrap)?)
+        }
+        C::NmF16 => {
+            let (n, m) = nm()?;
+            Arc::new(NMOf::<f16>::from_dense(w, rows, cols, n, m).map_err(wrap)?)
         }
         C::NmI8 => {
             let (n, m) = nm()?;
