@@ -7,6 +7,7 @@
 //! `cargo run --release --example decode_bench`; `LOPPER_ISA=portable` or `avx2` caps the
 //! kernel set.
 
+use half::f16;
 use lopper::formats::*;
 use std::time::Instant;
 
@@ -54,32 +55,45 @@ fn main() {
     let mut out = vec![0f32; rows * cols];
     println!("kernels: {}", isa().name());
     println!(
-        "{:<8} {:>10} {:>10} {:>10}",
-        "pattern", "f32 µs", "bf16 µs", "i8 µs"
+        "{:<8} {:>10} {:>10} {:>10} {:>10}",
+        "pattern", "f32 µs", "bf16 µs", "i8 µs", "f16 µs"
     );
     for (n, m) in [(2, 4), (1, 2), (4, 8), (8, 16), (1, 4)] {
         let w = nm_matrix(rows, cols, n, m);
         let a = time(&NM::from_dense(&w, rows, cols, n, m).unwrap(), &mut out);
         let b = time(&NMBf16::from_dense(&w, rows, cols, n, m).unwrap(), &mut out);
         let c = time(&NMI8::from_dense(&w, rows, cols, n, m).unwrap(), &mut out);
-        println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1}", format!("{n}:{m}"));
+        let d = time(
+            &NMOf::<f16>::from_dense(&w, rows, cols, n, m).unwrap(),
+            &mut out,
+        );
+        println!(
+            "{:<8} {a:>10.1} {b:>10.1} {c:>10.1} {d:>10.1}",
+            format!("{n}:{m}")
+        );
     }
     // 50% unstructured: a 2:4 matrix is also a valid input for the general formats, but its
     // zeros are too regular; 4:8 spreads them like a random mask within each 8 columns.
     let w = nm_matrix(rows, cols, 4, 8);
-    println!("50% unstructured (f32 / bf16 / i8 values)");
+    println!("50% unstructured (f32 / bf16 / i8 / f16 values)");
     let a = time(&Bitmask::from_dense(&w, rows, cols).unwrap(), &mut out);
     let b = time(&BitmaskBf16::from_dense(&w, rows, cols).unwrap(), &mut out);
     let c = time(&BitmaskI8::from_dense(&w, rows, cols).unwrap(), &mut out);
-    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1}", "bitmask");
+    let d = time(
+        &BitmaskOf::<f16>::from_dense(&w, rows, cols).unwrap(),
+        &mut out,
+    );
+    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1} {d:>10.1}", "bitmask");
     let a = time(&Csr::from_dense(&w, rows, cols).unwrap(), &mut out);
     let b = time(&CsrBf16::from_dense(&w, rows, cols).unwrap(), &mut out);
     let c = time(&CsrI8::from_dense(&w, rows, cols).unwrap(), &mut out);
-    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1}", "csr");
+    let d = time(&CsrOf::<f16>::from_dense(&w, rows, cols).unwrap(), &mut out);
+    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1} {d:>10.1}", "csr");
     let a = time(&Dense::from_dense(&w, rows, cols).unwrap(), &mut out);
     let b = time(&DenseBf16::from_dense(&w, rows, cols).unwrap(), &mut out);
     let c = time(&DenseI8::from_dense(&w, rows, cols).unwrap(), &mut out);
-    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1}", "dense");
+    let d = time(&DenseF16::from_dense(&w, rows, cols).unwrap(), &mut out);
+    println!("{:<8} {a:>10.1} {b:>10.1} {c:>10.1} {d:>10.1}", "dense");
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()

@@ -302,6 +302,24 @@ unsafe fn widen_f16_top(v: uint32x4_t) -> float32x4_t {
     ))
 }
 
+/// IEEE f16 bits → f32, exactly, in plain integer and float operations that inline and
+/// vectorise (the `half` crate's conversion checks the CPU at every call): normal values move
+/// their exponent and mantissa into f32 position and rebias; subnormals are `mantissa · 2⁻²⁴`,
+/// computed from an exact integer-to-float conversion, so no subnormal f32 is ever an operand.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let em = h & 0x7fff;
+    let bits = if em >= 0x7c00 {
+        0x7f80_0000 | (em & 0x3ff) << 13 // Inf / NaN
+    } else if em >= 0x0400 {
+        (em << 13) + (112 << 23) // normal: rebias 15 → 127
+    } else {
+        (em as f32 * f32::from_bits(0x3380_0000)).to_bits() // subnormal or zero: m · 2⁻²⁴
+    };
+    f32::from_bits(bits | (h & 0x8000) << 16)
+}
+
 impl Elem for half::f16 {
     const DTYPE: Dtype = Dtype::F16;
     const SCALED: bool = false;
@@ -311,7 +329,7 @@ impl Elem for half::f16 {
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
+        f16_bits_to_f32(self.to_bits())
     }
     fn read(t: &RawTensor) -> Vec<half::f16> {
         super::read_u16(t)
@@ -546,13 +564,16 @@ mod tests {
     fn f16_widening_is_exact_for_every_value() {
         let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
         let same = |got: f32, h: half::f16| {
-            let want = h.to_f32();
+            let want = half::f16::to_f32(h);
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "f16 {:#06x}: got {got} want {want}",
                 h.to_bits()
             );
         };
+        for &h in &all {
+            same(Elem::to_f32(h), h);
+        }
         #[cfg(target_arch = "aarch64")]
         for c in all.chunks_exact(4) {
             let mut out = [0f32; 4];
