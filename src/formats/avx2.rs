@@ -8,6 +8,8 @@
 //!   bf16 and int8 values (8 of them fit 16 bytes) are loaded into both 128-bit halves and a
 //!   byte table puts each value's bytes at the top of its lane with one `vpshufb`, which zeroes
 //!   every other byte: expansion and widening at once ([`expand8_bf16`], [`expand8_i8`]).
+//!   f16 values are shuffled into 16-bit slots of one 128-bit register, then `vcvtph2ps` (F16C)
+//!   widens them ([`expand8_f16`]).
 //! - **Two-source permute** (N:M): 8 kept values span a 16-column window of `x`; both halves are
 //!   permuted with the same indices and `vblendvps` picks by bit 3 of the index, moved to the
 //!   sign bit by a shift ([`gather16`]).
@@ -47,11 +49,12 @@ static EXPAND_F32: [Row; 256] = {
     t
 };
 
-/// `vpshufb` tables for values of `size` bytes (2: bf16, 1: int8): lane `l` of row `b` takes
-/// the bytes of packed value `rank` into its top `size` bytes when bit `l` is set; every other
-/// byte index is 0x80, which `vpshufb` turns into 0. Indices are within each 128-bit half,
-/// whose 16 bytes both hold the packed values.
-const fn shuffle_table(size: usize) -> [Row; 256] {
+/// `vpshufb` tables for values of `size` bytes in lanes of `lane` bytes (bf16: 2 in 4, int8: 1
+/// in 4, f16: 2 in 2): lane `l` of row `b` takes the bytes of packed value `rank` into its top
+/// `size` bytes when bit `l` is set; every other byte index is 0x80, which `vpshufb` turns into
+/// 0. Indices are within a 128-bit half: with 4-byte lanes both halves hold the packed values;
+/// with 2-byte lanes the 8 lanes fill the low half, which is all that is loaded.
+const fn shuffle_table(lane: usize, size: usize) -> [Row; 256] {
     let mut t = [const { Row([0x80; 32]) }; 256];
     let mut b = 0;
     while b < 256 {
@@ -61,7 +64,7 @@ const fn shuffle_table(size: usize) -> [Row; 256] {
             if b & (1 << l) != 0 {
                 let mut k = 0;
                 while k < size {
-                    t[b].0[4 * l + 4 - size + k] = (rank * size + k) as u8;
+                    t[b].0[lane * l + lane - size + k] = (rank * size + k) as u8;
                     k += 1;
                 }
                 rank += 1;
@@ -73,34 +76,10 @@ const fn shuffle_table(size: usize) -> [Row; 256] {
     t
 }
 
-static EXPAND_BF16: [Row; 256] = shuffle_table(2);
-
-/// One row of [`EXPAND_F16`]: 16 bytes, aligned for a single aligned load.
-#[repr(C, align(16))]
-pub(crate) struct Row16([u8; 16]);
-
-/// For every 8-bit mask `b`: the `pshufb` indices that put packed 16-bit value `rank` into
-/// 16-bit slot `l` when bit `l` is set, 0x80 (a zero byte) in every other slot — eight f16
-/// values in place for one `vcvtph2ps`.
-static EXPAND_F16: [Row16; 256] = {
-    let mut t = [const { Row16([0x80; 16]) }; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut rank = 0;
-        let mut l = 0;
-        while l < 8 {
-            if b & (1 << l) != 0 {
-                t[b].0[2 * l] = 2 * rank;
-                t[b].0[2 * l + 1] = 2 * rank + 1;
-                rank += 1;
-            }
-            l += 1;
-        }
-        b += 1;
-    }
-    t
-};
-static EXPAND_I8: [Row; 256] = shuffle_table(1);
+static EXPAND_BF16: [Row; 256] = shuffle_table(4, 2);
+static EXPAND_I8: [Row; 256] = shuffle_table(4, 1);
+/// Eight f16 values in their 16-bit slots, zeros elsewhere, for one `vcvtph2ps`.
+static EXPAND_F16: [Row; 256] = shuffle_table(2, 2);
 
 /// Row `b` of `table` as a vector.
 #[inline(always)]
@@ -165,7 +144,8 @@ pub(crate) unsafe fn expand8_bf16(b: u8, p: *const half::bf16) -> __m256 {
 /// AVX2 + FMA + F16C; `p` valid for 8 reads.
 #[inline(always)]
 pub(crate) unsafe fn expand8_f16(b: u8, p: *const half::f16) -> __m256 {
-    let ctl = _mm_load_si128(EXPAND_F16.get_unchecked(b as usize).0.as_ptr() as *const __m128i);
+    // The table's 2-byte lanes fill the low half of a row.
+    let ctl = _mm256_castsi256_si128(row(&EXPAND_F16, b));
     _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128(p as *const __m128i), ctl))
 }
 
