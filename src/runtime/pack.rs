@@ -385,7 +385,7 @@ pub(crate) fn build(
     };
     let wrap = |e: Error| Error::Invalid(format!("cannot pack {name} as {choice}: {e}"));
     if choice.value_type() == ValueType::F16 {
-        // f16 saturates to infinity past ±65504: refuse instead of corrupting the weight.
+        // f16 rounds a weight past ±65504 to infinity: refuse instead of corrupting it.
         let limit = f16::MAX.to_f32();
         if let Some(i) = w.iter().position(|v| v.abs() > limit) {
             return Err(Error::Invalid(format!(
