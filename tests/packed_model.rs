@@ -128,10 +128,7 @@ fn every_format_matches_the_dense_forward_pass() {
     let base_u = run(unstructured());
     let base_24 = run(two_four());
     for (choice, name) in FormatChoice::ALL {
-        let nm = matches!(
-            choice,
-            FormatChoice::Nm | FormatChoice::NmBf16 | FormatChoice::NmF16 | FormatChoice::NmI8
-        );
+        let nm = choice.layout() == runtime::pack::Layout::Nm;
         let (src, base) = if nm {
             (two_four(), &base_24)
         } else {

@@ -331,65 +331,67 @@ fn widen_naive<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &m
     }
 }
 
-/// [`widen_naive`], 16 values per step (the same products, so the same bits).
+/// [`widen_naive`] with `step(values, out, scale)` widening `L` values at a time, the rest of
+/// each row scalar: the same products, so the same bits. Inlined into each SIMD version.
+///
+/// # Safety
+/// `step` may read `L` values and write `L` outputs; `out.len() == w.len()`, a multiple of
+/// `cols`.
+#[inline(always)]
+unsafe fn widen_by<E: Elem, const L: usize>(
+    w: &[E],
+    scales: &[f32],
+    r0: usize,
+    cols: usize,
+    out: &mut [f32],
+    step: impl Fn(*const E, *mut f32, f32),
+) {
+    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let s = row_scale(scales, r0 + i);
+        let mut k = 0;
+        while k + L <= cols {
+            step(row.as_ptr().add(k), o.as_mut_ptr().add(k), s);
+            k += L;
+        }
+        for (d, &v) in o[k..].iter_mut().zip(&row[k..]) {
+            *d = v.to_f32() * s;
+        }
+    }
+}
+
+/// [`widen_naive`], 16 values per step.
 ///
 /// # Safety
 /// AVX-512 (see [`has_avx512`]) available; `out.len() == w.len()`, a multiple of `cols`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
 unsafe fn widen_avx512<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
-    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
-        let s = _mm512_set1_ps(row_scale(scales, r0 + i));
-        let mut k = 0;
-        while k < cols {
-            let n = (cols - k).min(16);
-            let v = _mm512_mul_ps(E::load_first(n, row.as_ptr().add(k)), s);
-            _mm512_mask_storeu_ps(o.as_mut_ptr().add(k), first_lanes(n), v);
-            k += 16;
-        }
-    }
+    widen_by::<E, 16>(w, scales, r0, cols, out, |p, o, s| {
+        _mm512_storeu_ps(o, _mm512_mul_ps(E::load16(p), _mm512_set1_ps(s)))
+    })
 }
 
-/// [`widen_naive`], 8 values per step, the rest of a row scalar.
+/// [`widen_naive`], 8 values per step.
 ///
 /// # Safety
 /// AVX2, FMA and F16C available; `out.len() == w.len()`, a multiple of `cols`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn widen_avx2<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
-    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
-        let s = row_scale(scales, r0 + i);
-        let sv = _mm256_set1_ps(s);
-        let mut k = 0;
-        while k + 8 <= cols {
-            let v = _mm256_mul_ps(E::load8(row.as_ptr().add(k)), sv);
-            _mm256_storeu_ps(o.as_mut_ptr().add(k), v);
-            k += 8;
-        }
-        for (d, &v) in o[k..].iter_mut().zip(&row[k..]) {
-            *d = v.to_f32() * s;
-        }
-    }
+    widen_by::<E, 8>(w, scales, r0, cols, out, |p, o, s| {
+        _mm256_storeu_ps(o, _mm256_mul_ps(E::load8(p), _mm256_set1_ps(s)))
+    })
 }
 
-/// [`widen_naive`], 4 values per step, the rest of a row scalar.
+/// [`widen_naive`], 4 values per step.
 ///
 /// # Safety
 /// `out.len() == w.len()`, a multiple of `cols`.
 #[cfg(target_arch = "aarch64")]
 unsafe fn widen_neon<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
-    for (i, (row, o)) in w.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
-        let s = row_scale(scales, r0 + i);
-        let mut k = 0;
-        while k + 4 <= cols {
-            let v = vmulq_n_f32(E::load4_neon(row.as_ptr().add(k)), s);
-            vst1q_f32(o.as_mut_ptr().add(k), v);
-            k += 4;
-        }
-        for (d, &v) in o[k..].iter_mut().zip(&row[k..]) {
-            *d = v.to_f32() * s;
-        }
-    }
+    widen_by::<E, 4>(w, scales, r0, cols, out, |p, o, s| {
+        vst1q_f32(o, vmulq_n_f32(E::load4_neon(p), s))
+    })
 }
 
 impl<E: Elem> WeightFormat for DenseOf<E> {

@@ -11,7 +11,7 @@
 //! [`Probes::prefill_ok`] decides the prefill policy: a packed format's product on
 //! [`super::pack::PREFILL_PROBE_ROWS`] rows against dense GEMM on the same rows.
 
-use super::pack::{build, FormatChoice, ValueType, PREFILL_PROBE_ROWS};
+use super::pack::{build, FormatChoice, Layout, ValueType, PREFILL_PROBE_ROWS};
 use crate::formats::{dense_f32_matmul, WeightFormat};
 use crate::Result;
 use std::collections::HashMap;
@@ -57,20 +57,17 @@ impl TensorStats {
 
     /// Bytes a product through `choice` reads (the formats' `nbytes`, from the statistics).
     pub fn bytes(&self, choice: FormatChoice) -> usize {
-        use FormatChoice as C;
         let (r, c, nnz) = (self.rows, self.cols, self.nnz);
         let (val, scales) = match choice.value_type() {
             ValueType::F32 => (4, 0),
             ValueType::Bf16 | ValueType::F16 => (2, 0),
             ValueType::I8 => (1, 4 * r),
         };
-        match choice {
-            C::Dense | C::Bf16 | C::F16 | C::Int8 => r * c * val + scales,
-            C::Bitmask | C::BitmaskBf16 | C::BitmaskF16 | C::BitmaskI8 => {
-                nnz * val + r * c.div_ceil(64) * 8 + scales
-            }
-            C::Csr | C::CsrBf16 | C::CsrF16 | C::CsrI8 => nnz * (val + 2) + (r + 1) * 8 + scales,
-            C::Nm | C::NmBf16 | C::NmF16 | C::NmI8 => match self.nm {
+        match choice.layout() {
+            Layout::Dense => r * c * val + scales,
+            Layout::Bitmask => nnz * val + r * c.div_ceil(64) * 8 + scales,
+            Layout::Csr => nnz * (val + 2) + (r + 1) * 8 + scales,
+            Layout::Nm => match self.nm {
                 Some((n, m)) => {
                     let vpr = c / m * n;
                     let bits = (usize::BITS - (m - 1).leading_zeros()) as usize;
@@ -78,26 +75,22 @@ impl TensorStats {
                 }
                 None => usize::MAX,
             },
-            C::Bsr | C::Auto | C::AutoBf16 | C::AutoF16 => r * c * 4,
+            Layout::Bsr | Layout::Auto => r * c * 4,
         }
     }
 }
 
 /// The formats `auto` considers for values of type `vt`.
 fn candidates(vt: ValueType, st: &TensorStats) -> Vec<FormatChoice> {
-    use FormatChoice as C;
-    let mut v = match vt {
-        ValueType::F32 => vec![C::Dense, C::Bitmask, C::Csr, C::Nm],
-        ValueType::Bf16 => vec![C::Bf16, C::BitmaskBf16, C::CsrBf16, C::NmBf16],
-        ValueType::F16 => vec![C::F16, C::BitmaskF16, C::CsrF16, C::NmF16],
-        ValueType::I8 => vec![C::Int8, C::BitmaskI8, C::CsrI8, C::NmI8],
-    };
-    v.retain(|c| {
-        let is_csr = matches!(c, C::Csr | C::CsrBf16 | C::CsrF16 | C::CsrI8);
-        let is_nm = matches!(c, C::Nm | C::NmBf16 | C::NmF16 | C::NmI8);
-        !((is_csr && st.cols > 1 << 16) || (is_nm && st.nm.is_none()))
-    });
-    v
+    [Layout::Dense, Layout::Bitmask, Layout::Csr, Layout::Nm]
+        .into_iter()
+        .filter(|&l| match l {
+            Layout::Csr => st.cols <= 1 << 16,
+            Layout::Nm => st.nm.is_some(),
+            _ => true,
+        })
+        .filter_map(|l| FormatChoice::of(l, vt))
+        .collect()
 }
 
 /// Cached timings.

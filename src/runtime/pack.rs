@@ -67,6 +67,18 @@ pub enum FormatChoice {
     Bsr,
 }
 
+/// How a format choice stores a matrix, whatever its value type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Resolved per tensor by [`autopick::pick`].
+    Auto,
+    Dense,
+    Bitmask,
+    Csr,
+    Nm,
+    Bsr,
+}
+
 impl FormatChoice {
     /// Every choice with its CLI name.
     pub const ALL: [(FormatChoice, &'static str); 20] = [
@@ -111,19 +123,35 @@ impl FormatChoice {
         }
     }
 
+    /// How the weights are stored.
+    pub fn layout(self) -> Layout {
+        use FormatChoice::*;
+        match self {
+            Auto | AutoBf16 | AutoF16 => Layout::Auto,
+            Dense | Bf16 | F16 | Int8 => Layout::Dense,
+            Bitmask | BitmaskBf16 | BitmaskF16 | BitmaskI8 => Layout::Bitmask,
+            Csr | CsrBf16 | CsrF16 | CsrI8 => Layout::Csr,
+            Nm | NmBf16 | NmF16 | NmI8 => Layout::Nm,
+            Bsr => Layout::Bsr,
+        }
+    }
+
+    /// The choice with this layout and value type, if there is one (BSR is f32 only).
+    pub fn of(layout: Layout, vt: ValueType) -> Option<FormatChoice> {
+        Self::ALL
+            .iter()
+            .map(|&(c, _)| c)
+            .find(|c| c.layout() == layout && c.value_type() == vt)
+    }
+
     /// True for `auto`, `auto-bf16` and `auto-f16` (resolved per tensor by [`autopick::pick`]).
     pub fn is_auto(self) -> bool {
-        matches!(self, Self::Auto | Self::AutoBf16 | Self::AutoF16)
+        self.layout() == Layout::Auto
     }
 
     /// The dense choice of the same value type (what the LM head gets by default).
     pub fn dense_of_same_values(self) -> FormatChoice {
-        match self.value_type() {
-            ValueType::F32 => FormatChoice::Dense,
-            ValueType::Bf16 => FormatChoice::Bf16,
-            ValueType::F16 => FormatChoice::F16,
-            ValueType::I8 => FormatChoice::Int8,
-        }
+        Self::of(Layout::Dense, self.value_type()).unwrap_or(FormatChoice::Dense)
     }
 }
 
@@ -286,6 +314,9 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
         .zip(&resolved)
         .zip(&stats)
         .map(|(((name, w, r, c, _), choice), st)| build(name, w, *r, *c, *choice, st))
+        .collect::<Vec<_>>()
+        // The first failing tensor in model order, not whichever thread failed first.
+        .into_iter()
         .collect::<Result<_>>()?;
     // Prefill policy (sequential: timed).
     let mut tensors = Vec::with_capacity(jobs.len());
@@ -397,44 +428,46 @@ pub(crate) fn build(
             )));
         }
     }
-    let f: Arc<dyn WeightFormat> = match choice {
-        C::Dense => return Ok(None),
-        C::Auto | C::AutoBf16 | C::AutoF16 => {
+    let layout = choice.layout();
+    let f = match layout {
+        Layout::Auto => {
             return Err(Error::Invalid(format!(
                 "{name}: `{choice}` must be resolved before building"
             )))
         }
-        C::Bf16 => Arc::new(DenseBf16::from_dense(w, rows, cols).map_err(wrap)?),
-        C::F16 => Arc::new(DenseF16::from_dense(w, rows, cols).map_err(wrap)?),
-        C::Int8 => Arc::new(DenseI8::from_dense(w, rows, cols).map_err(wrap)?),
-        C::Bitmask => Arc::new(Bitmask::from_dense(w, rows, cols).map_err(wrap)?),
-        C::BitmaskBf16 => Arc::new(BitmaskBf16::from_dense(w, rows, cols).map_err(wrap)?),
-        C::BitmaskF16 => Arc::new(BitmaskOf::<f16>::from_dense(w, rows, cols).map_err(wrap)?),
-        C::BitmaskI8 => Arc::new(BitmaskI8::from_dense(w, rows, cols).map_err(wrap)?),
-        C::Csr => Arc::new(Csr::from_dense(w, rows, cols).map_err(wrap)?),
-        C::CsrBf16 => Arc::new(CsrOf::<bf16>::from_dense(w, rows, cols).map_err(wrap)?),
-        C::CsrF16 => Arc::new(CsrOf::<f16>::from_dense(w, rows, cols).map_err(wrap)?),
-        C::CsrI8 => Arc::new(CsrOf::<i8>::from_dense(w, rows, cols).map_err(wrap)?),
-        C::Nm => {
-            let (n, m) = nm()?;
-            Arc::new(NM::from_dense(w, rows, cols, n, m).map_err(wrap)?)
-        }
-        C::NmBf16 => {
-            let (n, m) = nm()?;
-            Arc::new(NMOf::<bf16>::from_dense(w, rows, cols, n, m).map_err(wrap)?)
-        }
-        C::NmF16 => {
-            let (n, m) = nm()?;
-            Arc::new(NMOf::<f16>::from_dense(w, rows, cols, n, m).map_err(wrap)?)
-        }
-        C::NmI8 => {
-            let (n, m) = nm()?;
-            Arc::new(NMOf::<i8>::from_dense(w, rows, cols, n, m).map_err(wrap)?)
-        }
-        C::Bsr => {
+        Layout::Dense if choice == C::Dense => return Ok(None),
+        Layout::Bsr => {
             let (br, bc) = autopick::bsr_tile(w, rows, cols);
             Arc::new(Bsr::from_dense(w, rows, cols, br, bc).map_err(wrap)?)
         }
+        _ => {
+            let nm = if layout == Layout::Nm { nm()? } else { (0, 0) };
+            match choice.value_type() {
+                ValueType::F32 => build_as::<f32>(layout, w, rows, cols, nm),
+                ValueType::Bf16 => build_as::<bf16>(layout, w, rows, cols, nm),
+                ValueType::F16 => build_as::<f16>(layout, w, rows, cols, nm),
+                ValueType::I8 => build_as::<i8>(layout, w, rows, cols, nm),
+            }
+            .map_err(wrap)?
+        }
     };
     Ok(Some(f))
+}
+
+/// `w` packed as the dense, bitmask, CSR or N:M (pattern `nm`) format with values `E`.
+fn build_as<E: formats::Elem>(
+    layout: Layout,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    (n, m): (usize, usize),
+) -> Result<Arc<dyn WeightFormat>> {
+    use formats::*;
+    Ok(match layout {
+        Layout::Dense => Arc::new(DenseOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Bitmask => Arc::new(BitmaskOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Csr => Arc::new(CsrOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Nm => Arc::new(NMOf::<E>::from_dense(w, rows, cols, n, m)?),
+        Layout::Auto | Layout::Bsr => unreachable!("{layout:?} is built by `build`"),
+    })
 }
