@@ -16,7 +16,8 @@
 #  3. perplexity: `llama-perplexity -c CTX --chunks CHUNKS` vs lopper by the same protocol
 #     (second half of each chunk scored; `llamacpp_check ppl`) on lopper's eval text;
 #  4. speed: `llama-bench -p 32 -n 128 -t 1,2 -r REPS` on the f32 and bf16 files, and lopper's
-#     own decode rate (`lopper run --max-new 128 --ignore-eos`) for reference.
+#     own decode rate (`lopper run --max-new 128 --ignore-eos --no-head-screen`: every logit
+#     computed, as llama.cpp does) for reference.
 # Environment: NPRED (32), CTX (2048), CHUNKS (16), REPS (3); SKIP_WRITE=1 (reuse the GGUFs in
 # WORK_DIR), SKIP_GREEDY=1, SKIP_PPL=1, SKIP_BENCH=1.
 set -euo pipefail
@@ -98,7 +99,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     for t in 1 2; do
       for r in $(seq "$REPS"); do
         s=$("$L" --threads "$t" run --model "$WORK/$m.gguf" --prompt "${PROMPTS[0]}" --max-new 128 \
-          --temperature 0 --ignore-eos 2>&1 >/dev/null | grep -o 'prefill.*')
+          --temperature 0 --ignore-eos --no-head-screen 2>&1 >/dev/null | grep -o 'prefill.*')
         echo "$m threads=$t rep=$r: $s"
       done
     done

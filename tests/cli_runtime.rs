@@ -134,21 +134,25 @@ fn packed_directories_run_like_the_model_they_came_from() {
 
 #[test]
 fn bench_reports_decode_figures_per_format() {
-    let out = ok(&[
-        "bench",
-        "--format",
-        "dense,bf16",
-        "--windows",
-        "0",
-        "--gen",
-        "4",
-        "--prompt-len",
-        "8",
-        "--reps",
-        "1",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("bench --json prints JSON");
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "--format",
+            "dense,bf16",
+            "--windows",
+            "0",
+            "--gen",
+            "4",
+            "--prompt-len",
+            "8",
+            "--reps",
+            "1",
+            "--json",
+        ];
+        args.extend(extra);
+        serde_json::from_str(&ok(&args)).expect("bench --json prints JSON")
+    };
+    let v = bench(&["--no-head-screen"]);
     for key in [
         "stream_gbps",
         "stream_gbps_1_thread",
@@ -172,6 +176,26 @@ fn bench_reports_decode_figures_per_format() {
         rows[1]["weight_bytes_per_token"].as_f64().unwrap(),
     );
     assert!((b / d - 0.5).abs() < 1e-3, "{b} / {d}");
+    assert!(rows[0]["head_screen_rows_per_step"].is_null());
+    // By default greedy steps go through the head's int8 screen: the same tokens, and of the
+    // 113 MB f32 head (57 MB bf16) about 29 MB (int8 copy, scales, bounds) plus a few rows are
+    // read.
+    let screened = bench(&[]);
+    let srows = screened["decode"].as_array().expect("decode rows");
+    assert_eq!(srows[1]["tokens_equal_to_baseline"], 4);
+    for (r, full) in srows.iter().zip(rows) {
+        let exact_rows = r["head_screen_rows_per_step"]
+            .as_f64()
+            .expect("screen rows");
+        assert!((1.0..100.0).contains(&exact_rows), "{r}");
+        let saved = full["weight_bytes_per_token"].as_f64().unwrap()
+            - r["weight_bytes_per_token"].as_f64().unwrap();
+        assert!(
+            saved > 0.03 * d,
+            "{}: saves {saved} bytes per token",
+            r["format"]
+        );
+    }
     for r in rows {
         assert!(
             r["decode_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0),

@@ -553,3 +553,64 @@ fn fuzzed_tensors_never_panic() {
     }
     assert!(accepted > 0);
 }
+
+/// The int8 argmax screen picks exactly the full product's argmax (lowest index on ties) for
+/// every dense exact format and kernel set, including near-duplicate rows whose order int8
+/// rounding scrambles, exact duplicates, and x = 0 (every row a candidate); it falls back on
+/// non-finite x; and on random rows it computes only a few rows exactly.
+#[test]
+fn argmax_screen_matches_the_full_argmax() {
+    use lopper::formats::screen::{argmax_naive, ArgmaxScreen, Exact};
+    each_kernel_set(|| {
+        let mut rng = Rng(7);
+        for (rows, cols) in [(1, 1), (40, 7), (300, 64), (257, 133), (2000, 96)] {
+            let mut w = random(&mut rng, rows, cols, 0.1);
+            // Rows 1.. of the first block: row 0 plus noise far below int8's step, and exact
+            // copies of row 0 further on (ties go to the lowest index).
+            let near = rows.min(32);
+            for r in 1..near {
+                for j in 0..cols {
+                    w[r * cols + j] = w[j] * (1.0 + 1e-4 * rng.normal());
+                }
+            }
+            for r in (near..rows).step_by(37) {
+                w.copy_within(0..cols, r * cols);
+            }
+            let formats: Vec<Box<dyn WeightFormat>> = vec![
+                Box::new(Dense::from_dense(&w, rows, cols).unwrap()),
+                Box::new(DenseBf16::from_dense(&w, rows, cols).unwrap()),
+                Box::new(DenseF16::from_dense(&w, rows, cols).unwrap()),
+            ];
+            let exacts = std::iter::once(Exact::F32 { w: &w, rows, cols })
+                .chain(formats.iter().map(|f| Exact::Format(f.as_ref())));
+            for exact in exacts {
+                let s = ArgmaxScreen::build(exact, "w").unwrap();
+                let mut xs: Vec<Vec<f32>> = (0..20)
+                    .map(|_| (0..cols).map(|_| rng.normal()).collect())
+                    .collect();
+                xs.push(w[..cols].to_vec()); // aligned with the near-duplicate rows
+                xs.push(vec![0.0; cols]);
+                for x in &xs {
+                    let want = argmax_naive(exact, x);
+                    assert_eq!(s.argmax(exact, x), Some(want), "{rows}×{cols} {x:?}");
+                }
+                let (calls, cands) = s.counts();
+                assert_eq!(calls as usize, xs.len());
+                if rows >= 300 {
+                    // Random x (not the zero one): far fewer exact rows than the matrix has.
+                    assert!(
+                        (cands as usize) < rows * xs.len() / 4 + rows,
+                        "{rows}×{cols}: {cands} candidate rows in {calls} products"
+                    );
+                }
+                let mut bad = xs[0].clone();
+                bad[0] = f32::NAN;
+                assert_eq!(s.argmax(exact, &bad), None);
+            }
+        }
+    });
+    // Formats that cannot compute single rows get no screen.
+    let w = vec![1.0f32; 8 * 16];
+    let b = Bitmask::from_dense(&w, 8, 16).unwrap();
+    assert!(ArgmaxScreen::build(Exact::Format(&b), "b").is_err());
+}

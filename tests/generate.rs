@@ -17,8 +17,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-#[test]
-fn greedy_reproduces_transformers_128_tokens() {
+/// The golden prompt and transformers' 128 greedy tokens.
+fn golden_greedy() -> (Vec<u32>, Vec<u32>) {
     let path = golden().join("smollm2_greedy_wiki32.json");
     let g: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let ids = |k: &str| -> Vec<u32> {
@@ -28,15 +28,30 @@ fn greedy_reproduces_transformers_128_tokens() {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect()
     };
-    let (prompt, want) = (ids("prompt_ids"), ids("greedy_new_ids"));
-    // transformers ran with min_new_tokens = 128, so eos cannot stop it.
+    (ids("prompt_ids"), ids("greedy_new_ids"))
+}
+
+/// Greedy generation of `n` tokens (eos cannot stop it: transformers ran with
+/// min_new_tokens = 128).
+fn greedy(
+    model: &lopper::Model,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, lopper::runtime::GenerateStats) {
     let opts = GenerateOpts {
-        max_new: want.len(),
+        max_new: n,
         stop_at_eos: false,
         ..Default::default()
     };
     let mut got = Vec::new();
-    let stats = generate(default_model(), &prompt, &opts, &mut |t| got.push(t)).unwrap();
+    let stats = generate(model, prompt, &opts, &mut |t| got.push(t)).unwrap();
+    (got, stats)
+}
+
+#[test]
+fn greedy_reproduces_transformers_128_tokens() {
+    let (prompt, want) = golden_greedy();
+    let (got, stats) = greedy(default_model(), &prompt, want.len());
     let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "first differing token at {first_bad:?}");
     assert_eq!(got, want);
@@ -47,6 +62,42 @@ fn greedy_reproduces_transformers_128_tokens() {
         "prefill {:.1} tokens/s, decode {:.1} tokens/s",
         stats.prefill_tokens_per_s, stats.decode_tokens_per_s
     );
+}
+
+/// Greedy steps through the LM head's int8 argmax screen pick the tokens the full head picks:
+/// transformers' 128 for the f32 head, the unscreened run's for a bf16 head, while computing
+/// only a handful of the 49152 head rows exactly per step.
+#[test]
+fn head_screen_keeps_greedy_tokens() {
+    use lopper::runtime::{pack, FormatChoice, PackOpts};
+    let (prompt, want) = golden_greedy();
+    for choice in [FormatChoice::Dense, FormatChoice::Bf16] {
+        let mut m = lopper::Model {
+            config: default_model().config.clone(),
+            weights: default_model().weights.clone(),
+            tokenizer: None,
+            chat_template: None,
+            source: default_model().source.clone(),
+        };
+        pack::pack(&mut m, &PackOpts::new(choice)).unwrap();
+        let screen = m
+            .weights
+            .lm_head_screen
+            .clone()
+            .expect("a dense head gets a screen");
+        let (got, _) = greedy(&m, &prompt, want.len());
+        let (calls, rows) = screen.counts();
+        assert_eq!(calls as usize, want.len(), "{choice}: every step screened");
+        let mean = rows as f64 / calls as f64;
+        eprintln!("{choice}: {mean:.1} exact head rows per step");
+        assert!(mean < 100.0, "{choice}: {mean} exact rows per step");
+        m.weights.lm_head_screen = None;
+        let (full, _) = greedy(&m, &prompt, want.len());
+        assert_eq!(got, full, "{choice}: screened vs full head");
+        if choice == FormatChoice::Dense {
+            assert_eq!(got, want, "{choice}: vs transformers");
+        }
+    }
 }
 
 /// Feed `ids` in chunks of `chunks` sizes (the last repeated) and compare every position's

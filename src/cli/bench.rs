@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Format of the LM head (default: dense with the body format's value type).
     #[arg(long)]
     pub head_format: Option<String>,
+    /// Compute every logit at each greedy step (as llama.cpp does) instead of going through the
+    /// LM head's int8 argmax screen (the same tokens, about a quarter of the head read per step).
+    #[arg(long)]
+    pub no_head_screen: bool,
     /// Prompt tokens prefilled before decoding.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
@@ -73,6 +77,9 @@ struct FormatRun {
     /// Packed tensors whose prefill products use the packed format (the rest fall back to
     /// the dense f32 weight for prefill), and all packed tensors.
     prefill_packed: (usize, usize),
+    /// Mean LM-head rows computed exactly per greedy step through the head's argmax screen
+    /// (`None`: no screen, every row).
+    screen_rows: Option<f64>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -111,8 +118,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut runs: Vec<Option<FormatRun>> = (0..choices.len()).map(|_| None).collect();
     for _ in 0..a.reps.max(1) {
         for (slot, choice) in runs.iter_mut().zip(&choices) {
-            let r = decode_run(&mut model, *choice, head, prompt, a.gen, a.prefill_reps)
-                .with_context(|| format!("benchmarking {}", choice.label()))?;
+            let r = decode_run(
+                &mut model,
+                *choice,
+                head,
+                !a.no_head_screen,
+                prompt,
+                a.gen,
+                a.prefill_reps,
+            )
+            .with_context(|| format!("benchmarking {}", choice.label()))?;
             match slot {
                 Some(best) if best.decode_tps >= r.decode_tps => {
                     best.prefill_tps = best.prefill_tps.max(r.prefill_tps)
@@ -171,6 +186,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "bandwidth_bound_tokens_per_s": stream_n * 1e9 / r.weight_bytes as f64,
             "tokens_equal_to_baseline": same,
             "tensor_kinds": r.kinds,
+            "head_screen_rows_per_step": r.screen_rows,
         }));
     }
     let windows = if a.windows > 0 {
@@ -251,6 +267,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r["tokens_equal_to_baseline"],
         );
     }
+    let screened: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.screen_rows.map(|n| format!("{} {n:.1}", r.label)))
+        .collect();
+    if !screened.is_empty() {
+        println!(
+            "\nhead screen greedy steps computed these mean LM-head rows exactly (the rest via int8): {}",
+            screened.join(", ")
+        );
+    }
     println!("\n(prefill/decode in tokens/s; pf packed = packed tensors whose prefill uses the packed format, the\n rest fall back to dense f32 for prefill; MB/token = weight bytes read per decode token; GB/s = that × decode rate;\n %DRAM against STREAM on the large buffer, STREAM@ws = STREAM on a buffer the size of the weights;\n same = leading generated tokens equal to the first format's)");
     if let Some(w) = windows {
         println!(
@@ -316,17 +342,19 @@ fn decode_run(
     model: &mut lopper::Model,
     entry: Entry,
     head: Option<FormatChoice>,
+    head_screen: bool,
     prompt: &[u32],
     gen: usize,
     prefill_reps: usize,
 ) -> Result<FormatRun> {
     let _cap = lopper::formats::cap_isa(entry.kernels);
-    let (weight_bytes, pack_seconds, kinds, prefill_packed) = match entry.format {
+    let (pack_seconds, kinds, prefill_packed) = match entry.format {
         Some(c) => {
             let rep = runtime::pack(
                 model,
                 &PackOpts {
                     head,
+                    head_screen,
                     ..PackOpts::new(c)
                 },
             )?;
@@ -341,25 +369,20 @@ fn decode_run(
                 .filter(|t| t.kind != "dense-f32")
                 .collect();
             let via = packed.iter().filter(|t| t.prefill).count();
-            (
-                rep.bytes(),
-                rep.seconds,
-                Value::Object(count),
-                (via, packed.len()),
-            )
+            (rep.seconds, Value::Object(count), (via, packed.len()))
         }
         None => {
+            if head_screen {
+                runtime::pack::attach_head_screen(model)?;
+            } else {
+                model.weights.lm_head_screen = None;
+            }
             let via = model
                 .weights
                 .packed()
                 .filter(|p| p.max_rows > lopper::formats::SMALL_M)
                 .count();
-            (
-                lopper::runtime::pack::decode_bytes(&model.weights),
-                0.0,
-                Value::Null,
-                (via, model.weights.packed().count()),
-            )
+            (0.0, Value::Null, (via, model.weights.packed().count()))
         }
     };
     let opts = GenerateOpts {
@@ -369,7 +392,15 @@ fn decode_run(
         stop_tokens: vec![],
     };
     let mut tokens = Vec::with_capacity(gen);
+    let screen = model.weights.lm_head_screen.clone();
+    let before = screen.as_ref().map(|s| s.counts());
     let stats = runtime::generate(model, prompt, &opts, &mut |t| tokens.push(t))?;
+    let screen_rows = screen.as_ref().zip(before).map(|(s, (c0, r0))| {
+        let (c1, r1) = s.counts();
+        (r1 - r0) as f64 / (c1 - c0).max(1) as f64
+    });
+    // After the run: with a head screen, the bytes include its mean candidate rows.
+    let weight_bytes = runtime::pack::decode_bytes(&model.weights);
     let mut prefill_tps = stats.prefill_tokens_per_s;
     for _ in 0..prefill_reps {
         let mut cache = runtime::KvCache::new(model, prompt.len());
@@ -386,6 +417,7 @@ fn decode_run(
         tokens,
         kinds,
         prefill_packed,
+        screen_rows,
     })
 }
 

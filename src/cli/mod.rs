@@ -117,7 +117,7 @@ pub fn pack_model(
             rep.head,
             rep.seconds,
             list.join(", "),
-            rep.bytes() as f64 / 1e6
+            lopper::runtime::pack::decode_bytes(&model.weights) as f64 / 1e6
         );
     }
     Ok(Some(rep))

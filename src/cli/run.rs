@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Format of the LM head (default: dense with the --format's value type).
     #[arg(long)]
     pub head_format: Option<String>,
+    /// Greedy decoding computes every logit instead of going through the LM head's int8 argmax
+    /// screen (which gives the same tokens and reads about a quarter of the head per step).
+    #[arg(long)]
+    pub no_head_screen: bool,
 }
 
 /// The ChatML wrapping of one user message.
@@ -76,6 +80,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         a.head_format.as_deref(),
         false,
     )?;
+    if a.no_head_screen {
+        model.weights.lm_head_screen = None;
+    } else if sampling.is_greedy() && model.weights.lm_head_screen.is_none() {
+        lopper::runtime::pack::attach_head_screen(&mut model)
+            .context("building the LM head's argmax screen (--no-head-screen skips it)")?;
+    }
     let tok = model.tokenizer()?;
     let mut stop_tokens = a.stop_ids.clone();
     let text = if a.chat {

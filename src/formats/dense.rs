@@ -50,6 +50,20 @@ impl<E: Elem> DenseOf<E> {
         Dtype::Bf16 => "dense-bf16",
         _ => "dense-i8",
     };
+    /// Dense weights from already encoded row-major values (and, for int8, one scale per row).
+    pub(crate) fn from_parts(rows: usize, cols: usize, v: Vec<E>, scales: Vec<f32>) -> Self {
+        assert_eq!(v.len(), rows * cols, "dense: value count");
+        assert_eq!(
+            scales.len(),
+            if E::SCALED { rows } else { 0 },
+            "dense: scales"
+        );
+        DenseOf {
+            rows,
+            cols,
+            vals: Values { v, scales },
+        }
+    }
     /// The raw row-major stored values.
     pub fn data(&self) -> &[E] {
         &self.vals.v
@@ -320,6 +334,50 @@ pub fn dense_f32_matmul(
     }
 }
 
+/// `y[i] = W[rows[i]] · x` for dense stored values `w` (`[·, n]`, row scales `scales`, empty:
+/// none): each row through the same row kernel as the full product, so each value has the
+/// bits the full product gives that row.
+fn rows_product<E: Elem>(
+    w: &[E],
+    scales: &[f32],
+    n: usize,
+    rows: &[u32],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    if rows.is_empty() {
+        return;
+    }
+    assert!(
+        x.len() >= n && y.len() >= rows.len(),
+        "row product: bad sizes"
+    );
+    for (o, &r) in y.iter_mut().zip(rows) {
+        let r = r as usize;
+        let job = Rows {
+            w: &w[r * n..(r + 1) * n],
+            scales: if scales.is_empty() {
+                &[]
+            } else {
+                &scales[r..r + 1]
+            },
+            n,
+            x,
+            m: 1,
+        };
+        job.run(1, std::slice::from_mut(o), false);
+    }
+}
+
+/// [`WeightFormat::matvec_rows`] for a borrowed dense f32 matrix `w` (`[·, cols]`): the values
+/// [`dense_f32_matmul`] gives these rows for one row of `x`.
+pub fn dense_f32_rows(w: &[f32], cols: usize, rows: &[u32], x: &[f32], y: &mut [f32]) {
+    if cols == 0 {
+        return y[..rows.len()].fill(0.0);
+    }
+    rows_product(w, &[], cols, rows, x, y)
+}
+
 /// Rows `r0..` of stored values `w` (`cols` each) as f32, each times its row scale: the tiles
 /// the prefill GEMM multiplies ([`super::matmul_tiled`]). Reference for the SIMD versions.
 fn widen_naive<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
@@ -440,6 +498,14 @@ impl<E: Elem> WeightFormat for DenseOf<E> {
         } else {
             matmul_tiled(self, x, m, y, accumulate);
         }
+    }
+    fn matvec_rows(&self, rows: &[u32], x: &[f32], y: &mut [f32]) -> bool {
+        if self.cols == 0 {
+            y[..rows.len()].fill(0.0);
+        } else {
+            rows_product(&self.vals.v, &self.vals.scales, self.cols, rows, x, y);
+        }
+        true
     }
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]) {
         check_sizes(Self::KIND, self.rows, self.cols, x, m, y);

@@ -56,12 +56,13 @@ mod csr;
 mod dense;
 pub mod elem;
 mod nm;
+pub mod screen;
 mod sparse;
 
 pub use bitmask::{Bitmask, BitmaskBf16, BitmaskI8, BitmaskOf};
 pub use bsr::Bsr;
 pub use csr::{Csr, CsrBf16, CsrI8, CsrOf};
-pub use dense::{dense_f32_matmul, Dense, DenseBf16, DenseF16, DenseI8, DenseOf};
+pub use dense::{dense_f32_matmul, dense_f32_rows, Dense, DenseBf16, DenseF16, DenseI8, DenseOf};
 pub use elem::Elem;
 pub use nm::{NMBf16, NMOf, NM, NMI8};
 
@@ -161,6 +162,11 @@ pub trait WeightFormat: Send + Sync {
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool);
     /// Scalar single-threaded reference for [`WeightFormat::matmul`] (f64 accumulation).
     fn matmul_naive(&self, x: &[f32], m: usize, y: &mut [f32]);
+    /// `y[i] = (W · x)[rows[i]]` for one row of `x`, with exactly the bits [`WeightFormat::matvec`]
+    /// gives those rows; `false` (and `y` untouched) when the format cannot compute single rows.
+    fn matvec_rows(&self, _rows: &[u32], _x: &[f32], _y: &mut [f32]) -> bool {
+        false
+    }
     /// Named raw arrays, `<name>.shape` first.
     fn to_tensors(&self, name: &str) -> Vec<RawTensor>;
     /// `y[m, rows] = x[m, cols] · Wᵀ`.

@@ -524,6 +524,7 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             final_norm,
             lm_head,
             lm_head_packed: None,
+            lm_head_screen: None,
         },
         tokenizer,
         chat_template,

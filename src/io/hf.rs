@@ -651,6 +651,7 @@ fn load_weights(
         final_norm,
         lm_head,
         lm_head_packed,
+        lm_head_screen: None,
     })
 }
 

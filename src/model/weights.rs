@@ -441,6 +441,9 @@ pub struct Weights {
     pub lm_head: Option<Tensor>,
     /// The runtime's packed copy of the LM head (tied or not), when the model was packed.
     pub lm_head_packed: Option<Packed>,
+    /// The runtime's int8 screen for exact greedy tokens through the LM head (its packed copy
+    /// when there is one), when the model was packed with one.
+    pub lm_head_screen: Option<Arc<crate::formats::screen::ArgmaxScreen>>,
 }
 
 impl Weights {

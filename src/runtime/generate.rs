@@ -5,7 +5,7 @@
 //! decode is every later single-token step. `decode_tokens_per_s` = decode steps / decode time.
 //! [`TextStream`] turns the growing id list into printable text increments.
 
-use super::kv::{forward_step, KvCache};
+use super::kv::{forward_step, forward_step_greedy, KvCache};
 use super::sample::{SampleOpts, Sampler};
 use crate::{Error, Model, Result};
 use serde::Serialize;
@@ -96,13 +96,21 @@ pub fn generate(
         decode_tokens_per_s: 0.0,
         stop: StopReason::MaxNew,
     };
+    // Greedy steps through the LM head's argmax screen when there is one: the same tokens.
+    let screened = opts.sampling.is_greedy() && model.weights.lm_head_screen.is_some();
+    let mut step = |tokens: &[u32], cache: &mut KvCache| -> Result<u32> {
+        if screened {
+            forward_step_greedy(model, tokens, cache)
+        } else {
+            Ok(sampler.sample(&forward_step(model, tokens, cache)?))
+        }
+    };
     if opts.max_new > 0 {
         let t = Instant::now();
-        let mut logits = forward_step(model, prompt_ids, &mut cache)?;
+        let mut tok = step(prompt_ids, &mut cache)?;
         stats.prefill_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         loop {
-            let tok = sampler.sample(&logits);
             if stops.contains(&tok) {
                 stats.stop = StopReason::StopToken(tok);
                 break;
@@ -116,7 +124,7 @@ pub fn generate(
                 stats.stop = StopReason::Context;
                 break;
             }
-            logits = forward_step(model, &[tok], &mut cache)?;
+            tok = step(&[tok], &mut cache)?;
             stats.decode_steps += 1;
         }
         stats.decode_seconds = t.elapsed().as_secs_f64();

@@ -148,6 +148,25 @@ pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Resul
     })
 }
 
+/// [`forward_step`] for greedy decoding: the id of the last position's largest logit (lowest id
+/// on ties), through the LM head's argmax screen when the model has one
+/// ([`crate::runtime::pack::attach_head_screen`]; the same id, reading about a quarter of the
+/// head), else through the full logits.
+pub fn forward_step_greedy(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<u32> {
+    on_pool(|| {
+        let h = step_hidden(model, tokens, cache, true)?;
+        let w = &model.weights;
+        let screened = w
+            .lm_head_screen
+            .as_ref()
+            .and_then(|s| s.argmax(crate::runtime::pack::exact_head(w), &h));
+        Ok(match screened {
+            Some(t) => t,
+            None => super::sample::argmax(&crate::model::forward::logits(w, &h, 1)),
+        })
+    })
+}
+
 /// Runs `f` on a rayon worker thread. A decode step makes a few hundred small parallel
 /// products; started from a thread outside the pool, each would hand its work to the pool and
 /// put the caller to sleep on a futex until done. From inside, the caller works too.

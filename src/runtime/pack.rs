@@ -14,6 +14,7 @@
 //! not N:M, CSR with more than 65536 columns) is an error naming the tensor.
 
 use super::autopick::{self, Probes, TensorStats};
+use crate::formats::screen::{ArgmaxScreen, Exact};
 use crate::formats::{self, WeightFormat};
 use crate::model::weights::Packed;
 use crate::{Error, LinearKind, Model, Result};
@@ -199,6 +200,9 @@ pub struct PackOpts {
     /// prefill-sized products (else prefill uses the dense weight). Off: lossless formats serve
     /// decode only.
     pub probe_prefill: bool,
+    /// Give the LM head an int8 argmax screen ([`attach_head_screen`]) when its format allows:
+    /// greedy steps then read about a quarter of the head, with the same tokens.
+    pub head_screen: bool,
 }
 
 impl PackOpts {
@@ -209,6 +213,7 @@ impl PackOpts {
             head: None,
             bandwidth_gbps: None,
             probe_prefill: true,
+            head_screen: true,
         }
     }
 }
@@ -362,6 +367,9 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
         }
     }
     model.weights.lm_head_packed = it.next().flatten();
+    if opts.head_screen {
+        attach_head_screen(model)?;
+    }
     Ok(PackReport {
         choice: opts.choice,
         head: head_choice,
@@ -371,8 +379,40 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
     })
 }
 
+/// The LM head as the exact matrix of an argmax screen: its packed copy, else its f32 weight.
+pub fn exact_head(w: &crate::Weights) -> Exact<'_> {
+    match &w.lm_head_packed {
+        Some(p) => Exact::Format(p.format.as_ref()),
+        None => {
+            let h = w.lm_head();
+            Exact::F32 {
+                w: h.data(),
+                rows: h.rows(),
+                cols: h.cols(),
+            }
+        }
+    }
+}
+
+/// Gives the LM head (as packed now, or its f32 weight) an int8 argmax screen, so greedy steps
+/// ([`crate::runtime::kv::forward_step_greedy`]) read about a quarter of it and pick the same
+/// tokens. `false` when the head's format cannot compute single rows (only dense ones can) or is
+/// already int8; then greedy steps compute the full head.
+pub fn attach_head_screen(model: &mut Model) -> Result<bool> {
+    model.weights.lm_head_screen = None;
+    let exact = exact_head(&model.weights);
+    let int8 = matches!(exact, Exact::Format(f) if f.kind() == "dense-i8");
+    if int8 || !exact.supports_rows() {
+        return Ok(false);
+    }
+    let screen = ArgmaxScreen::build(exact, HEAD_NAME)?;
+    model.weights.lm_head_screen = Some(Arc::new(screen));
+    Ok(true)
+}
+
 /// Weight bytes one decode step reads: every block linear and the LM head, through its packed
-/// format when it has one (else its dense f32 weight).
+/// format when it has one (else its dense f32 weight). With a head screen: the screen plus the
+/// mean number of candidate rows its products computed so far (none before the first).
 pub fn decode_bytes(w: &crate::Weights) -> usize {
     let one = |t: &crate::Tensor, p: Option<&Packed>| p.map_or(t.len() * 4, |p| p.format.nbytes());
     let body: usize = w
@@ -381,7 +421,15 @@ pub fn decode_bytes(w: &crate::Weights) -> usize {
         .flat_map(|l| LinearKind::ALL.map(|k| l.linear(k)))
         .map(|l| one(&l.weight, l.packed.as_ref()))
         .sum();
-    body + one(w.lm_head(), w.lm_head_packed.as_ref())
+    let head = match &w.lm_head_screen {
+        Some(s) => {
+            let (calls, rows) = s.counts();
+            let mean = rows as f64 / calls.max(1) as f64;
+            s.nbytes() + (mean * exact_head(w).row_bytes()).round() as usize
+        }
+        None => one(w.lm_head(), w.lm_head_packed.as_ref()),
+    };
+    body + head
 }
 
 /// Drops every packed copy (the dense weights remain). Call after changing weights in place.
@@ -392,6 +440,7 @@ pub fn unpack(model: &mut Model) {
         }
     }
     model.weights.lm_head_packed = None;
+    model.weights.lm_head_screen = None;
 }
 
 /// Builds `choice` (not auto) for one tensor; `None` for dense f32. Errors name the tensor.
