@@ -27,6 +27,10 @@
 //! GEMM, so prefill through any format costs about what dense GEMM costs. [`limit_isa`] caps
 //! the kernel set, to test and time the lower ones on the same machine.
 //!
+//! [`screen::ArgmaxScreen`] answers `argmax(W · x)` exactly while reading mostly an int8 copy of
+//! `W` (greedy decoding's LM head): only the rows whose error bound lets them still win are
+//! computed, by the dense format's own row kernel ([`WeightFormat::matvec_rows`]).
+//!
 //! Serialization: [`WeightFormat::to_tensors`] gives named raw little-endian arrays
 //! (`<name>.shape` as u64 plus the format's arrays); each format's `from_tensors(name, &[...])`
 //! validates every count, index and shape and returns [`crate::Error::Format`] naming the

@@ -5,7 +5,9 @@
 //! (greedy, temperature, top-k, top-p with a seeded RNG); [`generate`](mod@generate) drives the
 //! prefill → decode loop with stop tokens, streams tokens to a callback and times both phases.
 //! [`pack`](mod@pack) packs the weights into compressed formats (chosen per tensor by
-//! [`autopick`] for `auto`) that the forward pass then uses.
+//! [`autopick`] for `auto`) that the forward pass then uses, and gives the LM head an int8 argmax
+//! screen ([`pack::attach_head_screen`]) through which greedy steps
+//! ([`kv::forward_step_greedy`]) pick the same tokens while reading about a quarter of the head.
 
 pub mod autopick;
 pub mod generate;
