@@ -556,8 +556,9 @@ fn fuzzed_tensors_never_panic() {
 
 /// The int8 argmax screen picks exactly the full product's argmax (lowest index on ties) for
 /// every dense exact format and kernel set, including near-duplicate rows whose order int8
-/// rounding scrambles, exact duplicates, and x = 0 (every row a candidate); it falls back on
-/// non-finite x; and on random rows it computes only a few rows exactly.
+/// rounding scrambles, exact duplicates, and x = 0 (every row a candidate); its top-k gives the
+/// full product's k largest values, bit for bit; it falls back on non-finite x; and on random
+/// rows it computes only a few rows exactly.
 #[test]
 fn argmax_screen_matches_the_full_argmax() {
     use lopper::formats::screen::{argmax_naive, ArgmaxScreen, Exact};
@@ -596,6 +597,26 @@ fn argmax_screen_matches_the_full_argmax() {
                 }
                 let (calls, cands) = s.counts();
                 assert_eq!(calls as usize, xs.len());
+                // Top-k: the k largest entries (value, then index) are the full product's, bits
+                // included, and every computed entry has the full product's bits.
+                let mut full = vec![0f32; rows];
+                let mut y = vec![0f32; rows];
+                let top = |v: &[f32], k: usize| {
+                    let mut i: Vec<usize> = (0..v.len()).collect();
+                    i.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+                    i.truncate(k);
+                    i.iter().map(|&r| (r, v[r].to_bits())).collect::<Vec<_>>()
+                };
+                for k in [1, 3, 50, rows + 1] {
+                    for x in &xs[..4] {
+                        exact.matvec(x, &mut full);
+                        assert!(s.top_k(exact, x, k, &mut y));
+                        assert_eq!(top(&y, k), top(&full, k), "{rows}×{cols} top {k}");
+                        for (a, b) in y.iter().zip(&full) {
+                            assert!(*a == f32::NEG_INFINITY || a.to_bits() == b.to_bits());
+                        }
+                    }
+                }
                 if rows >= 300 {
                     // Random x (not the zero one): far fewer exact rows than the matrix has.
                     assert!(
@@ -613,4 +634,50 @@ fn argmax_screen_matches_the_full_argmax() {
     let w = vec![1.0f32; 8 * 16];
     let b = Bitmask::from_dense(&w, 8, 16).unwrap();
     assert!(ArgmaxScreen::build(Exact::Format(&b), "b").is_err());
+}
+
+/// Worst-case int8 rounding: every entry of row 1 sits just above an integer (int8 rounds it
+/// down, the screen underestimates the row by almost its whole bound) and every entry of row 0
+/// just below one (overestimated by almost its bound). Row 1's exact value is larger by 0.87, its
+/// int8 value smaller by 62 ≈ the two bounds together, so a screen that spends only one row's
+/// bound loses the true argmax (and the top 2 when a clear winner, row 2, comes first).
+#[test]
+fn argmax_screen_survives_worst_case_rounding() {
+    use lopper::formats::screen::{argmax_naive, ArgmaxScreen, Exact};
+    let cols = 64;
+    let mut w = vec![0f32; 3 * cols];
+    // Entry 0 = 127 fixes every row's int8 scale at exactly 1.
+    for r in 0..3 {
+        w[r * cols] = 127.0;
+    }
+    for j in 1..cols {
+        w[j] = if j == 1 { 9.501 } else { 10.501 }; // rounds up: −0.499 each
+        w[cols + j] = 10.499; // rounds down: +0.499 each
+        w[2 * cols + j] = 20.0;
+    }
+    let x = vec![1f32; cols];
+    let _mode = kernel_mode();
+    for (rows, k) in [(2, 1), (3, 2)] {
+        let wr = &w[..rows * cols];
+        let d = Dense::from_dense(wr, rows, cols).unwrap();
+        for exact in [Exact::F32 { w: wr, rows, cols }, Exact::Format(&d)] {
+            let s = ArgmaxScreen::build(exact, "w").unwrap();
+            let mut full = vec![0f32; rows];
+            exact.matvec(&x, &mut full);
+            assert!(full[1] > full[0], "the construction: {full:?}");
+            if k == 1 {
+                assert_eq!(argmax_naive(exact, &x), 1);
+                assert_eq!(s.argmax(exact, &x), Some(1));
+            } else {
+                let mut y = vec![0f32; rows];
+                assert!(s.top_k(exact, &x, k, &mut y));
+                assert_eq!(
+                    y[1].to_bits(),
+                    full[1].to_bits(),
+                    "row 1 left out of the top {k}"
+                );
+                assert_eq!(y[2].to_bits(), full[2].to_bits());
+            }
+        }
+    }
 }

@@ -66,7 +66,8 @@ fn greedy_reproduces_transformers_128_tokens() {
 
 /// Greedy steps through the LM head's int8 argmax screen pick the tokens the full head picks:
 /// transformers' 128 for the f32 head, the unscreened run's for a bf16 head, while computing
-/// only a handful of the 49152 head rows exactly per step.
+/// only a handful of the 49152 head rows exactly per step; seeded top-k sampling through the
+/// screen draws the same tokens as through the full head.
 #[test]
 fn head_screen_keeps_greedy_tokens() {
     use lopper::runtime::{pack, FormatChoice, PackOpts};
@@ -91,9 +92,36 @@ fn head_screen_keeps_greedy_tokens() {
         let mean = rows as f64 / calls as f64;
         eprintln!("{choice}: {mean:.1} exact head rows per step");
         assert!(mean < 100.0, "{choice}: {mean} exact rows per step");
+        // Seeded top-k sampling sees only the k largest logits: the same tokens too.
+        let sampled = |m: &lopper::Model| {
+            let opts = GenerateOpts {
+                max_new: 48,
+                stop_at_eos: false,
+                sampling: SampleOpts {
+                    temperature: 0.9,
+                    top_k: 40,
+                    top_p: 0.95,
+                    seed: 11,
+                },
+                ..Default::default()
+            };
+            let mut got = Vec::new();
+            generate(m, &prompt, &opts, &mut |t| got.push(t)).unwrap();
+            got
+        };
+        let top_k = sampled(&m);
+        let (calls2, rows2) = screen.counts();
+        assert_eq!(calls2 - calls, 48, "{choice}: every top-k step screened");
+        let mean_k = (rows2 - rows) as f64 / 48.0;
+        eprintln!("{choice}: {mean_k:.1} exact head rows per top-40 step");
+        assert!(
+            mean_k < 2000.0,
+            "{choice}: {mean_k} exact rows per top-40 step"
+        );
         m.weights.lm_head_screen = None;
         let (full, _) = greedy(&m, &prompt, want.len());
         assert_eq!(got, full, "{choice}: screened vs full head");
+        assert_eq!(top_k, sampled(&m), "{choice}: top-k, screened vs full head");
         if choice == FormatChoice::Dense {
             assert_eq!(got, want, "{choice}: vs transformers");
         }
@@ -377,6 +405,17 @@ fn cli_run_generates_text() {
     assert_eq!(code, Some(0), "stderr: {err}");
     assert!(out.trim().len() >= 2, "no text: {out:?}");
     assert!(err.contains("tokens/s"), "no stats: {err}");
+    // Greedy text through the head screen (the default) equals the full head's.
+    let (code, full, err) = lopper(&[
+        "run",
+        "--prompt",
+        "The capital of France is",
+        "--max-new",
+        "8",
+        "--no-head-screen",
+    ]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out, full);
     let (code, out, err) = lopper(&[
         "run",
         "--prompt",

@@ -50,8 +50,9 @@ pub struct RunArgs {
     /// Format of the LM head (default: dense with the --format's value type).
     #[arg(long)]
     pub head_format: Option<String>,
-    /// Greedy decoding computes every logit instead of going through the LM head's int8 argmax
-    /// screen (which gives the same tokens and reads about a quarter of the head per step).
+    /// Compute every logit at each step instead of going through the LM head's int8 argmax screen,
+    /// which greedy and top-k sampling use (the same tokens, about a quarter of the head read
+    /// per step; sampling without --top-k always computes every logit).
     #[arg(long)]
     pub no_head_screen: bool,
 }
@@ -74,15 +75,18 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
+    // Greedy and top-k sampling look only at the k largest logits: the head's screen serves them.
+    let screen = !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0);
     super::pack_model(
         &mut model,
         a.format.as_deref(),
         a.head_format.as_deref(),
+        screen,
         false,
     )?;
-    if a.no_head_screen {
+    if !screen {
         model.weights.lm_head_screen = None;
-    } else if sampling.is_greedy() && model.weights.lm_head_screen.is_none() {
+    } else if model.weights.lm_head_screen.is_none() {
         lopper::runtime::pack::attach_head_screen(&mut model)
             .context("building the LM head's argmax screen (--no-head-screen skips it)")?;
     }

@@ -22,6 +22,10 @@
 //!   Algorithms*, 2nd ed., §3.1), `γ_k = k·u/(1 − k·u)`, `u = 2⁻²⁴`; `Σ|v_j x_j| ≤ M_r ‖x‖₁`
 //!   with `M_r = max_j |v_j|`, and `Σ|s_r q_j x_j| ≤ s_r Q_r ‖x‖₁` with `Q_r = max_j |q_j|`.
 //!
+//! The same test serves top-`k` sampling ([`ArgmaxScreen::top_k`]): with `L` the `k`-th largest
+//! `approx_r − b_r`, at least `k` rows have an exact value `≥ L`, so every row of the `k` largest
+//! has `approx_r + b_r ≥ L`; the rest are strictly smaller and cannot enter the top `k`.
+//!
 //! So `c_r = E_r + γ·(M_r + s_r Q_r)`, with `γ = 2(n+2)u ≥ γ_{n+2}` for margin, stored rounded
 //! up; `‖x‖₁` is summed in f64 and enlarged by 10⁻⁹ relative. Non-finite inputs or results fall
 //! back to the full product (the caller's job: [`ArgmaxScreen::argmax`] returns `None`).
@@ -190,41 +194,66 @@ impl ArgmaxScreen {
     /// [`argmax_naive`] gives; `None` when `x` or a value involved is not finite (then compute the
     /// full product). `exact` must be the matrix the screen was built from.
     pub fn argmax(&self, exact: Exact, x: &[f32]) -> Option<u32> {
-        let (rows, cols) = (self.approx.rows(), self.approx.cols());
-        assert!(
-            exact.rows() == rows && exact.cols() == cols && x.len() == cols,
-            "argmax screen: shapes differ"
-        );
-        let l1 = x.iter().map(|v| v.abs() as f64).sum::<f64>() * (1.0 + 1e-9);
-        if !l1.is_finite() || rows == 0 {
-            return None;
-        }
-        let mut a = vec![0f32; rows];
-        self.approx.matvec(x, &mut a);
-        let mut floor = f64::NEG_INFINITY;
-        for (&v, &c) in a.iter().zip(&self.coef) {
-            if !v.is_finite() {
-                return None;
-            }
-            floor = floor.max(v as f64 - c as f64 * l1);
-        }
-        let cands: Vec<u32> = (0..rows as u32)
-            .filter(|&r| a[r as usize] as f64 + self.coef[r as usize] as f64 * l1 >= floor)
-            .collect();
-        let mut vals = vec![0f32; cands.len()];
-        if !exact.matvec_rows(&cands, x, &mut vals) || vals.iter().any(|v| !v.is_finite()) {
+        let mut y = vec![0f32; self.approx.rows()];
+        if !self.top_k(exact, x, 1, &mut y) {
             return None;
         }
         let mut best = 0;
-        for (i, &v) in vals.iter().enumerate() {
-            if v > vals[best] {
+        for (i, &v) in y.iter().enumerate() {
+            if v > y[best] {
                 best = i;
             }
+        }
+        Some(best as u32)
+    }
+
+    /// `y = exact · x` on every row that can be among the `k` largest values (`k ≥ 1`), `−∞` on
+    /// the rest: every row outside the candidates is strictly below the `k`-th largest value, so
+    /// the `k` largest entries of `y` (and their order, ties included) are those of the full
+    /// product. Candidates: `approx_r + b_r ≥` the `k`-th largest `approx_s − b_s` (at least `k`
+    /// rows have an exact value that large). `false` (and `y` unspecified) when `x` or a value
+    /// involved is not finite. `exact` must be the matrix the screen was built from.
+    pub fn top_k(&self, exact: Exact, x: &[f32], k: usize, y: &mut [f32]) -> bool {
+        let (rows, cols) = (self.approx.rows(), self.approx.cols());
+        assert!(
+            exact.rows() == rows && exact.cols() == cols && x.len() == cols && y.len() == rows,
+            "argmax screen: shapes differ"
+        );
+        assert!(k >= 1, "argmax screen: k must be at least 1");
+        let l1 = x.iter().map(|v| v.abs() as f64).sum::<f64>() * (1.0 + 1e-9);
+        if !l1.is_finite() || rows == 0 {
+            return false;
+        }
+        self.approx.matvec(x, y);
+        if y.iter().any(|v| !v.is_finite()) {
+            return false;
+        }
+        let bound = |r: usize| self.coef[r] as f64 * l1;
+        let floor = if k == 1 {
+            (0..rows)
+                .map(|r| y[r] as f64 - bound(r))
+                .fold(f64::NEG_INFINITY, f64::max)
+        } else if k >= rows {
+            f64::NEG_INFINITY
+        } else {
+            let mut lo: Vec<f64> = (0..rows).map(|r| y[r] as f64 - bound(r)).collect();
+            *lo.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+        };
+        let cands: Vec<u32> = (0..rows as u32)
+            .filter(|&r| y[r as usize] as f64 + bound(r as usize) >= floor)
+            .collect();
+        let mut vals = vec![0f32; cands.len()];
+        if !exact.matvec_rows(&cands, x, &mut vals) || vals.iter().any(|v| !v.is_finite()) {
+            return false;
+        }
+        y.fill(f32::NEG_INFINITY);
+        for (&r, &v) in cands.iter().zip(&vals) {
+            y[r as usize] = v;
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.candidates
             .fetch_add(cands.len() as u64, Ordering::Relaxed);
-        Some(cands[best])
+        true
     }
 }
 

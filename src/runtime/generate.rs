@@ -5,7 +5,7 @@
 //! decode is every later single-token step. `decode_tokens_per_s` = decode steps / decode time.
 //! [`TextStream`] turns the growing id list into printable text increments.
 
-use super::kv::{forward_step, forward_step_greedy, KvCache};
+use super::kv::{forward_step, forward_step_top_k, KvCache};
 use super::sample::{SampleOpts, Sampler};
 use crate::{Error, Model, Result};
 use serde::Serialize;
@@ -96,14 +96,18 @@ pub fn generate(
         decode_tokens_per_s: 0.0,
         stop: StopReason::MaxNew,
     };
-    // Greedy steps through the LM head's argmax screen when there is one: the same tokens.
-    let screened = opts.sampling.is_greedy() && model.weights.lm_head_screen.is_some();
+    // Greedy and top-k steps go through the LM head's argmax screen when there is one: the k
+    // largest logits, all the sampler looks at, come out exactly as from the full head.
+    let s = &opts.sampling;
+    let k = if s.is_greedy() { 1 } else { s.top_k };
+    let screened = k > 0 && model.weights.lm_head_screen.is_some();
     let mut step = |tokens: &[u32], cache: &mut KvCache| -> Result<u32> {
-        if screened {
-            forward_step_greedy(model, tokens, cache)
+        let logits = if screened {
+            forward_step_top_k(model, tokens, cache, k)?
         } else {
-            Ok(sampler.sample(&forward_step(model, tokens, cache)?))
-        }
+            forward_step(model, tokens, cache)?
+        };
+        Ok(sampler.sample(&logits))
     };
     if opts.max_new > 0 {
         let t = Instant::now();

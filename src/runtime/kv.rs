@@ -148,22 +148,27 @@ pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Resul
     })
 }
 
-/// [`forward_step`] for greedy decoding: the id of the last position's largest logit (lowest id
-/// on ties), through the LM head's argmax screen when the model has one
-/// ([`crate::runtime::pack::attach_head_screen`]; the same id, reading about a quarter of the
-/// head), else through the full logits.
-pub fn forward_step_greedy(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<u32> {
+/// [`forward_step`] for greedy or top-`k` sampling (`k ≥ 1`): through the LM head's argmax screen
+/// when the model has one ([`crate::runtime::pack::attach_head_screen`]), the last position's
+/// logits on the rows that can be among the `k` largest and `−∞` elsewhere, so the `k` largest
+/// (all that greedy or top-`k` sampling looks at) are exactly [`forward_step`]'s while about a
+/// quarter of the head is read; without a screen (or for a non-finite input), all the logits.
+pub fn forward_step_top_k(
+    model: &Model,
+    tokens: &[u32],
+    cache: &mut KvCache,
+    k: usize,
+) -> Result<Vec<f32>> {
     on_pool(|| {
         let h = step_hidden(model, tokens, cache, true)?;
         let w = &model.weights;
-        let screened = w
-            .lm_head_screen
-            .as_ref()
-            .and_then(|s| s.argmax(crate::runtime::pack::exact_head(w), &h));
-        Ok(match screened {
-            Some(t) => t,
-            None => super::sample::argmax(&crate::model::forward::logits(w, &h, 1)),
-        })
+        if let Some(s) = &w.lm_head_screen {
+            let mut y = vec![0f32; w.lm_head().rows()];
+            if s.top_k(crate::runtime::pack::exact_head(w), &h, k.max(1), &mut y) {
+                return Ok(y);
+            }
+        }
+        Ok(crate::model::forward::logits(w, &h, 1))
     })
 }
 

@@ -6,8 +6,8 @@
 //! prefill → decode loop with stop tokens, streams tokens to a callback and times both phases.
 //! [`pack`](mod@pack) packs the weights into compressed formats (chosen per tensor by
 //! [`autopick`] for `auto`) that the forward pass then uses, and gives the LM head an int8 argmax
-//! screen ([`pack::attach_head_screen`]) through which greedy steps
-//! ([`kv::forward_step_greedy`]) pick the same tokens while reading about a quarter of the head.
+//! screen ([`pack::attach_head_screen`]) through which greedy and top-k steps
+//! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
 
 pub mod autopick;
 pub mod generate;

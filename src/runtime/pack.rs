@@ -201,7 +201,7 @@ pub struct PackOpts {
     /// decode only.
     pub probe_prefill: bool,
     /// Give the LM head an int8 argmax screen ([`attach_head_screen`]) when its format allows:
-    /// greedy steps then read about a quarter of the head, with the same tokens.
+    /// greedy and top-k steps then read about a quarter of the head, with the same tokens.
     pub head_screen: bool,
 }
 
@@ -394,10 +394,10 @@ pub fn exact_head(w: &crate::Weights) -> Exact<'_> {
     }
 }
 
-/// Gives the LM head (as packed now, or its f32 weight) an int8 argmax screen, so greedy steps
-/// ([`crate::runtime::kv::forward_step_greedy`]) read about a quarter of it and pick the same
-/// tokens. `false` when the head's format cannot compute single rows (only dense ones can) or is
-/// already int8; then greedy steps compute the full head.
+/// Gives the LM head (as packed now, or its f32 weight) an int8 argmax screen, so greedy and
+/// top-k steps ([`crate::runtime::kv::forward_step_top_k`]) read about a quarter of it and pick
+/// the same tokens. `false` when the head's format cannot compute single rows (only dense ones can) or is
+/// already int8; then every step computes the full head.
 pub fn attach_head_screen(model: &mut Model) -> Result<bool> {
     model.weights.lm_head_screen = None;
     let exact = exact_head(&model.weights);
