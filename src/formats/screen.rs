@@ -198,13 +198,7 @@ impl ArgmaxScreen {
         if !self.top_k(exact, x, 1, &mut y) {
             return None;
         }
-        let mut best = 0;
-        for (i, &v) in y.iter().enumerate() {
-            if v > y[best] {
-                best = i;
-            }
-        }
-        Some(best as u32)
+        Some(first_max(&y))
     }
 
     /// `y = exact · x` on every row that can be among the `k` largest values (`k ≥ 1`), `−∞` on
@@ -257,11 +251,16 @@ impl ArgmaxScreen {
     }
 }
 
-/// Reference for [`ArgmaxScreen::argmax`]: the full product, then the first largest value (a NaN
-/// is never chosen over a number).
+/// Reference for [`ArgmaxScreen::argmax`]: the full product, then [`first_max`].
 pub fn argmax_naive(exact: Exact, x: &[f32]) -> u32 {
     let mut y = vec![0f32; exact.rows()];
     exact.matvec(x, &mut y);
+    first_max(&y)
+}
+
+/// Index of the largest value (lowest index on ties; a NaN is never chosen over a number): the
+/// greedy token rule, shared with [`crate::runtime::sample::argmax`].
+pub fn first_max(y: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, &v) in y.iter().enumerate() {
         if v > y[best] || y[best].is_nan() && !v.is_nan() {

@@ -64,13 +64,7 @@ impl SampleOpts {
 
 /// Index of the largest logit (lowest index on ties; NaNs are never chosen over numbers).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] || logits[best].is_nan() && !v.is_nan() {
-            best = i;
-        }
-    }
-    best as u32
+    crate::formats::screen::first_max(logits)
 }
 
 /// The distribution sampling draws from: `(token, probability)` pairs, most likely first,
