@@ -84,7 +84,6 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         a.format.as_deref(),
         a.head_format.as_deref(),
         false,
-        false,
     )?;
     let sp = super::spinner(false, format!("writing {}", a.out.display()));
     let ctx = || format!("converting {} to {}", path.display(), a.out.display());

@@ -70,13 +70,13 @@ pub fn load_model_with(path: &Path, quiet: bool, lazy: bool) -> Result<lopper::M
     m
 }
 
-/// Packs `model` as `--format` / `--head-format` (nothing when neither is given), with the LM
-/// head's argmax screen when `head_screen`; prints a one-line summary to stderr unless `quiet`.
+/// Packs `model` as `--format` / `--head-format` (nothing when neither is given), without the LM
+/// head's argmax screen (`run` attaches it itself when it decodes through it); prints a one-line
+/// summary to stderr unless `quiet`.
 pub fn pack_model(
     model: &mut lopper::Model,
     format: Option<&str>,
     head: Option<&str>,
-    head_screen: bool,
     quiet: bool,
 ) -> Result<Option<lopper::runtime::PackReport>> {
     use lopper::runtime::{FormatChoice, PackOpts};
@@ -99,7 +99,7 @@ pub fn pack_model(
         model,
         &PackOpts {
             head,
-            head_screen,
+            head_screen: false,
             ..PackOpts::new(choice)
         },
     )

@@ -75,18 +75,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
-    // Greedy and top-k sampling look only at the k largest logits: the head's screen serves them.
-    let screen = !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0);
     super::pack_model(
         &mut model,
         a.format.as_deref(),
         a.head_format.as_deref(),
-        screen,
         false,
     )?;
-    if !screen {
-        model.weights.lm_head_screen = None;
-    } else if model.weights.lm_head_screen.is_none() {
+    // Greedy and top-k sampling look only at the k largest logits: the head's screen serves them.
+    if !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0) {
         lopper::runtime::pack::attach_head_screen(&mut model)
             .context("building the LM head's argmax screen (--no-head-screen skips it)")?;
     }

@@ -148,11 +148,12 @@ pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Resul
     })
 }
 
-/// [`forward_step`] for greedy or top-`k` sampling (`k ≥ 1`): through the LM head's argmax screen
+/// [`forward_step`] for greedy (`k = 1`) or top-`k` sampling: through the LM head's argmax screen
 /// when the model has one ([`crate::runtime::pack::attach_head_screen`]), the last position's
 /// logits on the rows that can be among the `k` largest and `−∞` elsewhere, so the `k` largest
 /// (all that greedy or top-`k` sampling looks at) are exactly [`forward_step`]'s while about a
-/// quarter of the head is read; without a screen (or for a non-finite input), all the logits.
+/// quarter of the head is read; with `k = 0` (no limit), without a screen or for a non-finite
+/// input, all the logits.
 pub fn forward_step_top_k(
     model: &Model,
     tokens: &[u32],
@@ -162,9 +163,9 @@ pub fn forward_step_top_k(
     on_pool(|| {
         let h = step_hidden(model, tokens, cache, true)?;
         let w = &model.weights;
-        if let Some(s) = &w.lm_head_screen {
+        if let Some(s) = w.lm_head_screen.as_ref().filter(|_| k > 0) {
             let mut y = vec![0f32; w.lm_head().rows()];
-            if s.top_k(crate::runtime::pack::exact_head(w), &h, k.max(1), &mut y) {
+            if s.top_k(crate::runtime::pack::exact_head(w), &h, k, &mut y) {
                 return Ok(y);
             }
         }
