@@ -162,6 +162,10 @@ fn attention_matches_naive() {
         (65, 65, 4, 2, 8),    // prefill crossing a block edge
         (130, 200, 8, 8, 16), // MHA, chunked prefill after a cached prefix
         (33, 33, 6, 1, 10),   // MQA, head_dim not a SIMD multiple
+        (3, 50, 6, 2, 10),    // row-wise tasks (≤ 4 query rows), head_dim not a SIMD multiple
+        (4, 4, 4, 4, 64),     // row-wise prefill of a whole 4-token sequence
+        (1, 300, 9, 3, 64),   // decode at the default model's shapes, long cache
+        (5, 40, 4, 1, 24),    // just above the row-wise limit: the GEMM path
     ];
     for &(tq, tk, h, kvh, hd) in &cases {
         let d = AttnDims {
@@ -180,6 +184,37 @@ fn attention_matches_naive() {
             max_rel_err(&a, &b) < 1e-5,
             "attention tq={tq} tk={tk} h={h} kvh={kvh} hd={hd}"
         );
+    }
+}
+
+#[test]
+fn decode_attention_rows_match_naive() {
+    // Edge shapes: no keys, one key, head sizes below, at and above the 16-lane chunks, the
+    // 64-wide register path, and key rows strided inside a wider KV row.
+    let mut rng = Rng(77);
+    for &(n, hd, stride) in &[
+        (0, 64, 192),
+        (1, 1, 1),
+        (7, 15, 15),
+        (9, 16, 40),
+        (33, 17, 17),
+        (70, 64, 192),
+        (5, 80, 96),
+    ] {
+        let q = rng.vec(hd, 2.0);
+        let k = rng.vec(n * stride + hd, 2.0);
+        let (mut a, mut b) = (vec![9f32; n], vec![0f32; n]);
+        kernels::dot_rows(&q, &k, stride, 0.3, &mut a);
+        kernels::dot_rows_naive(&q, &k, stride, 0.3, &mut b);
+        assert!(max_rel_err(&a, &b) < 1e-5, "dot_rows n={n} hd={hd}");
+        let p = rng.vec(n, 1.0);
+        let (mut a, mut b) = (vec![9f32; hd], vec![0f32; hd]);
+        kernels::weighted_rows(&p, &k, stride, &mut a);
+        kernels::weighted_rows_naive(&p, &k, stride, &mut b);
+        assert!(max_rel_err(&a, &b) < 1e-5, "weighted_rows n={n} hd={hd}");
+        if n == 0 {
+            assert!(a.iter().all(|&x| x == 0.0), "no keys: zero output");
+        }
     }
 }
 
@@ -291,6 +326,12 @@ fn kernels_give_the_same_bits_in_any_pool() {
         out
     });
     assert_eq!(bits(&a), bits(&b), "causal_attention");
+    let (a, b) = in_both(&|| {
+        let mut out = vec![0f32; qw];
+        kernels::causal_attention(&q[..qw], &kk, &v, &mut out, 1, t, d, 0.17);
+        out
+    });
+    assert_eq!(bits(&a), bits(&b), "causal_attention, one decode row");
 
     let h = rng.vec(500 * 96, 3.0);
     let nw = rng.vec(96, 1.0);

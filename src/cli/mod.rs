@@ -42,7 +42,7 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Generate text from a prompt (KV cache; greedy or temperature/top-k/top-p sampling).
     Run(run::RunArgs),
-    /// Benchmark prefill throughput and the GEMM rate it implies.
+    /// Benchmark decode and prefill tokens/s per weight format, against the measured memory bandwidth.
     Bench(bench::BenchArgs),
     /// Download and cache the default model and texts; print their paths.
     Fetch,

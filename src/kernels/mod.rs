@@ -6,6 +6,8 @@
 //! SIMD: element-wise loops are written once as `#[inline(always)]` scalar code and compiled a
 //! second time inside a `#[target_feature(enable = "avx512f,...")]` wrapper, picked at run time
 //! ([`has_avx512`]); LLVM vectorises the loop body in that copy. The code stays portable.
+//! Where LLVM vectorised badly (the decode-attention kernels [`dot_rows`], [`weighted_rows`]),
+//! an AVX2 path with intrinsics follows the portable code's lane order and gives its bits.
 
 pub mod attention;
 pub mod ops;

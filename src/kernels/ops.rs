@@ -175,6 +175,178 @@ pub fn silu_mul_naive(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `out[j] = scale · (q · k[j·stride .. j·stride + q.len()])` for every `j < out.len()`: one
+/// query row against key rows `stride` apart (decode attention scores). Each dot product sums
+/// 16 lanes (multiply, then add), folds them pairwise (8, 4, 2, 1), then adds the tail in order:
+/// the AVX2 path and the portable one give the same bits.
+///
+/// # Panics
+/// When `k` is too short for `out.len()` rows.
+pub fn dot_rows(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let (hd, n) = (q.len(), out.len());
+    assert!(
+        n == 0 || k.len() >= (n - 1) * stride + hd,
+        "dot_rows: k too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 checked; every row read is inside `k` (asserted above).
+        unsafe { dot_rows_avx2(q, k, stride, scale, out) };
+        return;
+    }
+    dot_rows_portable(q, k, stride, scale, out);
+}
+
+/// [`dot_rows`] in portable code (the lane order the AVX2 path follows).
+fn dot_rows_portable(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    let body = hd - hd % 16;
+    for (j, o) in out.iter_mut().enumerate() {
+        let kj = &k[j * stride..j * stride + hd];
+        let mut acc = [0f32; 16];
+        for (a, b) in q[..body].chunks_exact(16).zip(kj[..body].chunks_exact(16)) {
+            for l in 0..16 {
+                acc[l] += a[l] * b[l];
+            }
+        }
+        for w in [8, 4, 2, 1] {
+            for l in 0..w {
+                acc[l] += acc[l + w];
+            }
+        }
+        let mut s = acc[0];
+        for (a, b) in q[body..].iter().zip(&kj[body..]) {
+            s += a * b;
+        }
+        *o = s * scale;
+    }
+}
+
+/// [`dot_rows`] with AVX2: lanes 0–7 and 8–15 in two registers.
+///
+/// # Safety
+/// AVX2 available; `k` holds `(out.len() − 1)·stride + q.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let body = hd - hd % 16;
+    let qp = q.as_ptr();
+    for (j, o) in out.iter_mut().enumerate() {
+        let kp = k.as_ptr().add(j * stride);
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        while c < body {
+            let a = _mm256_mul_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)));
+            let b = _mm256_mul_ps(
+                _mm256_loadu_ps(qp.add(c + 8)),
+                _mm256_loadu_ps(kp.add(c + 8)),
+            );
+            lo = _mm256_add_ps(lo, a);
+            hi = _mm256_add_ps(hi, b);
+            c += 16;
+        }
+        let s8 = _mm256_add_ps(lo, hi);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+        for c in body..hd {
+            s += *qp.add(c) * *kp.add(c);
+        }
+        *o = s * scale;
+    }
+}
+
+/// Reference for [`dot_rows`] with f64 accumulation.
+pub fn dot_rows_naive(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let s: f64 = (0..q.len())
+            .map(|c| q[c] as f64 * k[j * stride + c] as f64)
+            .sum();
+        *o = (s * scale as f64) as f32;
+    }
+}
+
+/// `out[c] = Σ_j p[j] · v[j·stride + c]` over `j < p.len()`, `c < out.len()`, summed in `j`
+/// order, one multiply and one add per term (decode attention: the softmax weights times the
+/// value rows). The AVX2 path gives the same bits as the portable one.
+///
+/// # Panics
+/// When `v` is too short for `p.len()` rows.
+pub fn weighted_rows(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let (hd, n) = (out.len(), p.len());
+    assert!(
+        n == 0 || v.len() >= (n - 1) * stride + hd,
+        "weighted_rows: v too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 checked; every row read is inside `v` (asserted above).
+        unsafe { weighted_rows_avx2(p, v, stride, out) };
+        return;
+    }
+    weighted_rows_portable(p, v, stride, out);
+}
+
+/// [`weighted_rows`] in portable code.
+fn weighted_rows_portable(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        let vj = &v[j * stride..j * stride + hd];
+        for (o, &x) in out.iter_mut().zip(vj) {
+            *o += pj * x;
+        }
+    }
+}
+
+/// [`weighted_rows`] with AVX2: 32 outputs per pass over the rows, held in 4 registers.
+///
+/// # Safety
+/// AVX2 available; `v` holds `(p.len() − 1)·stride + out.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_rows_avx2(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = out.len();
+    let body = hd - hd % 32;
+    let vp = v.as_ptr();
+    let op = out.as_mut_ptr();
+    let mut c = 0;
+    while c < body {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (j, &pj) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(pj);
+            let r = vp.add(j * stride + c);
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(r.add(8 * u))));
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c + 8 * u), *a);
+        }
+        c += 32;
+    }
+    for c in body..hd {
+        let mut s = 0f32;
+        for (j, &pj) in p.iter().enumerate() {
+            s += pj * *vp.add(j * stride + c);
+        }
+        *op.add(c) = s;
+    }
+}
+
+/// Reference for [`weighted_rows`] with f64 accumulation.
+pub fn weighted_rows_naive(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    for (c, o) in out.iter_mut().enumerate() {
+        let s: f64 = (0..p.len())
+            .map(|j| p[j] as f64 * v[j * stride + c] as f64)
+            .sum();
+        *o = s as f32;
+    }
+}
+
 /// Maximum of a slice (−inf when empty), vectorisable.
 #[inline(always)]
 fn max_of(x: &[f32]) -> f32 {
@@ -284,5 +456,47 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
 pub fn add_assign(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decode-attention kernels' SIMD paths give the portable paths' bits.
+    #[test]
+    fn row_kernels_simd_equal_portable_bits() {
+        let mut seed = 5u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        for &(n, hd, stride) in &[
+            (0, 64, 64),
+            (1, 1, 1),
+            (13, 17, 20),
+            (40, 64, 192),
+            (9, 100, 100),
+        ] {
+            let q: Vec<f32> = (0..hd).map(|_| rnd()).collect();
+            let k: Vec<f32> = (0..n * stride + hd).map(|_| rnd()).collect();
+            let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
+            dot_rows(&q, &k, stride, 0.7, &mut a);
+            dot_rows_portable(&q, &k, stride, 0.7, &mut b);
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "dot_rows n={n} hd={hd}"
+            );
+            let p: Vec<f32> = (0..n).map(|_| rnd()).collect();
+            let (mut a, mut b) = (vec![0f32; hd], vec![1f32; hd]);
+            weighted_rows(&p, &k, stride, &mut a);
+            weighted_rows_portable(&p, &k, stride, &mut b);
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "weighted_rows n={n} hd={hd}"
+            );
+        }
     }
 }
