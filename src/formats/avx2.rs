@@ -187,16 +187,8 @@ pub(crate) unsafe fn or_lanes(v: __m256i) -> u32 {
     _mm_cvtsi128_si32(s) as u32
 }
 
-/// Sum of the 8 lanes.
-///
-/// # Safety
-/// AVX2.
-#[inline(always)]
-pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
+/// Sum of the 8 lanes (shared with the attention kernels).
+pub(crate) use crate::kernels::ops::hsum8 as hsum;
 
 /// Sum of `w[k]·x[k]` over `n` values: 4 accumulators of 8 lanes, software prefetch ahead of
 /// the weight stream (as the AVX-512 kernel), the last `n % 8` values scalar.

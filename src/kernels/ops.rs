@@ -247,15 +247,25 @@ unsafe fn dot_rows_avx2(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &m
             hi = _mm256_add_ps(hi, b);
             c += 16;
         }
-        let s8 = _mm256_add_ps(lo, hi);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+        let mut s = hsum8(_mm256_add_ps(lo, hi));
         for c in body..hd {
             s += *qp.add(c) * *kp.add(c);
         }
         *o = s * scale;
     }
+}
+
+/// Sum of the 8 lanes: (0..4 + 4..8), then (0..2 + 2..4), then lane 0 + lane 1.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// Reference for [`dot_rows`] with f64 accumulation.
@@ -471,6 +481,7 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
         };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         for &(n, hd, stride) in &[
             (0, 64, 64),
             (1, 1, 1),
@@ -483,20 +494,12 @@ mod tests {
             let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
             dot_rows(&q, &k, stride, 0.7, &mut a);
             dot_rows_portable(&q, &k, stride, 0.7, &mut b);
-            assert_eq!(
-                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "dot_rows n={n} hd={hd}"
-            );
+            assert_eq!(bits(&a), bits(&b), "dot_rows n={n} hd={hd}");
             let p: Vec<f32> = (0..n).map(|_| rnd()).collect();
             let (mut a, mut b) = (vec![0f32; hd], vec![1f32; hd]);
             weighted_rows(&p, &k, stride, &mut a);
             weighted_rows_portable(&p, &k, stride, &mut b);
-            assert_eq!(
-                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "weighted_rows n={n} hd={hd}"
-            );
+            assert_eq!(bits(&a), bits(&b), "weighted_rows n={n} hd={hd}");
         }
     }
 }
