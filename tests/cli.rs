@@ -414,7 +414,11 @@ fn prune_bad_structured_requests() {
     );
     prune_fails(
         &with(&m, &["--plan", &badval, "--neurons", "0.2"]),
-        &["--plan excludes"],
+        &[
+            "--neurons cannot be combined with --plan",
+            "`fraction`",
+            "neurons step",
+        ],
     );
     // --target-params: the budget is checked before any calibration work.
     prune_fails(
@@ -423,12 +427,213 @@ fn prune_bad_structured_requests() {
     );
     prune_fails(
         &with(&m, &["--target-params", "0.2", "--neurons", "0.1"]),
-        &["--target-params", "excludes"],
+        &["--neurons cannot be combined with --target-params"],
     );
     prune_fails(
         &with(&m, &["--target-params", "0.2", "--sparsity", "0.5"]),
-        &["--target-params", "excludes"],
+        &["--sparsity cannot be combined with --target-params"],
     );
+}
+
+/// Every flag takes effect or is refused with the fix: modifiers without their step, flags that
+/// a plan file or --target-params replaces, and flags that would change nothing.
+#[test]
+fn prune_flags_that_would_take_no_effect_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, ids) = tiny_with_ids(tmp.path());
+    let (model, ids) = (s(&model), s(&ids));
+    let plan = tmp.path().join("plan.toml");
+    fs::write(
+        &plan,
+        "[[step]]\nkind = \"heads\"\nfraction = 0.5\nmetric = \"wanda_sp\"\n",
+    )
+    .unwrap();
+    let plan = s(&plan);
+    let m = ["--model", model.as_str(), "--calib-ids", ids.as_str()];
+    let with = |x: &[&str]| -> Vec<String> { m.iter().chain(x).map(|a| a.to_string()).collect() };
+    for (extra, needles) in [
+        (
+            vec!["--whiten"],
+            vec!["--whiten needs --low-rank or --low-rank-energy"],
+        ),
+        (
+            vec!["--bias-compensation"],
+            vec!["--bias-compensation needs --heads or --neurons"],
+        ),
+        (
+            vec!["--head-metric", "fluctuation"],
+            vec!["--head-metric needs --heads"],
+        ),
+        (
+            vec!["--gqa", "per-group", "--neurons", "0.2"],
+            vec!["--gqa needs --heads"],
+        ),
+        (
+            vec!["--layer-metric", "angular"],
+            vec!["--layer-metric needs --remove-layers"],
+        ),
+        (
+            vec!["--slice-round-to", "16"],
+            vec!["--slice-round-to needs --slice"],
+        ),
+        (
+            vec!["--heads", "0.5", "--magnitude-scope", "row"],
+            vec!["--magnitude-scope needs a sparse step"],
+        ),
+        (
+            vec!["--magnitude-scope", "row"],
+            vec!["--magnitude-scope applies to method magnitude only"],
+        ),
+        (
+            vec!["--hessian-precision", "f32"],
+            vec!["--hessian-precision applies to method sparsegpt only"],
+        ),
+        (vec!["--owl-m", "3"], vec!["--owl-m needs --allocation owl"]),
+        (
+            vec!["--remove-layers", "1", "--drop-layers", "1"],
+            vec!["--remove-layers and --drop-layers exclude each other"],
+        ),
+        (
+            vec!["--low-rank", "0.2", "--low-rank-energy", "0.9"],
+            vec!["exactly one of --low-rank or --low-rank-energy"],
+        ),
+        (
+            vec!["--target-params", "0.2", "--neuron-metric", "wanda-sp"],
+            vec!["--neuron-metric cannot be combined with --target-params"],
+        ),
+        (
+            vec!["--plan", &plan, "--method", "sparsegpt"],
+            vec![
+                "--method cannot be combined with --plan",
+                "`method`",
+                "sparse step",
+            ],
+        ),
+        (
+            vec!["--plan", &plan, "--allocation", "owl"],
+            vec![
+                "--allocation cannot be combined with --plan",
+                "`allocation`",
+            ],
+        ),
+        (
+            vec!["--plan", &plan, "--skip-layers", "1"],
+            vec![
+                "--skip-layers cannot be combined with --plan",
+                "`skip_layers`",
+            ],
+        ),
+        (
+            vec!["--plan", &plan, "--bias-compensation"],
+            vec![
+                "--bias-compensation cannot be combined with --plan",
+                "heads / neurons step",
+            ],
+        ),
+        (
+            vec!["--eval-windows", "2"],
+            vec!["--eval-windows needs --eval"],
+        ),
+        (
+            vec!["--score-windows", "4"],
+            vec!["--score-windows needs --target-params"],
+        ),
+        (
+            vec!["--heads", "0.5", "--in-memory"],
+            vec!["--in-memory applies to sparse-only runs"],
+        ),
+        (
+            vec!["--calib-len", "16"],
+            vec!["--calib-len does not apply to --calib-ids"],
+        ),
+        (
+            vec!["--seed", "3"],
+            vec!["--seed does not apply to --calib-ids"],
+        ),
+        (
+            vec!["--samples", "99"],
+            vec!["--samples 99", "holds 4 calibration windows"],
+        ),
+    ] {
+        prune_fails(
+            &with(&extra).iter().map(String::as_str).collect::<Vec<_>>(),
+            &needles,
+        );
+    }
+    // No calibration is read by magnitude pruning with uniform allocation.
+    prune_fails(
+        &["--model", &model, "--method", "magnitude", "--samples", "8"],
+        &["--samples takes no effect"],
+    );
+}
+
+/// Structured and sparse flags compose into one plan (heads, then SparseGPT with per-kind
+/// sparsities), exactly as the same plan file would; `--samples` takes the first rows of
+/// `--calib-ids`.
+#[test]
+fn prune_structured_and_sparse_flags_compose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, ids) = tiny_with_ids(tmp.path());
+    let (model, ids) = (s(&model), s(&ids));
+    let run = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let dir = tmp.path().join(name);
+        let mut args = vec![
+            "prune",
+            "--model",
+            &model,
+            "--calib-ids",
+            &ids,
+            "--samples",
+            "2",
+        ];
+        let d = s(&dir);
+        args.extend(["--out", d.as_str()]);
+        args.extend(extra);
+        assert_ok(&lopper(&args));
+        read_report(&dir)
+    };
+    let flags = run(
+        "flags",
+        &[
+            "--heads",
+            "0.5",
+            "--head-metric",
+            "wanda-sp",
+            "--method",
+            "sparsegpt",
+            "--attn-sparsity",
+            "0.5",
+            "--mlp-sparsity",
+            "0.7",
+        ],
+    );
+    let plan = tmp.path().join("same.toml");
+    fs::write(
+        &plan,
+        "[[step]]\nkind = \"heads\"\nfraction = 0.5\nmetric = \"wanda_sp\"\n\
+         [[step]]\nkind = \"sparse\"\nmethod = \"sparsegpt\"\nsparsity = 0.5\n\
+         attn_sparsity = 0.5\nmlp_sparsity = 0.7\n",
+    )
+    .unwrap();
+    let from_plan = run("plan", &["--plan", &s(&plan)]);
+    for r in [&flags, &from_plan] {
+        assert_eq!(r["calibration"]["samples"], 2, "{r}");
+        let steps = r["steps"].as_array().unwrap();
+        let kinds: Vec<_> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["heads", "sparse"]);
+        assert_eq!(
+            steps[0]["spec"]["metric"], "wanda_sp",
+            "{}",
+            steps[0]["spec"]
+        );
+        assert_eq!(steps[1]["spec"]["method"], "sparsegpt");
+        assert_eq!(steps[1]["spec"]["mlp_sparsity"], 0.7);
+        // Attention at 50% and the (larger) MLP at 70%: measured between the two, not 50%.
+        let measured = steps[1]["details"]["sparsity_measured"].as_f64().unwrap();
+        assert!(measured > 0.6 && measured < 0.7, "{}", steps[1]["details"]);
+    }
+    assert_eq!(flags["steps"][1]["spec"], from_plan["steps"][1]["spec"]);
+    assert_eq!(flags["size_after"], from_plan["size_after"]);
 }
 
 #[test]
@@ -953,4 +1158,13 @@ fn prune_tiny_plan_shrinks_files_and_reports_every_step() {
     ]);
     assert_fails(&out, &["--hf-strict", "transformers"]);
     assert!(!strict.exists());
+}
+
+/// Sampling flags with greedy decoding would change nothing: refused before the model loads.
+#[test]
+fn run_sampling_flags_need_a_temperature() {
+    for flag in ["--top-k", "--top-p", "--seed"] {
+        let out = lopper(&["run", "--prompt", "Hello", flag, "1"]);
+        assert_fails(&out, &[flag, "needs --temperature > 0"]);
+    }
 }

@@ -318,8 +318,9 @@ fn per_layer_shapes_round_trip_as_deci() {
             Value::Array(a) => a
                 .iter()
                 .map(|v| match v {
-                    Value::U32(x) => *x,
-                    other => panic!("{k}: {other:?}"),
+                    // llama.cpp reads per-layer arrays as INT32 only.
+                    Value::I32(x) => *x as u32,
+                    other => panic!("{k}: not INT32 (llama.cpp refuses it): {other:?}"),
                 })
                 .collect(),
             other => panic!("{k} is not an array: {other:?}"),

@@ -4,8 +4,10 @@ pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod pipeline;
 pub mod plan;
 pub mod prune;
+pub mod prune_args;
 pub mod run;
 
 use anyhow::{Context, Result};
@@ -33,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Prune a model (magnitude, Wanda, SparseGPT; unstructured, N:M, block, vector; OWL).
-    Prune(prune::PruneArgs),
+    Prune(prune_args::PruneArgs),
     /// Measure perplexity on a text (default: wiki-16x2048 on wiki.utf8).
     Eval(eval::EvalArgs),
     /// Show a model's architecture, tensors (shape, dtype, sparsity) and parameter counts.

@@ -1,310 +1,26 @@
 //! `lopper prune`: calibrated pruning of a whole model, written as an HF directory with a
-//! `report.json` of what was actually done.
+//! `report.json` of what was actually done. A plan that is one sparse step runs here, block by
+//! block; plans with structured steps run through [`super::plan`].
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
-use lopper::prune::owl::Allocation;
-use lopper::prune::{Method, Pattern, PrunePlan, Scope};
+use super::pipeline::{check_output, scratch_dir, write_output, Calibration, Evaluator};
+use super::prune_args::{check_flags, plan_from_args, sparse_only, PruneArgs};
+use anyhow::{bail, Result};
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 
-#[derive(Args, Debug)]
-pub struct PruneArgs {
-    /// GGUF file or HF directory (default: SmolLM2-135M-Instruct, fetched).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Pruning method.
-    #[arg(long, value_enum, default_value_t = Method::Wanda)]
-    pub method: Method,
-    /// Target sparsity of the block linear layers, in [0, 1). Implied by N:M patterns.
-    #[arg(long, allow_negative_numbers = true)]
-    pub sparsity: Option<f64>,
-    /// unstructured | N:M (at most N nonzero in every M consecutive inputs of a row, NVIDIA's
-    /// convention: 2:4 and 4:8 are 50%, 1:4 is 75%) | block:RxC (whole R×C tiles) |
-    /// vector:V (runs of V consecutive inputs in a row).
-    #[arg(long, default_value = "unstructured")]
-    pub pattern: String,
-    /// Per-layer sparsity allocation.
-    #[arg(long, value_enum, default_value_t = AllocArg::Uniform)]
-    pub allocation: AllocArg,
-    /// OWL outlier threshold M (scores above M × mean count as outliers).
-    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
-    pub owl_m: f64,
-    /// OWL spread λ: layer sparsities span a range of width 2λ whose mean is the target.
-    #[arg(long, default_value_t = 0.08, allow_negative_numbers = true)]
-    pub owl_lambda: f64,
-    /// Sparsity of attention linears (q,k,v,o) instead of --sparsity.
-    #[arg(long, allow_negative_numbers = true)]
-    pub attn_sparsity: Option<f64>,
-    /// Sparsity of MLP linears (gate,up,down) instead of --sparsity.
-    #[arg(long, allow_negative_numbers = true)]
-    pub mlp_sparsity: Option<f64>,
-    /// Blocks to leave dense, e.g. `0,1,29`.
-    #[arg(long, value_delimiter = ',')]
-    pub skip_layers: Vec<usize>,
-    /// Linear layers to leave dense: q,k,v,o,gate,up,down, attn or mlp.
-    #[arg(long)]
-    pub skip_modules: Option<String>,
-    /// Magnitude only: compare |W| within the whole matrix (official) or within each row.
-    #[arg(long, value_enum, default_value_t = Scope::Matrix)]
-    pub magnitude_scope: Scope,
-    /// SparseGPT: arithmetic of the inverse-Hessian factorisation (the official code uses f32;
-    /// the Hessian itself is always summed in f64).
-    #[arg(long, value_enum, default_value_t = lopper::prune::sparsegpt::Precision::F64)]
-    pub hessian_precision: lopper::prune::sparsegpt::Precision,
-    /// Calibration text (default: exllamav2's c4.utf8, fetched): one document per line.
-    #[arg(long, conflicts_with = "calib_ids")]
-    pub calib: Option<PathBuf>,
-    /// Exact calibration ids: a safetensors file with `input_ids` [n, len].
-    #[arg(long)]
-    pub calib_ids: Option<PathBuf>,
-    /// Calibration windows drawn from the text.
-    #[arg(long, default_value_t = 128)]
-    pub samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
-    pub calib_len: usize,
-    /// Seed for the calibration window offsets.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Output HF directory (written atomically; must not exist unless --force).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Replace an existing output directory.
-    #[arg(long)]
-    pub force: bool,
-    /// Weight dtype of the output: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Measure perplexity before and after (wiki-16x2048 on wiki.utf8 unless a text is given).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub eval: Option<String>,
-    /// Windows for --eval.
-    #[arg(long, default_value_t = 16)]
-    pub eval_windows: usize,
-    /// Tokens per window for --eval.
-    #[arg(long, default_value_t = 2048)]
-    pub eval_seq_len: usize,
-    /// Print the report as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// Keep every weight in memory while pruning (and evaluate window by window). By default
-    /// only the block being pruned is held in memory: f32 safetensors stay mapped, f16/bf16
-    /// and GGUF tensors are converted block by block, pruned blocks go to an unlinked scratch
-    /// file beside --out, and --eval runs block by block (same results; structured plans always
-    /// work in memory).
-    #[arg(long)]
-    pub in_memory: bool,
-    /// Refuse (and write nothing) when the result is not loadable by transformers: layers of
-    /// different shapes, query heads not a multiple of KV heads, biases HF cannot express.
-    #[arg(long)]
-    pub hf_strict: bool,
-    #[command(flatten)]
-    pub structured: super::plan::StructuredArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AllocArg {
-    Uniform,
-    Owl,
-}
-
-/// Turn raw flags into a validated plan.
-pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
-    let pattern: Pattern = a.pattern.parse()?;
-    let sparsity = match (a.sparsity, pattern.implied_sparsity()) {
-        (Some(s), _) => s,
-        (None, Some(s)) => s,
-        (None, None) => 0.5,
-    };
-    let mut plan = PrunePlan::new(a.method, pattern, sparsity);
-    plan.scope = a.magnitude_scope;
-    plan.allocation = match a.allocation {
-        AllocArg::Uniform => Allocation::Uniform,
-        AllocArg::Owl => Allocation::Owl {
-            m: a.owl_m,
-            lambda: a.owl_lambda,
-        },
-    };
-    plan.attn_sparsity = a.attn_sparsity;
-    plan.mlp_sparsity = a.mlp_sparsity;
-    plan.hessian_precision = a.hessian_precision;
-    plan.skip_layers = a.skip_layers.clone();
-    if let Some(s) = &a.skip_modules {
-        plan.skip_modules = lopper::prune::parse_kinds(s)?;
-    }
-    Ok(plan)
-}
-
-/// Check `--dtype` and that the output may be written; returns the dtype.
-pub fn check_output(a: &PruneArgs) -> Result<lopper::io::save::SaveDtype> {
-    let dtype: lopper::io::save::SaveDtype = a
-        .dtype
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    if a.out.symlink_metadata().is_ok() && !a.force {
-        bail!(lopper::Error::Output {
-            path: a.out.clone(),
-            msg: "exists; pass --force to replace it".into()
-        });
-    }
-    Ok(dtype)
-}
-
-/// Where the weights' scratch file goes: the output's directory, or its nearest existing
-/// ancestor (the output's parents are only created when it is written).
-fn scratch_dir(out: &std::path::Path) -> PathBuf {
-    out.ancestors()
-        .skip(1)
-        .find(|p| !p.as_os_str().is_empty() && p.is_dir())
-        .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
-}
-
-/// Write the model and its report atomically.
-pub fn write_output(
-    a: &PruneArgs,
-    model: &lopper::Model,
-    dtype: lopper::io::save::SaveDtype,
-    report: &str,
-) -> Result<()> {
-    let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
-    lopper::io::save::save_hf_with_extras(
-        model,
-        &a.out,
-        dtype,
-        a.force,
-        &[("report.json", report.as_bytes())],
-    )
-    .with_context(|| format!("writing {}", a.out.display()))?;
-    sp.finish_and_clear();
-    Ok(())
-}
-
-/// The calibration set of a run (empty when no step needs one).
-pub struct Calibration {
-    pub set: lopper::calibrate::CalibSet,
-}
-
-impl Calibration {
-    pub fn build(a: &PruneArgs, model: &lopper::Model, needed: bool) -> Result<Calibration> {
-        let set = if let Some(p) = &a.calib_ids {
-            lopper::calibrate::from_ids_file(p, model.config.vocab_size)?
-        } else if needed {
-            let p = match &a.calib {
-                Some(p) => p.clone(),
-                None => lopper::assets::c4_text().context("fetching c4.utf8")?,
-            };
-            lopper::calibrate::from_text(model.tokenizer()?, &p, a.samples, a.calib_len, a.seed)?
-        } else {
-            lopper::calibrate::CalibSet {
-                ids: vec![],
-                n: 0,
-                len: 1,
-                source: "none (not needed)".into(),
-            }
-        };
-        Ok(Calibration { set })
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        json!({ "source": self.set.source, "samples": self.set.n, "len": self.set.len })
-    }
-}
-
-/// `--eval`: the evaluation text, tokenized once.
-pub struct Evaluator {
-    text: Option<PathBuf>,
-    ids: Option<Vec<u32>>,
-    windows: usize,
-    seq_len: usize,
-    quiet: bool,
-}
-
-impl Evaluator {
-    pub fn new(a: &PruneArgs, model: &lopper::Model) -> Result<Evaluator> {
-        let text = match &a.eval {
-            None => None,
-            Some(s) if s.is_empty() => {
-                Some(lopper::assets::wiki_text().context("fetching wiki.utf8")?)
-            }
-            Some(s) => Some(PathBuf::from(s)),
-        };
-        let ids = match &text {
-            Some(p) => Some(super::eval::tokenize_text(model, p)?),
-            None => None,
-        };
-        Ok(Evaluator {
-            text,
-            ids,
-            windows: a.eval_windows,
-            seq_len: a.eval_seq_len,
-            quiet: a.json,
-        })
-    }
-
-    /// Perplexity of `model`, or `None` without `--eval`.
-    pub fn eval(
-        &self,
-        model: &lopper::Model,
-        label: &str,
-    ) -> Result<Option<lopper::eval::EvalResult>> {
-        self.measure(label, |ids, p, progress| {
-            lopper::eval::perplexity(model, ids, self.seq_len, self.windows, p, progress)
-        })
-    }
-
-    /// [`Evaluator::eval`] block by block, releasing each block's weights after use
-    /// ([`lopper::eval::perplexity_by_block`]: the same figure, one block of weights in memory).
-    pub fn eval_by_block(
-        &self,
-        model: &mut lopper::Model,
-        label: &str,
-    ) -> Result<Option<lopper::eval::EvalResult>> {
-        self.measure(label, |ids, p, progress| {
-            lopper::eval::perplexity_by_block(model, ids, self.seq_len, self.windows, p, progress)
-        })
-    }
-
-    /// Run `f` on the text's ids with a progress bar.
-    fn measure(
-        &self,
-        label: &str,
-        f: impl FnOnce(
-            &[u32],
-            &std::path::Path,
-            &mut dyn FnMut(usize, usize),
-        ) -> lopper::Result<lopper::eval::EvalResult>,
-    ) -> Result<Option<lopper::eval::EvalResult>> {
-        let (Some(ids), Some(p)) = (&self.ids, &self.text) else {
-            return Ok(None);
-        };
-        let pb = super::bar(self.quiet, 1, label);
-        let r = f(ids, p, &mut |d, n| {
-            pb.set_length(n as u64);
-            pb.set_position(d as u64)
-        })?;
-        pb.finish_and_clear();
-        Ok(Some(r))
-    }
-
-    /// The protocol, for reports.
-    pub fn protocol(&self) -> serde_json::Value {
-        match &self.text {
-            None => serde_json::Value::Null,
-            Some(p) => {
-                json!({ "text": p.display().to_string(), "windows": self.windows, "seq_len": self.seq_len })
-            }
-        }
-    }
-}
-
 pub fn run(a: PruneArgs) -> Result<()> {
-    if a.structured.active() {
-        return super::plan::run(a);
-    }
-    let t_all = Instant::now();
     let plan = plan_from_args(&a)?;
+    check_flags(&a, &plan)?;
+    let sparse = match sparse_only(&plan) {
+        Some(p) if a.target_params.is_none() => p.clone(),
+        _ => return super::plan::run(a, plan),
+    };
+    run_sparse(a, sparse)
+}
+
+/// One sparse step, block by block.
+fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
+    let t_all = Instant::now();
     let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     // Unless --in-memory, weights stay in their files (mapped, or converted when first read) and
@@ -321,7 +37,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
-    let needs_calib = a.method != Method::Magnitude || plan.allocation != Allocation::Uniform;
+    let needs_calib = lopper::structured::plan::Step::Sparse(plan.clone()).needs_calibration();
     let calib = Calibration::build(&a, &model, needs_calib)?.set;
     let evaluator = Evaluator::new(&a, &model)?;
     // Block by block (unless --in-memory): with weights mapped or converted on first read,

@@ -21,15 +21,17 @@ pub struct RunArgs {
     /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    /// Sample only from the k most likely tokens (0 = no limit).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1].
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub top_p: f32,
-    /// RNG seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Sample only from the k most likely tokens (0 = no limit) [default: 0]; needs
+    /// --temperature > 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1]
+    /// [default: 1]; needs --temperature > 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// RNG seed for sampling [default: 0]; needs --temperature > 0.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Wrap the prompt as one user turn of the model's chat template. Only ChatML templates
     /// (`<|im_start|>…`, e.g. SmolLM2, Qwen2) are supported — no Jinja engine; the template's
     /// default system prompt, if any, is not added.
@@ -63,11 +65,22 @@ pub fn chatml(prompt: &str) -> String {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    if a.temperature == 0.0 {
+        for (flag, given) in [
+            ("--top-k", a.top_k.is_some()),
+            ("--top-p", a.top_p.is_some()),
+            ("--seed", a.seed.is_some()),
+        ] {
+            if given {
+                bail!("{flag} needs --temperature > 0 (temperature 0 decodes greedily)");
+            }
+        }
+    }
     let sampling = SampleOpts {
         temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p.unwrap_or(1.0),
+        seed: a.seed.unwrap_or(0),
     };
     sampling.validate()?;
     if a.prompt.is_empty() {

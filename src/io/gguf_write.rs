@@ -7,7 +7,7 @@
 //!   converter does; Qwen2 as `qwen2` when llama.cpp's `qwen2` graph can hold it: query width =
 //!   hidden size, biases on q/k/v only). Layers that differ (structured pruning: per-layer
 //!   query heads, KV heads or FFN width) are written as `deci` with `deci.attention.head_count`,
-//!   `…head_count_kv` and `deci.feed_forward_length` as per-layer arrays: llama.cpp reads those
+//!   `…head_count_kv` and `deci.feed_forward_length` as per-layer INT32 arrays (llama.cpp refuses UINT32 ones): llama.cpp reads those
 //!   arrays for every architecture, but only its `deci` graph (Llama-3.1-Nemotron; otherwise the
 //!   llama block, same tensors, same RoPE) builds each layer with its own counts — `llama` takes
 //!   layer 0's counts for all layers and rejects the other layers' tensor shapes. lopper's GGUF
@@ -395,9 +395,11 @@ fn metadata(
     }
     md.extend(source_general(model));
     let k = |s: &str| format!("{arch}.{s}");
+    // Per-layer arrays are INT32, as llama.cpp's own writer stores them: its loader
+    // (`get_arr`) accepts only INT32 and FLOAT32 arrays and refuses UINT32 ones.
     let per_layer = |f: fn(&Dims) -> usize| -> Value {
         if arch == "deci" {
-            Value::Array(dims.iter().map(|d| u(f(d))).collect())
+            Value::Array(dims.iter().map(|d| Value::I32(f(d) as i32)).collect())
         } else {
             u(f(&dims[0]))
         }

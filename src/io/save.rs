@@ -31,17 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Element type of the saved weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SaveDtype {
-    /// 32-bit float (bit-exact).
+    /// 32-bit float (bit-exact; also `float32`, `fp32`).
     #[default]
-    #[value(alias = "float32", alias = "fp32")]
     F32,
-    /// IEEE half precision.
-    #[value(alias = "float16", alias = "fp16", alias = "half")]
+    /// IEEE half precision (also `float16`, `fp16`, `half`).
     F16,
-    /// bfloat16.
-    #[value(alias = "bfloat16")]
+    /// bfloat16 (also `bfloat16`).
     Bf16,
 }
 

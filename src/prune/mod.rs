@@ -104,7 +104,7 @@ impl FromStr for Pattern {
 }
 
 /// The pruning methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// |W| (no calibration needed).
@@ -115,8 +115,24 @@ pub enum Method {
     Sparsegpt,
 }
 
+impl FromStr for Method {
+    type Err = Error;
+    /// The names of [`crate::structured::options::METHODS`].
+    fn from_str(s: &str) -> Result<Method> {
+        match s {
+            "magnitude" => Ok(Method::Magnitude),
+            "wanda" => Ok(Method::Wanda),
+            "sparsegpt" => Ok(Method::Sparsegpt),
+            _ => Err(Error::Invalid(format!(
+                "unknown method `{s}`; expected one of {}",
+                crate::structured::options::METHODS.join(", ")
+            ))),
+        }
+    }
+}
+
 /// How magnitude scores are compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Within each output row.

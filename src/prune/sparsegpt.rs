@@ -31,7 +31,7 @@ use std::sync::Arc;
 /// numerically cleaner f64 is the default. How far rounding alone moves the result is measured
 /// by `examples/sparsegpt_sensitivity.rs` (`results/sparsegpt_sensitivity.jsonl`): with f32,
 /// Hessians perturbed by 3e-7 give 42.24–42.70 at 50%.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,

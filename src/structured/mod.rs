@@ -32,6 +32,7 @@ pub mod heads;
 pub mod hf_compat;
 pub mod lowrank;
 pub mod neurons;
+pub mod options;
 pub mod plan;
 pub mod search;
 pub mod slicegpt;

@@ -38,20 +38,30 @@
 //! method = "wanda"           # magnitude | wanda | sparsegpt
 //! sparsity = 0.5
 //! pattern = "unstructured"   # N:M, block:RxC, vector:V
+//! attn_sparsity = 0.4         # optional overrides for attention / MLP linears
+//! mlp_sparsity = 0.6
+//! allocation = "owl"         # or "uniform" (default); owl_m = 5, owl_lambda = 0.08
+//! skip_layers = [0, 1]       # blocks left dense; skip_modules = "q,k" (or "attn", "mlp")
+//! scope = "row"              # magnitude only: "matrix" (default) or "row"
+//! hessian_precision = "f32"  # sparsegpt only: "f64" (default) or "f32"
 //! ```
 //!
 //! Every key is checked: an unknown step kind or key, a value of the wrong type or out of range
-//! is an error naming the file, the step and the key, before anything runs.
+//! is an error naming the file, the step and the key, before anything runs. Each key is also a
+//! `lopper prune` flag ([`super::options::STEP_OPTIONS`] is the one table of both); the CLI
+//! builds step tables from its flags and validates them here too.
 
 use super::depth::{DepthMetric, DepthSpec, LayerSelection};
 use super::heads::{GqaMode, HeadMetric, HeadSpec};
 use super::lowrank::{LowRankSpec, RankRule};
 use super::neurons::{NeuronMetric, NeuronSpec};
+use super::options as opts;
 use super::slicegpt::SliceSpec;
 use super::{Progress, StepDetails, WidthAllocation};
 use crate::calibrate::CalibSet;
 use crate::prune::owl::Allocation;
-use crate::prune::{Method, Pattern, PrunePlan};
+use crate::prune::sparsegpt::Precision;
+use crate::prune::{Method, Pattern, PrunePlan, Scope};
 use crate::{Error, Model, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -263,32 +273,74 @@ pub fn parse_plan(text: &str, path: &Path) -> Result<Plan> {
         let toml::Value::Table(t) = s else {
             return Err(bad(format!("step {} is not a table", i + 1)));
         };
-        let mut f = Fields::new(t, i + 1);
-        let step = parse_step(&mut f).map_err(&bad)?;
-        f.finish().map_err(&bad)?;
+        let step =
+            parse_step_table(t, &format!("step {}: ", i + 1), KeyNames::Plan).map_err(&bad)?;
         plan.steps.push(step);
     }
     Ok(plan)
 }
 
+/// Validate one step table (a plan file's `[[step]]`, or the table the CLI builds from its
+/// flags): every key is checked, unknown keys are refused. `place` prefixes messages.
+pub fn parse_step_table(
+    t: &toml::Table,
+    place: &str,
+    names: KeyNames,
+) -> std::result::Result<Step, String> {
+    let mut f = Fields::new(t, place.to_string(), names);
+    let step = parse_step(&mut f)?;
+    f.finish()?;
+    Ok(step)
+}
+
+/// How a step table's keys are named in messages: plan keys (`` `fraction` ``) in a plan file,
+/// the flags that set them (`--heads`) on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyNames {
+    Plan,
+    Flags,
+}
+
 /// The keys of one step table; remembers which were read so unknown keys can be reported.
 struct Fields<'a> {
     t: &'a toml::Table,
-    step: usize,
+    /// `step N: ` in a plan file, empty on the command line.
+    place: String,
+    names: KeyNames,
+    kind: &'a str,
     used: BTreeMap<&'static str, ()>,
 }
 
 impl<'a> Fields<'a> {
-    fn new(t: &'a toml::Table, step: usize) -> Fields<'a> {
+    fn new(t: &'a toml::Table, place: String, names: KeyNames) -> Fields<'a> {
+        let kind = match t.get("kind") {
+            Some(toml::Value::String(k)) => k.as_str(),
+            _ => "",
+        };
         Fields {
             t,
-            step,
+            place,
+            names,
+            kind,
             used: BTreeMap::new(),
         }
     }
 
+    /// `key` as the user wrote it.
+    fn name(&self, key: &str) -> String {
+        match self.names {
+            KeyNames::Plan => format!("`{key}`"),
+            KeyNames::Flags => super::options::flag_for(self.kind, key),
+        }
+    }
+
     fn err(&self, key: &str, m: impl std::fmt::Display) -> String {
-        format!("step {}: `{key}` {m}", self.step)
+        format!("{}{} {m}", self.place, self.name(key))
+    }
+
+    /// A message about the step as a whole.
+    fn step_err(&self, m: impl std::fmt::Display) -> String {
+        format!("{}{m}", self.place)
     }
 
     fn get(&mut self, key: &'static str) -> Option<&'a toml::Value> {
@@ -351,21 +403,22 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.err(key, "is required"))
     }
 
-    /// An enum value chosen by name among `options`.
+    /// An enum value chosen by name among `names` (the shared lists of
+    /// [`super::options`]); `value` maps each name to its value.
     fn choice<T: Copy>(
         &mut self,
         key: &'static str,
-        options: &[(&str, T)],
+        names: &[&str],
         default: T,
+        value: impl Fn(&str) -> Option<T>,
     ) -> std::result::Result<T, String> {
         match self.str(key)? {
             None => Ok(default),
-            Some(s) => options
+            Some(s) => names
                 .iter()
-                .find(|(n, _)| *n == s)
-                .map(|(_, v)| *v)
+                .find(|n| **n == s)
+                .and_then(|n| value(n))
                 .ok_or_else(|| {
-                    let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
                     self.err(
                         key,
                         format!("is `{s}`; expected one of {}", names.join(", ")),
@@ -377,17 +430,29 @@ impl<'a> Fields<'a> {
     fn finish(self) -> std::result::Result<(), String> {
         for k in self.t.keys() {
             if !self.used.contains_key(k.as_str()) {
-                return Err(format!("step {}: unknown key `{k}`", self.step));
+                let what = match self.names {
+                    KeyNames::Plan => format!("unknown key `{k}`"),
+                    KeyNames::Flags => format!("{} does not apply here", self.name(k)),
+                };
+                return Err(self.step_err(what));
             }
         }
         Ok(())
     }
 }
 
-const ALLOCATIONS: [(&str, WidthAllocation); 2] = [
-    ("uniform", WidthAllocation::Uniform),
-    ("adaptive", WidthAllocation::Adaptive),
-];
+fn width_allocation(f: &mut Fields) -> std::result::Result<WidthAllocation, String> {
+    f.choice(
+        "allocation",
+        opts::WIDTH_ALLOCATIONS,
+        WidthAllocation::Uniform,
+        |s| match s {
+            "uniform" => Some(WidthAllocation::Uniform),
+            "adaptive" => Some(WidthAllocation::Adaptive),
+            _ => None,
+        },
+    )
+}
 
 fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
     let kind = f.str("kind")?.ok_or_else(|| f.err("kind", "is required"))?;
@@ -408,12 +473,14 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             };
             let metric = f.choice(
                 "metric",
-                &[
-                    ("block_influence", DepthMetric::BlockInfluence),
-                    ("angular", DepthMetric::Angular),
-                    ("angular_all_tokens", DepthMetric::AngularAllTokens),
-                ],
+                opts::LAYER_METRICS,
                 DepthMetric::BlockInfluence,
+                |s| match s {
+                    "block_influence" => Some(DepthMetric::BlockInfluence),
+                    "angular" => Some(DepthMetric::Angular),
+                    "angular_all_tokens" => Some(DepthMetric::AngularAllTokens),
+                    _ => None,
+                },
             )?;
             Step::Layers(DepthSpec { select, metric })
         }
@@ -421,36 +488,38 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             fraction: f.req_fraction("fraction")?,
             metric: f.choice(
                 "metric",
-                &[
-                    ("norm", HeadMetric::Norm),
-                    ("fluctuation", HeadMetric::Fluctuation),
-                ],
+                opts::HEAD_METRICS,
                 HeadMetric::Norm,
+                |s| match s {
+                    "norm" => Some(HeadMetric::Norm),
+                    "wanda_sp" => Some(HeadMetric::WandaSp),
+                    "fluctuation" => Some(HeadMetric::Fluctuation),
+                    _ => None,
+                },
             )?,
-            gqa: f.choice(
-                "gqa",
-                &[
-                    ("kv_groups", GqaMode::KvGroups),
-                    ("per_group", GqaMode::PerGroup),
-                ],
-                GqaMode::KvGroups,
-            )?,
-            allocation: f.choice("allocation", &ALLOCATIONS, WidthAllocation::Uniform)?,
+            gqa: f.choice("gqa", opts::GQA_MODES, GqaMode::KvGroups, |s| match s {
+                "kv_groups" => Some(GqaMode::KvGroups),
+                "per_group" => Some(GqaMode::PerGroup),
+                _ => None,
+            })?,
+            allocation: width_allocation(f)?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
         }),
         "neurons" => Step::Neurons(NeuronSpec {
             fraction: f.req_fraction("fraction")?,
             metric: f.choice(
                 "metric",
-                &[
-                    ("wanda_sp", NeuronMetric::WandaSp),
-                    ("wanda_sp_down", NeuronMetric::WandaSpDown),
-                    ("fluctuation", NeuronMetric::Fluctuation),
-                ],
+                opts::NEURON_METRICS,
                 NeuronMetric::WandaSp,
+                |s| match s {
+                    "wanda_sp" => Some(NeuronMetric::WandaSp),
+                    "wanda_sp_down" => Some(NeuronMetric::WandaSpDown),
+                    "fluctuation" => Some(NeuronMetric::Fluctuation),
+                    _ => None,
+                },
             )?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
-            allocation: f.choice("allocation", &ALLOCATIONS, WidthAllocation::Uniform)?,
+            allocation: width_allocation(f)?,
         }),
         "slice" => {
             let mut spec = SliceSpec::new(f.req_fraction("fraction")?);
@@ -471,10 +540,8 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                     return Err(f.err("energy", format!("must be in (0, 1], got {e}")))
                 }
                 _ => {
-                    return Err(format!(
-                        "step {}: low_rank needs exactly one of `param_fraction` or `energy`",
-                        f.step
-                    ))
+                    let (p, e) = (f.name("param_fraction"), f.name("energy"));
+                    return Err(f.step_err(format!("low_rank needs exactly one of {p} or {e}")));
                 }
             };
             let modules = match f.get("modules") {
@@ -518,15 +585,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
 }
 
 fn parse_sparse(f: &mut Fields) -> std::result::Result<PrunePlan, String> {
-    let method = f.choice(
-        "method",
-        &[
-            ("magnitude", Method::Magnitude),
-            ("wanda", Method::Wanda),
-            ("sparsegpt", Method::Sparsegpt),
-        ],
-        Method::Wanda,
-    )?;
+    let method = f.choice("method", opts::METHODS, Method::Wanda, |s| s.parse().ok())?;
     let pattern: Pattern = match f.str("pattern")? {
         None => Pattern::Unstructured,
         Some(s) => s.parse().map_err(|e| f.err("pattern", e))?,
@@ -539,20 +598,41 @@ fn parse_sparse(f: &mut Fields) -> std::result::Result<PrunePlan, String> {
     let mut p = PrunePlan::new(method, pattern, sparsity);
     p.attn_sparsity = f.fraction("attn_sparsity")?;
     p.mlp_sparsity = f.fraction("mlp_sparsity")?;
-    if let Some(a) = f.str("allocation")? {
-        p.allocation = match a {
-            "uniform" => Allocation::Uniform,
-            "owl" => Allocation::Owl {
-                m: f.float("owl_m")?.unwrap_or(5.0),
-                lambda: f.float("owl_lambda")?.unwrap_or(0.08),
-            },
-            other => {
-                return Err(f.err(
-                    "allocation",
-                    format!("is `{other}`; expected uniform or owl"),
-                ))
-            }
+    let owl = f.choice("allocation", opts::SPARSE_ALLOCATIONS, false, |s| match s {
+        "uniform" => Some(false),
+        "owl" => Some(true),
+        _ => None,
+    })?;
+    let (m, lambda) = (f.float("owl_m")?, f.float("owl_lambda")?);
+    if owl {
+        p.allocation = Allocation::Owl {
+            m: m.unwrap_or(5.0),
+            lambda: lambda.unwrap_or(0.08),
         };
+    } else if m.is_some() || lambda.is_some() {
+        let key = if m.is_some() { "owl_m" } else { "owl_lambda" };
+        let alloc = f.name("allocation");
+        return Err(f.err(key, format!("needs {alloc} owl")));
+    }
+    if let Some(scope) = f.choice("scope", opts::SCOPES, None, |s| match s {
+        "matrix" => Some(Some(Scope::Matrix)),
+        "row" => Some(Some(Scope::Row)),
+        _ => None,
+    })? {
+        if method != Method::Magnitude {
+            return Err(f.err("scope", "applies to method magnitude only"));
+        }
+        p.scope = scope;
+    }
+    if let Some(prec) = f.choice("hessian_precision", opts::PRECISIONS, None, |s| match s {
+        "f64" => Some(Some(Precision::F64)),
+        "f32" => Some(Some(Precision::F32)),
+        _ => None,
+    })? {
+        if method != Method::Sparsegpt {
+            return Err(f.err("hessian_precision", "applies to method sparsegpt only"));
+        }
+        p.hessian_precision = prec;
     }
     p.skip_layers = f.usize_list("skip_layers")?.unwrap_or_default();
     if let Some(s) = f.str("skip_modules")? {
@@ -620,6 +700,49 @@ mod tests {
         }
         assert!(!p.steps[1].needs_calibration());
         assert!(p.steps[0].needs_calibration());
+    }
+
+    /// The one table of step options and the parser agree: every key of the table is read by
+    /// the parser for its step kinds, and every key the parser reads is in the table.
+    #[test]
+    fn option_table_matches_the_parser() {
+        use super::opts::{options_of, ValueKind, STEP_ORDER};
+        let minimal = |kind: &str| -> toml::Table {
+            let mut t: toml::Table = toml::from_str(match kind {
+                "layers" => "remove = 1",
+                "low_rank" => "param_fraction = 0.1",
+                "sparse" => "sparsity = 0.5",
+                _ => "fraction = 0.1",
+            })
+            .unwrap();
+            t.insert("kind".into(), toml::Value::String(kind.into()));
+            t
+        };
+        for kind in STEP_ORDER {
+            let t = minimal(kind);
+            let mut f = Fields::new(&t, String::new(), KeyNames::Plan);
+            parse_step(&mut f).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let read: std::collections::BTreeSet<&str> =
+                f.used.keys().copied().filter(|k| *k != "kind").collect();
+            let table: std::collections::BTreeSet<&str> = options_of(kind).map(|o| o.key).collect();
+            assert_eq!(read, table, "step kind {kind}: parser keys vs option table");
+            // Every value name of the table's choices is accepted by the parser.
+            for o in options_of(kind) {
+                if let ValueKind::Choice(names) = o.value {
+                    for n in names {
+                        let mut t = minimal(kind);
+                        t.insert(o.key.into(), toml::Value::String(n.to_string()));
+                        if let Err(e) = parse_step_table(&t, "", KeyNames::Plan) {
+                            assert!(
+                                !e.contains("expected one of"),
+                                "{kind}.{} = {n}: {e}",
+                                o.key
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
