@@ -25,3 +25,8 @@ pub use error::{Error, Result};
 pub use model::config::{Arch, Config, RopeScaling};
 pub use model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
 pub use model::Model;
+
+/// The README's library quick start, compiled and run by `cargo test --release --doc`.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
