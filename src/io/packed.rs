@@ -57,7 +57,7 @@ pub fn save_packed_with_extras(
         for kind in LinearKind::ALL {
             if let Some(p) = &l.linear(kind).packed {
                 add(
-                    crate::prune::driver::tensor_name(i, kind),
+                    crate::model::names::tensor_name(i, kind),
                     p.format.as_ref(),
                     true,
                 );
@@ -94,7 +94,7 @@ pub fn load_note(json: &Value, path: &Path) -> Result<BTreeMap<String, String>> 
                 formats::KINDS.join(", ")
             )));
         }
-        let linear = name.starts_with("model.layers.")
+        let linear = name.starts_with(crate::model::names::LAYERS_PREFIX)
             && LinearKind::ALL
                 .iter()
                 .any(|k| name.ends_with(&format!(".{}.weight", k.hf_name())));

@@ -6,6 +6,7 @@
 //! for block-at-a-time work on models whose f32 weights do not fit).
 //! [`Weights`] mirrors the HF module tree; every field documents its shape.
 
+use super::names;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
@@ -276,62 +277,7 @@ impl Linear {
     }
 }
 
-/// The seven linear layers of a block, in HF order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinearKind {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl LinearKind {
-    pub const ALL: [LinearKind; 7] = [
-        LinearKind::Q,
-        LinearKind::K,
-        LinearKind::V,
-        LinearKind::O,
-        LinearKind::Gate,
-        LinearKind::Up,
-        LinearKind::Down,
-    ];
-
-    /// HF module path inside a block, e.g. `self_attn.q_proj`.
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            LinearKind::Q => "self_attn.q_proj",
-            LinearKind::K => "self_attn.k_proj",
-            LinearKind::V => "self_attn.v_proj",
-            LinearKind::O => "self_attn.o_proj",
-            LinearKind::Gate => "mlp.gate_proj",
-            LinearKind::Up => "mlp.up_proj",
-            LinearKind::Down => "mlp.down_proj",
-        }
-    }
-
-    /// True for attention projections.
-    pub fn is_attention(self) -> bool {
-        matches!(
-            self,
-            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O
-        )
-    }
-}
-
-/// Tensor name suffix (after the linear's HF path) of a low-rank layer's right factor `V`
-/// `[rank, in]`, the first one applied (like `torch.nn.Sequential(Linear(in, rank), Linear(rank,
-/// out))`).
-pub const LOW_RANK_V: &str = "low_rank.0.weight";
-/// Tensor name suffix of a low-rank layer's left factor `U` `[out, rank]`.
-pub const LOW_RANK_U: &str = "low_rank.1.weight";
-/// Tensor name (after `model.layers.{i}.`) of a block's attention residual shortcut.
-pub const ATTN_SHORTCUT: &str = "attn_shortcut.weight";
-/// Tensor name (after `model.layers.{i}.`) of a block's MLP residual shortcut.
-pub const MLP_SHORTCUT: &str = "mlp_shortcut.weight";
+pub use super::names::{LinearKind, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V, MLP_SHORTCUT};
 
 /// Weights of one transformer block.
 #[derive(Debug, Clone)]
@@ -455,13 +401,12 @@ impl Weights {
     /// Every tensor with its HF name, in a stable order; low-rank factors and residual shortcuts
     /// under the lopper names ([`LOW_RANK_V`], [`LOW_RANK_U`], [`ATTN_SHORTCUT`], [`MLP_SHORTCUT`]).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        let mut out = vec![(names::EMBED.to_string(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
+            out.push((names::layer_tensor(i, names::ATTN_NORM), &l.attn_norm));
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
-                let base = format!("{p}.{}", kind.hf_name());
+                let base = names::linear_module(i, kind);
                 match &lin.factor {
                     None => out.push((format!("{base}.weight"), &lin.weight)),
                     Some(u) => {
@@ -473,17 +418,17 @@ impl Weights {
                     out.push((format!("{base}.bias"), b));
                 }
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
+            out.push((names::layer_tensor(i, names::MLP_NORM), &l.mlp_norm));
             if let Some(s) = &l.attn_shortcut {
-                out.push((format!("{p}.{ATTN_SHORTCUT}"), s));
+                out.push((names::layer_tensor(i, ATTN_SHORTCUT), s));
             }
             if let Some(s) = &l.mlp_shortcut {
-                out.push((format!("{p}.{MLP_SHORTCUT}"), s));
+                out.push((names::layer_tensor(i, MLP_SHORTCUT), s));
             }
         }
-        out.push(("model.norm.weight".to_string(), &self.final_norm));
+        out.push((names::FINAL_NORM.to_string(), &self.final_norm));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h));
+            out.push((names::LM_HEAD.to_string(), h));
         }
         out
     }

@@ -25,6 +25,8 @@ use serde::Serialize;
 use std::time::Instant;
 
 pub use super::runner::{BlockRunner, CHUNK_ROWS};
+/// Re-exported from [`crate::model::names`], where tensor names live.
+pub use crate::model::names::tensor_name;
 
 /// A validated pruning request.
 #[derive(Debug, Clone, Serialize)]
@@ -143,11 +145,6 @@ impl PrunePlan {
     fn prunes(&self, layer: usize, kind: LinearKind) -> bool {
         !self.skip_layers.contains(&layer) && !self.skip_modules.contains(&kind)
     }
-}
-
-/// HF name of a block linear's weight.
-pub fn tensor_name(layer: usize, kind: LinearKind) -> String {
-    format!("model.layers.{layer}.{}.weight", kind.hf_name())
 }
 
 /// What happened to one tensor.

@@ -138,7 +138,8 @@ pub(crate) fn run_chunk(
         block_forward(cfg, layer, lw, rope, chunk, b, len, scratch, obs);
         if chunk.iter().any(|v| !v.is_finite()) {
             return Err(Error::Numeric(format!(
-                "NaN/Inf in the output of block {layer} (model.layers.{layer}) on calibration samples {s0}..{}",
+                "NaN/Inf in the output of block {layer} ({}) on calibration samples {s0}..{}",
+                crate::model::names::layer_prefix(layer),
                 s0 + b
             )));
         }

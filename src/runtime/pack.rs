@@ -268,7 +268,7 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
         for kind in LinearKind::ALL {
             let w = &l.linear(kind).weight;
             jobs.push((
-                crate::prune::driver::tensor_name(i, kind),
+                crate::model::names::tensor_name(i, kind),
                 w.data(),
                 w.rows(),
                 w.cols(),

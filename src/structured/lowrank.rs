@@ -309,7 +309,7 @@ pub fn factorize(
     for (i, l) in model.weights.layers.iter().enumerate() {
         for &k in &kinds {
             let lin = l.linear(k);
-            let name = crate::prune::driver::tensor_name(i, k);
+            let name = crate::model::names::tensor_name(i, k);
             if lin.is_factored() {
                 return Err(Error::Invalid(format!(
                     "low rank: {name} is already factorised"
@@ -393,7 +393,7 @@ fn factorize_layers(
             Default::default()
         };
         for &kind in kinds {
-            let name = crate::prune::driver::tensor_name(i, kind);
+            let name = crate::model::names::tensor_name(i, kind);
             let lin = model.weights.layers[i].linear(kind);
             let (out, inp) = (lin.out_features(), lin.in_features());
             let w = lin.weight.data();

@@ -140,7 +140,7 @@ pub fn slice(
     }) {
         return Err(Error::Invalid(format!(
             "SliceGPT: {} is low-rank factorised; slice before factorising",
-            crate::prune::driver::tensor_name(i, k)
+            crate::model::names::tensor_name(i, k)
         )));
     }
     let params_before = w.num_params();
