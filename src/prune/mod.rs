@@ -11,15 +11,14 @@ pub mod driver;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
-pub mod runner;
 pub mod sparsegpt;
-pub mod stats;
 pub mod wanda;
 
 use crate::{Error, LinearKind, Result};
 use serde::Serialize;
 use std::str::FromStr;
 
+pub use crate::calibrate::{runner, stats};
 pub use driver::{prune_model, prune_model_spilled, PruneOutcome, PrunePlan};
 pub use stats::SiteStats;
 

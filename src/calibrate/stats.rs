@@ -26,7 +26,7 @@ pub struct SiteStats {
     /// SparseGPT's inverse-Hessian factor, computed once and shared by the linears that read
     /// this input (q/k/v, gate/up). Locked while it is being computed, so a second user waits
     /// instead of repeating the work.
-    pub(crate) factor: Mutex<Option<Arc<super::sparsegpt::HessianFactor>>>,
+    pub(crate) factor: Mutex<Option<Arc<crate::prune::sparsegpt::HessianFactor>>>,
 }
 
 impl Clone for SiteStats {
@@ -80,7 +80,7 @@ impl SiteStats {
     }
 
     /// The cached SparseGPT factor, if any.
-    pub(crate) fn cached_factor(&self) -> Option<Arc<super::sparsegpt::HessianFactor>> {
+    pub(crate) fn cached_factor(&self) -> Option<Arc<crate::prune::sparsegpt::HessianFactor>> {
         self.factor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
