@@ -12,15 +12,62 @@
 //! thread as on several (the split is over output tiles, not the inner dimension; checked in
 //! `tests/kernels.rs`), every other kernel works row by row, and observers see each chunk through
 //! a [`ChunkObserver`] part that is merged back in chunk order.
+//!
+//! Every pass says what it is for with a [`Pass`]: collect statistics from the block's inputs
+//! and leave the activations as they are, or replace the activations by the block's output
+//! (observed or not) for the next block.
 
+use super::stats::{Needs, SiteStats, StatsObserver};
 use crate::model::forward::{block_forward, Scratch};
-use crate::model::observer::{ChunkObserver, Observer};
+use crate::model::observer::{ChunkObserver, Observer, Site};
 use crate::model::rope::Rope;
 use crate::util::Workers;
-use crate::{Config, Error, LayerWeights, Result};
+use crate::{Config, Error, LayerWeights, Model, Result};
+use std::collections::HashMap;
 
 /// Calibration tokens pushed through a block at once (per worker).
 pub const CHUNK_ROWS: usize = 4096;
+
+/// What a pass of the calibration activations through a block is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Observe the block's linear inputs (and its attention residual): the block runs on a
+    /// copy of the activations, which stay unchanged, and stops after the last linear input
+    /// (down_proj's), so no block output is produced or observed.
+    Statistics,
+    /// Replace the activations by the block's output (the next block's input). The observer
+    /// sees the whole pass, so statistics can be collected on the way (OWL's scan); NaN/Inf in
+    /// the output is an error naming the block and the samples.
+    Propagate,
+}
+
+/// The observer a chunk of a [`Pass`] reports to: `inner`, except that the pass decides
+/// whether the block output is produced.
+struct PassObserver<'a> {
+    inner: &'a mut dyn Observer,
+    pass: Pass,
+}
+
+impl Observer for PassObserver<'_> {
+    fn wants_linear_inputs(&self, layer: usize) -> bool {
+        self.inner.wants_linear_inputs(layer)
+    }
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        self.pass == Pass::Propagate
+    }
+    fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
+        self.inner.linear_input(layer, site, x, rows, cols)
+    }
+    fn block_input(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
+        self.inner.block_input(layer, h, rows, cols)
+    }
+    fn attn_residual(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
+        self.inner.attn_residual(layer, h, rows, cols)
+    }
+    fn block_output(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
+        self.inner.block_output(layer, h, rows, cols)
+    }
+}
 
 /// Runs blocks over calibration activations, one chunk per worker ([`Workers`], one per thread
 /// of the current rayon pool); sequential with one thread.
@@ -47,9 +94,9 @@ impl BlockRunner {
         }
     }
 
-    /// Run block `layer` (weights `lw`, under `cfg`) over `h` (`n` samples of `len` tokens).
-    /// With `keep == false` the block runs on copies (statistics only) and `h` is unchanged.
-    /// NaN/Inf in a block's output is an error naming the block and the samples.
+    /// Run block `layer` (weights `lw`, under `cfg`) over `h` (`n` samples of `len` tokens)
+    /// for `pass`: with [`Pass::Statistics`] `h` is unchanged, with [`Pass::Propagate`] it
+    /// becomes the block's output.
     #[allow(clippy::too_many_arguments)]
     pub fn run<O: ChunkObserver>(
         &mut self,
@@ -60,7 +107,7 @@ impl BlockRunner {
         h: &mut [f32],
         n: usize,
         len: usize,
-        keep: bool,
+        pass: Pass,
         obs: &mut O,
     ) -> Result<()> {
         let width = len * cfg.hidden_size;
@@ -72,7 +119,7 @@ impl BlockRunner {
                 for (s0, chunk) in chunks {
                     let b = chunk.len() / width;
                     let at = (s0, b, len);
-                    run_chunk(cfg, layer, lw, rope, chunk, at, keep, obs, scratch, tmp)?;
+                    run_chunk(cfg, layer, lw, rope, chunk, at, pass, obs, scratch, tmp)?;
                 }
                 return Ok(());
             }
@@ -88,7 +135,7 @@ impl BlockRunner {
                     let b = chunk.len() / width;
                     let job = move || {
                         let at = (s0, b, len);
-                        run_chunk(cfg, layer, lw, rope, chunk, at, keep, part, scratch, tmp)
+                        run_chunk(cfg, layer, lw, rope, chunk, at, pass, part, scratch, tmp)
                     };
                     Box::new(job) as Box<dyn FnOnce() -> Result<()> + Send + '_>
                 })
@@ -105,12 +152,7 @@ impl BlockRunner {
 
 /// `h` (`n` samples of `len` tokens, `hidden` wide) cut into chunks of whole samples of about
 /// [`CHUNK_ROWS`] tokens, each with the index of its first sample.
-pub(crate) fn chunks(
-    h: &mut [f32],
-    n: usize,
-    len: usize,
-    hidden: usize,
-) -> Vec<(usize, &mut [f32])> {
+fn chunks(h: &mut [f32], n: usize, len: usize, hidden: usize) -> Vec<(usize, &mut [f32])> {
     let width = len * hidden;
     let per = (CHUNK_ROWS / len.max(1)).max(1);
     h[..n * width]
@@ -122,19 +164,20 @@ pub(crate) fn chunks(
 
 /// Run block `layer` over one chunk of `b` samples (the first is sample `s0`) of `len` tokens.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run_chunk(
+fn run_chunk(
     cfg: &Config,
     layer: usize,
     lw: &LayerWeights,
     rope: &Rope,
     chunk: &mut [f32],
     (s0, b, len): (usize, usize, usize),
-    keep: bool,
+    pass: Pass,
     obs: &mut dyn Observer,
     scratch: &mut Scratch,
     tmp: &mut Vec<f32>,
 ) -> Result<()> {
-    if keep {
+    let obs = &mut PassObserver { inner: obs, pass };
+    if pass == Pass::Propagate {
         block_forward(cfg, layer, lw, rope, chunk, b, len, scratch, obs);
         if chunk.iter().any(|v| !v.is_finite()) {
             return Err(Error::Numeric(format!(
@@ -144,10 +187,101 @@ pub(crate) fn run_chunk(
             )));
         }
     } else {
-        // The block runs on a copy; with a statistics-only observer it stops early.
+        // The block runs on a copy and stops after its last linear input.
         tmp.clear();
         tmp.extend_from_slice(chunk);
         block_forward(cfg, layer, lw, rope, tmp, b, len, scratch, obs);
     }
     Ok(())
+}
+
+/// Run block `layer` of `model` over `h` (`n` samples of `len` tokens) for `pass`, one chunk
+/// of whole samples after another on this thread (for observers that are not
+/// [`ChunkObserver`]s).
+#[allow(clippy::too_many_arguments)]
+pub fn run_block(
+    model: &Model,
+    layer: usize,
+    rope: &Rope,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    pass: Pass,
+    obs: &mut dyn Observer,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let lw = &model.weights.layers[layer];
+    run_layer(
+        &model.config,
+        layer,
+        lw,
+        rope,
+        h,
+        n,
+        len,
+        pass,
+        obs,
+        scratch,
+    )
+}
+
+/// [`run_block`] for block weights `lw` that need not be in a model (e.g. a transformed copy),
+/// run as block `layer` under `cfg`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_layer(
+    cfg: &crate::Config,
+    layer: usize,
+    lw: &crate::LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    pass: Pass,
+    obs: &mut dyn Observer,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let width = len * cfg.hidden_size;
+    let mut tmp = Vec::new();
+    for (s0, chunk) in chunks(h, n, len, cfg.hidden_size) {
+        let b = chunk.len() / width;
+        run_chunk(
+            cfg,
+            layer,
+            lw,
+            rope,
+            chunk,
+            (s0, b, len),
+            pass,
+            obs,
+            scratch,
+            &mut tmp,
+        )?;
+    }
+    Ok(())
+}
+
+/// Statistics of every linear input of block `layer` for block inputs `h` (`n` samples of
+/// `len` tokens), without changing `h`. Used by tests and tools that inspect one block.
+pub fn layer_stats(
+    model: &Model,
+    layer: usize,
+    h: &mut [f32],
+    n: usize,
+    len: usize,
+    needs: Needs,
+) -> Result<HashMap<Site, SiteStats>> {
+    let rope = Rope::new(&model.config, len);
+    let mut obs = StatsObserver::new(layer, needs, len);
+    BlockRunner::new().run(
+        &model.config,
+        layer,
+        &model.weights.layers[layer],
+        &rope,
+        h,
+        n,
+        len,
+        Pass::Statistics,
+        &mut obs,
+    )?;
+    Ok(obs.sites)
 }

@@ -39,13 +39,12 @@
 //! | 37.5% | 29.7% | 6.9e7 | 269.2 |
 
 use super::{Progress, StepDetails};
+use crate::calibrate::runner::{BlockRunner, Pass};
+use crate::calibrate::stats::{Needs, StatsObserver};
 use crate::calibrate::CalibSet;
 use crate::model::forward::embed;
 use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
-use crate::prune::runner::BlockRunner;
-use crate::prune::stats::StatsObserver;
-use crate::prune::Needs;
 use crate::{Error, Linear, LinearKind, Model, Result, Tensor};
 use faer::{Mat, Par, Side};
 use serde_json::json;
@@ -376,7 +375,6 @@ fn factorize_layers(
                 hessian: true,
             };
             let mut obs = StatsObserver::new(i, needs, len);
-            obs.statistics_only = true;
             runner.run(
                 &model.config,
                 i,
@@ -385,7 +383,7 @@ fn factorize_layers(
                 &mut h,
                 n,
                 len,
-                false,
+                Pass::Statistics,
                 &mut obs,
             )?;
             obs.sites
@@ -447,7 +445,7 @@ fn factorize_layers(
                 &mut h,
                 n,
                 len,
-                true,
+                Pass::Propagate,
                 &mut NoObserver,
             )?;
         }

@@ -49,12 +49,12 @@
 //! coordinates instead of the PCA basis at 10% gives 71.4 instead of 43.6 (16×128 calibration).
 
 use super::{Progress, StepDetails};
+use crate::calibrate::runner::{run_layer, Pass};
 use crate::calibrate::CalibSet;
 use crate::kernels;
 use crate::model::forward::{embed, Scratch};
 use crate::model::observer::Observer;
 use crate::model::rope::Rope;
-use crate::prune::driver::run_layer;
 use crate::{Error, LayerWeights, Linear, LinearKind, Model, Result, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -172,7 +172,7 @@ pub fn slice(
             &mut h,
             samples,
             len,
-            false,
+            Pass::Statistics,
             &mut obs,
             &mut scratch,
         )?;
@@ -196,7 +196,7 @@ pub fn slice(
             &mut h,
             samples,
             len,
-            true,
+            Pass::Propagate,
             &mut crate::model::observer::NoObserver,
             &mut scratch,
         )?;
@@ -477,9 +477,6 @@ impl MidGram {
 }
 
 impl Observer for MidGram {
-    fn wants_block_output(&self, _layer: usize) -> bool {
-        false
-    }
     fn attn_residual(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
         if layer == self.layer && cols == self.d {
             add_gram(&mut self.gram, &h[..rows * cols], cols);
