@@ -12,6 +12,7 @@ pub mod eval;
 pub mod formats;
 pub mod inspect;
 pub mod io;
+pub mod isa;
 pub mod kernels;
 pub mod model;
 pub mod prune;

@@ -266,7 +266,7 @@ impl<E: Elem> Rows<'_, E> {
             unsafe fn avx2<E: Elem>(rows: Rows<'_, E>, r0: usize, r1: usize, out: Out) {
                 rows.portable_body(r0, r1, out)
             }
-            if crate::kernels::has_avx2() {
+            if crate::isa::avx2_fma_f16c() {
                 // SAFETY: AVX2 and FMA checked at run time.
                 return unsafe { avx2(self, r0, r1, out) };
             }
@@ -278,7 +278,7 @@ impl<E: Elem> Rows<'_, E> {
     fn run(self, rows: usize, y: &mut [f32], acc: bool) {
         let bytes = rows * self.n * E::DTYPE.size();
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
+        if avx512_active() {
             // SAFETY: AVX-512 checked; sizes checked by the callers; rows written disjointly.
             drive(rows, self.m, bytes, 1, y, acc, |r0, r1, out| unsafe {
                 self.avx512(r0, r1, out)
@@ -420,7 +420,7 @@ unsafe fn widen_by<E: Elem, const L: usize>(
 /// [`widen_naive`], 16 values per step.
 ///
 /// # Safety
-/// AVX-512 (see [`has_avx512`]) available; `out.len() == w.len()`, a multiple of `cols`.
+/// AVX-512 (see [`avx512_active`]) available; `out.len() == w.len()`, a multiple of `cols`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
 unsafe fn widen_avx512<E: Elem>(w: &[E], scales: &[f32], r0: usize, cols: usize, out: &mut [f32]) {
@@ -549,12 +549,12 @@ mod tests {
             };
             check("decode_rows", &|o| d.decode_rows(1, rows, o));
             #[cfg(target_arch = "x86_64")]
-            if crate::kernels::has_avx2() {
+            if crate::isa::avx2_fma_f16c() {
                 // SAFETY: AVX2, FMA and F16C checked; equal lengths.
                 check("avx2", &|o| unsafe { widen_avx2(v, s, 1, cols, o) });
             }
             #[cfg(target_arch = "x86_64")]
-            if crate::kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512bw") {
+            if crate::isa::avx512_bw() {
                 // SAFETY: AVX-512 F/VL/BW and FMA checked; equal lengths.
                 check("avx512", &|o| unsafe { widen_avx512(v, s, 1, cols, o) });
             }

@@ -304,13 +304,10 @@ fn detected_isa() -> Isa {
     *D.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected;
-            let base = is_x86_feature_detected!("popcnt")
-                && is_x86_feature_detected!("bmi1")
-                && is_x86_feature_detected!("bmi2");
-            if base && crate::kernels::has_avx512() && is_x86_feature_detected!("avx512bw") {
+            let base = crate::isa::bit_manipulation();
+            if base && crate::isa::avx512_bw() {
                 Isa::Avx512
-            } else if base && crate::kernels::has_avx2() {
+            } else if base && crate::isa::avx2_fma_f16c() {
                 Isa::Avx2
             } else {
                 Isa::Portable
@@ -338,9 +335,10 @@ pub fn isa() -> Isa {
     }
 }
 
-/// True when the AVX-512 format kernels run ([`isa`] is [`Isa::Avx512`]).
+/// True when the AVX-512 format kernels run now ([`isa`] is [`Isa::Avx512`]; the CPU's own
+/// features are [`crate::isa`]'s).
 #[inline]
-pub fn has_avx512() -> bool {
+pub fn avx512_active() -> bool {
     isa() == Isa::Avx512
 }
 
