@@ -24,5 +24,5 @@ pub mod util;
 
 pub use error::{Error, Result};
 pub use model::config::{Arch, Config, RopeScaling};
-pub use model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
+pub use model::weights::{LayerWeights, Linear, LinearKind, LinearRepr, Tensor, Weights};
 pub use model::Model;

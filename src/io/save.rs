@@ -627,7 +627,7 @@ fn low_rank_entries<'a>(
 ) -> Vec<(String, &'a Tensor, Vec<usize>)> {
     let rank = lin.rank().unwrap_or(0);
     let mut v = vec![(format!("{base}.{LOW_RANK_V}"), &lin.weight, vec![rank, inp])];
-    if let Some(u) = &lin.factor {
+    if let Some(u) = lin.left_factor() {
         v.push((format!("{base}.{LOW_RANK_U}"), u, vec![out, rank]));
     }
     v

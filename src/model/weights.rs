@@ -214,18 +214,30 @@ pub struct Packed {
     pub max_rows: usize,
 }
 
+/// How a [`Linear`] stores its matrix. The mode is this enum; the runtime's packed copy
+/// ([`Linear::packed`]) is not a mode but a cache of [`Linear::weight`] (either
+/// representation's first matrix), so it stays an `Option` beside it.
+#[derive(Debug, Clone)]
+pub enum LinearRepr {
+    /// [`Linear::weight`] is the whole matrix `W`, `[out_features, in_features]`.
+    Dense,
+    /// `W ≈ U·V` (see [`crate::structured::lowrank`]): [`Linear::weight`] is the right factor
+    /// `V`, `[rank, in_features]`, applied first; `u` is the left factor `[out_features, rank]`.
+    LowRank { u: Tensor },
+}
+
 /// A linear layer `y = x Wᵀ + b`, or, when low-rank factorised, `y = x Vᵀ Uᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out_features, in_features]` (HF / PyTorch layout); for a factorised layer the right
-    /// factor `V`, `[rank, in_features]`.
+    /// The matrix `x` meets first: `W` `[out_features, in_features]` (HF / PyTorch layout) for
+    /// a dense layer, the right factor `V` `[rank, in_features]` for a low-rank one. Code that
+    /// needs the dense matrix (unstructured pruning, statistics over weights) must check
+    /// [`Linear::is_factored`].
     pub weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
-    /// The left factor `U`, `[out_features, rank]`, of a low-rank layer (`W ≈ U·V`, see
-    /// [`crate::structured::lowrank`]); `None` for a dense layer. Code that needs the dense
-    /// matrix (unstructured pruning, statistics over weights) must check [`Linear::is_factored`].
-    pub factor: Option<Tensor>,
+    /// Dense or low-rank.
+    pub repr: LinearRepr,
     /// The runtime's packed copy of `weight`, when the model was packed.
     pub packed: Option<Packed>,
 }
@@ -236,7 +248,7 @@ impl Linear {
         Linear {
             weight,
             bias,
-            factor: None,
+            repr: LinearRepr::Dense,
             packed: None,
         }
     }
@@ -246,15 +258,15 @@ impl Linear {
         Linear {
             weight: v,
             bias,
-            factor: Some(u),
+            repr: LinearRepr::LowRank { u },
             packed: None,
         }
     }
 
     pub fn out_features(&self) -> usize {
-        match &self.factor {
-            Some(u) => u.shape[0],
-            None => self.weight.shape[0],
+        match &self.repr {
+            LinearRepr::LowRank { u } => u.shape[0],
+            LinearRepr::Dense => self.weight.shape[0],
         }
     }
     pub fn in_features(&self) -> usize {
@@ -263,17 +275,25 @@ impl Linear {
 
     /// True when the layer is stored as two low-rank factors.
     pub fn is_factored(&self) -> bool {
-        self.factor.is_some()
+        matches!(self.repr, LinearRepr::LowRank { .. })
+    }
+
+    /// The left factor `U` `[out_features, rank]` of a low-rank layer.
+    pub fn left_factor(&self) -> Option<&Tensor> {
+        match &self.repr {
+            LinearRepr::LowRank { u } => Some(u),
+            LinearRepr::Dense => None,
+        }
     }
 
     /// The rank of a factorised layer.
     pub fn rank(&self) -> Option<usize> {
-        self.factor.as_ref().map(|_| self.weight.shape[0])
+        self.is_factored().then(|| self.weight.shape[0])
     }
 
     /// Weight parameters (both factors of a low-rank layer; the bias not included).
     pub fn weight_params(&self) -> usize {
-        self.weight.len() + self.factor.as_ref().map_or(0, Tensor::len)
+        self.weight.len() + self.left_factor().map_or(0, Tensor::len)
     }
 }
 
@@ -347,7 +367,9 @@ impl LayerWeights {
         ] {
             out.push(&mut lin.weight);
             out.extend(lin.bias.as_mut());
-            out.extend(lin.factor.as_mut());
+            if let LinearRepr::LowRank { u } = &mut lin.repr {
+                out.push(u);
+            }
         }
         out.extend(self.attn_shortcut.as_mut());
         out.extend(self.mlp_shortcut.as_mut());
@@ -407,9 +429,9 @@ impl Weights {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
                 let base = names::linear_module(i, kind);
-                match &lin.factor {
-                    None => out.push((format!("{base}.weight"), &lin.weight)),
-                    Some(u) => {
+                match &lin.repr {
+                    LinearRepr::Dense => out.push((format!("{base}.weight"), &lin.weight)),
+                    LinearRepr::LowRank { u } => {
                         out.push((format!("{base}.{LOW_RANK_V}"), &lin.weight));
                         out.push((format!("{base}.{LOW_RANK_U}"), u));
                     }

@@ -45,6 +45,7 @@ use crate::calibrate::CalibSet;
 use crate::model::forward::embed;
 use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
+use crate::model::weights::LinearRepr;
 use crate::{Error, Linear, LinearKind, Model, Result, Tensor};
 use faer::{Mat, Par, Side};
 use serde_json::json;
@@ -287,7 +288,9 @@ pub fn relative_error(w: &[f32], f: &Factors, out: usize, inp: usize, gram: Opti
 
 /// Replace `lin` by its factors (the bias is kept).
 fn apply(lin: &mut Linear, f: Factors, out: usize, inp: usize) {
-    lin.factor = Some(Tensor::new(vec![out, f.rank], f.u));
+    lin.repr = LinearRepr::LowRank {
+        u: Tensor::new(vec![out, f.rank], f.u),
+    };
     lin.weight = Tensor::new(vec![f.rank, inp], f.v);
 }
 

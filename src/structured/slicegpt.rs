@@ -55,6 +55,7 @@ use crate::kernels;
 use crate::model::forward::{embed, Scratch};
 use crate::model::observer::Observer;
 use crate::model::rope::Rope;
+use crate::model::weights::LinearRepr;
 use crate::{Error, LayerWeights, Linear, LinearKind, Model, Result, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -185,7 +186,7 @@ pub fn slice(
         temp.o = Linear {
             weight: mul_left_f32(&p_mid, &folded.o.weight),
             bias: folded.o.bias.as_ref().map(|b| mul_left_f32(&p_mid, b)),
-            factor: None,
+            repr: LinearRepr::Dense,
             packed: None,
         };
         run_layer(
@@ -287,19 +288,19 @@ fn sliced_layer(
     let right = |lin: &Linear| Linear {
         weight: mul_right(&lin.weight, q_in.as_ref(), n),
         bias: lin.bias.clone(),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     let right_mid = |lin: &Linear| Linear {
         weight: mul_right(&lin.weight, q_mid.as_ref(), n),
         bias: lin.bias.clone(),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     let left = |lin: &Linear, q: MatRef<'_, f64>| Linear {
         weight: mul_left(q, &lin.weight),
         bias: lin.bias.as_ref().map(|b| mul_left(q, b)),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     // Shortcut in linear layout: Sᵀ = Q̂_toᵀ Q̂_from ([n, n]).
