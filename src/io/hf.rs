@@ -38,7 +38,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-mod safetensors_file;
+pub mod safetensors_file;
 pub use safetensors_file::SafetensorsFile;
 
 /// `config.json`.
@@ -126,7 +126,7 @@ pub fn load_dir_with(dir: &Path, lazy: bool) -> Result<Model> {
     let config = parse_config(&json, &cfg_path)?;
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
     let ext = parse_extensions(&json, &config, &cfg_path)?;
-    let packed = super::packed::load_note(&json, &cfg_path)?;
+    let packed = super::packed_load::load_note(&json, &cfg_path)?;
     let mut store = TensorStore::open(dir)?;
     store.lazy = lazy;
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
@@ -558,7 +558,7 @@ impl TensorStore {
                 })
             }
         };
-        super::packed::load_weight(file, name, kind, expected)
+        super::packed_load::load_weight(file, name, kind, expected)
     }
 
     /// Tensor `name`, checked to have shape `expected`.
