@@ -30,10 +30,10 @@ pub fn load_note(json: &Value, path: &Path) -> Result<BTreeMap<String, String>> 
         let kind = kind
             .as_str()
             .ok_or_else(|| bad(format!("`{FORMATS_KEY}.{name}` must be a format name")))?;
-        if !formats::KINDS.contains(&kind) {
+        if formats::registry::by_kind(kind).is_none() {
             return Err(bad(format!(
                 "`{FORMATS_KEY}.{name}`: unknown format `{kind}` (known: {})",
-                formats::KINDS.join(", ")
+                formats::registry::kinds().collect::<Vec<_>>().join(", ")
             )));
         }
         let linear = name.starts_with(crate::model::names::LAYERS_PREFIX)

@@ -1,20 +1,23 @@
-//! The format choices of the runtime: what `--format` names ([`FormatChoice`]), each one's
-//! storage [`Layout`] and [`ValueType`], parsed and displayed by one table
-//! ([`FormatChoice::ALL`]). [`super::pack`] packs with them and [`super::autopick`] chooses
-//! among them; this module depends on neither.
+//! The format choices of the runtime: what `--format` names ([`FormatChoice`]), parsed and
+//! displayed by one table ([`FormatChoice::ALL`]). Each fixed choice is a format of the format
+//! registry ([`crate::formats::registry`]), which gives its kind, [`Layout`] and
+//! [`ValueType`]; the `auto` choices are resolved per tensor. [`super::pack`] packs with these
+//! choices and [`super::autopick`] chooses among them; this module depends on neither.
 
+use crate::formats::registry::{self, FormatSpec};
 use crate::{Error, Result};
 use serde::Serialize;
 
-/// Stored value type of a format choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ValueType {
-    F32,
-    F16,
-    Bf16,
-    I8,
-}
+pub use crate::formats::registry::ValueType;
+
+/// `--format` names of the dense formats, which differ from their kinds (`dense` is
+/// `dense-f32`); every other fixed choice's name is its kind.
+const DENSE_NAMES: [(&str, &str); 4] = [
+    ("dense", "dense-f32"),
+    ("bf16", "dense-bf16"),
+    ("f16", "dense-f16"),
+    ("int8", "dense-i8"),
+];
 
 /// Which format to pack weights into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -62,6 +65,18 @@ pub enum Layout {
     Bsr,
 }
 
+impl From<registry::Layout> for Layout {
+    fn from(l: registry::Layout) -> Layout {
+        match l {
+            registry::Layout::Dense => Layout::Dense,
+            registry::Layout::Bitmask => Layout::Bitmask,
+            registry::Layout::Csr => Layout::Csr,
+            registry::Layout::Nm => Layout::Nm,
+            registry::Layout::Bsr => Layout::Bsr,
+        }
+    }
+}
+
 impl FormatChoice {
     /// Every choice with its CLI name.
     pub const ALL: [(FormatChoice, &'static str); 20] = [
@@ -95,28 +110,31 @@ impl FormatChoice {
             .map_or("?", |(_, n)| n)
     }
 
+    /// The registry format this choice packs into (`None` for the auto choices).
+    pub fn spec(self) -> Option<&'static FormatSpec> {
+        if self.is_auto() {
+            return None;
+        }
+        let name = self.name();
+        let kind = DENSE_NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(name, |(_, k)| k);
+        registry::by_kind(kind)
+    }
+
     /// Value type of the stored weights.
     pub fn value_type(self) -> ValueType {
-        use FormatChoice::*;
         match self {
-            AutoBf16 | Bf16 | BitmaskBf16 | CsrBf16 | NmBf16 => ValueType::Bf16,
-            AutoF16 | F16 | BitmaskF16 | CsrF16 | NmF16 => ValueType::F16,
-            Int8 | BitmaskI8 | CsrI8 | NmI8 => ValueType::I8,
-            _ => ValueType::F32,
+            FormatChoice::AutoBf16 => ValueType::Bf16,
+            FormatChoice::AutoF16 => ValueType::F16,
+            c => c.spec().map_or(ValueType::F32, |s| s.values),
         }
     }
 
     /// How the weights are stored.
     pub fn layout(self) -> Layout {
-        use FormatChoice::*;
-        match self {
-            Auto | AutoBf16 | AutoF16 => Layout::Auto,
-            Dense | Bf16 | F16 | Int8 => Layout::Dense,
-            Bitmask | BitmaskBf16 | BitmaskF16 | BitmaskI8 => Layout::Bitmask,
-            Csr | CsrBf16 | CsrF16 | CsrI8 => Layout::Csr,
-            Nm | NmBf16 | NmF16 | NmI8 => Layout::Nm,
-            Bsr => Layout::Bsr,
-        }
+        self.spec().map_or(Layout::Auto, |s| s.layout.into())
     }
 
     /// The choice with this layout and value type, if there is one (BSR is f32 only).
@@ -129,7 +147,10 @@ impl FormatChoice {
 
     /// True for `auto`, `auto-bf16` and `auto-f16` (resolved per tensor by [`super::autopick::pick`]).
     pub fn is_auto(self) -> bool {
-        self.layout() == Layout::Auto
+        matches!(
+            self,
+            FormatChoice::Auto | FormatChoice::AutoBf16 | FormatChoice::AutoF16
+        )
     }
 
     /// The dense choice of the same value type (what the LM head gets by default).
@@ -143,11 +164,12 @@ impl std::str::FromStr for FormatChoice {
     fn from_str(s: &str) -> Result<FormatChoice> {
         let s = s.trim().to_ascii_lowercase();
         let alias = match s.as_str() {
-            "f32" | "dense-f32" => "dense",
-            "i8" | "dense-i8" => "int8",
-            "dense-bf16" => "bf16",
-            "dense-f16" => "f16",
-            other => other,
+            "f32" => "dense",
+            "i8" => "int8",
+            kind => DENSE_NAMES
+                .iter()
+                .find(|(_, k)| *k == kind)
+                .map_or(kind, |(n, _)| n),
         };
         Self::ALL
             .iter()
@@ -166,5 +188,31 @@ impl std::str::FromStr for FormatChoice {
 impl std::fmt::Display for FormatChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_choices_are_registry_formats() {
+        for (c, name) in FormatChoice::ALL {
+            assert_eq!(name.parse::<FormatChoice>().unwrap(), c);
+            match c.spec() {
+                None => assert!(c.is_auto(), "{name} has no registry format"),
+                Some(s) => {
+                    assert_eq!(s.kind.parse::<FormatChoice>().unwrap(), c, "kind parses");
+                    assert_eq!(FormatChoice::of(c.layout(), c.value_type()), Some(c));
+                }
+            }
+        }
+        // Every registry format is a choice.
+        for s in &registry::FORMATS {
+            let c: FormatChoice = s.kind.parse().unwrap();
+            assert_eq!(c.spec().map(|x| x.kind), Some(s.kind));
+        }
+        assert_eq!(FormatChoice::AutoBf16.value_type(), ValueType::Bf16);
+        assert_eq!(FormatChoice::Auto.layout(), Layout::Auto);
     }
 }
