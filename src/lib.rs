@@ -12,6 +12,7 @@ pub mod eval;
 pub mod formats;
 pub mod inspect;
 pub mod io;
+pub mod isa;
 pub mod kernels;
 pub mod model;
 pub mod prune;
@@ -23,7 +24,7 @@ pub mod util;
 
 pub use error::{Error, Result};
 pub use model::config::{Arch, Config, RopeScaling};
-pub use model::weights::{LayerWeights, Linear, LinearKind, Tensor, Weights};
+pub use model::weights::{LayerWeights, Linear, LinearKind, LinearRepr, Tensor, Weights};
 pub use model::Model;
 
 /// The README's library quick start, compiled and run by `cargo test --release --doc`.

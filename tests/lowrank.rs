@@ -12,6 +12,7 @@ mod common;
 use common::*;
 use lopper::calibrate::{CalibSet, SplitMix64};
 use lopper::model::forward;
+use lopper::model::weights::LinearRepr;
 use lopper::prune::{driver, Method, Pattern, PrunePlan};
 use lopper::structured::lowrank::{self, factor_matrix, LowRankSpec, RankRule};
 use lopper::{Error, Linear, LinearKind, Model, Tensor};
@@ -252,7 +253,11 @@ fn factorised_model_runs_like_its_dense_products_and_round_trips() {
     for l in &mut dense.layers {
         for k in LinearKind::ALL {
             let lin = l.linear_mut(k);
-            let (u, v) = (lin.factor.take().unwrap(), lin.weight.clone());
+            let LinearRepr::LowRank { u } = std::mem::replace(&mut lin.repr, LinearRepr::Dense)
+            else {
+                panic!("{k:?} is not low-rank")
+            };
+            let v = lin.weight.clone();
             let (out, r, inp) = (u.rows(), v.rows(), v.cols());
             let mut w = vec![0f32; out * inp];
             for i in 0..out {

@@ -17,7 +17,6 @@
 //! All functions here are `#[inline(always)]` and must be called from a function compiled with
 //! `#[target_feature(enable = "avx2,fma,f16c")]` (callers check [`super::isa`]).
 
-use super::elem::Elem;
 use std::arch::x86_64::*;
 
 /// One row of a 256-entry table: 32 bytes, aligned for a single aligned load.
@@ -189,40 +188,3 @@ pub(crate) unsafe fn or_lanes(v: __m256i) -> u32 {
 
 /// Sum of the 8 lanes (shared with the attention kernels).
 pub(crate) use crate::kernels::ops::hsum8 as hsum;
-
-/// Sum of `w[k]·x[k]` over `n` values: 4 accumulators of 8 lanes, software prefetch ahead of
-/// the weight stream (as the AVX-512 kernel), the last `n % 8` values scalar.
-///
-/// # Safety
-/// AVX2 + FMA; `w` and `x` valid for `n` reads.
-#[inline(always)]
-pub(crate) unsafe fn dot<E: Elem>(w: *const E, x: *const f32, n: usize) -> f32 {
-    let mut a = [_mm256_setzero_ps(); 4];
-    let mut k = 0;
-    let size = std::mem::size_of::<E>();
-    while k + 32 <= n {
-        // 32 values are 64 bytes of bf16, 32 of int8. f32 rows stream without software
-        // prefetch: on Zen 3 it was 5–20% slower with it (`format_bench`, dense f32, A/B runs).
-        if size < 4 {
-            super::prefetch_ahead(w.add(k), 1);
-        }
-        for (j, acc) in a.iter_mut().enumerate() {
-            let o = k + 8 * j;
-            *acc = _mm256_fmadd_ps(E::load8(w.add(o)), _mm256_loadu_ps(x.add(o)), *acc);
-        }
-        k += 32;
-    }
-    while k + 8 <= n {
-        a[0] = _mm256_fmadd_ps(E::load8(w.add(k)), _mm256_loadu_ps(x.add(k)), a[0]);
-        k += 8;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(a[0], a[1]),
-        _mm256_add_ps(a[2], a[3]),
-    ));
-    while k < n {
-        s += (*w.add(k)).to_f32() * *x.add(k);
-        k += 1;
-    }
-    s
-}

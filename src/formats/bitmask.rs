@@ -124,7 +124,7 @@ fn iter_bits(mask: &[u64], cols: usize, r: usize) -> impl Iterator<Item = usize>
 /// `VBMI2`: expand through [`Elem::expand_load_vbmi2`].
 ///
 /// # Safety
-/// AVX-512 (see [`has_avx512`]), and VBMI2 when `VBMI2`; `*vp` valid for `popcount(k)` reads;
+/// AVX-512 (see [`avx512_active`]), and VBMI2 when `VBMI2`; `*vp` valid for `popcount(k)` reads;
 /// `base` valid for 16 reads when `FULL`, else where `k` is set.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -167,11 +167,10 @@ unsafe fn word64<E: Elem, const VBMI2: bool, const FULL: bool>(
     slice16::<E, VBMI2, FULL>((word >> 48) as u16, vp, base.wrapping_add(48), &mut a[3]);
 }
 
-/// Whether `E`'s values expand faster with VBMI2 and the CPU has it (checked once).
+/// Whether `E`'s values expand faster with VBMI2 and the CPU has it.
 #[cfg(target_arch = "x86_64")]
 fn use_vbmi2<E: Elem>() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    E::VBMI2_EXPAND && *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512vbmi2"))
+    E::VBMI2_EXPAND && crate::isa::features().avx512vbmi2
 }
 
 impl<E: Elem> BitmaskOf<E> {

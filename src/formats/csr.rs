@@ -207,7 +207,7 @@ impl<E: Elem> CsrOf<E> {
     /// to their columns of a zeroed row.
     ///
     /// # Safety
-    /// AVX-512 (see [`has_avx512`]); indices validated; `out` holds `(r1 − r0) · cols` values.
+    /// AVX-512 (see [`avx512_active`]); indices validated; `out` holds `(r1 − r0) · cols` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]
     unsafe fn decode_avx512(&self, r0: usize, r1: usize, out: &mut [f32]) {
@@ -261,7 +261,7 @@ impl<E: Elem> WeightFormat for CsrOf<E> {
         // (< cols) on construction.
         #[cfg(target_arch = "x86_64")]
         let fast =
-            has_avx512().then_some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
+            avx512_active().then_some(|out: &mut [f32]| unsafe { self.decode_avx512(r0, r1, out) });
         #[cfg(not(target_arch = "x86_64"))]
         let fast: Option<fn(&mut [f32])> = None;
         sparse::decode_rows(self, r0, r1, out, fast)

@@ -87,12 +87,12 @@ pub trait Elem: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     }
     /// 16 values at `p` as f32 lanes.
     /// # Safety
-    /// AVX-512F/BW/VL (and the features of [`super::has_avx512`]) available; `p` valid for 16 reads.
+    /// AVX-512F/BW/VL (and the features of [`crate::isa::avx512_bw`]) available; `p` valid for 16 reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> __m512;
     /// The first `n ≤ 16` values at `p` in lanes `0..n`, zeros above; reads only `n` values.
     /// # Safety
-    /// AVX-512F/BW/VL (and the features of [`super::has_avx512`]) available; `p` valid for `n` reads.
+    /// AVX-512F/BW/VL (and the features of [`crate::isa::avx512_bw`]) available; `p` valid for `n` reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load_first(n: usize, p: *const Self) -> __m512;
     /// `popcount(k)` packed values at `p` spread to the lanes set in `k` (zeros elsewhere).
@@ -593,7 +593,7 @@ mod tests {
             same(out[3], c[1]);
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::has_avx2() {
+        if crate::isa::avx2_fma_f16c() {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2(all: &[half::f16], same: impl Fn(f32, half::f16)) {
                 for c in all.chunks_exact(8) {
@@ -617,7 +617,7 @@ mod tests {
             unsafe { avx2(&all, same) };
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512bw") {
+        if crate::isa::avx512_bw() {
             #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
             unsafe fn avx512(all: &[half::f16], same: impl Fn(f32, half::f16)) {
                 for c in all.chunks_exact(16) {

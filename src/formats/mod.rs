@@ -60,6 +60,7 @@ mod csr;
 mod dense;
 pub mod elem;
 mod nm;
+pub mod registry;
 pub mod screen;
 mod sparse;
 
@@ -304,13 +305,10 @@ fn detected_isa() -> Isa {
     *D.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected;
-            let base = is_x86_feature_detected!("popcnt")
-                && is_x86_feature_detected!("bmi1")
-                && is_x86_feature_detected!("bmi2");
-            if base && crate::kernels::has_avx512() && is_x86_feature_detected!("avx512bw") {
+            let base = crate::isa::bit_manipulation();
+            if base && crate::isa::avx512_bw() {
                 Isa::Avx512
-            } else if base && crate::kernels::has_avx2() {
+            } else if base && crate::isa::avx2_fma_f16c() {
                 Isa::Avx2
             } else {
                 Isa::Portable
@@ -338,9 +336,10 @@ pub fn isa() -> Isa {
     }
 }
 
-/// True when the AVX-512 format kernels run ([`isa`] is [`Isa::Avx512`]).
+/// True when the AVX-512 format kernels run now ([`isa`] is [`Isa::Avx512`]; the CPU's own
+/// features are [`crate::isa`]'s).
 #[inline]
-pub fn has_avx512() -> bool {
+pub fn avx512_active() -> bool {
     isa() == Isa::Avx512
 }
 
@@ -618,59 +617,20 @@ pub(crate) fn read_dims(
     Ok((s[0], s[1]))
 }
 
-/// Every kind [`from_tensors`] accepts.
-pub const KINDS: &[&str] = &[
-    "dense-f32",
-    "dense-f16",
-    "dense-bf16",
-    "dense-i8",
-    "bitmask",
-    "bitmask-f16",
-    "bitmask-bf16",
-    "bitmask-i8",
-    "csr",
-    "csr-f16",
-    "csr-bf16",
-    "csr-i8",
-    "nm",
-    "nm-f16",
-    "nm-bf16",
-    "nm-i8",
-    "bsr",
-];
-
-/// Rebuilds a format from [`WeightFormat::to_tensors`] output given its [`WeightFormat::kind`].
+/// Rebuilds a format from [`WeightFormat::to_tensors`] output given its [`WeightFormat::kind`]
+/// (one of [`registry::FORMATS`]).
 pub fn from_tensors(
     kind: &str,
     name: &str,
     tensors: &[RawTensor],
 ) -> Result<Box<dyn WeightFormat>> {
-    use half::{bf16, f16};
-    Ok(match kind {
-        "dense-f32" => Box::new(Dense::from_tensors(name, tensors)?),
-        "dense-f16" => Box::new(DenseF16::from_tensors(name, tensors)?),
-        "dense-bf16" => Box::new(DenseBf16::from_tensors(name, tensors)?),
-        "dense-i8" => Box::new(DenseI8::from_tensors(name, tensors)?),
-        "bitmask" => Box::new(Bitmask::from_tensors(name, tensors)?),
-        "bitmask-f16" => Box::new(BitmaskOf::<f16>::from_tensors(name, tensors)?),
-        "bitmask-bf16" => Box::new(BitmaskOf::<bf16>::from_tensors(name, tensors)?),
-        "bitmask-i8" => Box::new(BitmaskI8::from_tensors(name, tensors)?),
-        "csr" => Box::new(Csr::from_tensors(name, tensors)?),
-        "csr-f16" => Box::new(CsrOf::<f16>::from_tensors(name, tensors)?),
-        "csr-bf16" => Box::new(CsrOf::<bf16>::from_tensors(name, tensors)?),
-        "csr-i8" => Box::new(CsrOf::<i8>::from_tensors(name, tensors)?),
-        "nm" => Box::new(NM::from_tensors(name, tensors)?),
-        "nm-f16" => Box::new(NMOf::<f16>::from_tensors(name, tensors)?),
-        "nm-bf16" => Box::new(NMOf::<bf16>::from_tensors(name, tensors)?),
-        "nm-i8" => Box::new(NMOf::<i8>::from_tensors(name, tensors)?),
-        "bsr" => Box::new(Bsr::from_tensors(name, tensors)?),
-        _ => {
-            return Err(Error::Invalid(format!(
-                "unknown weight format `{kind}` (known: {})",
-                KINDS.join(", ")
-            )))
-        }
-    })
+    match registry::by_kind(kind) {
+        Some(spec) => (spec.load)(name, tensors),
+        None => Err(Error::Invalid(format!(
+            "unknown weight format `{kind}` (known: {})",
+            registry::kinds().collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 pub(crate) fn shape_tensor(name: &str, dims: &[usize]) -> RawTensor {

@@ -530,7 +530,7 @@ impl<E: Elem> NMOf<E> {
     /// scattered into their 32-column window of a zeroed row.
     ///
     /// # Safety
-    /// AVX-512 (see [`has_avx512`]); fast pattern; indices validated; `out` holds
+    /// AVX-512 (see [`avx512_active`]); fast pattern; indices validated; `out` holds
     /// `(r1 − r0) · cols` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma,popcnt,bmi1,bmi2")]

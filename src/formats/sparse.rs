@@ -104,7 +104,7 @@ fn portable<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: O
         unsafe fn avx2<F: Entries>(f: &F, r0: usize, r1: usize, x: &[f32], m: usize, out: Out) {
             portable_block(f, r0, r1, x, m, out)
         }
-        if crate::kernels::has_avx2() && std::arch::is_x86_feature_detected!("bmi2") {
+        if crate::isa::avx2_fma_f16c() && crate::isa::bmi2() {
             // SAFETY: the features are checked at run time.
             return unsafe { avx2(f, r0, r1, x, m, out) };
         }

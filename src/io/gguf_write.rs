@@ -50,7 +50,7 @@ pub use vocab::metadata_from_tokenizer;
 
 use crate::io::gguf::{llama3_rope_factors, permute_rows, GgufFile};
 use crate::model::config::{Arch, RopeScaling};
-use crate::model::weights::{LayerWeights, Linear, Tensor};
+use crate::model::weights::{LayerWeights, Linear, LinearRepr, Tensor};
 use crate::{Error, Model, Result};
 use candle_core::quantized::gguf_file::Value;
 use encode::TType;
@@ -165,10 +165,10 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             let Linear {
                 weight,
                 bias,
-                factor,
+                repr,
                 packed: _,
             } = lin;
-            if factor.is_some() {
+            if let LinearRepr::LowRank { .. } = repr {
                 return Err(no(format!(
                     "{p} {name} is a low-rank pair, which llama.cpp cannot run (save it as an HF directory instead)"
                 )));

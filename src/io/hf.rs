@@ -28,6 +28,7 @@
 //! tools and tests.
 
 use crate::model::config::{Arch, Config, RopeScaling};
+use crate::model::names;
 use crate::model::weights::{
     LayerWeights, Linear, LinearKind, Packed, Tensor, Weights, ATTN_SHORTCUT, LOW_RANK_U,
     LOW_RANK_V, MLP_SHORTCUT,
@@ -37,7 +38,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-mod safetensors_file;
+pub mod safetensors_file;
 pub use safetensors_file::SafetensorsFile;
 
 /// `config.json`.
@@ -125,7 +126,7 @@ pub fn load_dir_with(dir: &Path, lazy: bool) -> Result<Model> {
     let config = parse_config(&json, &cfg_path)?;
     let specs = parse_layer_specs(&json, &config, &cfg_path)?;
     let ext = parse_extensions(&json, &config, &cfg_path)?;
-    let packed = super::packed::load_note(&json, &cfg_path)?;
+    let packed = super::packed_load::load_note(&json, &cfg_path)?;
     let mut store = TensorStore::open(dir)?;
     store.lazy = lazy;
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
@@ -557,7 +558,7 @@ impl TensorStore {
                 })
             }
         };
-        super::packed::load_weight(file, name, kind, expected)
+        super::packed_load::load_weight(file, name, kind, expected)
     }
 
     /// Tensor `name`, checked to have shape `expected`.
@@ -590,21 +591,21 @@ fn load_weights(
     packed: &BTreeMap<String, String>,
 ) -> Result<Weights> {
     let (h, hd, vocab) = (config.hidden_size, config.head_dim, config.vocab_size);
-    let embed = store.get("model.embed_tokens.weight", &[vocab, h])?;
+    let embed = store.get(names::EMBED, &[vocab, h])?;
     let mut layers = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let p = format!("model.layers.{i}");
         let lin = |kind: LinearKind| -> Result<Linear> {
+            let module = names::linear_module(i, kind);
             let shape = spec.linear_shape(kind, h, hd);
             let bias = if has_bias(config, kind) {
-                Some(store.get(&format!("{p}.{}.bias", kind.hf_name()), &shape[..1])?)
+                Some(store.get(&format!("{module}.bias"), &shape[..1])?)
             } else {
                 None
             };
             if let Some(&rank) = ext.low_rank.get(&(i, kind)) {
-                return load_low_rank(store, &format!("{p}.{}", kind.hf_name()), shape, rank, bias);
+                return load_low_rank(store, &module, shape, rank, bias);
             }
-            let name = format!("{p}.{}.weight", kind.hf_name());
+            let name = format!("{module}.weight");
             let (weight, pk) = match packed.get(&name) {
                 Some(k) => store
                     .get_packed(&name, k, &shape)
@@ -616,12 +617,12 @@ fn load_weights(
             Ok(lin)
         };
         layers.push(LayerWeights {
-            attn_norm: store.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            attn_norm: store.get(&names::layer_tensor(i, names::ATTN_NORM), &[h])?,
             q: lin(LinearKind::Q)?,
             k: lin(LinearKind::K)?,
             v: lin(LinearKind::V)?,
             o: lin(LinearKind::O)?,
-            mlp_norm: store.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            mlp_norm: store.get(&names::layer_tensor(i, names::MLP_NORM), &[h])?,
             gate: lin(LinearKind::Gate)?,
             up: lin(LinearKind::Up)?,
             down: lin(LinearKind::Down)?,
@@ -629,8 +630,8 @@ fn load_weights(
             mlp_shortcut: load_shortcut(store, i, MLP_SHORTCUT, &ext.mlp_shortcuts, h)?,
         });
     }
-    let final_norm = store.get("model.norm.weight", &[h])?;
-    let head = "lm_head.weight";
+    let final_norm = store.get(names::FINAL_NORM, &[h])?;
+    let head = names::LM_HEAD;
     let (dense_head, lm_head_packed) = match packed.get(head) {
         Some(k) => store
             .get_packed(head, k, &[vocab, h])
@@ -703,7 +704,7 @@ pub fn parse_extensions(json: &Value, config: &Config, path: &Path) -> Result<Ex
         None | Some(Value::Null) => {}
         Some(Value::Object(map)) => {
             for (module, rank) in map {
-                let key = parse_module_path(module, n).ok_or_else(|| {
+                let key = names::parse_linear_module(module, n).ok_or_else(|| {
                     Error::config(
                         path,
                         format!(
@@ -763,15 +764,6 @@ pub fn parse_extensions(json: &Value, config: &Config, path: &Path) -> Result<Ex
     Ok(ext)
 }
 
-/// `model.layers.{i}.{kind.hf_name()}` → `(i, kind)`.
-fn parse_module_path(module: &str, n_layers: usize) -> Option<(usize, LinearKind)> {
-    let rest = module.strip_prefix("model.layers.")?;
-    let (idx, name) = rest.split_once('.')?;
-    let i: usize = idx.parse().ok()?;
-    let kind = LinearKind::ALL.into_iter().find(|k| k.hf_name() == name)?;
-    (i < n_layers).then_some((i, kind))
-}
-
 /// The extension entries `config.json` needs for `model` (none for an ordinary model).
 pub fn extensions_json(model: &Model) -> Vec<(String, Value)> {
     let w = &model.weights;
@@ -780,7 +772,7 @@ pub fn extensions_json(model: &Model) -> Vec<(String, Value)> {
     for (i, l) in w.layers.iter().enumerate() {
         for kind in LinearKind::ALL {
             if let Some(r) = l.linear(kind).rank() {
-                ranks.insert(format!("model.layers.{i}.{}", kind.hf_name()), r.into());
+                ranks.insert(names::linear_module(i, kind), r.into());
             }
         }
     }
@@ -827,9 +819,7 @@ fn load_shortcut(
     if !flags.get(i).copied().unwrap_or(false) {
         return Ok(None);
     }
-    store
-        .get(&format!("model.layers.{i}.{name}"), &[h, h])
-        .map(Some)
+    store.get(&names::layer_tensor(i, name), &[h, h]).map(Some)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod gguf_write;
 pub mod hf;
 pub mod packed;
+pub mod packed_load;
 pub mod save;
 
 use crate::{Error, Model, Result};

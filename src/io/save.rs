@@ -19,6 +19,7 @@
 
 use crate::io::hf::{self, LayerSpec, LOPPER_LAYERS_KEY};
 use crate::model::config::{Arch, Config, RopeScaling};
+use crate::model::names;
 use crate::model::weights::{
     LayerWeights, Linear, LinearKind, Tensor, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V, MLP_SHORTCUT,
 };
@@ -559,25 +560,19 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
         });
         Ok::<(), Error>(())
     };
-    add(
-        &mut list,
-        "model.embed_tokens.weight".into(),
-        &w.embed,
-        &[vocab, h],
-    )?;
+    add(&mut list, names::EMBED.into(), &w.embed, &[vocab, h])?;
     for (i, l) in w.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
         let spec = LayerSpec::of_layer(l, hd);
         add(
             &mut list,
-            format!("{p}.input_layernorm.weight"),
+            names::layer_tensor(i, names::ATTN_NORM),
             &l.attn_norm,
             &[h],
         )?;
         for kind in LinearKind::ALL {
             let lin = l.linear(kind);
             let shape = spec.linear_shape(kind, h, hd);
-            let base = format!("{p}.{}", kind.hf_name());
+            let base = names::linear_module(i, kind);
             if lin.is_factored() {
                 for (name, t, expected) in low_rank_entries(lin, &base, shape) {
                     add(&mut list, name, t, &expected)?;
@@ -604,17 +599,17 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
         }
         add(
             &mut list,
-            format!("{p}.post_attention_layernorm.weight"),
+            names::layer_tensor(i, names::MLP_NORM),
             &l.mlp_norm,
             &[h],
         )?;
-        for (name, t) in shortcut_entries(l, &p) {
+        for (name, t) in shortcut_entries(l, i) {
             add(&mut list, name, t, &[h, h])?;
         }
     }
-    add(&mut list, "model.norm.weight".into(), &w.final_norm, &[h])?;
+    add(&mut list, names::FINAL_NORM.into(), &w.final_norm, &[h])?;
     if let Some(head) = &w.lm_head {
-        add(&mut list, "lm_head.weight".into(), head, &[vocab, h])?;
+        add(&mut list, names::LM_HEAD.into(), head, &[vocab, h])?;
     }
     Ok(list)
 }
@@ -629,20 +624,20 @@ fn low_rank_entries<'a>(
 ) -> Vec<(String, &'a Tensor, Vec<usize>)> {
     let rank = lin.rank().unwrap_or(0);
     let mut v = vec![(format!("{base}.{LOW_RANK_V}"), &lin.weight, vec![rank, inp])];
-    if let Some(u) = &lin.factor {
+    if let Some(u) = lin.left_factor() {
         v.push((format!("{base}.{LOW_RANK_U}"), u, vec![out, rank]));
     }
     v
 }
 
-/// The residual shortcuts of layer `l` (prefix `p` = `model.layers.{i}`), with their names.
-fn shortcut_entries<'a>(l: &'a LayerWeights, p: &str) -> Vec<(String, &'a Tensor)> {
+/// The residual shortcuts of layer `l` (block `i`), with their names.
+fn shortcut_entries(l: &LayerWeights, i: usize) -> Vec<(String, &Tensor)> {
     [
         (ATTN_SHORTCUT, &l.attn_shortcut),
         (MLP_SHORTCUT, &l.mlp_shortcut),
     ]
     .into_iter()
-    .filter_map(|(name, t)| t.as_ref().map(|t| (format!("{p}.{name}"), t)))
+    .filter_map(|(name, t)| t.as_ref().map(|t| (names::layer_tensor(i, name), t)))
     .collect()
 }
 

@@ -5,7 +5,7 @@
 //!
 //! SIMD: element-wise loops are written once as `#[inline(always)]` scalar code and compiled a
 //! second time inside a `#[target_feature(enable = "avx512f,...")]` wrapper, picked at run time
-//! ([`has_avx512`]); LLVM vectorises the loop body in that copy. The code stays portable.
+//! ([`crate::isa::avx512_fvl`]); LLVM vectorises the loop body in that copy. The code stays portable.
 //! Where LLVM vectorised badly (the decode-attention kernels [`dot_rows`], [`weighted_rows`]),
 //! an AVX2 path with intrinsics follows the portable code's lane order and gives its bits.
 
@@ -21,36 +21,9 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// True when the CPU has the AVX-512 subset the vectorised paths use.
-#[inline]
-pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// True when the CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; the f16 formats'
-/// AVX2 kernels convert with it).
-#[inline]
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// The CPU feature predicates under their old names (the registry is [`crate::isa`]):
+/// `has_avx512` is [`crate::isa::avx512_fvl`], `has_avx2` is [`crate::isa::avx2_fma_f16c`].
+pub use crate::isa::{avx2_fma_f16c as has_avx2, avx512_fvl as has_avx512};
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (+ `out` when `accumulate`), row-major, via the `gemm` crate.
 ///

@@ -43,11 +43,11 @@ macro_rules! simd_dispatch {
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if super::has_avx512() {
+                if crate::isa::avx512_fvl() {
                     // SAFETY: the CPU supports the enabled features (checked at run time).
                     return unsafe { avx512($($arg),*) };
                 }
-                if super::has_avx2() {
+                if crate::isa::avx2_fma_f16c() {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -189,7 +189,7 @@ pub fn dot_rows(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]
         "dot_rows: k too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
+    if crate::isa::avx2_fma_f16c() {
         // SAFETY: AVX2 checked; every row read is inside `k` (asserted above).
         unsafe { dot_rows_avx2(q, k, stride, scale, out) };
         return;
@@ -291,7 +291,7 @@ pub fn weighted_rows(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
         "weighted_rows: v too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
+    if crate::isa::avx2_fma_f16c() {
         // SAFETY: AVX2 checked; every row read is inside `v` (asserted above).
         unsafe { weighted_rows_avx2(p, v, stride, out) };
         return;

@@ -59,12 +59,12 @@ fn fma_loop_scalar(iters: usize) -> (f32, usize) {
 
 fn fma_loop(iters: usize) -> (f32, usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::isa::features().avx512f {
         // SAFETY: feature checked at run time.
         return unsafe { fma_loop_avx512(iters) };
     }
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
+    if crate::isa::avx2_fma_f16c() {
         // SAFETY: features checked at run time.
         return unsafe { fma_loop_avx2(iters) };
     }
@@ -137,11 +137,11 @@ fn sum_dispatch(x: &[f32]) -> f64 {
         unsafe fn avx2(x: &[f32]) -> f64 {
             sum_body(x)
         }
-        if super::has_avx512() {
+        if crate::isa::avx512_fvl() {
             // SAFETY: features checked at run time.
             return unsafe { avx512(x) };
         }
-        if super::has_avx2() {
+        if crate::isa::avx2_fma_f16c() {
             // SAFETY: as above.
             return unsafe { avx2(x) };
         }

@@ -82,9 +82,10 @@ pub fn linear_buf(
     accumulate: bool,
     buf: &mut Vec<f32>,
 ) {
-    match &lin.factor {
-        None => product(&lin.weight, lin.packed.as_ref(), x, rows, out, accumulate),
-        Some(u) => {
+    use crate::model::weights::LinearRepr;
+    match &lin.repr {
+        LinearRepr::Dense => product(&lin.weight, lin.packed.as_ref(), x, rows, out, accumulate),
+        LinearRepr::LowRank { u } => {
             // `packed` (when present) is a copy of `weight`, i.e. of V.
             let r = lin.weight.rows();
             let t = resize(buf, rows * r);

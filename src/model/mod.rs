@@ -3,6 +3,7 @@
 pub mod config;
 pub mod flops;
 pub mod forward;
+pub mod names;
 pub mod observer;
 pub mod rope;
 pub mod spill;

@@ -5,7 +5,7 @@
 //! hidden states. [`NoObserver`] does nothing and is what plain inference passes.
 //!
 //! A [`ChunkObserver`] can also watch a pass whose chunks of rows run in parallel (see
-//! [`crate::prune::runner`]): every chunk is seen by its own part, and the parts are merged back
+//! [`crate::calibrate::runner`]): every chunk is seen by its own part, and the parts are merged back
 //! in chunk order, so the result does not depend on how many threads ran the pass.
 
 use crate::model::weights::LinearKind;

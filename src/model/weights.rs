@@ -6,6 +6,7 @@
 //! for block-at-a-time work on models whose f32 weights do not fit).
 //! [`Weights`] mirrors the HF module tree; every field documents its shape.
 
+use super::names;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
@@ -213,18 +214,30 @@ pub struct Packed {
     pub max_rows: usize,
 }
 
+/// How a [`Linear`] stores its matrix. The mode is this enum; the runtime's packed copy
+/// ([`Linear::packed`]) is not a mode but a cache of [`Linear::weight`] (either
+/// representation's first matrix), so it stays an `Option` beside it.
+#[derive(Debug, Clone)]
+pub enum LinearRepr {
+    /// [`Linear::weight`] is the whole matrix `W`, `[out_features, in_features]`.
+    Dense,
+    /// `W ≈ U·V` (see [`crate::structured::lowrank`]): [`Linear::weight`] is the right factor
+    /// `V`, `[rank, in_features]`, applied first; `u` is the left factor `[out_features, rank]`.
+    LowRank { u: Tensor },
+}
+
 /// A linear layer `y = x Wᵀ + b`, or, when low-rank factorised, `y = x Vᵀ Uᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out_features, in_features]` (HF / PyTorch layout); for a factorised layer the right
-    /// factor `V`, `[rank, in_features]`.
+    /// The matrix `x` meets first: `W` `[out_features, in_features]` (HF / PyTorch layout) for
+    /// a dense layer, the right factor `V` `[rank, in_features]` for a low-rank one. Code that
+    /// needs the dense matrix (unstructured pruning, statistics over weights) must check
+    /// [`Linear::is_factored`].
     pub weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
-    /// The left factor `U`, `[out_features, rank]`, of a low-rank layer (`W ≈ U·V`, see
-    /// [`crate::structured::lowrank`]); `None` for a dense layer. Code that needs the dense
-    /// matrix (unstructured pruning, statistics over weights) must check [`Linear::is_factored`].
-    pub factor: Option<Tensor>,
+    /// Dense or low-rank.
+    pub repr: LinearRepr,
     /// The runtime's packed copy of `weight`, when the model was packed.
     pub packed: Option<Packed>,
 }
@@ -235,7 +248,7 @@ impl Linear {
         Linear {
             weight,
             bias,
-            factor: None,
+            repr: LinearRepr::Dense,
             packed: None,
         }
     }
@@ -245,15 +258,15 @@ impl Linear {
         Linear {
             weight: v,
             bias,
-            factor: Some(u),
+            repr: LinearRepr::LowRank { u },
             packed: None,
         }
     }
 
     pub fn out_features(&self) -> usize {
-        match &self.factor {
-            Some(u) => u.shape[0],
-            None => self.weight.shape[0],
+        match &self.repr {
+            LinearRepr::LowRank { u } => u.shape[0],
+            LinearRepr::Dense => self.weight.shape[0],
         }
     }
     pub fn in_features(&self) -> usize {
@@ -262,76 +275,29 @@ impl Linear {
 
     /// True when the layer is stored as two low-rank factors.
     pub fn is_factored(&self) -> bool {
-        self.factor.is_some()
+        matches!(self.repr, LinearRepr::LowRank { .. })
+    }
+
+    /// The left factor `U` `[out_features, rank]` of a low-rank layer.
+    pub fn left_factor(&self) -> Option<&Tensor> {
+        match &self.repr {
+            LinearRepr::LowRank { u } => Some(u),
+            LinearRepr::Dense => None,
+        }
     }
 
     /// The rank of a factorised layer.
     pub fn rank(&self) -> Option<usize> {
-        self.factor.as_ref().map(|_| self.weight.shape[0])
+        self.is_factored().then(|| self.weight.shape[0])
     }
 
     /// Weight parameters (both factors of a low-rank layer; the bias not included).
     pub fn weight_params(&self) -> usize {
-        self.weight.len() + self.factor.as_ref().map_or(0, Tensor::len)
+        self.weight.len() + self.left_factor().map_or(0, Tensor::len)
     }
 }
 
-/// The seven linear layers of a block, in HF order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinearKind {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl LinearKind {
-    pub const ALL: [LinearKind; 7] = [
-        LinearKind::Q,
-        LinearKind::K,
-        LinearKind::V,
-        LinearKind::O,
-        LinearKind::Gate,
-        LinearKind::Up,
-        LinearKind::Down,
-    ];
-
-    /// HF module path inside a block, e.g. `self_attn.q_proj`.
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            LinearKind::Q => "self_attn.q_proj",
-            LinearKind::K => "self_attn.k_proj",
-            LinearKind::V => "self_attn.v_proj",
-            LinearKind::O => "self_attn.o_proj",
-            LinearKind::Gate => "mlp.gate_proj",
-            LinearKind::Up => "mlp.up_proj",
-            LinearKind::Down => "mlp.down_proj",
-        }
-    }
-
-    /// True for attention projections.
-    pub fn is_attention(self) -> bool {
-        matches!(
-            self,
-            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O
-        )
-    }
-}
-
-/// Tensor name suffix (after the linear's HF path) of a low-rank layer's right factor `V`
-/// `[rank, in]`, the first one applied (like `torch.nn.Sequential(Linear(in, rank), Linear(rank,
-/// out))`).
-pub const LOW_RANK_V: &str = "low_rank.0.weight";
-/// Tensor name suffix of a low-rank layer's left factor `U` `[out, rank]`.
-pub const LOW_RANK_U: &str = "low_rank.1.weight";
-/// Tensor name (after `model.layers.{i}.`) of a block's attention residual shortcut.
-pub const ATTN_SHORTCUT: &str = "attn_shortcut.weight";
-/// Tensor name (after `model.layers.{i}.`) of a block's MLP residual shortcut.
-pub const MLP_SHORTCUT: &str = "mlp_shortcut.weight";
+pub use super::names::{LinearKind, ATTN_SHORTCUT, LOW_RANK_U, LOW_RANK_V, MLP_SHORTCUT};
 
 /// Weights of one transformer block.
 #[derive(Debug, Clone)]
@@ -401,7 +367,9 @@ impl LayerWeights {
         ] {
             out.push(&mut lin.weight);
             out.extend(lin.bias.as_mut());
-            out.extend(lin.factor.as_mut());
+            if let LinearRepr::LowRank { u } = &mut lin.repr {
+                out.push(u);
+            }
         }
         out.extend(self.attn_shortcut.as_mut());
         out.extend(self.mlp_shortcut.as_mut());
@@ -455,16 +423,15 @@ impl Weights {
     /// Every tensor with its HF name, in a stable order; low-rank factors and residual shortcuts
     /// under the lopper names ([`LOW_RANK_V`], [`LOW_RANK_U`], [`ATTN_SHORTCUT`], [`MLP_SHORTCUT`]).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        let mut out = vec![(names::EMBED.to_string(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
+            out.push((names::layer_tensor(i, names::ATTN_NORM), &l.attn_norm));
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
-                let base = format!("{p}.{}", kind.hf_name());
-                match &lin.factor {
-                    None => out.push((format!("{base}.weight"), &lin.weight)),
-                    Some(u) => {
+                let base = names::linear_module(i, kind);
+                match &lin.repr {
+                    LinearRepr::Dense => out.push((format!("{base}.weight"), &lin.weight)),
+                    LinearRepr::LowRank { u } => {
                         out.push((format!("{base}.{LOW_RANK_V}"), &lin.weight));
                         out.push((format!("{base}.{LOW_RANK_U}"), u));
                     }
@@ -473,17 +440,17 @@ impl Weights {
                     out.push((format!("{base}.bias"), b));
                 }
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
+            out.push((names::layer_tensor(i, names::MLP_NORM), &l.mlp_norm));
             if let Some(s) = &l.attn_shortcut {
-                out.push((format!("{p}.{ATTN_SHORTCUT}"), s));
+                out.push((names::layer_tensor(i, ATTN_SHORTCUT), s));
             }
             if let Some(s) = &l.mlp_shortcut {
-                out.push((format!("{p}.{MLP_SHORTCUT}"), s));
+                out.push((names::layer_tensor(i, MLP_SHORTCUT), s));
             }
         }
-        out.push(("model.norm.weight".to_string(), &self.final_norm));
+        out.push((names::FINAL_NORM.to_string(), &self.final_norm));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h));
+            out.push((names::LM_HEAD.to_string(), h));
         }
         out
     }

@@ -16,15 +16,20 @@ use super::owl::{self, Allocation};
 use super::stats::StatsObserver;
 use super::{mask, pruner, wanda, Method, Needs, Pattern, Scope, Target};
 use crate::calibrate::CalibSet;
-use crate::model::forward::{embed, Scratch};
-use crate::model::observer::{NoObserver, Observer, Site};
+use crate::model::forward::embed;
+use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
 use crate::model::spill::Spill;
 use crate::{Error, LinearKind, Model, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-pub use super::runner::{BlockRunner, CHUNK_ROWS};
+/// The block runner lives in [`crate::calibrate`]; re-exported for existing callers.
+pub use crate::calibrate::runner::{
+    layer_stats, run_block, run_layer, BlockRunner, Pass, CHUNK_ROWS,
+};
+/// Re-exported from [`crate::model::names`], where tensor names live.
+pub use crate::model::names::tensor_name;
 
 /// A validated pruning request.
 #[derive(Debug, Clone, Serialize)]
@@ -145,11 +150,6 @@ impl PrunePlan {
     }
 }
 
-/// HF name of a block linear's weight.
-pub fn tensor_name(layer: usize, kind: LinearKind) -> String {
-    format!("model.layers.{layer}.{}.weight", kind.hf_name())
-}
-
 /// What happened to one tensor.
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorOutcome {
@@ -176,70 +176,6 @@ pub struct PruneOutcome {
     pub seconds_stats: f64,
     pub seconds_prune: f64,
     pub seconds_total: f64,
-}
-
-/// Run `block` over `h` in chunks of whole samples; with `keep == false` the block runs on a
-/// copy (statistics only) and `h` is left unchanged.
-#[allow(clippy::too_many_arguments)]
-pub fn run_block(
-    model: &Model,
-    layer: usize,
-    rope: &Rope,
-    h: &mut [f32],
-    n: usize,
-    len: usize,
-    keep: bool,
-    obs: &mut dyn Observer,
-    scratch: &mut Scratch,
-) -> Result<()> {
-    let lw = &model.weights.layers[layer];
-    run_layer(
-        &model.config,
-        layer,
-        lw,
-        rope,
-        h,
-        n,
-        len,
-        keep,
-        obs,
-        scratch,
-    )
-}
-
-/// [`run_block`] for block weights `lw` that need not be in a model (e.g. a transformed copy),
-/// run as block `layer` under `cfg`.
-#[allow(clippy::too_many_arguments)]
-pub fn run_layer(
-    cfg: &crate::Config,
-    layer: usize,
-    lw: &crate::LayerWeights,
-    rope: &Rope,
-    h: &mut [f32],
-    n: usize,
-    len: usize,
-    keep: bool,
-    obs: &mut dyn Observer,
-    scratch: &mut Scratch,
-) -> Result<()> {
-    let width = len * cfg.hidden_size;
-    let mut tmp = Vec::new();
-    for (s0, chunk) in super::runner::chunks(h, n, len, cfg.hidden_size) {
-        let b = chunk.len() / width;
-        super::runner::run_chunk(
-            cfg,
-            layer,
-            lw,
-            rope,
-            chunk,
-            (s0, b, len),
-            keep,
-            obs,
-            scratch,
-            &mut tmp,
-        )?;
-    }
-    Ok(())
 }
 
 /// Prune `model` in place with `plan`, calibrating on `calib` (unused for magnitude with
@@ -344,7 +280,7 @@ fn run(
                     &mut h,
                     n,
                     len,
-                    true,
+                    Pass::Propagate,
                     &mut obs,
                 )?;
                 t_stats += t.elapsed().as_secs_f64();
@@ -388,7 +324,6 @@ fn run(
             .filter(|&k| plan.prunes(i, k))
             .collect();
         let mut obs = StatsObserver::new(i, needs, len);
-        obs.statistics_only = true;
         if needs != Needs::default() && !to_prune.is_empty() {
             let t = Instant::now();
             runner.run(
@@ -399,7 +334,7 @@ fn run(
                 &mut h,
                 n,
                 len,
-                false,
+                Pass::Statistics,
                 &mut obs,
             )?;
             t_stats += t.elapsed().as_secs_f64();
@@ -478,7 +413,7 @@ fn run(
                 &mut h,
                 n,
                 len,
-                true,
+                Pass::Propagate,
                 &mut NoObserver,
             )?;
             t_fwd += t.elapsed().as_secs_f64();
@@ -508,31 +443,4 @@ fn run(
         seconds_prune: t_prune,
         seconds_total: t_all.elapsed().as_secs_f64(),
     })
-}
-
-/// Statistics of every linear input of block `layer` for block inputs `h` (`n` samples of
-/// `len` tokens), without changing `h`. Used by tests and tools that inspect one block.
-pub fn layer_stats(
-    model: &Model,
-    layer: usize,
-    h: &mut [f32],
-    n: usize,
-    len: usize,
-    needs: Needs,
-) -> Result<std::collections::HashMap<Site, super::SiteStats>> {
-    let rope = Rope::new(&model.config, len);
-    let mut obs = StatsObserver::new(layer, needs, len);
-    obs.statistics_only = true;
-    BlockRunner::new().run(
-        &model.config,
-        layer,
-        &model.weights.layers[layer],
-        &rope,
-        h,
-        n,
-        len,
-        false,
-        &mut obs,
-    )?;
-    Ok(obs.sites)
 }

@@ -11,17 +11,16 @@ pub mod driver;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
-pub mod runner;
 pub mod sparsegpt;
-pub mod stats;
 pub mod wanda;
 
 use crate::{Error, LinearKind, Result};
 use serde::Serialize;
 use std::str::FromStr;
 
+pub use crate::calibrate::{runner, stats};
 pub use driver::{prune_model, prune_model_spilled, PruneOutcome, PrunePlan};
-pub use stats::SiteStats;
+pub use stats::{Needs, SiteStats};
 
 /// Which weights may be zeroed together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -140,15 +139,6 @@ pub enum Scope {
     /// Within the whole matrix (the official magnitude baseline).
     #[default]
     Matrix,
-}
-
-/// What a method needs collected for each linear input.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Needs {
-    /// Σ x_j² per input column (Wanda).
-    pub col_sq: bool,
-    /// Σ x xᵀ (SparseGPT).
-    pub hessian: bool,
 }
 
 /// What to prune one matrix to.

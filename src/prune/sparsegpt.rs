@@ -81,9 +81,12 @@ pub fn factor_for(
     name: &str,
 ) -> Result<Arc<HessianFactor>> {
     let mut slot = stats.factor.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(f) = slot.as_ref() {
+    let cached = slot
+        .clone()
+        .and_then(|d| d.downcast::<HessianFactor>().ok());
+    if let Some(f) = cached {
         if f.percdamp == percdamp && f.precision == precision {
-            return Ok(f.clone());
+            return Ok(f);
         }
     }
     let h = stats.hessian().ok_or_else(|| {
@@ -100,7 +103,7 @@ pub fn factor_for(
     });
     // A factor with other settings already cached stays; this one is used once.
     if slot.is_none() {
-        *slot = Some(f.clone());
+        *slot = Some(f.clone() as crate::calibrate::stats::Derived);
     }
     Ok(f)
 }

@@ -9,13 +9,18 @@
 //! [`crate::kernels::probe::stream_gbps`] on a buffer larger than the last-level cache.
 //!
 //! [`Probes::prefill_ok`] decides the prefill policy: a packed format's product on
-//! [`super::pack::PREFILL_PROBE_ROWS`] rows against dense GEMM on the same rows.
+//! [`PREFILL_PROBE_ROWS`] rows against dense GEMM on the same rows.
 
-use super::pack::{build, FormatChoice, Layout, ValueType, PREFILL_PROBE_ROWS};
-use crate::formats::{dense_f32_matmul, WeightFormat};
-use crate::Result;
+use super::choice::{FormatChoice, Layout, ValueType};
+use crate::formats::{self, dense_f32_matmul, WeightFormat};
+use crate::{Error, Result};
+use half::{bf16, f16};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// Prefill probe size: rows of `x` at which a format's product is compared with dense GEMM.
+pub const PREFILL_PROBE_ROWS: usize = 64;
 
 /// What the format choice needs to know about a tensor.
 #[derive(Debug, Clone, Copy)]
@@ -228,4 +233,82 @@ pub fn bsr_tile(w: &[f32], rows: usize, cols: usize) -> (usize, usize) {
         }
     }
     best.0
+}
+
+/// Builds `choice` (not auto) for one tensor; `None` for dense f32. Errors name the tensor.
+pub(crate) fn build(
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    choice: FormatChoice,
+    st: &TensorStats,
+) -> Result<Option<Arc<dyn WeightFormat>>> {
+    use formats::*;
+    use FormatChoice as C;
+    let nm = || {
+        st.nm.ok_or_else(|| {
+            Error::Invalid(format!(
+                "cannot pack {name} [{rows}×{cols}] as {choice}: it is not N:M sparse \
+                 (checked 1:2, 2:4, 4:8 and 8:16 along rows; {:.1}% zeros)",
+                100.0 * (1.0 - st.density)
+            ))
+        })
+    };
+    let wrap = |e: Error| Error::Invalid(format!("cannot pack {name} as {choice}: {e}"));
+    if choice.value_type() == ValueType::F16 {
+        // f16 rounds a weight past ±65504 to infinity: refuse instead of corrupting it.
+        let limit = f16::MAX.to_f32();
+        if let Some(i) = w.iter().position(|v| v.abs() > limit) {
+            return Err(Error::Invalid(format!(
+                "cannot pack {name} as {choice}: weight [{}, {}] = {} is outside the f16 \
+                 range (±{limit}); use bf16 or f32",
+                i / cols.max(1),
+                i % cols.max(1),
+                w[i]
+            )));
+        }
+    }
+    let layout = choice.layout();
+    let f = match layout {
+        Layout::Auto => {
+            return Err(Error::Invalid(format!(
+                "{name}: `{choice}` must be resolved before building"
+            )))
+        }
+        Layout::Dense if choice == C::Dense => return Ok(None),
+        Layout::Bsr => {
+            let (br, bc) = bsr_tile(w, rows, cols);
+            Arc::new(Bsr::from_dense(w, rows, cols, br, bc).map_err(wrap)?)
+        }
+        _ => {
+            let nm = if layout == Layout::Nm { nm()? } else { (0, 0) };
+            match choice.value_type() {
+                ValueType::F32 => build_as::<f32>(layout, w, rows, cols, nm),
+                ValueType::Bf16 => build_as::<bf16>(layout, w, rows, cols, nm),
+                ValueType::F16 => build_as::<f16>(layout, w, rows, cols, nm),
+                ValueType::I8 => build_as::<i8>(layout, w, rows, cols, nm),
+            }
+            .map_err(wrap)?
+        }
+    };
+    Ok(Some(f))
+}
+
+/// `w` packed as the dense, bitmask, CSR or N:M (pattern `nm`) format with values `E`.
+fn build_as<E: formats::Elem>(
+    layout: Layout,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    (n, m): (usize, usize),
+) -> Result<Arc<dyn WeightFormat>> {
+    use formats::*;
+    Ok(match layout {
+        Layout::Dense => Arc::new(DenseOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Bitmask => Arc::new(BitmaskOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Csr => Arc::new(CsrOf::<E>::from_dense(w, rows, cols)?),
+        Layout::Nm => Arc::new(NMOf::<E>::from_dense(w, rows, cols, n, m)?),
+        Layout::Auto | Layout::Bsr => unreachable!("{layout:?} is built by `build`"),
+    })
 }

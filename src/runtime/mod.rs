@@ -10,6 +10,7 @@
 //! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
 
 pub mod autopick;
+pub mod choice;
 pub mod generate;
 pub mod kv;
 pub mod pack;

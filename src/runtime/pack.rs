@@ -13,179 +13,17 @@
 //! [`super::autopick`]). A forced format that cannot represent a tensor (N:M on a tensor that is
 //! not N:M, CSR with more than 65536 columns) is an error naming the tensor.
 
-use super::autopick::{self, Probes, TensorStats};
+pub use super::autopick::PREFILL_PROBE_ROWS;
+use super::autopick::{self, build, Probes, TensorStats};
+pub use super::choice::{FormatChoice, Layout, ValueType};
 use crate::formats::screen::{ArgmaxScreen, Exact};
 use crate::formats::{self, WeightFormat};
 use crate::model::weights::Packed;
-use crate::{Error, LinearKind, Model, Result};
-use half::{bf16, f16};
+use crate::{LinearKind, Model, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Stored value type of a format choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ValueType {
-    F32,
-    F16,
-    Bf16,
-    I8,
-}
-
-/// Which format to pack weights into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FormatChoice {
-    /// Per tensor, the fastest estimated lossless (f32-valued) format.
-    Auto,
-    /// Per tensor, the fastest estimated bf16-valued format.
-    AutoBf16,
-    /// Per tensor, the fastest estimated IEEE-f16-valued format.
-    AutoF16,
-    /// Dense f32 (no packed copy: the model's own weights).
-    Dense,
-    Bf16,
-    /// Dense IEEE f16 (values beyond ±65504 are refused).
-    F16,
-    Int8,
-    Bitmask,
-    BitmaskBf16,
-    BitmaskF16,
-    BitmaskI8,
-    Csr,
-    CsrBf16,
-    CsrF16,
-    CsrI8,
-    /// N:M (the tensor's own pattern among 1:2, 2:4, 4:8, 8:16).
-    Nm,
-    NmBf16,
-    NmF16,
-    NmI8,
-    /// Block-sparse rows with the tile shape (among 8×8, 4×16, 4×4, 1×16, 2×2, 1×4) that stores
-    /// the fewest values.
-    Bsr,
-}
-
-/// How a format choice stores a matrix, whatever its value type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// Resolved per tensor by [`autopick::pick`].
-    Auto,
-    Dense,
-    Bitmask,
-    Csr,
-    Nm,
-    Bsr,
-}
-
-impl FormatChoice {
-    /// Every choice with its CLI name.
-    pub const ALL: [(FormatChoice, &'static str); 20] = [
-        (FormatChoice::Auto, "auto"),
-        (FormatChoice::AutoBf16, "auto-bf16"),
-        (FormatChoice::AutoF16, "auto-f16"),
-        (FormatChoice::Dense, "dense"),
-        (FormatChoice::Bf16, "bf16"),
-        (FormatChoice::F16, "f16"),
-        (FormatChoice::Int8, "int8"),
-        (FormatChoice::Bitmask, "bitmask"),
-        (FormatChoice::BitmaskBf16, "bitmask-bf16"),
-        (FormatChoice::BitmaskF16, "bitmask-f16"),
-        (FormatChoice::BitmaskI8, "bitmask-i8"),
-        (FormatChoice::Csr, "csr"),
-        (FormatChoice::CsrBf16, "csr-bf16"),
-        (FormatChoice::CsrF16, "csr-f16"),
-        (FormatChoice::CsrI8, "csr-i8"),
-        (FormatChoice::Nm, "nm"),
-        (FormatChoice::NmBf16, "nm-bf16"),
-        (FormatChoice::NmF16, "nm-f16"),
-        (FormatChoice::NmI8, "nm-i8"),
-        (FormatChoice::Bsr, "bsr"),
-    ];
-
-    /// The CLI name.
-    pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(c, _)| *c == self)
-            .map_or("?", |(_, n)| n)
-    }
-
-    /// Value type of the stored weights.
-    pub fn value_type(self) -> ValueType {
-        use FormatChoice::*;
-        match self {
-            AutoBf16 | Bf16 | BitmaskBf16 | CsrBf16 | NmBf16 => ValueType::Bf16,
-            AutoF16 | F16 | BitmaskF16 | CsrF16 | NmF16 => ValueType::F16,
-            Int8 | BitmaskI8 | CsrI8 | NmI8 => ValueType::I8,
-            _ => ValueType::F32,
-        }
-    }
-
-    /// How the weights are stored.
-    pub fn layout(self) -> Layout {
-        use FormatChoice::*;
-        match self {
-            Auto | AutoBf16 | AutoF16 => Layout::Auto,
-            Dense | Bf16 | F16 | Int8 => Layout::Dense,
-            Bitmask | BitmaskBf16 | BitmaskF16 | BitmaskI8 => Layout::Bitmask,
-            Csr | CsrBf16 | CsrF16 | CsrI8 => Layout::Csr,
-            Nm | NmBf16 | NmF16 | NmI8 => Layout::Nm,
-            Bsr => Layout::Bsr,
-        }
-    }
-
-    /// The choice with this layout and value type, if there is one (BSR is f32 only).
-    pub fn of(layout: Layout, vt: ValueType) -> Option<FormatChoice> {
-        Self::ALL
-            .iter()
-            .map(|&(c, _)| c)
-            .find(|c| c.layout() == layout && c.value_type() == vt)
-    }
-
-    /// True for `auto`, `auto-bf16` and `auto-f16` (resolved per tensor by [`autopick::pick`]).
-    pub fn is_auto(self) -> bool {
-        self.layout() == Layout::Auto
-    }
-
-    /// The dense choice of the same value type (what the LM head gets by default).
-    pub fn dense_of_same_values(self) -> FormatChoice {
-        Self::of(Layout::Dense, self.value_type()).unwrap_or(FormatChoice::Dense)
-    }
-}
-
-impl std::str::FromStr for FormatChoice {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<FormatChoice> {
-        let s = s.trim().to_ascii_lowercase();
-        let alias = match s.as_str() {
-            "f32" | "dense-f32" => "dense",
-            "i8" | "dense-i8" => "int8",
-            "dense-bf16" => "bf16",
-            "dense-f16" => "f16",
-            other => other,
-        };
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == alias)
-            .map(|(c, _)| *c)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
-                Error::Invalid(format!(
-                    "unknown format `{s}` (use one of: {})",
-                    names.join(", ")
-                ))
-            })
-    }
-}
-
-impl std::fmt::Display for FormatChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// What [`pack`] does.
 #[derive(Debug, Clone)]
@@ -250,9 +88,6 @@ impl PackReport {
     }
 }
 
-/// Prefill probe size: rows of `x` at which a format's product is compared with dense GEMM.
-pub const PREFILL_PROBE_ROWS: usize = 64;
-
 /// HF name of the LM head tensor a [`PackReport`] lists (the embedding when tied).
 pub const HEAD_NAME: &str = "lm_head.weight";
 
@@ -268,7 +103,7 @@ pub fn pack(model: &mut Model, opts: &PackOpts) -> Result<PackReport> {
         for kind in LinearKind::ALL {
             let w = &l.linear(kind).weight;
             jobs.push((
-                crate::prune::driver::tensor_name(i, kind),
+                crate::model::names::tensor_name(i, kind),
                 w.data(),
                 w.rows(),
                 w.cols(),
@@ -441,82 +276,4 @@ pub fn unpack(model: &mut Model) {
     }
     model.weights.lm_head_packed = None;
     model.weights.lm_head_screen = None;
-}
-
-/// Builds `choice` (not auto) for one tensor; `None` for dense f32. Errors name the tensor.
-pub(crate) fn build(
-    name: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    choice: FormatChoice,
-    st: &TensorStats,
-) -> Result<Option<Arc<dyn WeightFormat>>> {
-    use formats::*;
-    use FormatChoice as C;
-    let nm = || {
-        st.nm.ok_or_else(|| {
-            Error::Invalid(format!(
-                "cannot pack {name} [{rows}×{cols}] as {choice}: it is not N:M sparse \
-                 (checked 1:2, 2:4, 4:8 and 8:16 along rows; {:.1}% zeros)",
-                100.0 * (1.0 - st.density)
-            ))
-        })
-    };
-    let wrap = |e: Error| Error::Invalid(format!("cannot pack {name} as {choice}: {e}"));
-    if choice.value_type() == ValueType::F16 {
-        // f16 rounds a weight past ±65504 to infinity: refuse instead of corrupting it.
-        let limit = f16::MAX.to_f32();
-        if let Some(i) = w.iter().position(|v| v.abs() > limit) {
-            return Err(Error::Invalid(format!(
-                "cannot pack {name} as {choice}: weight [{}, {}] = {} is outside the f16 \
-                 range (±{limit}); use bf16 or f32",
-                i / cols.max(1),
-                i % cols.max(1),
-                w[i]
-            )));
-        }
-    }
-    let layout = choice.layout();
-    let f = match layout {
-        Layout::Auto => {
-            return Err(Error::Invalid(format!(
-                "{name}: `{choice}` must be resolved before building"
-            )))
-        }
-        Layout::Dense if choice == C::Dense => return Ok(None),
-        Layout::Bsr => {
-            let (br, bc) = autopick::bsr_tile(w, rows, cols);
-            Arc::new(Bsr::from_dense(w, rows, cols, br, bc).map_err(wrap)?)
-        }
-        _ => {
-            let nm = if layout == Layout::Nm { nm()? } else { (0, 0) };
-            match choice.value_type() {
-                ValueType::F32 => build_as::<f32>(layout, w, rows, cols, nm),
-                ValueType::Bf16 => build_as::<bf16>(layout, w, rows, cols, nm),
-                ValueType::F16 => build_as::<f16>(layout, w, rows, cols, nm),
-                ValueType::I8 => build_as::<i8>(layout, w, rows, cols, nm),
-            }
-            .map_err(wrap)?
-        }
-    };
-    Ok(Some(f))
-}
-
-/// `w` packed as the dense, bitmask, CSR or N:M (pattern `nm`) format with values `E`.
-fn build_as<E: formats::Elem>(
-    layout: Layout,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    (n, m): (usize, usize),
-) -> Result<Arc<dyn WeightFormat>> {
-    use formats::*;
-    Ok(match layout {
-        Layout::Dense => Arc::new(DenseOf::<E>::from_dense(w, rows, cols)?),
-        Layout::Bitmask => Arc::new(BitmaskOf::<E>::from_dense(w, rows, cols)?),
-        Layout::Csr => Arc::new(CsrOf::<E>::from_dense(w, rows, cols)?),
-        Layout::Nm => Arc::new(NMOf::<E>::from_dense(w, rows, cols, n, m)?),
-        Layout::Auto | Layout::Bsr => unreachable!("{layout:?} is built by `build`"),
-    })
 }

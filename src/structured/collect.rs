@@ -1,14 +1,14 @@
 //! Push the whole calibration set through the model, block by block, with an observer.
 //!
 //! Memory: one `[samples·len, hidden]` residual buffer; blocks run in chunks of whole samples
-//! (see [`crate::prune::driver::run_block`]).
+//! (see [`crate::calibrate::runner::run_block`]).
 
 use super::Progress;
+use crate::calibrate::runner::{run_block, Pass};
 use crate::calibrate::CalibSet;
 use crate::model::forward::{embed, Scratch};
 use crate::model::observer::Observer;
 use crate::model::rope::Rope;
-use crate::prune::driver::run_block;
 use crate::{Model, Result};
 
 /// Run every block over the calibration set with `obs` watching; returns the final residual
@@ -32,7 +32,7 @@ pub fn observe_all(
             &mut h,
             calib.n,
             calib.len,
-            true,
+            Pass::Propagate,
             obs,
             &mut scratch,
         )?;

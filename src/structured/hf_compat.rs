@@ -33,7 +33,7 @@ pub fn hf_compatible(model: &Model) -> std::result::Result<(), String> {
             ));
         }
         for kind in LinearKind::ALL {
-            if l.linear(kind).factor.is_some() {
+            if l.linear(kind).is_factored() {
                 why.push(format!(
                     "layer {i}: {} is a low-rank pair, which transformers' llama classes lack",
                     kind.hf_name()

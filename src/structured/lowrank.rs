@@ -39,13 +39,13 @@
 //! | 37.5% | 29.7% | 6.9e7 | 269.2 |
 
 use super::{Progress, StepDetails};
+use crate::calibrate::runner::{BlockRunner, Pass};
+use crate::calibrate::stats::{Needs, StatsObserver};
 use crate::calibrate::CalibSet;
 use crate::model::forward::embed;
 use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
-use crate::prune::runner::BlockRunner;
-use crate::prune::stats::StatsObserver;
-use crate::prune::Needs;
+use crate::model::weights::LinearRepr;
 use crate::{Error, Linear, LinearKind, Model, Result, Tensor};
 use faer::{Mat, Par, Side};
 use serde_json::json;
@@ -288,7 +288,9 @@ pub fn relative_error(w: &[f32], f: &Factors, out: usize, inp: usize, gram: Opti
 
 /// Replace `lin` by its factors (the bias is kept).
 fn apply(lin: &mut Linear, f: Factors, out: usize, inp: usize) {
-    lin.factor = Some(Tensor::new(vec![out, f.rank], f.u));
+    lin.repr = LinearRepr::LowRank {
+        u: Tensor::new(vec![out, f.rank], f.u),
+    };
     lin.weight = Tensor::new(vec![f.rank, inp], f.v);
 }
 
@@ -309,7 +311,7 @@ pub fn factorize(
     for (i, l) in model.weights.layers.iter().enumerate() {
         for &k in &kinds {
             let lin = l.linear(k);
-            let name = crate::prune::driver::tensor_name(i, k);
+            let name = crate::model::names::tensor_name(i, k);
             if lin.is_factored() {
                 return Err(Error::Invalid(format!(
                     "low rank: {name} is already factorised"
@@ -376,7 +378,6 @@ fn factorize_layers(
                 hessian: true,
             };
             let mut obs = StatsObserver::new(i, needs, len);
-            obs.statistics_only = true;
             runner.run(
                 &model.config,
                 i,
@@ -385,7 +386,7 @@ fn factorize_layers(
                 &mut h,
                 n,
                 len,
-                false,
+                Pass::Statistics,
                 &mut obs,
             )?;
             obs.sites
@@ -393,7 +394,7 @@ fn factorize_layers(
             Default::default()
         };
         for &kind in kinds {
-            let name = crate::prune::driver::tensor_name(i, kind);
+            let name = crate::model::names::tensor_name(i, kind);
             let lin = model.weights.layers[i].linear(kind);
             let (out, inp) = (lin.out_features(), lin.in_features());
             let w = lin.weight.data();
@@ -447,7 +448,7 @@ fn factorize_layers(
                 &mut h,
                 n,
                 len,
-                true,
+                Pass::Propagate,
                 &mut NoObserver,
             )?;
         }

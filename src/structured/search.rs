@@ -89,7 +89,7 @@ fn all_block_params(model: &Model) -> usize {
         .weights
         .named_tensors()
         .iter()
-        .filter(|(n, _)| n.starts_with("model.layers."))
+        .filter(|(n, _)| n.starts_with(crate::model::names::LAYERS_PREFIX))
         .map(|(_, t)| t.len())
         .sum()
 }

@@ -49,12 +49,13 @@
 //! coordinates instead of the PCA basis at 10% gives 71.4 instead of 43.6 (16×128 calibration).
 
 use super::{Progress, StepDetails};
+use crate::calibrate::runner::{run_layer, Pass};
 use crate::calibrate::CalibSet;
 use crate::kernels;
 use crate::model::forward::{embed, Scratch};
 use crate::model::observer::Observer;
 use crate::model::rope::Rope;
-use crate::prune::driver::run_layer;
+use crate::model::weights::LinearRepr;
 use crate::{Error, LayerWeights, Linear, LinearKind, Model, Result, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -140,7 +141,7 @@ pub fn slice(
     }) {
         return Err(Error::Invalid(format!(
             "SliceGPT: {} is low-rank factorised; slice before factorising",
-            crate::prune::driver::tensor_name(i, k)
+            crate::model::names::tensor_name(i, k)
         )));
     }
     let params_before = w.num_params();
@@ -172,7 +173,7 @@ pub fn slice(
             &mut h,
             samples,
             len,
-            false,
+            Pass::Statistics,
             &mut obs,
             &mut scratch,
         )?;
@@ -185,7 +186,7 @@ pub fn slice(
         temp.o = Linear {
             weight: mul_left_f32(&p_mid, &folded.o.weight),
             bias: folded.o.bias.as_ref().map(|b| mul_left_f32(&p_mid, b)),
-            factor: None,
+            repr: LinearRepr::Dense,
             packed: None,
         };
         run_layer(
@@ -196,7 +197,7 @@ pub fn slice(
             &mut h,
             samples,
             len,
-            true,
+            Pass::Propagate,
             &mut crate::model::observer::NoObserver,
             &mut scratch,
         )?;
@@ -287,19 +288,19 @@ fn sliced_layer(
     let right = |lin: &Linear| Linear {
         weight: mul_right(&lin.weight, q_in.as_ref(), n),
         bias: lin.bias.clone(),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     let right_mid = |lin: &Linear| Linear {
         weight: mul_right(&lin.weight, q_mid.as_ref(), n),
         bias: lin.bias.clone(),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     let left = |lin: &Linear, q: MatRef<'_, f64>| Linear {
         weight: mul_left(q, &lin.weight),
         bias: lin.bias.as_ref().map(|b| mul_left(q, b)),
-        factor: None,
+        repr: LinearRepr::Dense,
         packed: None,
     };
     // Shortcut in linear layout: Sᵀ = Q̂_toᵀ Q̂_from ([n, n]).
@@ -477,9 +478,6 @@ impl MidGram {
 }
 
 impl Observer for MidGram {
-    fn wants_block_output(&self, _layer: usize) -> bool {
-        false
-    }
     fn attn_residual(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
         if layer == self.layer && cols == self.d {
             add_gram(&mut self.gram, &h[..rows * cols], cols);

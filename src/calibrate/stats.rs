@@ -6,10 +6,23 @@
 
 use crate::kernels;
 use crate::model::observer::{ChunkObserver, Observer, Site};
-use crate::prune::Needs;
 use rayon::prelude::*;
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// What a method needs collected for each linear input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Σ x_j² per input column (Wanda).
+    pub col_sq: bool,
+    /// Σ x xᵀ (SparseGPT).
+    pub hessian: bool,
+}
+
+/// Something a method derives from a site's statistics once and shares between the linears
+/// that read the site (SparseGPT's inverse-Hessian factor); the method downcasts it.
+pub type Derived = Arc<dyn Any + Send + Sync>;
 
 /// Statistics of one linear input.
 #[derive(Debug)]
@@ -23,10 +36,10 @@ pub struct SiteStats {
     pub col_sq: Option<Vec<f64>>,
     /// `Σ x xᵀ`, `[cols, cols]` row-major, upper triangle (`j >= i`) valid, when collected.
     pub xtx: Option<Vec<f64>>,
-    /// SparseGPT's inverse-Hessian factor, computed once and shared by the linears that read
-    /// this input (q/k/v, gate/up). Locked while it is being computed, so a second user waits
-    /// instead of repeating the work.
-    pub(crate) factor: Mutex<Option<Arc<super::sparsegpt::HessianFactor>>>,
+    /// A method's [`Derived`] value (SparseGPT's inverse-Hessian factor), computed once and
+    /// shared by the linears that read this input (q/k/v, gate/up). Locked while it is being
+    /// computed, so a second user waits instead of repeating the work.
+    pub(crate) factor: Mutex<Option<Derived>>,
 }
 
 impl Clone for SiteStats {
@@ -79,8 +92,8 @@ impl SiteStats {
         }
     }
 
-    /// The cached SparseGPT factor, if any.
-    pub(crate) fn cached_factor(&self) -> Option<Arc<super::sparsegpt::HessianFactor>> {
+    /// The cached [`Derived`] value, if any.
+    pub(crate) fn cached_factor(&self) -> Option<Derived> {
         self.factor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,8 +229,6 @@ pub struct StatsObserver {
     /// Tokens per calibration sequence (to count samples).
     pub seq_len: usize,
     pub sites: HashMap<Site, SiteStats>,
-    /// When set, blocks stop after their last linear input (no block output is produced).
-    pub statistics_only: bool,
     /// Parts back from merges, reused (with their buffers) by later chunks.
     spare: Vec<StatsPart>,
 }
@@ -227,7 +238,6 @@ pub struct StatsPart {
     layer: usize,
     needs: Needs,
     seq_len: usize,
-    statistics_only: bool,
     sums: HashMap<Site, ChunkSums>,
     /// Sites seen since the last fold, in order.
     seen: Vec<Site>,
@@ -239,7 +249,6 @@ impl StatsPart {
             layer,
             needs,
             seq_len,
-            statistics_only: false,
             sums: HashMap::new(),
             seen: Vec::new(),
         }
@@ -249,9 +258,6 @@ impl StatsPart {
 impl Observer for StatsPart {
     fn wants_linear_inputs(&self, layer: usize) -> bool {
         layer == self.layer
-    }
-    fn wants_block_output(&self, _layer: usize) -> bool {
-        !self.statistics_only
     }
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
         if layer != self.layer {
@@ -273,7 +279,6 @@ impl StatsObserver {
             needs,
             seq_len,
             sites: HashMap::new(),
-            statistics_only: false,
             spare: Vec::new(),
         }
     }
@@ -295,9 +300,6 @@ impl Observer for StatsObserver {
     fn wants_linear_inputs(&self, layer: usize) -> bool {
         layer == self.layer
     }
-    fn wants_block_output(&self, _layer: usize) -> bool {
-        !self.statistics_only
-    }
     /// A sequential pass: each input goes through a part that is merged right away.
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
         let mut part = self.part();
@@ -314,7 +316,6 @@ impl ChunkObserver for StatsObserver {
             .pop()
             .unwrap_or_else(|| StatsPart::new(self.layer, self.needs, self.seq_len));
         (p.layer, p.needs, p.seq_len) = (self.layer, self.needs, self.seq_len);
-        p.statistics_only = self.statistics_only;
         p
     }
     fn merge(&mut self, mut part: StatsPart) {
