@@ -463,6 +463,47 @@ fn linear_rope_scaling_round_trips() {
     );
 }
 
+/// A Mistral sliding window goes to GGUF as `llama.attention.sliding_window` (with a warning:
+/// llama.cpp's llama graph ignores it) and comes back: the file loads as mistral with the same
+/// window and the same logits; without the key a llama GGUF stays windowless llama.
+#[test]
+fn sliding_window_round_trips_through_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_mistral_windowed(&dir.path().join("hf"), 16);
+    let (p, w) = write(&m, dir.path(), "swa.gguf", GgufDtype::F32);
+    assert_eq!(w.arch, "llama");
+    assert!(
+        w.warnings.iter().any(|x| x.contains("sliding window")),
+        "{:?}",
+        w.warnings
+    );
+    let md = meta(&p);
+    assert!(matches!(
+        &md["llama.attention.sliding_window"],
+        Value::U32(16)
+    ));
+    let back = gguf::load(&p).unwrap();
+    assert_eq!(back.config.sliding_window, Some(16));
+    assert_eq!(back.config.arch, Arch::Mistral);
+    let ids: Vec<u32> = (0..60).map(|i| (i * 29 + 7) % 320).collect();
+    let (a, b) = (
+        forward_logits(&m, &ids).unwrap(),
+        forward_logits(&back, &ids).unwrap(),
+    );
+    assert!(
+        bits(&a) == bits(&b),
+        "logits differ by {}",
+        max_abs_diff(&a, &b)
+    );
+
+    let plain = lopper::io::hf::load_dir(&golden().join("tiny").join("tiny-mistral")).unwrap();
+    let (p, _) = write(&plain, dir.path(), "plain.gguf", GgufDtype::F32);
+    assert!(!meta(&p).contains_key("llama.attention.sliding_window"));
+    let back = gguf::load(&p).unwrap();
+    assert_eq!(back.config.sliding_window, None);
+    assert_eq!(back.config.arch, Arch::Llama);
+}
+
 #[test]
 fn tokenizer_metadata_rebuilt_from_tokenizer_matches_the_source() {
     let model = default_model();
