@@ -69,6 +69,7 @@ fn greedy_reproduces_transformers_128_tokens() {
 /// only a handful of the 49152 head rows exactly per step; seeded top-k sampling through the
 /// screen draws the same tokens as through the full head.
 #[test]
+#[ignore = "real model"]
 fn head_screen_keeps_greedy_tokens() {
     use lopper::runtime::{pack, FormatChoice, PackOpts};
     let (prompt, want) = golden_greedy();
