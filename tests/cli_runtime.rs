@@ -84,6 +84,7 @@ fn bad_format_requests_fail_with_names() {
 }
 
 #[test]
+#[ignore = "real model"]
 fn packed_directories_run_like_the_model_they_came_from() {
     let dir = tempfile::tempdir().unwrap();
     let pruned = dir.path().join("m24");
@@ -133,6 +134,7 @@ fn packed_directories_run_like_the_model_they_came_from() {
 }
 
 #[test]
+#[ignore = "real model"]
 fn bench_reports_decode_figures_per_format() {
     let bench = |extra: &[&str]| -> serde_json::Value {
         let mut args = vec![

@@ -109,3 +109,54 @@ fn batched_forward_equals_single_windows() {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(d < 1e-5, "batched vs single max difference {d}");
 }
+
+/// Mistral sliding-window attention: tiny-mistral with a window of 16 (shorter than its 96-token
+/// rows) against the NumPy reference of scripts/sliding_window_ref.py, which reproduces
+/// transformers' golden logits without a window; the window survives save and reload.
+#[test]
+fn tiny_mistral_sliding_window_matches_reference() {
+    let fx = window_fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_mistral_windowed(&tmp.path().join("in"), fx.window);
+    let g = read_safetensors(
+        &golden()
+            .join("tiny/tiny-mistral")
+            .join("golden_logits.safetensors"),
+    );
+    let t = fx.ids.shape[1];
+    assert_eq!(
+        fx.ids.i64, g["input_ids"].i64,
+        "fixture ids are the golden ids"
+    );
+    assert!(
+        fx.window < t,
+        "the window must be shorter than the sequence"
+    );
+    let vocab = fx.logits.shape[2];
+    for row in 0..fx.ids.shape[0] {
+        let seq: Vec<u32> = fx.ids.i64[row * t..(row + 1) * t]
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let logits = forward_logits(&model, &seq).unwrap();
+        let d = window_fixture_diff(&fx, row, &logits);
+        eprintln!("row {row}: max |Δlogit| vs the windowed reference = {d:.2e}");
+        assert!(d <= 1e-4, "row {row}: max logit difference {d}");
+        // Without the window the same positions are far off (the case tests something).
+        let plain = &g["logits"].f32[row * t * vocab..(row + 1) * t * vocab];
+        let off = window_fixture_diff(&fx, row, plain);
+        assert!(
+            off > 1e-2,
+            "row {row}: the window changes the logits by only {off}"
+        );
+    }
+
+    // Saved as HF, the window is written back and read again.
+    let out = tmp.path().join("out");
+    lopper::io::save::save_hf(&model, &out, lopper::io::save::SaveDtype::F32, false).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sliding_window"], serde_json::json!(fx.window));
+    let back = lopper::io::load_model(&out).unwrap();
+    assert_eq!(back.config.sliding_window, Some(fx.window));
+}

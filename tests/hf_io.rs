@@ -285,6 +285,44 @@ fn config_defaults_and_variants() {
     );
 }
 
+/// `sliding_window`: read for mistral (null: none; 0 refused), never for llama; a qwen2 config
+/// whose window would apply to some layer is refused with the fix, one that slides no layer loads.
+#[test]
+fn sliding_window_config() {
+    let p = Path::new("x/config.json");
+    let base = json!({
+        "model_type": "mistral", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "sliding_window": 4096
+    });
+    assert_eq!(
+        hf::parse_config(&base, p).unwrap().sliding_window,
+        Some(4096)
+    );
+    let mut v = base.clone();
+    v["sliding_window"] = Value::Null;
+    assert_eq!(hf::parse_config(&v, p).unwrap().sliding_window, None);
+    v["sliding_window"] = json!(0);
+    let e = hf::parse_config(&v, p).unwrap_err().to_string();
+    assert!(e.contains("sliding_window"), "{e}");
+    v["sliding_window"] = json!(16);
+    v["model_type"] = json!("llama");
+    assert_eq!(hf::parse_config(&v, p).unwrap().sliding_window, None);
+
+    v["model_type"] = json!("qwen2");
+    v["use_sliding_window"] = json!(true);
+    v["max_window_layers"] = json!(1);
+    let e = hf::parse_config(&v, p).unwrap_err().to_string();
+    assert!(
+        e.contains("use_sliding_window") && e.contains("x/config.json"),
+        "{e}"
+    );
+    v["max_window_layers"] = json!(2);
+    assert_eq!(hf::parse_config(&v, p).unwrap().sliding_window, None);
+    v["max_window_layers"] = json!(1);
+    v["use_sliding_window"] = json!(false);
+    assert_eq!(hf::parse_config(&v, p).unwrap().sliding_window, None);
+}
+
 fn assert_same_config_and_tensors(a: &Model, b: &Model) {
     assert_eq!(a.config, b.config);
     let (ta, tb) = (all_tensors(a), all_tensors(b));

@@ -286,6 +286,7 @@ fn wiki_ids(m: &Model) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "real model"]
 fn real_model_rotation_only_is_exact_and_slicing_costs_perplexity() {
     let path = lopper::assets::default_model().unwrap();
     let base = default_model();

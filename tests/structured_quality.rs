@@ -6,6 +6,10 @@
 //! * statistics collected once serve several steps (`*_with_stats`) and give the same result as
 //!   the one-shot functions; statistics of another shape are refused.
 //!
+//! The three quality checks prune and evaluate the whole model (a minute or more each on 2 busy
+//! cores), so they are in the full tier (`#[ignore = "real model"]`); the statistics check stays
+//! in the fast tier.
+//!
 //! Larger figures: `examples/structured_figures.rs`.
 
 mod common;
@@ -76,6 +80,7 @@ fn without_layers(list: Vec<usize>) -> Model {
 }
 
 #[test]
+#[ignore = "real model"]
 fn metric_chosen_blocks_beat_first_and_random_blocks() {
     let n = 4;
     let mut baselines = vec![("first".to_string(), ppl(&without_layers((0..n).collect())))];
@@ -105,6 +110,7 @@ fn metric_chosen_blocks_beat_first_and_random_blocks() {
 }
 
 #[test]
+#[ignore = "real model"]
 fn metric_chosen_neurons_beat_random_neurons() {
     let f = 0.3;
     let mut random = vec![];
@@ -157,6 +163,7 @@ fn calib_error(m: &Model, dense: &[f32]) -> f64 {
 }
 
 #[test]
+#[ignore = "real model"]
 fn bias_compensation_lowers_the_calibration_error() {
     let c = calib();
     let dense = forward_hidden(default_model(), &c.ids, c.n, c.len, &mut NoObserver).unwrap();

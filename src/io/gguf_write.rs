@@ -421,6 +421,16 @@ fn metadata(
         (k("rope.dimension_count"), u(c.head_dim)),
         (k("vocab_size"), u(n_vocab)),
     ]);
+    if let Some(w) = c.sliding_window {
+        // lopper reads it back; llama.cpp's llama graph does not apply it.
+        md.push((k("attention.sliding_window"), u(w)));
+        warnings.push(format!(
+            "sliding window of {w} written as `{arch}.attention.sliding_window`: lopper reads \
+             it back, but llama.cpp's {arch} graph attends to the whole context, so its results \
+             differ from sequences of {} tokens on",
+            w + 1
+        ));
+    }
     match c.rope_scaling {
         RopeScaling::Default => {}
         RopeScaling::Linear { factor } => {

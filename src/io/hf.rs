@@ -209,6 +209,7 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
         Arch::Mistral => (false, false, false),
         Arch::Qwen2 => (true, false, false),
     };
+    let sliding_window = parse_sliding_window(&f, arch)?;
     let default_max_pos = match arch {
         Arch::Llama => 2048,
         Arch::Mistral => 131072,
@@ -230,6 +231,7 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
         max_position_embeddings: f
             .usize("max_position_embeddings")?
             .unwrap_or(default_max_pos),
+        sliding_window,
         tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         qkv_bias,
         o_bias,
@@ -239,6 +241,32 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
     };
     config.validate(path)?;
     Ok(config)
+}
+
+/// The attention window. Mistral: `sliding_window` (null: none), as transformers'
+/// `MistralModel` masks with it. Llama: none (transformers' llama has no window). Qwen2:
+/// transformers slides only layers `>= max_window_layers` and only with `use_sliding_window`;
+/// a config where that would apply to some layer is refused rather than run without it.
+fn parse_sliding_window(f: &Fields<'_>, arch: Arch) -> Result<Option<usize>> {
+    match arch {
+        Arch::Llama => Ok(None),
+        Arch::Mistral => f.usize("sliding_window"),
+        Arch::Qwen2 => {
+            let on = f.bool("use_sliding_window")?.unwrap_or(false);
+            let window = f.usize("sliding_window")?;
+            let from = f.usize("max_window_layers")?.unwrap_or(28);
+            let layers = f.req_usize("num_hidden_layers")?;
+            if on && window.is_some() && from < layers {
+                return Err(Error::config(
+                    f.path,
+                    format!(
+                        "qwen2 sliding-window attention on layers {from}..                          (use_sliding_window, max_window_layers {from}) is not supported;                          set use_sliding_window to false to run every layer with full attention"
+                    ),
+                ));
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// Per-layer shapes: the `lopper_layers` extension when present, else the nominal shapes.

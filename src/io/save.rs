@@ -424,6 +424,13 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
     let attn_bias = any_bias(&[LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O]);
     let mlp_bias = any_bias(&[LinearKind::Gate, LinearKind::Up, LinearKind::Down]);
     match c.arch {
+        Arch::Llama | Arch::Qwen2 if c.sliding_window.is_some() => {
+            return invalid(format!(
+                "HF {} models have no model-wide sliding window, but this model has one \
+                 (a mistral model could carry it, with bias-free linears)",
+                c.arch.model_type()
+            ))
+        }
         Arch::Llama => {}
         Arch::Mistral if attn_bias || mlp_bias => {
             return invalid("HF mistral models have no biases, but this model has some".into())
@@ -460,7 +467,7 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
             j.insert("mlp_bias".into(), json!(mlp_bias));
         }
         Arch::Mistral => {
-            j.insert("sliding_window".into(), Value::Null);
+            j.insert("sliding_window".into(), json!(c.sliding_window));
         }
         Arch::Qwen2 => {
             j.insert("use_sliding_window".into(), json!(false));

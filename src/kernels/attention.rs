@@ -1,9 +1,14 @@
 //! Causal grouped-query attention (softmax(QKᵀ·scale + causal mask)·V) for one sequence.
 //!
 //! Layout: `q` is `[tq, n_heads·head_dim]`, `k`/`v` are `[tk, n_kv_heads·head_dim]`, row-major,
-//! RoPE already applied. Query row `i` sits at absolute position `tk − tq + i` and sees keys
-//! `0..=tk − tq + i`, which covers full-sequence prefill (`tq == tk`) and cached decode
-//! (`tq == 1`). Query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
+//! RoPE already applied. Query row `i` sits at absolute position `p = tk − tq + i` and sees keys
+//! `0..=p`, which covers full-sequence prefill (`tq == tk`) and cached decode (`tq == 1`).
+//! Query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
+//!
+//! Sliding-window attention (Mistral's `sliding_window` `W`, [`causal_attention_windowed`])
+//! narrows that to keys `p + 1 − W ..= p`: the last `W` positions including the query's own, as
+//! transformers' `sliding_window_causal_mask_function` (`kv_idx > q_idx − W` and
+//! `kv_idx <= q_idx`). Without a window, or with one at least `tk` long, nothing changes.
 //!
 //! The fast path splits work into (head, block of 64 query rows) tasks over rayon; each task
 //! computes its score block with one GEMM, only up to the last key its rows can see, applies the
@@ -52,6 +57,12 @@ fn check(q: &[f32], k: &[f32], v: &[f32], out: &[f32], tq: usize, tk: usize, d: 
     );
 }
 
+/// First key position a query at absolute position `p` sees under `window` (0 without one).
+#[inline]
+pub fn first_key(p: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (p + 1).saturating_sub(w))
+}
+
 /// Fast causal attention; see the module docs for layouts.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
@@ -64,7 +75,25 @@ pub fn causal_attention(
     d: AttnDims,
     scale: f32,
 ) {
+    causal_attention_windowed(q, k, v, out, tq, tk, d, scale, None);
+}
+
+/// [`causal_attention`] with an optional sliding window of `window` positions (see the module
+/// docs); a window of 0 is treated as 1 (the query sees itself).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_windowed(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tq: usize,
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+    window: Option<usize>,
+) {
     check(q, k, v, out, tq, tk, d);
+    let window = window.map(|w| w.max(1));
     if tq == 0 {
         return;
     }
@@ -84,24 +113,31 @@ pub fn causal_attention(
         let r0 = b * QB;
         let r1 = (r0 + QB).min(tq);
         let rows = r1 - r0;
+        // Keys kstart..kend cover every row of the block: the first row's window start to the
+        // last row's own position.
+        let kstart = first_key(past + r0, window);
         let kend = past + r1;
+        let kn = kend - kstart;
         SCORES.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < rows * kend {
-                s.resize(rows * kend, 0.0);
+            if s.len() < rows * kn {
+                s.resize(rows * kn, 0.0);
             }
-            let scores = &mut s[..rows * kend];
+            let scores = &mut s[..rows * kn];
             if rows <= ROWWISE {
                 for i in 0..rows {
-                    let n = past + r0 + i + 1;
+                    let p = past + r0 + i;
+                    let lo = first_key(p, window);
+                    let n = p + 1 - lo;
                     let qo = (r0 + i) * qw as usize + h * hd;
                     let sc = &mut scores[..n];
-                    dot_rows(&q[qo..qo + hd], &k[g * hd..], kw as usize, scale, sc);
+                    let ko = lo * kw as usize + g * hd;
+                    dot_rows(&q[qo..qo + hd], &k[ko..], kw as usize, scale, sc);
                     softmax_prefix(sc, n);
                     // SAFETY: `check` sized `out` for `tq` rows of `qw`; this task alone writes
                     // row r0 + i, head h.
                     let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(qo), hd) };
-                    weighted_rows(sc, &v[g * hd..], kw as usize, o);
+                    weighted_rows(sc, &v[ko..], kw as usize, o);
                 }
                 return;
             }
@@ -110,38 +146,42 @@ pub fn causal_attention(
             unsafe {
                 gemm_strided(
                     rows,
-                    kend,
+                    kn,
                     hd,
                     scores.as_mut_ptr(),
-                    kend as isize,
+                    kn as isize,
                     1,
                     false,
                     q.as_ptr().offset(r0 as isize * qw + (h * hd) as isize),
                     qw,
                     1,
-                    k.as_ptr().add(g * hd),
+                    k.as_ptr().add(kstart * kw as usize + g * hd),
                     1,
                     kw,
                     scale,
                     false,
                 );
             }
-            for (i, row) in scores.chunks_mut(kend).enumerate() {
-                softmax_prefix(row, past + r0 + i + 1);
+            for (i, row) in scores.chunks_mut(kn).enumerate() {
+                let p = past + r0 + i;
+                // Keys before this row's window get weight 0, as do those after `p`.
+                let off = first_key(p, window) - kstart;
+                row[..off].fill(0.0);
+                softmax_prefix(&mut row[off..], p + 1 - kstart - off);
             }
             unsafe {
                 gemm_strided(
                     rows,
                     hd,
-                    kend,
+                    kn,
                     out_ptr.0.offset(r0 as isize * qw + (h * hd) as isize),
                     qw,
                     1,
                     false,
                     scores.as_ptr(),
-                    kend as isize,
+                    kn as isize,
                     1,
-                    v.as_ptr().add(g * hd),
+                    v.as_ptr().add(kstart * kw as usize + g * hd),
                     kw,
                     1,
                     1.0,
@@ -164,7 +204,25 @@ pub fn causal_attention_naive(
     d: AttnDims,
     scale: f32,
 ) {
+    causal_attention_windowed_naive(q, k, v, out, tq, tk, d, scale, None);
+}
+
+/// Reference for [`causal_attention_windowed`]: the mask written out per key as transformers
+/// does (`j <= p && j > p − W`), f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_windowed_naive(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tq: usize,
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+    window: Option<usize>,
+) {
     check(q, k, v, out, tq, tk, d);
+    let w = window.map_or(i64::MAX, |w| w.max(1) as i64);
     let hd = d.head_dim;
     let qw = d.n_heads * hd;
     let kw = d.n_kv_heads * hd;
@@ -172,10 +230,14 @@ pub fn causal_attention_naive(
     for h in 0..d.n_heads {
         let g = h / group;
         for i in 0..tq {
-            let n = tk - tq + i + 1;
+            let p = (tk - tq + i) as i64;
+            let visible: Vec<usize> = (0..tk)
+                .filter(|&j| (j as i64) <= p && (j as i64) > p.saturating_sub(w))
+                .collect();
             let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-            let sc: Vec<f64> = (0..n)
-                .map(|j| {
+            let sc: Vec<f64> = visible
+                .iter()
+                .map(|&j| {
                     let kj = &k[j * kw + g * hd..j * kw + (g + 1) * hd];
                     qi.iter()
                         .zip(kj)
@@ -188,7 +250,11 @@ pub fn causal_attention_naive(
             let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for c in 0..hd {
-                let acc: f64 = (0..n).map(|j| e[j] * v[j * kw + g * hd + c] as f64).sum();
+                let acc: f64 = visible
+                    .iter()
+                    .zip(&e)
+                    .map(|(&j, ej)| ej * v[j * kw + g * hd + c] as f64)
+                    .sum();
                 out[i * qw + h * hd + c] = (acc / z) as f32;
             }
         }

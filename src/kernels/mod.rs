@@ -13,7 +13,10 @@ pub mod attention;
 pub mod ops;
 pub mod probe;
 
-pub use attention::{causal_attention, causal_attention_naive};
+pub use attention::{
+    causal_attention, causal_attention_naive, causal_attention_windowed,
+    causal_attention_windowed_naive,
+};
 pub use ops::*;
 
 /// Number of threads the kernels may use (rayon's pool size).

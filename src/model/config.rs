@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
-    /// Llama 1/2/3, SmolLM, TinyLlama; also Mistral (dense, no sliding window in use).
+    /// Llama 1/2/3, SmolLM, TinyLlama.
     Llama,
-    /// Mistral: the llama block; kept apart to write the right HF `model_type` back.
+    /// Mistral: the llama block, optionally with sliding-window attention
+    /// ([`Config::sliding_window`]); kept apart to write the right HF `model_type` back.
     Mistral,
     /// Qwen2: llama block with q/k/v biases.
     Qwen2,
@@ -92,6 +93,10 @@ pub struct Config {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
+    /// Sliding-window attention (Mistral's `sliding_window`): a query at position `i` sees the
+    /// keys `i + 1 − W ..= i`. `None`: plain causal attention over the whole sequence.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v (llama `attention_bias`, always for qwen2).
     pub qkv_bias: bool,
@@ -137,6 +142,9 @@ impl Config {
         }
         if self.rms_norm_dim == Some(0) {
             return bad("rms_norm_dim must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive (or null for no window)".into());
         }
         // Negated so that NaN fails too.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]

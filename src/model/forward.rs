@@ -3,7 +3,9 @@
 //! `h` (the residual stream) is `[batch·seq, hidden]`; each of the `batch` sequences is an
 //! independent window starting at position 0. Per block (HF `LlamaDecoderLayer`):
 //! `h += o(attn(rope(q(n₁(h))), rope(k(n₁(h))), v(n₁(h))))`, then
-//! `h += down(silu(gate(n₂(h))) · up(n₂(h)))`, with RMSNorms `n₁`, `n₂`.
+//! `h += down(silu(gate(n₂(h))) · up(n₂(h)))`, with RMSNorms `n₁`, `n₂`. Attention is causal,
+//! narrowed to the last [`Config::sliding_window`] positions when the model has a window
+//! (Mistral), in full-window passes and against a KV cache alike.
 //! Head counts and widths are read from each layer's weight shapes, so structurally pruned
 //! models with non-uniform layers run through the same code.
 //!
@@ -192,7 +194,7 @@ pub fn block_forward_cached(
         );
         c.k[pos0 * kw..tk * kw].copy_from_slice(k);
         c.v[pos0 * kw..tk * kw].copy_from_slice(v);
-        kernels::causal_attention(
+        kernels::causal_attention_windowed(
             q,
             &c.k[..tk * kw],
             &c.v[..tk * kw],
@@ -201,11 +203,12 @@ pub fn block_forward_cached(
             tk,
             dims,
             scale,
+            cfg.sliding_window,
         );
     } else {
         for b in 0..batch {
             let (r0, r1) = (b * seq, (b + 1) * seq);
-            kernels::causal_attention(
+            kernels::causal_attention_windowed(
                 &q[r0 * qw..r1 * qw],
                 &k[r0 * kw..r1 * kw],
                 &v[r0 * kw..r1 * kw],
@@ -214,6 +217,7 @@ pub fn block_forward_cached(
                 seq,
                 dims,
                 scale,
+                cfg.sliding_window,
             );
         }
     }

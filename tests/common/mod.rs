@@ -85,3 +85,61 @@ pub fn random_calib(seed: u64, n: usize, len: usize, vocab: u64) -> lopper::cali
         source: "random ids".into(),
     }
 }
+
+/// The sliding-window fixture of `scripts/sliding_window_ref.py`: an independent NumPy
+/// forward of tiny-mistral with a window shorter than its 96-token rows.
+pub struct WindowFixture {
+    /// The window (positions) the reference used.
+    pub window: usize,
+    /// First position whose logits are stored.
+    pub first: usize,
+    /// `input_ids` `[rows, t]` (the golden tiny-model ids).
+    pub ids: GoldenTensor,
+    /// `logits` `[rows, t − first, vocab]` of positions `first..t`.
+    pub logits: GoldenTensor,
+}
+
+/// Read `tests/fixtures/tiny_mistral_window16.safetensors` (window and first position from its
+/// metadata).
+pub fn window_fixture() -> WindowFixture {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny_mistral_window16.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("fixture header");
+    let info = meta.metadata().clone().expect("fixture metadata");
+    let num = |k: &str| -> usize { info[k].parse().expect("a number in the fixture metadata") };
+    let mut t = read_safetensors(&path);
+    WindowFixture {
+        window: num("sliding_window"),
+        first: num("first_position"),
+        ids: t.remove("input_ids").expect("input_ids"),
+        logits: t.remove("logits").expect("logits"),
+    }
+}
+
+/// tiny-mistral with `sliding_window` set in its config.json, copied into `dir` and loaded (so
+/// the HF parser reads the window).
+pub fn tiny_mistral_windowed(dir: &std::path::Path, window: usize) -> lopper::Model {
+    let src = golden().join("tiny").join("tiny-mistral");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["sliding_window"] = serde_json::json!(window);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let m = lopper::io::load_model(dir).expect("load windowed tiny-mistral");
+    assert_eq!(m.config.sliding_window, Some(window));
+    m
+}
+
+/// Largest |a − b| between the fixture's logits and `logits` `[t, vocab]` of row `row`, over
+/// the fixture's positions.
+pub fn window_fixture_diff(fx: &WindowFixture, row: usize, logits: &[f32]) -> f32 {
+    let (kept, vocab) = (fx.logits.shape[1], fx.logits.shape[2]);
+    let want = &fx.logits.f32[row * kept * vocab..(row + 1) * kept * vocab];
+    let got = &logits[fx.first * vocab..(fx.first + kept) * vocab];
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+}

@@ -228,6 +228,25 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
     let token =
         |k: &str| -> Result<Option<u32>> { Ok(m.int(k)?.and_then(|v| u32::try_from(v).ok())) };
     let has = |suffix: &str| (0..n_layers).any(|i| f.has_tensor(&format!("blk.{i}.{suffix}")));
+    let sliding_window = m.int(&m.key("attention.sliding_window"))?;
+    // llama.cpp files Mistral models under `llama`. With a window the model is Mistral (HF
+    // llama has no window, so it must be written back as mistral); a biased llama keeps its
+    // arch and the window (the HF writer refuses it). qwen2's window is per layer in HF: refused.
+    let biased = has("attn_q.bias") || has("attn_output.bias") || has("ffn_up.bias");
+    let arch = match (arch, sliding_window) {
+        (Arch::Llama, Some(_)) if !biased => Arch::Mistral,
+        (Arch::Qwen2, Some(w)) => {
+            return Err(Error::config(
+                path,
+                format!(
+                    "metadata `{}` = {w}: sliding-window attention is supported for \
+                     llama/mistral only",
+                    m.key("attention.sliding_window")
+                ),
+            ))
+        }
+        (a, _) => a,
+    };
     let config = Config {
         arch,
         vocab_size,
@@ -244,6 +263,7 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
         rope_theta,
         rope_scaling,
         max_position_embeddings: m.int(&m.key("context_length"))?.unwrap_or(2048),
+        sliding_window,
         tie_word_embeddings: !f.has_tensor("output.weight"),
         qkv_bias: arch == Arch::Qwen2 || has("attn_q.bias"),
         o_bias: has("attn_output.bias"),
