@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Supported architecture families. Each maps to one adapter in `crate::io::arch`.
+/// Supported architecture families (read from HF configs in `crate::io::hf` and GGUF metadata in
+/// `crate::io::gguf::meta`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
