@@ -11,6 +11,7 @@ pub mod driver;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
+pub mod ria;
 pub mod runner;
 pub mod sparsegpt;
 pub mod stats;
@@ -113,6 +114,8 @@ pub enum Method {
     Wanda,
     /// OBS reconstruction with the inverse Hessian (Frantar & Alistarh 2023).
     Sparsegpt,
+    /// Relative importance × ‖X_j‖₂^a per output row (Zhang et al. 2024).
+    Ria,
 }
 
 /// How magnitude scores are compared.
@@ -172,6 +175,7 @@ pub fn pruner(method: Method, scope: Scope) -> Box<dyn Pruner> {
         Method::Magnitude => Box::new(magnitude::Magnitude { scope }),
         Method::Wanda => Box::new(wanda::Wanda),
         Method::Sparsegpt => Box::new(sparsegpt::SparseGpt::default()),
+        Method::Ria => Box::new(ria::Ria::default()),
     }
 }
 
