@@ -15,6 +15,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod prune;
+pub mod recover;
 pub mod runtime;
 pub mod structured;
 pub mod text;

@@ -102,6 +102,85 @@ pub struct PruneArgs {
     pub hf_strict: bool,
     #[command(flatten)]
     pub structured: super::plan::StructuredArgs,
+    #[command(flatten)]
+    pub recovery: RecoveryArgs,
+}
+
+/// Recovery options: RIA's exponent, N:M permutation, swap refinement, block reconstruction.
+#[derive(Args, Debug, Default)]
+pub struct RecoveryArgs {
+    /// RIA: exponent a of the activation norm in |W|-relative-importance × ‖X_j‖₂^a [default: 0.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub ria_alpha: Option<f64>,
+    /// N:M only: permute down_proj's input channels (and gate/up rows, so the model computes
+    /// the same function) before choosing the groups (RIA's channel permutation).
+    #[arg(long)]
+    pub permute: bool,
+    /// After each block is pruned, re-fit its surviving weights by least squares so each
+    /// linear reproduces the dense model's output on the pruned model's own inputs.
+    #[arg(long)]
+    pub reconstruct: bool,
+    /// --reconstruct: damping relative to the mean of diag(XᵀX) [default: 0.01].
+    #[arg(long, allow_negative_numbers = true)]
+    pub recon_damp: Option<f64>,
+    /// --reconstruct: paired passes and re-fits per block [default: 1].
+    #[arg(long)]
+    pub recon_rounds: Option<usize>,
+    /// Refine the mask after pruning: `swaps` exchanges pruned and kept weights in a row (or
+    /// N:M group) while the layer's output error falls (DSnoT / SparseSwaps).
+    #[arg(long, value_enum)]
+    pub refine: Option<RefineArg>,
+    /// --refine: at most this many swaps per row [default: 50].
+    #[arg(long)]
+    pub refine_iters: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RefineArg {
+    Swaps,
+}
+
+impl RecoveryArgs {
+    /// Whether any recovery flag was given (structured runs refuse them).
+    pub fn any(&self) -> bool {
+        self.ria_alpha.is_some()
+            || self.permute
+            || self.reconstruct
+            || self.recon_damp.is_some()
+            || self.recon_rounds.is_some()
+            || self.refine.is_some()
+            || self.refine_iters.is_some()
+    }
+
+    /// The library's options; a modifier without its flag is refused.
+    pub fn to_recovery(&self, method: Method) -> Result<lopper::recover::Recovery> {
+        if !self.reconstruct {
+            if self.recon_damp.is_some() {
+                bail!("--recon-damp needs --reconstruct");
+            }
+            if self.recon_rounds.is_some() {
+                bail!("--recon-rounds needs --reconstruct");
+            }
+        }
+        if self.refine.is_none() && self.refine_iters.is_some() {
+            bail!("--refine-iters needs --refine swaps");
+        }
+        if self.ria_alpha.is_some() && method != Method::Ria {
+            bail!("--ria-alpha needs --method ria");
+        }
+        let defaults = lopper::recover::ReconOptions::default();
+        Ok(lopper::recover::Recovery {
+            permute: self.permute,
+            reconstruct: self.reconstruct.then(|| lopper::recover::ReconOptions {
+                damp: self.recon_damp.unwrap_or(defaults.damp),
+                rounds: self.recon_rounds.unwrap_or(defaults.rounds),
+            }),
+            refine: self
+                .refine
+                .map(|RefineArg::Swaps| lopper::recover::Refine::Swaps),
+            refine_iters: self.refine_iters.unwrap_or(50),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,6 +209,10 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<PrunePlan> {
     plan.attn_sparsity = a.attn_sparsity;
     plan.mlp_sparsity = a.mlp_sparsity;
     plan.hessian_precision = a.hessian_precision;
+    plan.recovery = a.recovery.to_recovery(a.method)?;
+    if let Some(x) = a.recovery.ria_alpha {
+        plan.ria_alpha = x;
+    }
     plan.skip_layers = a.skip_layers.clone();
     if let Some(s) = &a.skip_modules {
         plan.skip_modules = lopper::prune::parse_kinds(s)?;
@@ -301,6 +384,9 @@ impl Evaluator {
 
 pub fn run(a: PruneArgs) -> Result<()> {
     if a.structured.active() {
+        if a.recovery.any() {
+            bail!("--ria-alpha, --permute, --reconstruct and --refine apply to sparse pruning runs, not to structured steps or plans (yet)");
+        }
         return super::plan::run(a);
     }
     let t_all = Instant::now();
@@ -321,7 +407,12 @@ pub fn run(a: PruneArgs) -> Result<()> {
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
-    let needs_calib = a.method != Method::Magnitude || plan.allocation != Allocation::Uniform;
+    let needs_calib = a.method != Method::Magnitude
+        || plan.allocation != Allocation::Uniform
+        || plan.recovery.needs_calibration();
+    if a.method == Method::Magnitude && plan.recovery.needs_calibration() && !a.json {
+        eprintln!("note: magnitude pruning needs no calibration, but --reconstruct / --refine do: calibration data is used");
+    }
     let calib = Calibration::build(&a, &model, needs_calib)?.set;
     let evaluator = Evaluator::new(&a, &model)?;
     // Block by block (unless --in-memory): with weights mapped or converted on first read,
@@ -386,6 +477,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "owl_lod": outcome.owl_lod,
         "tensors": outcome.tensors,
         "prune_seconds": outcome.seconds_total,
+        "recovery": outcome.recovery,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
         "gemm_gflops": gemm_gflops,
         "compute_bound_seconds": compute_bound_s,
@@ -427,6 +519,30 @@ pub fn run(a: PruneArgs) -> Result<()> {
             outcome.seconds_prune,
             outcome.seconds_forward
         );
+        if let Some(r) = &outcome.recovery {
+            println!(
+                "recovery      {} (permute {:.1} s, swaps {:.1} s, reconstruct {:.1} s)",
+                r.steps.join(" + "),
+                r.seconds_permute,
+                r.seconds_swaps,
+                r.seconds_reconstruct
+            );
+            if let (Some(b), Some(a2)) = (r.mean_rel_error_before, r.mean_rel_error_after) {
+                println!("reconstruct   mean relative output error {b:.4} -> {a2:.4}");
+            }
+            if !r.swaps.is_empty() {
+                let (b, a2): (f64, f64) = r.swaps.iter().fold((0.0, 0.0), |s, x| {
+                    (s.0 + x.rel_error_before, s.1 + x.rel_error_after)
+                });
+                let n = r.swaps.len() as f64;
+                let k: usize = r.swaps.iter().map(|x| x.swaps).sum();
+                println!(
+                    "swaps         {k} swaps, mean relative layer error {:.4} -> {:.4}",
+                    b / n,
+                    a2 / n
+                );
+            }
+        }
         if let (Some(b), Some(r)) = (compute_bound_s, gemm_gflops) {
             println!("compute bound {:.1} s (2 calibration passes at the measured GEMM rate {:.0} GFLOP/s): {:.2}x of it", b, r, outcome.seconds_total / b);
         }
