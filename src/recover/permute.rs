@@ -85,7 +85,7 @@ pub fn choose(scores: &[f32], cols: usize, n: usize, m: usize, trials: usize) ->
         perm[(k % groups) * m + k / groups] = c;
     }
     // Local search: swap channels between two groups when the two groups keep more.
-    let mut rng = SplitMix64(0x5eed_0f_c4a7);
+    let mut rng = SplitMix64(0x5eed_0fc4);
     let mut kept: Vec<f64> = (0..groups)
         .map(|g| group_kept(scores, cols, n, &perm[g * m..(g + 1) * m]))
         .collect();

@@ -505,8 +505,9 @@ pub fn refit_row_naive(wr: &[f32], w0r: &[f32], st: &ReconStats, damp: f64) -> V
         for r in 0..n {
             if r != col {
                 let f = a[r][col] / a[col][col];
-                for q in col..=n {
-                    a[r][q] -= f * a[col][q];
+                let pivot = a[col].clone();
+                for (x, p) in a[r][col..].iter_mut().zip(&pivot[col..]) {
+                    *x -= f * p;
                 }
             }
         }

@@ -192,8 +192,8 @@ fn best_in_groups(
             if wr[i] != 0.0 || w0r[i] == 0.0 {
                 continue;
             }
-            for j in g0..g0 + m {
-                if wr[j] == 0.0 {
+            for (j, &vj) in wr.iter().enumerate().skip(g0).take(m) {
+                if vj == 0.0 {
                     continue;
                 }
                 let d = pair_delta(g, cols, gv, i, w0r[i] as f64, j, wr[j] as f64);
