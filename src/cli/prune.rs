@@ -38,7 +38,9 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
 
     // Calibration data (magnitude with uniform allocation needs none).
     let needs_calib = lopper::structured::plan::Step::Sparse(plan.clone()).needs_calibration();
-    if plan.method == lopper::prune::Method::Magnitude && plan.recovery.needs_calibration() && !a.json
+    if plan.method == lopper::prune::Method::Magnitude
+        && plan.recovery.needs_calibration()
+        && !a.json
     {
         eprintln!("note: magnitude pruning needs no calibration, but --reconstruct / --refine do: calibration data is used");
     }

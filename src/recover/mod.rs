@@ -14,8 +14,9 @@ pub mod permute;
 pub mod reconstruct;
 pub mod swaps;
 
+use crate::calibrate::stats::SiteStats;
 use crate::model::observer::Site;
-use crate::prune::{Method, Pattern, SiteStats};
+use crate::prune::{Method, Pattern};
 use crate::{Error, LayerWeights, Result};
 use serde::Serialize;
 use std::collections::HashMap;

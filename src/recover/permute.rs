@@ -14,8 +14,8 @@
 //! groups are swapped while that raises the score the N:M mask keeps (a bounded, seeded local
 //! search). The identity is kept when nothing beats it.
 
+use crate::calibrate::stats::SiteStats;
 use crate::calibrate::SplitMix64;
-use crate::prune::SiteStats;
 use crate::LayerWeights;
 use serde::Serialize;
 

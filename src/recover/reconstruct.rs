@@ -21,10 +21,11 @@
 //! captured, then the pruned block runs on the pruned stream and every site's `G`, `C` and
 //! `X_dᵀX_d` are accumulated. The last round's dense run also advances the dense stream.
 
+use crate::calibrate::runner::{run_layer, Pass, CHUNK_ROWS};
 use crate::model::forward::Scratch;
+use crate::model::names::tensor_name;
 use crate::model::observer::{Observer, Site};
 use crate::model::rope::Rope;
-use crate::prune::driver::{run_layer, tensor_name, CHUNK_ROWS};
 use crate::{Config, Error, LayerWeights, LinearKind, Result, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par, Side};
@@ -255,7 +256,11 @@ pub fn collect(
             &mut h_d[range.clone()],
             b,
             len,
-            advance,
+            if advance {
+                Pass::Propagate
+            } else {
+                Pass::Statistics
+            },
             &mut cap,
             &mut scratch,
         )?;
@@ -273,7 +278,7 @@ pub fn collect(
             &mut h_p[range],
             b,
             len,
-            false,
+            Pass::Statistics,
             &mut pair,
             &mut scratch,
         )?;

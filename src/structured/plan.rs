@@ -684,7 +684,11 @@ fn parse_recovery(f: &mut Fields, p: &mut PrunePlan) -> std::result::Result<(), 
             rounds: rounds.unwrap_or(d.rounds),
         });
     } else if damp.is_some() || rounds.is_some() {
-        let key = if damp.is_some() { "recon_damp" } else { "recon_rounds" };
+        let key = if damp.is_some() {
+            "recon_damp"
+        } else {
+            "recon_rounds"
+        };
         let r = f.name("reconstruct");
         return Err(f.err(key, format!("needs {r}")));
     }
