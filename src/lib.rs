@@ -16,6 +16,7 @@ pub mod isa;
 pub mod kernels;
 pub mod model;
 pub mod prune;
+pub mod recover;
 pub mod runtime;
 pub mod structured;
 pub mod text;

@@ -172,7 +172,7 @@ fn expected_zero_tiles(
     let (tr, tc, _, c) = tiles(pattern, rows, cols);
     match (method, scope) {
         (Method::Magnitude, Scope::Matrix) => fl(tr * tc, s),
-        (Method::Magnitude, Scope::Row) | (Method::Wanda, _) => tr * fl(tc, s),
+        (Method::Magnitude, Scope::Row) | (Method::Wanda | Method::Ria, _) => tr * fl(tc, s),
         (Method::Sparsegpt, _) => {
             let bs = 128usize.div_ceil(c) * c;
             (0..cols)

@@ -38,6 +38,12 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
 
     // Calibration data (magnitude with uniform allocation needs none).
     let needs_calib = lopper::structured::plan::Step::Sparse(plan.clone()).needs_calibration();
+    if plan.method == lopper::prune::Method::Magnitude
+        && plan.recovery.needs_calibration()
+        && !a.json
+    {
+        eprintln!("note: magnitude pruning needs no calibration, but --reconstruct / --refine do: calibration data is used");
+    }
     let calib = Calibration::build(&a, &model, needs_calib)?.set;
     let evaluator = Evaluator::new(&a, &model)?;
     // Block by block (unless --in-memory): with weights mapped or converted on first read,
@@ -102,6 +108,7 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         "owl_lod": outcome.owl_lod,
         "tensors": outcome.tensors,
         "prune_seconds": outcome.seconds_total,
+        "recovery": outcome.recovery,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
         "gemm_gflops": gemm_gflops,
         "compute_bound_seconds": compute_bound_s,
@@ -143,6 +150,30 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
             outcome.seconds_prune,
             outcome.seconds_forward
         );
+        if let Some(r) = &outcome.recovery {
+            println!(
+                "recovery      {} (permute {:.1} s, swaps {:.1} s, reconstruct {:.1} s)",
+                r.steps.join(" + "),
+                r.seconds_permute,
+                r.seconds_swaps,
+                r.seconds_reconstruct
+            );
+            if let (Some(b), Some(a2)) = (r.mean_rel_error_before, r.mean_rel_error_after) {
+                println!("reconstruct   mean relative output error {b:.4} -> {a2:.4}");
+            }
+            if !r.swaps.is_empty() {
+                let (b, a2): (f64, f64) = r.swaps.iter().fold((0.0, 0.0), |s, x| {
+                    (s.0 + x.rel_error_before, s.1 + x.rel_error_after)
+                });
+                let n = r.swaps.len() as f64;
+                let k: usize = r.swaps.iter().map(|x| x.swaps).sum();
+                println!(
+                    "swaps         {k} swaps, mean relative layer error {:.4} -> {:.4}",
+                    b / n,
+                    a2 / n
+                );
+            }
+        }
         if let (Some(b), Some(r)) = (compute_bound_s, gemm_gflops) {
             println!("compute bound {:.1} s (2 calibration passes at the measured GEMM rate {:.0} GFLOP/s): {:.2}x of it", b, r, outcome.seconds_total / b);
         }

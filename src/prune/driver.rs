@@ -50,6 +50,10 @@ pub struct PrunePlan {
     pub skip_modules: Vec<LinearKind>,
     /// SparseGPT: arithmetic of the inverse-Hessian factorisation.
     pub hessian_precision: super::sparsegpt::Precision,
+    /// RIA: exponent of the activation norm.
+    pub ria_alpha: f64,
+    /// Permutation, swap refinement and block reconstruction ([`crate::recover`]).
+    pub recovery: crate::recover::Recovery,
 }
 
 impl PrunePlan {
@@ -66,6 +70,8 @@ impl PrunePlan {
             skip_layers: Vec::new(),
             skip_modules: Vec::new(),
             hessian_precision: Default::default(),
+            ria_alpha: super::ria::DEFAULT_ALPHA,
+            recovery: Default::default(),
         }
     }
 
@@ -105,6 +111,13 @@ impl PrunePlan {
                     "OWL needs M > 0 and 0 <= lambda < 0.5, got M={m} lambda={lambda}"
                 ));
             }
+        }
+        self.recovery.validate(self.pattern)?;
+        if self.method == Method::Ria && !(self.ria_alpha.is_finite() && self.ria_alpha >= 0.0) {
+            return bad(format!(
+                "--ria-alpha must be a finite number >= 0, got {}",
+                self.ria_alpha
+            ));
         }
         let n = model.weights.layers.len();
         if let Some(&l) = self.skip_layers.iter().find(|&&l| l >= n) {
@@ -176,6 +189,8 @@ pub struct PruneOutcome {
     pub seconds_stats: f64,
     pub seconds_prune: f64,
     pub seconds_total: f64,
+    /// What permutation, swap refinement and reconstruction did, when any ran.
+    pub recovery: Option<crate::recover::RecoveryReport>,
 }
 
 /// Prune `model` in place with `plan`, calibrating on `calib` (unused for magnitude with
@@ -211,6 +226,9 @@ fn method_of(plan: &PrunePlan) -> Box<dyn super::Pruner> {
             precision: plan.hessian_precision,
             ..Default::default()
         }),
+        Method::Ria => Box::new(super::ria::Ria {
+            alpha: plan.ria_alpha,
+        }),
         m => pruner(m, plan.scope),
     }
 }
@@ -244,9 +262,12 @@ fn run(
         crate::util::trace_rss("weights spilled");
     }
     let t_all = Instant::now();
-    let needs = method.needs();
+    let mut needs = method.needs();
+    // Swap refinement scores swaps with XᵀX, whatever the method.
+    needs.hessian |= plan.recovery.refine.is_some();
     let owl = matches!(plan.allocation, Allocation::Owl { .. });
-    let calibrated = needs != Needs::default() || owl;
+    let calibrated = needs != Needs::default() || owl || plan.recovery.needs_calibration();
+    let mut recovery = crate::recover::RecoveryReport::new(&plan.recovery);
     let n_layers = model.weights.layers.len();
     let (n, len) = (calib.n, calib.len);
     let rope = Rope::new(&model.config, len);
@@ -315,6 +336,8 @@ fn run(
     // Mapped weights (spilled or from an f32 file) leave memory once used; see `release`.
     model.weights.embed.release();
     crate::util::trace_rss("calibration embedded");
+    // Block reconstruction's dense stream (the pruned stream is `h`).
+    let mut h_dense = plan.recovery.reconstruct.map(|_| h.clone());
     let mut tensors = Vec::new();
     let (mut params, mut zeros) = (0usize, 0usize);
     for (i, &target) in layer_sparsity.iter().enumerate() {
@@ -341,6 +364,25 @@ fn run(
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
         let t = Instant::now();
+        if let (true, Pattern::NM { n: kn, m }) = (plan.recovery.permute, plan.pattern) {
+            if to_prune.contains(&LinearKind::Down) {
+                let tp = Instant::now();
+                let layer = &mut model.weights.layers[i];
+                let p = crate::recover::permute_block(
+                    i,
+                    layer,
+                    &mut obs.sites,
+                    plan.method,
+                    plan.ria_alpha,
+                    (kn, m),
+                );
+                recovery.permuted.push(p);
+                recovery.seconds_permute += tp.elapsed().as_secs_f64();
+            }
+        }
+        // The dense block, for swap refinement and reconstruction.
+        let dense = (plan.recovery.refine.is_some() || plan.recovery.reconstruct.is_some())
+            .then(|| crate::recover::reconstruct::dense_copy(&model.weights.layers[i]));
         let offset = target - plan.sparsity;
         let sites = &obs.sites;
         let layer = &mut model.weights.layers[i];
@@ -362,46 +404,86 @@ fn run(
         };
         let (prepared, pruned) = std::thread::scope(|sc| {
             let ahead = sc.spawn(prepare);
-            let pruned = (|| -> Result<Vec<TensorOutcome>> {
-                let mut out = Vec::new();
-                for &kind in &to_prune {
-                    let name = tensor_name(i, kind);
-                    let target = Target {
-                        sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99),
-                        pattern: plan.pattern,
-                    };
-                    let empty = super::SiteStats::new(0, Needs::default());
-                    let stats = sites.get(&Site::of(kind)).unwrap_or(&empty);
-                    let lin = layer.linear_mut(kind);
-                    let (rows, cols) = (lin.out_features(), lin.in_features());
-                    // A NaN/Inf weight would otherwise pass silently (magnitude and the last
-                    // block run no forward pass that could catch it).
-                    if lin.weight.data().iter().any(|v| !v.is_finite()) {
-                        return Err(Error::Numeric(format!(
-                            "block {i}: {name} contains NaN/Inf weights"
-                        )));
+            let pruned =
+                (|| -> Result<(Vec<TensorOutcome>, Vec<crate::recover::SwapOutcome>, f64)> {
+                    let mut out = Vec::new();
+                    let (mut swapped, mut t_swaps) = (Vec::new(), 0f64);
+                    for &kind in &to_prune {
+                        let name = tensor_name(i, kind);
+                        let target = Target {
+                            sparsity: (plan.base(kind) + offset).clamp(0.0, 0.99),
+                            pattern: plan.pattern,
+                        };
+                        let empty = super::SiteStats::new(0, Needs::default());
+                        let stats = sites.get(&Site::of(kind)).unwrap_or(&empty);
+                        let lin = layer.linear_mut(kind);
+                        let (rows, cols) = (lin.out_features(), lin.in_features());
+                        // A NaN/Inf weight would otherwise pass silently (magnitude and the last
+                        // block run no forward pass that could catch it).
+                        if lin.weight.data().iter().any(|v| !v.is_finite()) {
+                            return Err(Error::Numeric(format!(
+                                "block {i}: {name} contains NaN/Inf weights"
+                            )));
+                        }
+                        method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
+                        if let (Some(_), Some(d)) = (plan.recovery.refine, &dense) {
+                            let ts = Instant::now();
+                            swapped.push(crate::recover::refine_linear(
+                                lin.weight.data_mut(),
+                                d.linear(kind).weight.data(),
+                                rows,
+                                cols,
+                                stats,
+                                plan.pattern,
+                                plan.recovery.refine_iters,
+                                &name,
+                            )?);
+                            t_swaps += ts.elapsed().as_secs_f64();
+                        }
+                        let zeros = lin.weight.count_zeros();
+                        out.push(TensorOutcome {
+                            name,
+                            shape: [rows, cols],
+                            sparsity_target: target.sparsity,
+                            zeros,
+                            sparsity: zeros as f64 / (rows * cols) as f64,
+                        });
                     }
-                    method.prune(lin.weight.data_mut(), rows, cols, stats, target, &name)?;
-                    let zeros = lin.weight.count_zeros();
-                    out.push(TensorOutcome {
-                        name,
-                        shape: [rows, cols],
-                        sparsity_target: target.sparsity,
-                        zeros,
-                        sparsity: zeros as f64 / (rows * cols) as f64,
-                    });
-                }
-                Ok(out)
-            })();
+                    Ok((out, swapped, t_swaps))
+                })();
             let prepared = ahead
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e));
             (prepared, pruned)
         });
         // The pruning loop's error names the linear it was pruning; report it first.
-        tensors.extend(pruned?);
+        let (pruned, swapped, t_swaps) = pruned?;
+        tensors.extend(pruned);
+        recovery.swaps.extend(swapped);
+        recovery.seconds_swaps += t_swaps;
         prepared?;
         t_prune += t.elapsed().as_secs_f64();
+        if let (Some(opts), Some(h_d), Some(d)) = (plan.recovery.reconstruct, &mut h_dense, &dense)
+        {
+            progress("reconstructing", i, n_layers);
+            let tr = Instant::now();
+            let fits = crate::recover::reconstruct::reconstruct_block(
+                &model.config,
+                i,
+                d,
+                &mut model.weights.layers[i],
+                &to_prune,
+                &rope,
+                h_d,
+                &mut h,
+                n,
+                len,
+                opts,
+            )?;
+            recovery.reconstruction.extend(fits);
+            recovery.seconds_reconstruct += tr.elapsed().as_secs_f64();
+        }
+        drop(dense);
         crate::util::trace_rss(&format!("block {i} pruned"));
         if calibrated && i + 1 < n_layers {
             let t = Instant::now();
@@ -442,5 +524,9 @@ fn run(
         seconds_stats: t_stats,
         seconds_prune: t_prune,
         seconds_total: t_all.elapsed().as_secs_f64(),
+        recovery: (!recovery.steps.is_empty()).then(|| {
+            recovery.finish();
+            recovery
+        }),
     })
 }

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
+pub mod ria;
 pub mod sparsegpt;
 pub mod wanda;
 
@@ -112,6 +113,8 @@ pub enum Method {
     Wanda,
     /// OBS reconstruction with the inverse Hessian (Frantar & Alistarh 2023).
     Sparsegpt,
+    /// Relative importance × ‖X_j‖₂^a per output row (Zhang et al. 2024).
+    Ria,
 }
 
 impl FromStr for Method {
@@ -122,6 +125,7 @@ impl FromStr for Method {
             "magnitude" => Ok(Method::Magnitude),
             "wanda" => Ok(Method::Wanda),
             "sparsegpt" => Ok(Method::Sparsegpt),
+            "ria" => Ok(Method::Ria),
             _ => Err(Error::Invalid(format!(
                 "unknown method `{s}`; expected one of {}",
                 crate::structured::options::METHODS.join(", ")
@@ -178,6 +182,7 @@ pub fn pruner(method: Method, scope: Scope) -> Box<dyn Pruner> {
         Method::Magnitude => Box::new(magnitude::Magnitude { scope }),
         Method::Wanda => Box::new(wanda::Wanda),
         Method::Sparsegpt => Box::new(sparsegpt::SparseGpt::default()),
+        Method::Ria => Box::new(ria::Ria::default()),
     }
 }
 

@@ -60,7 +60,8 @@ pub const HEAD_METRICS: &[&str] = &["norm", "wanda_sp", "fluctuation"];
 pub const GQA_MODES: &[&str] = &["kv_groups", "per_group"];
 pub const NEURON_METRICS: &[&str] = &["wanda_sp", "wanda_sp_down", "fluctuation"];
 pub const WIDTH_ALLOCATIONS: &[&str] = &["uniform", "adaptive"];
-pub const METHODS: &[&str] = &["magnitude", "wanda", "sparsegpt"];
+pub const METHODS: &[&str] = &["magnitude", "wanda", "sparsegpt", "ria"];
+pub const REFINES: &[&str] = &["swaps"];
 pub const SPARSE_ALLOCATIONS: &[&str] = &["uniform", "owl"];
 pub const SCOPES: &[&str] = &["matrix", "row"];
 pub const PRECISIONS: &[&str] = &["f64", "f32"];
@@ -147,6 +148,20 @@ pub const STEP_OPTIONS: &[StepOption] = &[
         "Magnitude only: compare |W| within the whole matrix (default, official) or within each row"),
     opt("hessian-precision", &["sparse"], "hessian_precision", Choice(PRECISIONS), Modifier,
         "SparseGPT only: arithmetic of the inverse-Hessian factorisation (default f64; the official code uses f32)"),
+    opt("ria-alpha", &["sparse"], "ria_alpha", Number, Modifier,
+        "RIA only: exponent a of the activation norm in relative importance × ‖X_j‖₂^a (default 0.5)"),
+    opt("permute", &["sparse"], "permute", Switch, Modifier,
+        "N:M only: permute down_proj's input channels (gate/up rows follow, same function) before choosing groups (RIA)"),
+    opt("refine", &["sparse"], "refine", Choice(REFINES), Modifier,
+        "Refine the mask: swap pruned and kept weights of a row (or N:M group) while the layer's output error falls (DSnoT / SparseSwaps)"),
+    opt("refine-iters", &["sparse"], "refine_iters", Integer, Modifier,
+        "At most this many swaps per row (default 50); needs --refine"),
+    opt("reconstruct", &["sparse"], "reconstruct", Switch, Modifier,
+        "Re-fit each block's surviving weights by least squares towards the dense outputs on the pruned model's own inputs"),
+    opt("recon-damp", &["sparse"], "recon_damp", Number, Modifier,
+        "Reconstruction damping relative to mean diag(XᵀX) (default 0.01); needs --reconstruct"),
+    opt("recon-rounds", &["sparse"], "recon_rounds", Integer, Modifier,
+        "Paired passes and re-fits per block (default 1); needs --reconstruct"),
 ];
 
 /// The options that belong to step `kind`.

@@ -111,7 +111,11 @@ impl Step {
         match self {
             Step::Layers(s) => !matches!(s.select, LayerSelection::List(_)),
             Step::LowRank(s) => s.whiten,
-            Step::Sparse(p) => p.method != Method::Magnitude || p.allocation != Allocation::Uniform,
+            Step::Sparse(p) => {
+                p.method != Method::Magnitude
+                    || p.allocation != Allocation::Uniform
+                    || p.recovery.needs_calibration()
+            }
             _ => true,
         }
     }
@@ -137,6 +141,7 @@ impl Step {
                     "zeros": o.zeros,
                     "layer_sparsity": o.layer_sparsity,
                     "owl_lod": o.owl_lod,
+                    "recovery": o.recovery,
                 }))
             }
         }
@@ -362,6 +367,14 @@ impl<'a> Fields<'a> {
             Some(toml::Value::Float(x)) => Ok(Some(*x)),
             Some(toml::Value::Integer(x)) => Ok(Some(*x as f64)),
             Some(v) => Err(self.err(key, format!("must be a number, got {v}"))),
+        }
+    }
+
+    fn count(&mut self, key: &'static str) -> std::result::Result<Option<usize>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(x)) if *x >= 0 => Ok(Some(*x as usize)),
+            Some(v) => Err(self.err(key, format!("must be a non-negative integer, got {v}"))),
         }
     }
 
@@ -634,11 +647,52 @@ fn parse_sparse(f: &mut Fields) -> std::result::Result<PrunePlan, String> {
         }
         p.hessian_precision = prec;
     }
+    parse_recovery(f, &mut p)?;
     p.skip_layers = f.usize_list("skip_layers")?.unwrap_or_default();
     if let Some(s) = f.str("skip_modules")? {
         p.skip_modules = crate::prune::parse_kinds(s).map_err(|e| f.err("skip_modules", e))?;
     }
     Ok(p)
+}
+
+/// RIA's exponent and the recovery options of a sparse step ([`crate::recover`]); a modifier
+/// without the option it modifies is refused.
+fn parse_recovery(f: &mut Fields, p: &mut PrunePlan) -> std::result::Result<(), String> {
+    if let Some(a) = f.float("ria_alpha")? {
+        if p.method != Method::Ria {
+            return Err(f.err("ria_alpha", "applies to method ria only"));
+        }
+        p.ria_alpha = a;
+    }
+    p.recovery.permute = f.bool("permute")?.unwrap_or(false);
+    p.recovery.refine = f.choice("refine", opts::REFINES, None, |s| match s {
+        "swaps" => Some(Some(crate::recover::Refine::Swaps)),
+        _ => None,
+    })?;
+    let iters = f.count("refine_iters")?;
+    if iters.is_some() && p.recovery.refine.is_none() {
+        let refine = f.name("refine");
+        return Err(f.err("refine_iters", format!("needs {refine}")));
+    }
+    p.recovery.refine_iters = iters.unwrap_or(50);
+    let reconstruct = f.bool("reconstruct")?.unwrap_or(false);
+    let (damp, rounds) = (f.float("recon_damp")?, f.count("recon_rounds")?);
+    if reconstruct {
+        let d = crate::recover::ReconOptions::default();
+        p.recovery.reconstruct = Some(crate::recover::ReconOptions {
+            damp: damp.unwrap_or(d.damp),
+            rounds: rounds.unwrap_or(d.rounds),
+        });
+    } else if damp.is_some() || rounds.is_some() {
+        let key = if damp.is_some() {
+            "recon_damp"
+        } else {
+            "recon_rounds"
+        };
+        let r = f.name("reconstruct");
+        return Err(f.err(key, format!("needs {r}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,598 @@
+//! Block reconstruction: after a block is pruned, re-fit the surviving weights of each pruned
+//! linear by least squares so that it reproduces the *dense* model's output of that linear
+//! given the *pruned* model's own input (two activation streams, so errors do not compound
+//! down the stack; attention and MLP linears each see the inputs their own pruned sublayer
+//! produces).
+//!
+//! For a linear with dense weights `W`, pruned `Ŵ`, dense-stream input `X_d` and
+//! pruned-stream input `X_p`, each row `r` solves, on its kept inputs `k` only (so every
+//! sparsity pattern is kept exactly),
+//!
+//! `min ‖X_p,k ŵ_k − X_d w‖²`  ⇔  `(G_kk + λI) ŵ_k = (C w)_k`,
+//!
+//! with `G = X_pᵀX_p` and `C = X_pᵀX_d` summed over the calibration tokens in f64, and the
+//! damping `λ = damp · mean(diag G)` (raised tenfold while the Cholesky factorisation fails;
+//! the report says how far). The error `ŵᵀGŵ − 2ŵᵀCw + wᵀ(X_dᵀX_d)w` is reported before and
+//! after relative to `wᵀ(X_dᵀX_d)w`; a row whose undamped error the solve would raise keeps its
+//! weights. A NaN/Inf solution is an error naming the linear.
+//!
+//! The statistics come from one paired pass per round ([`collect`]): for each chunk of
+//! calibration samples the dense block runs on the dense stream while its linear inputs are
+//! captured, then the pruned block runs on the pruned stream and every site's `G`, `C` and
+//! `X_dᵀX_d` are accumulated. The last round's dense run also advances the dense stream.
+
+use crate::calibrate::runner::{run_layer, Pass, CHUNK_ROWS};
+use crate::model::forward::Scratch;
+use crate::model::names::tensor_name;
+use crate::model::observer::{Observer, Site};
+use crate::model::rope::Rope;
+use crate::{Config, Error, LayerWeights, LinearKind, Result, Tensor};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par, Side};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// `out[cols_p, cols_d] = xpᵀ · xd` for row-major `xp[rows, cols_p]`, `xd[rows, cols_d]`
+/// (f32, one GEMM with the `gemm` crate).
+pub fn cross_t(xp: &[f32], xd: &[f32], rows: usize, cp: usize, cd: usize, out: &mut [f32]) {
+    assert!(
+        xp.len() >= rows * cp && xd.len() >= rows * cd && out.len() >= cp * cd,
+        "cross_t: bad sizes"
+    );
+    if cp == 0 || cd == 0 {
+        return;
+    }
+    if rows == 0 {
+        out[..cp * cd].fill(0.0);
+        return;
+    }
+    let par = if crate::kernels::threads() > 1 && 2 * rows * cp * cd >= 1 << 22 {
+        gemm::Parallelism::Rayon(crate::kernels::threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: sizes checked above. dst [cp, cd] row-major; lhs = xpᵀ: element (i, t) at
+    // xp[t·cp + i]; rhs = xd: element (t, j) at xd[t·cd + j].
+    unsafe {
+        gemm::gemm(
+            cp,
+            cd,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            cd as isize,
+            false,
+            xp.as_ptr(),
+            cp as isize,
+            1,
+            xd.as_ptr(),
+            1,
+            cd as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Reference for [`cross_t`]: triple loop with f64 accumulation.
+pub fn cross_t_naive(xp: &[f32], xd: &[f32], rows: usize, cp: usize, cd: usize, out: &mut [f32]) {
+    for i in 0..cp {
+        for j in 0..cd {
+            let s: f64 = (0..rows)
+                .map(|t| xp[t * cp + i] as f64 * xd[t * cd + j] as f64)
+                .sum();
+            out[i * cd + j] = s as f32;
+        }
+    }
+}
+
+/// Reconstruction statistics of one linear input, summed over calibration tokens in f64.
+#[derive(Debug, Clone)]
+pub struct ReconStats {
+    pub cols: usize,
+    pub tokens: usize,
+    /// `X_pᵀX_p`, `[cols, cols]`, full (symmetric) after [`ReconStats::finish`].
+    pub gp: Vec<f64>,
+    /// `X_pᵀX_d`, `[cols, cols]`.
+    pub cross: Vec<f64>,
+    /// `X_dᵀX_d`, full after [`ReconStats::finish`].
+    pub gd: Vec<f64>,
+}
+
+impl ReconStats {
+    fn new(cols: usize) -> ReconStats {
+        ReconStats {
+            cols,
+            tokens: 0,
+            gp: vec![0.0; cols * cols],
+            cross: vec![0.0; cols * cols],
+            gd: vec![0.0; cols * cols],
+        }
+    }
+
+    /// Statistics from full matrices computed elsewhere (tests, tools).
+    pub fn from_parts(cols: usize, gp: Vec<f64>, cross: Vec<f64>, gd: Vec<f64>) -> ReconStats {
+        ReconStats {
+            cols,
+            tokens: 0,
+            gp,
+            cross,
+            gd,
+        }
+    }
+
+    /// Add one chunk: `xp`, `xd` are `[rows, cols]`; `buf` is scratch.
+    fn add(&mut self, xp: &[f32], xd: &[f32], rows: usize, buf: &mut Vec<f32>) {
+        let c = self.cols;
+        buf.clear();
+        buf.resize(c * c, 0.0);
+        crate::kernels::gram_upper(xp, rows, c, buf);
+        add_upper(&mut self.gp, buf, c);
+        crate::kernels::gram_upper(xd, rows, c, buf);
+        add_upper(&mut self.gd, buf, c);
+        cross_t(xp, xd, rows, c, c, buf);
+        for (a, &b) in self.cross.iter_mut().zip(buf.iter()) {
+            *a += b as f64;
+        }
+        self.tokens += rows;
+    }
+
+    /// Mirror the upper triangles of the Gram matrices.
+    fn finish(&mut self) {
+        let c = self.cols;
+        for m in [&mut self.gp, &mut self.gd] {
+            for i in 0..c {
+                for j in 0..i {
+                    m[i * c + j] = m[j * c + i];
+                }
+            }
+        }
+    }
+}
+
+fn add_upper(acc: &mut [f64], g: &[f32], c: usize) {
+    acc.par_chunks_mut(c)
+        .zip(g.par_chunks(c))
+        .enumerate()
+        .for_each(|(i, (a, gr))| {
+            for j in i..c {
+                a[j] += gr[j] as f64;
+            }
+        });
+}
+
+/// Captures one chunk's linear inputs of block `layer` (the dense run).
+struct Capture {
+    layer: usize,
+    full: bool,
+    x: HashMap<Site, (Vec<f32>, usize)>,
+}
+
+impl Observer for Capture {
+    fn wants_linear_inputs(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        self.full
+    }
+    fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
+        if layer == self.layer {
+            let e = self.x.entry(site).or_default();
+            e.0.clear();
+            e.0.extend_from_slice(&x[..rows * cols]);
+            e.1 = rows;
+        }
+    }
+}
+
+/// Accumulates [`ReconStats`] from the pruned run against the captured dense inputs.
+struct Pair<'a> {
+    layer: usize,
+    dense: &'a HashMap<Site, (Vec<f32>, usize)>,
+    acc: &'a mut HashMap<Site, ReconStats>,
+    buf: Vec<f32>,
+}
+
+impl Observer for Pair<'_> {
+    fn wants_linear_inputs(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+    fn wants_block_output(&self, _layer: usize) -> bool {
+        false
+    }
+    fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
+        if layer != self.layer {
+            return;
+        }
+        let Some((xd, dr)) = self.dense.get(&site) else {
+            return;
+        };
+        debug_assert_eq!(*dr, rows, "dense and pruned chunks differ");
+        self.acc
+            .entry(site)
+            .or_insert_with(|| ReconStats::new(cols))
+            .add(x, xd, rows, &mut self.buf);
+    }
+}
+
+/// One paired pass over block `layer`: the dense block `dense` on `h_d` (advanced in place
+/// when `advance`), the pruned block `pruned` on `h_p` (left unchanged). `n` samples of `len`.
+#[allow(clippy::too_many_arguments)]
+pub fn collect(
+    cfg: &Config,
+    layer: usize,
+    dense: &LayerWeights,
+    pruned: &LayerWeights,
+    rope: &Rope,
+    h_d: &mut [f32],
+    h_p: &mut [f32],
+    n: usize,
+    len: usize,
+    advance: bool,
+) -> Result<HashMap<Site, ReconStats>> {
+    let width = len * cfg.hidden_size;
+    let per = (CHUNK_ROWS / len.max(1)).max(1);
+    let mut scratch = Scratch::default();
+    let mut cap = Capture {
+        layer,
+        full: advance,
+        x: HashMap::new(),
+    };
+    let mut acc = HashMap::new();
+    let mut buf = Vec::new();
+    for s0 in (0..n).step_by(per) {
+        let b = per.min(n - s0);
+        let range = s0 * width..(s0 + b) * width;
+        run_layer(
+            cfg,
+            layer,
+            dense,
+            rope,
+            &mut h_d[range.clone()],
+            b,
+            len,
+            if advance {
+                Pass::Propagate
+            } else {
+                Pass::Statistics
+            },
+            &mut cap,
+            &mut scratch,
+        )?;
+        let mut pair = Pair {
+            layer,
+            dense: &cap.x,
+            acc: &mut acc,
+            buf: std::mem::take(&mut buf),
+        };
+        run_layer(
+            cfg,
+            layer,
+            pruned,
+            rope,
+            &mut h_p[range],
+            b,
+            len,
+            Pass::Statistics,
+            &mut pair,
+            &mut scratch,
+        )?;
+        buf = pair.buf;
+    }
+    for s in acc.values_mut() {
+        s.finish();
+    }
+    Ok(acc)
+}
+
+/// What re-fitting one linear did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitOutcome {
+    pub name: String,
+    /// Output error relative to the dense output's energy, before and after the re-fit.
+    pub rel_error_before: f64,
+    pub rel_error_after: f64,
+    /// Largest damping used, relative to the mean of diag(G) (the option's value unless a
+    /// badly conditioned row needed more).
+    pub damping: f64,
+    /// Rows that needed more damping than asked for.
+    pub rows_damped_more: usize,
+    /// Rows whose re-fit would have raised the (undamped) error, left as they were.
+    pub rows_kept: usize,
+}
+
+/// Re-fit the kept (nonzero) weights of `w` (`[rows, cols]`) towards dense weights `w0` with
+/// statistics `st`, damping `damp`. `name` labels errors and the outcome.
+pub fn refit(
+    w: &mut [f32],
+    w0: &[f32],
+    rows: usize,
+    cols: usize,
+    st: &ReconStats,
+    damp: f64,
+    name: &str,
+) -> Result<FitOutcome> {
+    let c = cols;
+    let mean_diag = (0..c).map(|j| st.gp[j * c + j]).sum::<f64>() / c.max(1) as f64;
+    let w0m = Mat::<f64>::from_fn(rows, c, |r, j| w0[r * c + j] as f64);
+    // b = W0·Cᵀ (row r: C·w0_r), e = W0·G_d (row r dotted with w0_r: the dense energy).
+    let ct = Mat::<f64>::from_fn(c, c, |i, j| st.cross[j * c + i]);
+    let gd = Mat::<f64>::from_fn(c, c, |i, j| st.gd[i * c + j]);
+    let mut b = Mat::<f64>::zeros(rows, c);
+    let mut e = Mat::<f64>::zeros(rows, c);
+    matmul(
+        b.as_mut(),
+        Accum::Replace,
+        w0m.as_ref(),
+        ct.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
+    matmul(
+        e.as_mut(),
+        Accum::Replace,
+        w0m.as_ref(),
+        gd.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
+    drop((ct, gd));
+    let g = &st.gp;
+    let results: Vec<Result<RowFit>> = w
+        .par_chunks_mut(c)
+        .zip(w0.par_chunks(c))
+        .enumerate()
+        .map(|(r, (wr, w0r))| {
+            let energy: f64 = (0..c).map(|j| e[(r, j)] * w0r[j] as f64).sum();
+            let br: Vec<f64> = (0..c).map(|j| b[(r, j)]).collect();
+            fit_row(wr, g, &br, energy, c, damp * mean_diag, mean_diag, name, r)
+        })
+        .collect();
+    let mut out = FitOutcome {
+        name: name.to_string(),
+        rel_error_before: 0.0,
+        rel_error_after: 0.0,
+        damping: damp,
+        rows_damped_more: 0,
+        rows_kept: 0,
+    };
+    let (mut eb, mut ea, mut en) = (0.0, 0.0, 0.0);
+    for r in results {
+        let r = r?;
+        eb += r.before;
+        ea += r.after;
+        en += r.energy;
+        if r.lambda_rel > damp * (1.0 + 1e-9) {
+            out.rows_damped_more += 1;
+            out.damping = out.damping.max(r.lambda_rel);
+        }
+        out.rows_kept += r.kept as usize;
+    }
+    out.rel_error_before = eb / en.max(f64::MIN_POSITIVE);
+    out.rel_error_after = ea / en.max(f64::MIN_POSITIVE);
+    Ok(out)
+}
+
+struct RowFit {
+    before: f64,
+    after: f64,
+    energy: f64,
+    lambda_rel: f64,
+    kept: bool,
+}
+
+/// Solve one row on its kept inputs (see the module docs).
+#[allow(clippy::too_many_arguments)]
+fn fit_row(
+    wr: &mut [f32],
+    g: &[f64],
+    b: &[f64],
+    energy: f64,
+    c: usize,
+    lambda0: f64,
+    mean_diag: f64,
+    name: &str,
+    r: usize,
+) -> Result<RowFit> {
+    let k: Vec<usize> = (0..c).filter(|&j| wr[j] != 0.0).collect();
+    let old: Vec<f64> = k.iter().map(|&j| wr[j] as f64).collect();
+    let err = |x: &[f64]| -> f64 {
+        let mut q = 0.0;
+        for (a, &i) in k.iter().enumerate() {
+            let gi = &g[i * c..(i + 1) * c];
+            let s: f64 = k.iter().zip(x).map(|(&j, &xj)| gi[j] * xj).sum();
+            q += x[a] * (s - 2.0 * b[i]);
+        }
+        q + energy
+    };
+    let before = err(&old);
+    let mut fit = RowFit {
+        before,
+        after: before,
+        energy,
+        lambda_rel: lambda0 / mean_diag.max(f64::MIN_POSITIVE),
+        kept: true,
+    };
+    if k.is_empty() || mean_diag <= 0.0 {
+        return Ok(fit);
+    }
+    let mut lambda = lambda0.max(mean_diag * 1e-10);
+    let rhs: Vec<f64> = k.iter().map(|&i| b[i]).collect();
+    let mut solved = None;
+    for _ in 0..8 {
+        let a = Mat::<f64>::from_fn(k.len(), k.len(), |p, q| {
+            g[k[p] * c + k[q]] + if p == q { lambda } else { 0.0 }
+        });
+        if let Ok(llt) = a.llt(Side::Lower) {
+            let x = chol_solve(llt.L(), &rhs);
+            if x.iter().all(|v| v.is_finite()) {
+                solved = Some(x);
+                break;
+            }
+        }
+        lambda *= 10.0;
+    }
+    let Some(x) = solved else {
+        return Err(Error::Numeric(format!(
+            "{name}: reconstruction of row {r} failed (no finite solution even with damping {:.3e} x mean diag)",
+            lambda / mean_diag
+        )));
+    };
+    fit.lambda_rel = lambda / mean_diag;
+    let after = err(&x);
+    if !after.is_finite() {
+        return Err(Error::Numeric(format!(
+            "{name}: NaN/Inf in the reconstruction of row {r}"
+        )));
+    }
+    if after <= before {
+        for (&j, &v) in k.iter().zip(&x) {
+            wr[j] = v as f32;
+        }
+        if k.iter().any(|&j| !wr[j].is_finite()) {
+            return Err(Error::Numeric(format!(
+                "{name}: row {r} does not fit in f32 after reconstruction"
+            )));
+        }
+        fit.after = after;
+        fit.kept = false;
+    }
+    Ok(fit)
+}
+
+/// Solve `L Lᵀ x = b` by substitution.
+fn chol_solve(l: faer::MatRef<'_, f64>, b: &[f64]) -> Vec<f64> {
+    let n = b.len();
+    let mut y = b.to_vec();
+    for i in 0..n {
+        let mut s = y[i];
+        for j in 0..i {
+            s -= l[(i, j)] * y[j];
+        }
+        y[i] = s / l[(i, i)];
+    }
+    for i in (0..n).rev() {
+        let mut s = y[i];
+        for j in i + 1..n {
+            s -= l[(j, i)] * y[j];
+        }
+        y[i] = s / l[(i, i)];
+    }
+    y
+}
+
+/// Reference for [`refit`]'s solution of one row: the damped normal equations on the kept
+/// inputs solved by Gaussian elimination with partial pivoting.
+pub fn refit_row_naive(wr: &[f32], w0r: &[f32], st: &ReconStats, damp: f64) -> Vec<f32> {
+    let c = st.cols;
+    let mean_diag = (0..c).map(|j| st.gp[j * c + j]).sum::<f64>() / c as f64;
+    let k: Vec<usize> = (0..c).filter(|&j| wr[j] != 0.0).collect();
+    let n = k.len();
+    let mut a: Vec<Vec<f64>> = (0..n)
+        .map(|p| {
+            let mut row: Vec<f64> = (0..n).map(|q| st.gp[k[p] * c + k[q]]).collect();
+            row[p] += damp * mean_diag;
+            let rhs: f64 = (0..c).map(|j| st.cross[k[p] * c + j] * w0r[j] as f64).sum();
+            row.push(rhs);
+            row
+        })
+        .collect();
+    for col in 0..n {
+        let piv = (col..n)
+            .max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, piv);
+        for r in 0..n {
+            if r != col {
+                let f = a[r][col] / a[col][col];
+                let pivot = a[col].clone();
+                for (x, p) in a[r][col..].iter_mut().zip(&pivot[col..]) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    let mut out = vec![0f32; c];
+    for (p, &j) in k.iter().enumerate() {
+        out[j] = (a[p][n] / a[p][p]) as f32;
+    }
+    out
+}
+
+/// An owned copy of `lw`'s linear weights (the dense reference while the block is pruned).
+pub fn dense_copy(lw: &LayerWeights) -> LayerWeights {
+    let mut d = lw.clone();
+    for k in LinearKind::ALL {
+        let lin = d.linear_mut(k);
+        lin.weight = Tensor::new(lin.weight.shape.clone(), lin.weight.data().to_vec());
+    }
+    d
+}
+
+/// Options of block reconstruction.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReconOptions {
+    /// Damping relative to the mean of diag(XᵀX).
+    pub damp: f64,
+    /// Paired passes and re-fits per block (later rounds see the earlier re-fits' outputs).
+    pub rounds: usize,
+}
+
+impl Default for ReconOptions {
+    fn default() -> Self {
+        ReconOptions {
+            damp: 0.01,
+            rounds: 1,
+        }
+    }
+}
+
+/// Reconstruct block `layer`: `pruned`'s linears in `kinds` are re-fitted towards `dense`.
+/// Advances the dense stream `h_d` through the dense block; `h_p` is left unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn reconstruct_block(
+    cfg: &Config,
+    layer: usize,
+    dense: &LayerWeights,
+    pruned: &mut LayerWeights,
+    kinds: &[LinearKind],
+    rope: &Rope,
+    h_d: &mut [f32],
+    h_p: &mut [f32],
+    n: usize,
+    len: usize,
+    opts: ReconOptions,
+) -> Result<Vec<FitOutcome>> {
+    let rounds = opts.rounds.max(1);
+    let mut out: Vec<FitOutcome> = Vec::new();
+    for round in 0..rounds {
+        let last = round + 1 == rounds;
+        let stats = collect(cfg, layer, dense, pruned, rope, h_d, h_p, n, len, last)?;
+        for &kind in kinds {
+            let Some(st) = stats.get(&Site::of(kind)) else {
+                continue;
+            };
+            let name = tensor_name(layer, kind);
+            let w0 = dense.linear(kind).weight.data();
+            let lin = pruned.linear_mut(kind);
+            let (rows, cols) = (lin.out_features(), lin.in_features());
+            let fit = refit(lin.weight.data_mut(), w0, rows, cols, st, opts.damp, &name)?;
+            match out.iter_mut().find(|f| f.name == fit.name) {
+                // Later rounds: keep the first "before", report the last "after".
+                Some(f) => {
+                    f.rel_error_after = fit.rel_error_after;
+                    f.damping = f.damping.max(fit.damping);
+                    f.rows_damped_more = f.rows_damped_more.max(fit.rows_damped_more);
+                    f.rows_kept = fit.rows_kept;
+                }
+                None => out.push(fit),
+            }
+        }
+    }
+    Ok(out)
+}
