@@ -240,3 +240,61 @@ pub fn gram_naive(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
         }
     }
 }
+
+/// `out[cols_p, cols_d] = xpᵀ · xd` for row-major `xp[rows, cols_p]`, `xd[rows, cols_d]`
+/// (f32, one GEMM with the `gemm` crate).
+pub fn cross_t(xp: &[f32], xd: &[f32], rows: usize, cp: usize, cd: usize, out: &mut [f32]) {
+    assert!(
+        xp.len() >= rows * cp && xd.len() >= rows * cd && out.len() >= cp * cd,
+        "cross_t: bad sizes"
+    );
+    if cp == 0 || cd == 0 {
+        return;
+    }
+    if rows == 0 {
+        out[..cp * cd].fill(0.0);
+        return;
+    }
+    let par = if threads() > 1 && 2 * rows * cp * cd >= 1 << 22 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: sizes checked above. dst [cp, cd] row-major; lhs = xpᵀ: element (i, t) at
+    // xp[t·cp + i]; rhs = xd: element (t, j) at xd[t·cd + j].
+    unsafe {
+        gemm::gemm(
+            cp,
+            cd,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            cd as isize,
+            false,
+            xp.as_ptr(),
+            cp as isize,
+            1,
+            xd.as_ptr(),
+            1,
+            cd as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Reference for [`cross_t`]: triple loop with f64 accumulation.
+pub fn cross_t_naive(xp: &[f32], xd: &[f32], rows: usize, cp: usize, cd: usize, out: &mut [f32]) {
+    for i in 0..cp {
+        for j in 0..cd {
+            let s: f64 = (0..rows)
+                .map(|t| xp[t * cp + i] as f64 * xd[t * cd + j] as f64)
+                .sum();
+            out[i * cd + j] = s as f32;
+        }
+    }
+}
