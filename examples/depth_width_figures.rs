@@ -179,6 +179,7 @@ fn main() {
                     gqa,
                     allocation,
                     bias_compensation: bias,
+                    reconstruct: false,
                 };
                 heads::prune_heads_with_stats(&mut m, &stats, &spec).unwrap();
                 ctx.report(
@@ -248,6 +249,7 @@ fn main() {
                     metric,
                     bias_compensation: bias,
                     allocation,
+                    reconstruct: false,
                 };
                 neurons::prune_neurons_with_stats(&mut m, &stats, &spec).unwrap();
                 ctx.report(

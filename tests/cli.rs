@@ -554,6 +554,27 @@ fn prune_flags_that_would_take_no_effect_are_refused() {
             vec!["--samples", "99"],
             vec!["--samples 99", "holds 4 calibration windows"],
         ),
+        (
+            vec!["--recon-damp", "0.1"],
+            vec!["--recon-damp needs --reconstruct"],
+        ),
+        (
+            vec!["--refine-iters", "5"],
+            vec!["--refine-iters needs --refine"],
+        ),
+        (
+            vec!["--ria-alpha", "0.3"],
+            vec!["--ria-alpha applies to method ria only"],
+        ),
+        (vec!["--permute"], vec!["--permute", "N:M pattern"]),
+        (
+            vec!["--slice", "0.1", "--reconstruct"],
+            vec!["--reconstruct needs --heads or --neurons or a sparse step"],
+        ),
+        (
+            vec!["--plan", &plan, "--refine", "swaps"],
+            vec!["--refine cannot be combined with --plan", "`refine`"],
+        ),
     ] {
         prune_fails(
             &with(&extra).iter().map(String::as_str).collect::<Vec<_>>(),

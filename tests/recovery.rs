@@ -460,3 +460,76 @@ fn bad_recovery_options_are_refused() {
     });
     assert!(plan.validate(&model).is_err());
 }
+
+/// Width reconstruction re-fits o_proj after heads and down_proj after neurons: the same
+/// channels go, every block's fit lowers its own output error, and on the calibration window the
+/// model is closer to the dense one than with no compensation or FLAP's bias compensation.
+#[test]
+fn width_reconstruction_beats_bias_compensation_on_tiny_llama3() {
+    use lopper::structured::heads::{prune_heads, GqaMode, HeadMetric, HeadSpec};
+    use lopper::structured::neurons::{prune_neurons, NeuronMetric, NeuronSpec};
+    use lopper::structured::WidthAllocation;
+    let dense = tiny_model();
+    let calib = tiny_calib(5);
+    let ids = &calib.ids[..calib.len];
+    for heads in [true, false] {
+        let run = |bias: bool, recon: bool| -> (Model, serde_json::Value) {
+            let mut m = tiny_model();
+            let d = if heads {
+                let spec = HeadSpec {
+                    fraction: 0.5,
+                    metric: HeadMetric::Norm,
+                    gqa: GqaMode::KvGroups,
+                    allocation: WidthAllocation::Uniform,
+                    bias_compensation: bias,
+                    reconstruct: recon,
+                };
+                prune_heads(&mut m, &calib, &spec, &mut |_, _, _| {}).unwrap()
+            } else {
+                let spec = NeuronSpec {
+                    fraction: 0.5,
+                    metric: NeuronMetric::WandaSp,
+                    bias_compensation: bias,
+                    allocation: WidthAllocation::Uniform,
+                    reconstruct: recon,
+                };
+                prune_neurons(&mut m, &calib, &spec, &mut |_, _, _| {}).unwrap()
+            };
+            (m, d)
+        };
+        let (plain, _) = run(false, false);
+        let (comp, _) = run(true, false);
+        let (rec, details) = run(false, true);
+        let kind = if heads {
+            lopper::LinearKind::O
+        } else {
+            lopper::LinearKind::Down
+        };
+        for (a, b) in plain.weights.layers.iter().zip(&rec.weights.layers) {
+            assert_eq!(a.linear(kind).in_features(), b.linear(kind).in_features());
+            assert!(
+                b.linear(kind).bias.is_some(),
+                "a re-fitted {kind:?} has a bias"
+            );
+        }
+        let fits = details["reconstruction"]["layers"].as_array().unwrap();
+        assert_eq!(fits.len(), dense.weights.layers.len());
+        for f in fits {
+            let (b, a) = (
+                f["rel_error_before"].as_f64().unwrap(),
+                f["rel_error_after"].as_f64().unwrap(),
+            );
+            assert!(a.is_finite() && a <= b + 1e-12, "{f}");
+        }
+        let (e_plain, e_comp, e_rec) = (
+            logit_mse(&dense, &plain, ids),
+            logit_mse(&dense, &comp, ids),
+            logit_mse(&dense, &rec, ids),
+        );
+        assert!(
+            e_rec < e_comp && e_rec < e_plain,
+            "heads {heads}: reconstructed {e_rec}, bias compensation {e_comp}, plain {e_plain}"
+        );
+        assert!(rec.config.o_bias || rec.config.mlp_bias);
+    }
+}

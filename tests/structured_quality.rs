@@ -137,6 +137,7 @@ fn metric_chosen_neurons_beat_random_neurons() {
             metric,
             bias_compensation: bias,
             allocation: WidthAllocation::Uniform,
+            reconstruct: false,
         };
         neurons::prune_neurons_with_stats(&mut m, stats(), &spec).unwrap();
         assert_eq!(m.config.intermediate_size, 1536 - 461);
@@ -175,6 +176,7 @@ fn bias_compensation_lowers_the_calibration_error() {
                 metric,
                 bias_compensation: bias,
                 allocation: WidthAllocation::Uniform,
+                reconstruct: false,
             };
             neurons::prune_neurons_with_stats(&mut m, stats(), &spec).unwrap();
             calib_error(&m, &dense)
@@ -195,6 +197,7 @@ fn bias_compensation_lowers_the_calibration_error() {
                 gqa,
                 allocation: WidthAllocation::Uniform,
                 bias_compensation: bias,
+                reconstruct: false,
             };
             heads::prune_heads_with_stats(&mut m, stats(), &spec).unwrap();
             calib_error(&m, &dense)
@@ -214,6 +217,7 @@ fn shared_statistics_equal_one_shot_and_shapes_are_checked() {
         metric: NeuronMetric::WandaSp,
         bias_compensation: true,
         allocation: WidthAllocation::Adaptive,
+        reconstruct: false,
     };
     let mut a = copy(default_model());
     let mut b = copy(default_model());
@@ -228,6 +232,7 @@ fn shared_statistics_equal_one_shot_and_shapes_are_checked() {
         gqa: GqaMode::KvGroups,
         allocation: WidthAllocation::Uniform,
         bias_compensation: false,
+        reconstruct: false,
     };
     heads::prune_heads_with_stats(&mut b, stats(), &hs).unwrap();
     assert_eq!(b.config.num_attention_heads, 6);

@@ -212,12 +212,12 @@ pub fn step_tables(flags: &StepFlags) -> Result<Vec<toml::Table>> {
             let parents: Vec<String> = o
                 .steps
                 .iter()
-                .flat_map(|k| opts::primary_flags(k))
+                .map(|k| match *k {
+                    "sparse" => "a sparse step (--method, --sparsity or --pattern)".to_string(),
+                    k => opts::primary_flags(k).join(" or "),
+                })
                 .collect();
-            let parents = match o.steps {
-                ["sparse"] => "a sparse step (--method, --sparsity or --pattern)".to_string(),
-                _ => parents.join(" or "),
-            };
+            let parents = parents.join(" or ");
             bail!(lopper::Error::Invalid(format!(
                 "--{} needs {parents}",
                 o.flag

@@ -13,6 +13,7 @@
 pub mod permute;
 pub mod reconstruct;
 pub mod swaps;
+pub mod width;
 
 use crate::calibrate::stats::SiteStats;
 use crate::model::observer::Site;

@@ -45,6 +45,7 @@ use crate::calibrate::CalibSet;
 use crate::model::config::Arch;
 use crate::model::observer::Site;
 use crate::model::weights::Tensor;
+use crate::LinearKind;
 use crate::{Error, Model, Result};
 use serde_json::json;
 
@@ -81,6 +82,10 @@ pub struct HeadSpec {
     /// FLAP bias compensation on o_proj (adds zero q/k/v biases for llama).
     #[serde(default)]
     pub bias_compensation: bool,
+    /// Re-fit o_proj on the kept heads (and a bias) towards the dense model's outputs
+    /// ([`crate::recover::width`]).
+    #[serde(default)]
+    pub reconstruct: bool,
 }
 
 /// Per input channel of o_proj: the channel scores of `metric` (higher = more important).
@@ -172,7 +177,12 @@ pub fn prune_heads(
         return Ok(req.unchanged(model, spec));
     }
     let stats = collect_width_stats(model, calib, &[Site::AttnOut], progress)?;
-    apply(model, &stats, spec, req)
+    if !spec.reconstruct {
+        return apply(model, &stats, spec, req);
+    }
+    let dense = model.clone();
+    let details = apply(model, &stats, spec, req)?;
+    super::reconstruct_width(&dense, model, calib, LinearKind::O, details, progress)
 }
 
 /// [`prune_heads`] with statistics collected beforehand on this very model

@@ -81,3 +81,55 @@ pub fn sync_config(model: &mut crate::Model) {
         c.intermediate_size = f;
     }
 }
+
+/// After a heads (`kind` = o_proj) or neurons (`kind` = down_proj) step on `model`: re-fit that
+/// linear of every block on its kept channels, with a bias, towards `dense` (the model before
+/// the step; [`crate::recover::width`]), and add what the fits did to the step's `details`.
+/// The re-fitted linears get biases, declared in the config as bias compensation does (for
+/// llama with zero q/k/v or gate/up biases, since one HF flag covers each group).
+pub fn reconstruct_width(
+    dense: &crate::Model,
+    model: &mut crate::Model,
+    calib: &crate::calibrate::CalibSet,
+    kind: crate::LinearKind,
+    mut details: StepDetails,
+    progress: Progress<'_>,
+) -> crate::Result<StepDetails> {
+    use crate::LinearKind as K;
+    let t = std::time::Instant::now();
+    let damp = crate::recover::ReconOptions::default().damp;
+    let fits =
+        crate::recover::width::refit_consumers(dense, model, calib, kind, damp, &mut |d, n| {
+            progress("reconstruction", d, n)
+        })?;
+    let llama = model.config.arch == crate::Arch::Llama;
+    for lw in &mut model.weights.layers {
+        let group = match kind {
+            K::O => [&mut lw.q, &mut lw.k, &mut lw.v]
+                .into_iter()
+                .collect::<Vec<_>>(),
+            _ => [&mut lw.gate, &mut lw.up].into_iter().collect(),
+        };
+        if llama {
+            group.into_iter().for_each(surgery::ensure_bias);
+        }
+    }
+    match kind {
+        K::O => {
+            model.config.o_bias = true;
+            model.config.qkv_bias |= llama;
+        }
+        _ => model.config.mlp_bias = true,
+    }
+    let n = fits.len().max(1) as f64;
+    let mean = |f: fn(&crate::recover::FitOutcome) -> f64| fits.iter().map(f).sum::<f64>() / n;
+    details["reconstruction"] = serde_json::json!({
+        "linear": format!("{kind:?}"),
+        "damping": damp,
+        "seconds": t.elapsed().as_secs_f64(),
+        "mean_rel_error_before": mean(|f| f.rel_error_before),
+        "mean_rel_error_after": mean(|f| f.rel_error_after),
+        "layers": fits,
+    });
+    Ok(details)
+}

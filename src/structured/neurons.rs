@@ -30,6 +30,7 @@ use crate::calibrate::CalibSet;
 use crate::model::config::Arch;
 use crate::model::observer::Site;
 use crate::model::weights::{LayerWeights, Tensor};
+use crate::LinearKind;
 use crate::{Error, Model, Result};
 use rayon::prelude::*;
 use serde_json::json;
@@ -54,6 +55,10 @@ pub struct NeuronSpec {
     /// FLAP bias compensation: add the removed channels' mean contribution as a down_proj bias.
     pub bias_compensation: bool,
     pub allocation: WidthAllocation,
+    /// Re-fit down_proj on the kept neurons (and a bias) towards the dense model's outputs
+    /// ([`crate::recover::width`]).
+    #[serde(default)]
+    pub reconstruct: bool,
 }
 
 /// `Σ_k |W[c,k]| · v_k` for every row `c` of `w`.
@@ -123,7 +128,12 @@ pub fn prune_neurons(
         return Ok(req.unchanged(model, spec));
     }
     let stats = collect_width_stats(model, calib, sites(spec.metric), progress)?;
-    apply(model, &stats, spec, req)
+    if !spec.reconstruct {
+        return apply(model, &stats, spec, req);
+    }
+    let dense = model.clone();
+    let details = apply(model, &stats, spec, req)?;
+    super::reconstruct_width(&dense, model, calib, LinearKind::Down, details, progress)
 }
 
 /// The sites whose statistics `metric` needs.

@@ -517,6 +517,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             })?,
             allocation: width_allocation(f)?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
+            reconstruct: f.bool("reconstruct")?.unwrap_or(false),
         }),
         "neurons" => Step::Neurons(NeuronSpec {
             fraction: f.req_fraction("fraction")?,
@@ -533,6 +534,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             )?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
             allocation: width_allocation(f)?,
+            reconstruct: f.bool("reconstruct")?.unwrap_or(false),
         }),
         "slice" => {
             let mut spec = SliceSpec::new(f.req_fraction("fraction")?);
