@@ -149,6 +149,29 @@ pub fn select(
     })
 }
 
+/// Prune `w` (`[rows, cols]`) by `scores` compared within each output row, as Wanda and RIA
+/// do: the lowest-scoring weights of every row (or N:M group, vector, block) go.
+pub fn prune_by_row_scores(
+    w: &mut [f32],
+    scores: &[f32],
+    rows: usize,
+    cols: usize,
+    target: super::Target,
+    name: &str,
+) -> Result<()> {
+    let m = select(
+        scores,
+        rows,
+        cols,
+        target.pattern,
+        target.sparsity,
+        Scope::Row,
+        name,
+    )?;
+    apply(w, &m);
+    Ok(())
+}
+
 /// Zero `w` where `mask` is set.
 pub fn apply(w: &mut [f32], mask: &[bool]) {
     w.par_iter_mut().zip(mask.par_iter()).for_each(|(v, &m)| {

@@ -10,7 +10,7 @@
 //! within each output row, for every pattern. Channel permutation for N:M lives in
 //! [`crate::recover::permute`].
 
-use super::{mask, Needs, Pruner, Scope, SiteStats, Target};
+use super::{mask, Needs, Pruner, SiteStats, Target};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -108,16 +108,6 @@ impl Pruner for Ria {
                 "{name}: RIA needs input norms, none were collected"
             ))
         })?;
-        let m = mask::select(
-            &s,
-            rows,
-            cols,
-            target.pattern,
-            target.sparsity,
-            Scope::Row,
-            name,
-        )?;
-        mask::apply(w, &m);
-        Ok(())
+        mask::prune_by_row_scores(w, &s, rows, cols, target, name)
     }
 }

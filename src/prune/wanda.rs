@@ -5,7 +5,7 @@
 //! `scaler_row = Σ x_j² / n_samples` and scores `|W| · sqrt(scaler_row)` (the constant factor
 //! does not change the ranking). N:M groups, vectors and blocks use the same score.
 
-use super::{mask, Needs, Pruner, Scope, SiteStats, Target};
+use super::{mask, Needs, Pruner, SiteStats, Target};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -49,16 +49,6 @@ impl Pruner for Wanda {
                 "{name}: Wanda needs input norms, none were collected"
             ))
         })?;
-        let m = mask::select(
-            &s,
-            rows,
-            cols,
-            target.pattern,
-            target.sparsity,
-            Scope::Row,
-            name,
-        )?;
-        mask::apply(w, &m);
-        Ok(())
+        mask::prune_by_row_scores(w, &s, rows, cols, target, name)
     }
 }
