@@ -179,7 +179,7 @@ fn main() {
                     gqa,
                     allocation,
                     bias_compensation: bias,
-                    reconstruct: false,
+                    reconstruct: None,
                 };
                 heads::prune_heads_with_stats(&mut m, &stats, &spec).unwrap();
                 ctx.report(
@@ -249,7 +249,7 @@ fn main() {
                     metric,
                     bias_compensation: bias,
                     allocation,
-                    reconstruct: false,
+                    reconstruct: None,
                 };
                 neurons::prune_neurons_with_stats(&mut m, &stats, &spec).unwrap();
                 ctx.report(

@@ -457,6 +457,7 @@ fn bad_recovery_options_are_refused() {
     plan.recovery.reconstruct = Some(ReconOptions {
         damp: -1.0,
         rounds: 1,
+        samples: 0,
     });
     assert!(plan.validate(&model).is_err());
 }
@@ -482,7 +483,7 @@ fn width_reconstruction_beats_bias_compensation_on_tiny_llama3() {
                     gqa: GqaMode::KvGroups,
                     allocation: WidthAllocation::Uniform,
                     bias_compensation: bias,
-                    reconstruct: recon,
+                    reconstruct: recon.then(ReconOptions::default),
                 };
                 prune_heads(&mut m, &calib, &spec, &mut |_, _, _| {}).unwrap()
             } else {
@@ -491,7 +492,7 @@ fn width_reconstruction_beats_bias_compensation_on_tiny_llama3() {
                     metric: NeuronMetric::WandaSp,
                     bias_compensation: bias,
                     allocation: WidthAllocation::Uniform,
-                    reconstruct: recon,
+                    reconstruct: recon.then(ReconOptions::default),
                 };
                 prune_neurons(&mut m, &calib, &spec, &mut |_, _, _| {}).unwrap()
             };

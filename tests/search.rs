@@ -97,7 +97,7 @@ fn search_keeps_the_best_candidate_and_leaves_the_input_alone() {
         metric: NeuronMetric::Fluctuation,
         bias_compensation: true,
         allocation: WidthAllocation::Uniform,
-        reconstruct: false,
+        reconstruct: None,
     }));
     let mut again = m.clone();
     run_plan(

@@ -71,7 +71,7 @@ fn heads_spec(f: f64, metric: HeadMetric, gqa: GqaMode, a: WidthAllocation) -> H
         gqa,
         allocation: a,
         bias_compensation: false,
-        reconstruct: false,
+        reconstruct: None,
     }
 }
 
@@ -81,7 +81,7 @@ fn neuron_spec(f: f64, metric: NeuronMetric, bias: bool, a: WidthAllocation) -> 
         metric,
         bias_compensation: bias,
         allocation: a,
-        reconstruct: false,
+        reconstruct: None,
     }
 }
 

@@ -137,7 +137,7 @@ fn metric_chosen_neurons_beat_random_neurons() {
             metric,
             bias_compensation: bias,
             allocation: WidthAllocation::Uniform,
-            reconstruct: false,
+            reconstruct: None,
         };
         neurons::prune_neurons_with_stats(&mut m, stats(), &spec).unwrap();
         assert_eq!(m.config.intermediate_size, 1536 - 461);
@@ -176,7 +176,7 @@ fn bias_compensation_lowers_the_calibration_error() {
                 metric,
                 bias_compensation: bias,
                 allocation: WidthAllocation::Uniform,
-                reconstruct: false,
+                reconstruct: None,
             };
             neurons::prune_neurons_with_stats(&mut m, stats(), &spec).unwrap();
             calib_error(&m, &dense)
@@ -197,7 +197,7 @@ fn bias_compensation_lowers_the_calibration_error() {
                 gqa,
                 allocation: WidthAllocation::Uniform,
                 bias_compensation: bias,
-                reconstruct: false,
+                reconstruct: None,
             };
             heads::prune_heads_with_stats(&mut m, stats(), &spec).unwrap();
             calib_error(&m, &dense)
@@ -217,7 +217,7 @@ fn shared_statistics_equal_one_shot_and_shapes_are_checked() {
         metric: NeuronMetric::WandaSp,
         bias_compensation: true,
         allocation: WidthAllocation::Adaptive,
-        reconstruct: false,
+        reconstruct: None,
     };
     let mut a = copy(default_model());
     let mut b = copy(default_model());
@@ -232,7 +232,7 @@ fn shared_statistics_equal_one_shot_and_shapes_are_checked() {
         gqa: GqaMode::KvGroups,
         allocation: WidthAllocation::Uniform,
         bias_compensation: false,
-        reconstruct: false,
+        reconstruct: None,
     };
     heads::prune_heads_with_stats(&mut b, stats(), &hs).unwrap();
     assert_eq!(b.config.num_attention_heads, 6);

@@ -24,6 +24,22 @@ impl CalibSet {
     pub fn window(&self, i: usize) -> &[u32] {
         &self.ids[i * self.len..(i + 1) * self.len]
     }
+
+    /// The first `k` samples (all of them when `k >= n`), e.g. for a costlier stage that
+    /// needs fewer tokens.
+    pub fn first(&self, k: usize) -> CalibSet {
+        let k = k.min(self.n);
+        CalibSet {
+            ids: self.ids[..k * self.len].to_vec(),
+            n: k,
+            len: self.len,
+            source: if k == self.n {
+                self.source.clone()
+            } else {
+                format!("{} (first {k} samples)", self.source)
+            },
+        }
+    }
 }
 
 /// SplitMix64: small, seedable, good enough for choosing offsets.

@@ -159,6 +159,10 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
                 r.seconds_reconstruct
             );
             if let (Some(b), Some(a2)) = (r.mean_rel_error_before, r.mean_rel_error_after) {
+                println!(
+                    "reconstruct   {} samples: paired passes {:.1} s, solves {:.1} s",
+                    r.recon_samples, r.seconds_recon_collect, r.seconds_recon_solve
+                );
                 println!("reconstruct   mean relative output error {b:.4} -> {a2:.4}");
             }
             if !r.swaps.is_empty() {

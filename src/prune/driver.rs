@@ -337,7 +337,14 @@ fn run(
     model.weights.embed.release();
     crate::util::trace_rss("calibration embedded");
     // Block reconstruction's dense stream (the pruned stream is `h`).
-    let mut h_dense = plan.recovery.reconstruct.map(|_| h.clone());
+    // It holds only the samples reconstruction uses (the first `ns`).
+    let width = len * model.config.hidden_size;
+    let ns = plan.recovery.reconstruct.map_or(0, |o| o.samples_of(n));
+    recovery.recon_samples = ns;
+    let mut h_dense = plan
+        .recovery
+        .reconstruct
+        .map(|_| h[..ns * width].to_vec());
     let mut tensors = Vec::new();
     let (mut params, mut zeros) = (0usize, 0usize);
     for (i, &target) in layer_sparsity.iter().enumerate() {
@@ -467,7 +474,7 @@ fn run(
         {
             progress("reconstructing", i, n_layers);
             let tr = Instant::now();
-            let fits = crate::recover::reconstruct::reconstruct_block(
+            let bf = crate::recover::reconstruct::reconstruct_block(
                 &model.config,
                 i,
                 d,
@@ -475,12 +482,14 @@ fn run(
                 &to_prune,
                 &rope,
                 h_d,
-                &mut h,
-                n,
+                &mut h[..ns * width],
+                ns,
                 len,
                 opts,
             )?;
-            recovery.reconstruction.extend(fits);
+            recovery.reconstruction.extend(bf.fits);
+            recovery.seconds_recon_collect += bf.seconds_collect;
+            recovery.seconds_recon_solve += bf.seconds_solve;
             recovery.seconds_reconstruct += tr.elapsed().as_secs_f64();
         }
         drop(dense);

@@ -10,6 +10,7 @@
 //! The pruning driver ([`crate::prune::driver`]) calls these per block; what they did comes
 //! back as a [`RecoveryReport`] in the prune outcome (and report.json).
 
+pub mod lowrank_fit;
 pub mod permute;
 pub mod reconstruct;
 pub mod swaps;
@@ -99,6 +100,11 @@ pub struct RecoveryReport {
     pub seconds_permute: f64,
     pub seconds_swaps: f64,
     pub seconds_reconstruct: f64,
+    /// Of `seconds_reconstruct`: the paired passes with their statistics, and the solves.
+    pub seconds_recon_collect: f64,
+    pub seconds_recon_solve: f64,
+    /// Calibration samples the reconstruction used.
+    pub recon_samples: usize,
     /// Reconstruction error relative to the dense output energy, averaged over the linears.
     pub mean_rel_error_before: Option<f64>,
     pub mean_rel_error_after: Option<f64>,

@@ -478,13 +478,27 @@ pub fn dense_copy(lw: &LayerWeights) -> LayerWeights {
     d
 }
 
-/// Options of block reconstruction.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// Options of reconstruction (block, width and low-rank).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct ReconOptions {
     /// Damping relative to the mean of diag(XᵀX).
     pub damp: f64,
     /// Paired passes and re-fits per block (later rounds see the earlier re-fits' outputs).
     pub rounds: usize,
+    /// Calibration samples the re-fit uses (the first ones; 0 = all). The dense stream holds
+    /// only these, and the paired passes, statistics and their cost scale with them.
+    pub samples: usize,
+}
+
+impl ReconOptions {
+    /// Samples used out of `n` calibration samples.
+    pub fn samples_of(&self, n: usize) -> usize {
+        if self.samples == 0 {
+            n
+        } else {
+            self.samples.min(n)
+        }
+    }
 }
 
 impl Default for ReconOptions {
@@ -492,8 +506,19 @@ impl Default for ReconOptions {
         ReconOptions {
             damp: 0.01,
             rounds: 1,
+            samples: 32,
         }
     }
+}
+
+/// What [`reconstruct_block`] did: one outcome per linear, and where the time went.
+#[derive(Debug, Clone, Default)]
+pub struct BlockFit {
+    pub fits: Vec<FitOutcome>,
+    /// Paired passes and statistics.
+    pub seconds_collect: f64,
+    /// Solves.
+    pub seconds_solve: f64,
 }
 
 /// Reconstruct block `layer`: `pruned`'s linears in `kinds` are re-fitted towards `dense`.
@@ -511,12 +536,16 @@ pub fn reconstruct_block(
     n: usize,
     len: usize,
     opts: ReconOptions,
-) -> Result<Vec<FitOutcome>> {
+) -> Result<BlockFit> {
     let rounds = opts.rounds.max(1);
-    let mut out: Vec<FitOutcome> = Vec::new();
+    let mut bf = BlockFit::default();
+    let out = &mut bf.fits;
     for round in 0..rounds {
         let last = round + 1 == rounds;
+        let t = std::time::Instant::now();
         let stats = collect(cfg, layer, dense, pruned, rope, h_d, h_p, n, len, last)?;
+        bf.seconds_collect += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
         for &kind in kinds {
             let Some(st) = stats.get(&Site::of(kind)) else {
                 continue;
@@ -537,6 +566,7 @@ pub fn reconstruct_block(
                 None => out.push(fit),
             }
         }
+        bf.seconds_solve += t.elapsed().as_secs_f64();
     }
-    Ok(out)
+    Ok(bf)
 }

@@ -85,7 +85,7 @@ pub struct HeadSpec {
     /// Re-fit o_proj on the kept heads (and a bias) towards the dense model's outputs
     /// ([`crate::recover::width`]).
     #[serde(default)]
-    pub reconstruct: bool,
+    pub reconstruct: Option<crate::recover::ReconOptions>,
 }
 
 /// Per input channel of o_proj: the channel scores of `metric` (higher = more important).
@@ -177,12 +177,12 @@ pub fn prune_heads(
         return Ok(req.unchanged(model, spec));
     }
     let stats = collect_width_stats(model, calib, &[Site::AttnOut], progress)?;
-    if !spec.reconstruct {
+    let Some(opts) = spec.reconstruct else {
         return apply(model, &stats, spec, req);
-    }
+    };
     let dense = model.clone();
     let details = apply(model, &stats, spec, req)?;
-    super::reconstruct_width(&dense, model, calib, LinearKind::O, details, progress)
+    super::reconstruct_width(&dense, model, calib, LinearKind::O, opts, details, progress)
 }
 
 /// [`prune_heads`] with statistics collected beforehand on this very model

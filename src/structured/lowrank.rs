@@ -71,6 +71,10 @@ pub struct LowRankSpec {
     /// (0 = the official SVD-LLM, which shifts only when the Cholesky fails).
     #[serde(default)]
     pub damping: f64,
+    /// Re-fit each factorised block's factors towards the dense outputs on the compressed
+    /// model's own inputs ([`crate::recover::lowrank_fit`]).
+    #[serde(default)]
+    pub reconstruct: Option<crate::recover::ReconOptions>,
 }
 
 impl LowRankSpec {
@@ -81,6 +85,7 @@ impl LowRankSpec {
             whiten,
             modules,
             damping: 0.0,
+            reconstruct: None,
         }
     }
 
@@ -363,15 +368,25 @@ fn factorize_layers(
     let (n, len) = (calib.n, calib.len);
     let rope = Rope::new(&model.config, len);
     let mut runner = BlockRunner::new();
-    let mut h = if spec.whiten {
+    let calibrated = spec.whiten || spec.reconstruct.is_some();
+    let mut h = if calibrated {
         embed(&model.weights, &calib.ids)?
     } else {
         Vec::new()
     };
+    // Reconstruction's dense stream: the first `ns` samples (the compressed stream is `h`).
+    let width = len * model.config.hidden_size;
+    let ns = spec.reconstruct.map_or(0, |o| o.samples_of(n));
+    let mut h_d = h[..ns * width].to_vec();
+    let mut fits = Vec::new();
+    let mut recon_seconds = 0.0;
     let (mut before, mut after) = (0usize, 0usize);
     let mut tensors = Vec::new();
     for i in 0..n_layers {
         progress("low-rank factorisation", i, n_layers);
+        let dense = spec
+            .reconstruct
+            .map(|_| crate::recover::reconstruct::dense_copy(&model.weights.layers[i]));
         let sites = if spec.whiten {
             let needs = Needs {
                 col_sq: false,
@@ -439,7 +454,24 @@ fn factorize_layers(
             originals.push((i, kind, lin.clone()));
             apply(lin, f, out, inp);
         }
-        if spec.whiten && i + 1 < n_layers {
+        if let (Some(opts), Some(d)) = (spec.reconstruct, &dense) {
+            let t = std::time::Instant::now();
+            fits.extend(crate::recover::lowrank_fit::refit_block(
+                &model.config,
+                i,
+                d,
+                &mut model.weights.layers[i],
+                kinds,
+                &rope,
+                &mut h_d,
+                &mut h[..ns * width],
+                ns,
+                len,
+                opts.damp,
+            )?);
+            recon_seconds += t.elapsed().as_secs_f64();
+        }
+        if calibrated && i + 1 < n_layers {
             runner.run(
                 &model.config,
                 i,
@@ -465,5 +497,16 @@ fn factorize_layers(
         "factorised_params_after": after,
         "factorised_params_removed_fraction": 1.0 - after as f64 / before.max(1) as f64,
         "tensors": tensors,
+        "reconstruction": spec.reconstruct.map(|o| {
+            let k = fits.len().max(1) as f64;
+            json!({
+                "damping": o.damp,
+                "samples": ns,
+                "seconds": recon_seconds,
+                "mean_rel_error_before": fits.iter().map(|f| f.rel_error_before).sum::<f64>() / k,
+                "mean_rel_error_after": fits.iter().map(|f| f.rel_error_after).sum::<f64>() / k,
+                "layers": fits,
+            })
+        }),
     }))
 }

@@ -92,14 +92,15 @@ pub fn reconstruct_width(
     model: &mut crate::Model,
     calib: &crate::calibrate::CalibSet,
     kind: crate::LinearKind,
+    opts: crate::recover::ReconOptions,
     mut details: StepDetails,
     progress: Progress<'_>,
 ) -> crate::Result<StepDetails> {
     use crate::LinearKind as K;
     let t = std::time::Instant::now();
-    let damp = crate::recover::ReconOptions::default().damp;
+    let sub = calib.first(opts.samples_of(calib.n));
     let fits =
-        crate::recover::width::refit_consumers(dense, model, calib, kind, damp, &mut |d, n| {
+        crate::recover::width::refit_consumers(dense, model, &sub, kind, opts.damp, &mut |d, n| {
             progress("reconstruction", d, n)
         })?;
     let llama = model.config.arch == crate::Arch::Llama;
@@ -125,7 +126,8 @@ pub fn reconstruct_width(
     let mean = |f: fn(&crate::recover::FitOutcome) -> f64| fits.iter().map(f).sum::<f64>() / n;
     details["reconstruction"] = serde_json::json!({
         "linear": format!("{kind:?}"),
-        "damping": damp,
+        "damping": opts.damp,
+        "samples": sub.n,
         "seconds": t.elapsed().as_secs_f64(),
         "mean_rel_error_before": mean(|f| f.rel_error_before),
         "mean_rel_error_after": mean(|f| f.rel_error_after),

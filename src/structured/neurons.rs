@@ -58,7 +58,7 @@ pub struct NeuronSpec {
     /// Re-fit down_proj on the kept neurons (and a bias) towards the dense model's outputs
     /// ([`crate::recover::width`]).
     #[serde(default)]
-    pub reconstruct: bool,
+    pub reconstruct: Option<crate::recover::ReconOptions>,
 }
 
 /// `Σ_k |W[c,k]| · v_k` for every row `c` of `w`.
@@ -128,12 +128,12 @@ pub fn prune_neurons(
         return Ok(req.unchanged(model, spec));
     }
     let stats = collect_width_stats(model, calib, sites(spec.metric), progress)?;
-    if !spec.reconstruct {
+    let Some(opts) = spec.reconstruct else {
         return apply(model, &stats, spec, req);
-    }
+    };
     let dense = model.clone();
     let details = apply(model, &stats, spec, req)?;
-    super::reconstruct_width(&dense, model, calib, LinearKind::Down, details, progress)
+    super::reconstruct_width(&dense, model, calib, LinearKind::Down, opts, details, progress)
 }
 
 /// The sites whose statistics `metric` needs.

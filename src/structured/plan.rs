@@ -110,7 +110,7 @@ impl Step {
     pub fn needs_calibration(&self) -> bool {
         match self {
             Step::Layers(s) => !matches!(s.select, LayerSelection::List(_)),
-            Step::LowRank(s) => s.whiten,
+            Step::LowRank(s) => s.whiten || s.reconstruct.is_some(),
             Step::Sparse(p) => {
                 p.method != Method::Magnitude
                     || p.allocation != Allocation::Uniform
@@ -517,7 +517,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             })?,
             allocation: width_allocation(f)?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
-            reconstruct: f.bool("reconstruct")?.unwrap_or(false),
+            reconstruct: parse_recon(f)?,
         }),
         "neurons" => Step::Neurons(NeuronSpec {
             fraction: f.req_fraction("fraction")?,
@@ -534,7 +534,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
             )?,
             bias_compensation: f.bool("bias_compensation")?.unwrap_or(false),
             allocation: width_allocation(f)?,
-            reconstruct: f.bool("reconstruct")?.unwrap_or(false),
+            reconstruct: parse_recon(f)?,
         }),
         "slice" => {
             let mut spec = SliceSpec::new(f.req_fraction("fraction")?);
@@ -579,6 +579,7 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                 }
             };
             let mut spec = LowRankSpec::new(rule, f.bool("whiten")?.unwrap_or(false), modules);
+            spec.reconstruct = parse_recon(f)?;
             if let Some(d) = f.float("damping")? {
                 if !(0.0..1.0).contains(&d) {
                     return Err(f.err("damping", format!("must be in [0, 1), got {d}")));
@@ -677,24 +678,48 @@ fn parse_recovery(f: &mut Fields, p: &mut PrunePlan) -> std::result::Result<(), 
         return Err(f.err("refine_iters", format!("needs {refine}")));
     }
     p.recovery.refine_iters = iters.unwrap_or(50);
-    let reconstruct = f.bool("reconstruct")?.unwrap_or(false);
-    let (damp, rounds) = (f.float("recon_damp")?, f.count("recon_rounds")?);
-    if reconstruct {
-        let d = crate::recover::ReconOptions::default();
-        p.recovery.reconstruct = Some(crate::recover::ReconOptions {
-            damp: damp.unwrap_or(d.damp),
-            rounds: rounds.unwrap_or(d.rounds),
-        });
-    } else if damp.is_some() || rounds.is_some() {
-        let key = if damp.is_some() {
-            "recon_damp"
-        } else {
-            "recon_rounds"
-        };
-        let r = f.name("reconstruct");
-        return Err(f.err(key, format!("needs {r}")));
-    }
+    p.recovery.reconstruct = parse_recon(f)?;
     Ok(())
+}
+
+/// `reconstruct` and its modifiers (`recon_damp`, `recon_samples`, and `recon_rounds` on a
+/// sparse step); a modifier without `reconstruct` is refused.
+fn parse_recon(
+    f: &mut Fields,
+) -> std::result::Result<Option<crate::recover::ReconOptions>, String> {
+    let reconstruct = f.bool("reconstruct")?.unwrap_or(false);
+    let damp = f.float("recon_damp")?;
+    let samples = f.count("recon_samples")?;
+    let rounds = match f.kind {
+        "sparse" => f.count("recon_rounds")?,
+        _ => None,
+    };
+    if let Some(d) = damp {
+        if !(d >= 0.0 && d.is_finite()) {
+            return Err(f.err("recon_damp", format!("must be a finite number >= 0, got {d}")));
+        }
+    }
+    if rounds == Some(0) {
+        return Err(f.err("recon_rounds", "must be at least 1"));
+    }
+    if !reconstruct {
+        let given = [
+            ("recon_damp", damp.is_some()),
+            ("recon_samples", samples.is_some()),
+            ("recon_rounds", rounds.is_some()),
+        ];
+        if let Some((key, _)) = given.iter().find(|g| g.1) {
+            let r = f.name("reconstruct");
+            return Err(f.err(key, format!("needs {r}")));
+        }
+        return Ok(None);
+    }
+    let d = crate::recover::ReconOptions::default();
+    Ok(Some(crate::recover::ReconOptions {
+        damp: damp.unwrap_or(d.damp),
+        rounds: rounds.unwrap_or(d.rounds),
+        samples: samples.unwrap_or(d.samples),
+    }))
 }
 
 #[cfg(test)]

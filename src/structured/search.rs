@@ -164,7 +164,7 @@ pub fn candidates(model: &Model, spec: &TargetSpec) -> Result<Vec<(Candidate, Op
                 metric: NeuronMetric::Fluctuation,
                 bias_compensation: true,
                 allocation: WidthAllocation::Uniform,
-                reconstruct: false,
+                reconstruct: None,
             }));
         }
         let plan = Plan { steps };
