@@ -135,6 +135,7 @@ fn main() {
                 let spec = DepthSpec {
                     select: LayerSelection::List(list.clone()),
                     metric: DepthMetric::BlockInfluence,
+                    reconstruct: None,
                 };
                 depth::remove_layers(&mut m, &calib, &spec, nop).unwrap();
                 ctx.report("depth", &format!("n={n} {name} {list:?}"), &m);

@@ -90,6 +90,7 @@ fn search_keeps_the_best_candidate_and_leaves_the_input_alone() {
         steps.push(Step::Layers(DepthSpec {
             select: LayerSelection::Count(c.layers),
             metric: DepthMetric::BlockInfluence,
+            reconstruct: None,
         }));
     }
     steps.push(Step::Neurons(NeuronSpec {

@@ -268,6 +268,7 @@ fn depth_removal_equals_running_the_remaining_blocks() {
         &DepthSpec {
             select: LayerSelection::Count(0),
             metric: DepthMetric::BlockInfluence,
+            reconstruct: None,
         },
         &mut nop(),
     )
@@ -283,6 +284,7 @@ fn depth_removal_equals_running_the_remaining_blocks() {
     let spec = DepthSpec {
         select: LayerSelection::List(vec![1]),
         metric: DepthMetric::Angular,
+        reconstruct: None,
     };
     depth::remove_layers(&mut m, &calib, &spec, &mut nop()).unwrap();
     assert_eq!(m.weights.layers.len(), 2);
@@ -333,6 +335,7 @@ fn depth_bad_requests_leave_the_model_alone() {
         let spec = DepthSpec {
             select: select.clone(),
             metric: DepthMetric::BlockInfluence,
+            reconstruct: None,
         };
         let r = depth::remove_layers(&mut m, &calib, &spec, &mut nop());
         assert!(
@@ -366,6 +369,7 @@ fn depth_metrics_match_a_naive_computation() {
     let spec = DepthSpec {
         select: LayerSelection::Count(1),
         metric: DepthMetric::BlockInfluence,
+        reconstruct: None,
     };
     let det = depth::remove_layers(&mut m, &calib, &spec, &mut nop()).unwrap();
     let got: Vec<f64> = serde_json::from_value(det["scores"].clone()).unwrap();
@@ -408,6 +412,7 @@ fn depth_metrics_match_a_naive_computation() {
             let spec = DepthSpec {
                 select: LayerSelection::Count(n),
                 metric,
+                reconstruct: None,
             };
             let det = depth::remove_layers(&mut m, &calib, &spec, &mut nop()).unwrap();
             let got: Vec<f64> = serde_json::from_value(det["scores"].clone()).unwrap();
@@ -801,6 +806,7 @@ fn uniform_pruning_saves_a_plain_hf_config() {
         &DepthSpec {
             select: LayerSelection::List(vec![2]),
             metric: DepthMetric::BlockInfluence,
+            reconstruct: None,
         },
         &mut nop(),
     )

@@ -74,6 +74,7 @@ fn without_layers(list: Vec<usize>) -> Model {
     let spec = DepthSpec {
         select: LayerSelection::List(list),
         metric: DepthMetric::BlockInfluence,
+        reconstruct: None,
     };
     depth::remove_layers(&mut m, calib(), &spec, &mut |_, _, _| {}).unwrap();
     m
@@ -95,6 +96,7 @@ fn metric_chosen_blocks_beat_first_and_random_blocks() {
         let spec = DepthSpec {
             select: LayerSelection::Count(n),
             metric,
+            reconstruct: None,
         };
         let det = depth::remove_layers(&mut m, calib(), &spec, &mut |_, _, _| {}).unwrap();
         let p = ppl(&m);

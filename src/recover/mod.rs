@@ -10,6 +10,7 @@
 //! The pruning driver ([`crate::prune::driver`]) calls these per block; what they did comes
 //! back as a [`RecoveryReport`] in the prune outcome (and report.json).
 
+pub mod depth_fit;
 pub mod lowrank_fit;
 pub mod permute;
 pub mod reconstruct;

@@ -8,10 +8,12 @@
 //! idea as [`super::reconstruct`], so errors do not compound down the stack):
 //!
 //! `[W | b] = argmin ‖[X_p 1]·[W | b]ᵀ − X_d W₀ᵀ‖² + λ‖W‖²`, solved once per block from
-//! `G = [X_p 1]ᵀ[X_p 1]` and `C = [X_p 1]ᵀ X_d` (f64, Cholesky; every row shares `G`, as a
-//! dense re-fit has no per-row mask). λ = damp × mean diag(XᵀX), raised tenfold while the
-//! factorisation fails. Per block this costs three block passes over the calibration set
-//! (dense, pruned statistics, pruned propagation with the re-fitted weights).
+//! `G = [X_p 1]ᵀ[X_p 1]` and `R = [X_p 1]ᵀ Y` with the target outputs `Y = X_d W₀ᵀ + b₀` (f64,
+//! Cholesky; every row shares `G`, as a dense re-fit has no per-row mask). λ = damp × mean
+//! diag(XᵀX), raised tenfold while the factorisation fails. Per block this costs three block
+//! passes over the reconstruction samples (dense, pruned statistics, pruned propagation with
+//! the re-fitted weights). [`Sums`] and [`solve`] take any target `Y`; layer removal
+//! ([`super::depth_fit`]) passes residual targets.
 
 use super::reconstruct::FitOutcome;
 use crate::calibrate::runner::{run_layer, Pass, CHUNK_ROWS};
@@ -21,9 +23,8 @@ use crate::model::names::tensor_name;
 use crate::model::observer::{NoObserver, Observer, Site};
 use crate::model::rope::Rope;
 use crate::{Error, LinearKind, Model, Result, Tensor};
-use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
-use faer::{Accum, Mat, Par, Side};
+use faer::{Mat, Side};
 
 /// Captures the input of one site of one block for one chunk.
 struct Grab {
@@ -50,54 +51,55 @@ impl Observer for Grab {
     }
 }
 
-/// Sums of one block: `G` `[(cp+1)²]` (upper triangle until mirrored), `C` `[(cp+1), cd]`, and
-/// the dense output energy `Σ‖X_d W₀ᵀ‖²` (for relative errors).
-struct Sums {
+/// Sums of one block: `G = [X_p 1]ᵀ[X_p 1]` `[(cp+1)²]` (upper triangle until mirrored),
+/// `R = [X_p 1]ᵀ Y` `[(cp+1), out]` for the target outputs `Y`, and the target energy `Σ‖Y‖²`
+/// (for relative errors).
+pub(crate) struct Sums {
     cp: usize,
-    cd: usize,
+    out: usize,
     g: Vec<f64>,
-    c: Vec<f64>,
+    r: Vec<f64>,
     energy: f64,
 }
 
 impl Sums {
-    fn new(cp: usize, cd: usize) -> Sums {
+    pub(crate) fn new(cp: usize, out: usize) -> Sums {
         Sums {
             cp,
-            cd,
+            out,
             g: vec![0.0; (cp + 1) * (cp + 1)],
-            c: vec![0.0; (cp + 1) * cd],
+            r: vec![0.0; (cp + 1) * out],
             energy: 0.0,
         }
     }
 
-    /// Add one chunk: `xp` `[rows, cp]`, `xd` `[rows, cd]`, `y0 = xd·W₀ᵀ` `[rows, out]`.
-    fn add(&mut self, xp: &[f32], xd: &[f32], y0: &[f32], rows: usize) {
-        let (cp, cd) = (self.cp, self.cd);
+    /// Add one chunk: inputs `xp` `[rows, cp]` and target outputs `y` `[rows, out]`.
+    pub(crate) fn add(&mut self, xp: &[f32], y: &[f32], rows: usize) {
+        let (cp, out) = (self.cp, self.out);
         let n = cp + 1;
-        let mut buf = vec![0f32; cp * cp.max(cd)];
+        let mut buf = vec![0f32; cp * cp.max(out)];
         crate::kernels::gram_upper(xp, rows, cp, &mut buf);
         for i in 0..cp {
             for j in i..cp {
                 self.g[i * n + j] += buf[i * cp + j] as f64;
             }
         }
-        crate::kernels::cross_t(xp, xd, rows, cp, cd, &mut buf);
+        crate::kernels::cross_t(xp, y, rows, cp, out, &mut buf);
         for i in 0..cp {
-            for j in 0..cd {
-                self.c[i * cd + j] += buf[i * cd + j] as f64;
+            for j in 0..out {
+                self.r[i * out + j] += buf[i * out + j] as f64;
             }
         }
         for t in 0..rows {
             for (j, &v) in xp[t * cp..(t + 1) * cp].iter().enumerate() {
                 self.g[j * n + cp] += v as f64;
             }
-            for (j, &v) in xd[t * cd..(t + 1) * cd].iter().enumerate() {
-                self.c[cp * cd + j] += v as f64;
+            for (j, &v) in y[t * out..(t + 1) * out].iter().enumerate() {
+                self.r[cp * out + j] += v as f64;
             }
         }
         self.g[cp * n + cp] += rows as f64;
-        self.energy += y0.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        self.energy += y.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
     }
 }
 
@@ -143,7 +145,7 @@ pub fn refit_consumers(
         let w0 = dense.weights.layers[l].linear(kind);
         let (rows_out, cd) = (w0.out_features(), w0.in_features());
         let cp = model.weights.layers[l].linear(kind).in_features();
-        let mut sums = Sums::new(cp, cd);
+        let mut sums = Sums::new(cp, rows_out);
         let mut y0 = Vec::new();
         for s0 in (0..n).step_by(per) {
             let b = per.min(n - s0);
@@ -209,11 +211,11 @@ pub fn refit_consumers(
                     r.iter_mut().zip(b0.data()).for_each(|(v, &b)| *v += b);
                 }
             }
-            sums.add(&gp.x, &gd.x, &y0, gd.rows);
+            sums.add(&gp.x, &y0, gd.rows);
         }
         let name = tensor_name(l, kind);
         let lin = model.weights.layers[l].linear_mut(kind);
-        out.push(solve(&sums, w0, lin, damp, &name)?);
+        out.push(solve(&sums, lin, damp, &name)?);
         let lw = &model.weights.layers[l];
         for s0 in (0..n).step_by(per) {
             let b = per.min(n - s0);
@@ -237,36 +239,12 @@ pub fn refit_consumers(
 }
 
 /// Solve for `[W | b]` and write them into `lin` (kept when the fit would raise the error).
-fn solve(
-    s: &Sums,
-    w0: &crate::Linear,
-    lin: &mut crate::Linear,
-    damp: f64,
-    name: &str,
-) -> Result<FitOutcome> {
-    let (cp, cd, n) = (s.cp, s.cd, s.cp + 1);
-    let rows = w0.out_features();
+pub(crate) fn solve(s: &Sums, lin: &mut crate::Linear, damp: f64, name: &str) -> Result<FitOutcome> {
+    let (cp, rows, n) = (s.cp, s.out, s.cp + 1);
     let g = Mat::<f64>::from_fn(n, n, |i, j| s.g[i.min(j) * n + i.max(j)]);
     let mean_diag = (0..cp).map(|j| g[(j, j)]).sum::<f64>() / cp.max(1) as f64;
-    // rhs = C·W₀ᵀ + (Σ over tokens of [x_p 1]) b₀ᵀ, [n, rows]: Cᵀ-side of the normal equations.
-    let c = Mat::<f64>::from_fn(n, cd, |i, j| s.c[i * cd + j]);
-    let w0t = Mat::<f64>::from_fn(cd, rows, |j, r| w0.weight.data()[r * cd + j] as f64);
-    let mut rhs = Mat::<f64>::zeros(n, rows);
-    matmul(
-        rhs.as_mut(),
-        Accum::Replace,
-        c.as_ref(),
-        w0t.as_ref(),
-        1.0,
-        Par::rayon(0),
-    );
-    if let Some(b0) = &w0.bias {
-        for i in 0..n {
-            for r in 0..rows {
-                rhs[(i, r)] += g[(i, cp)] * b0.data()[r] as f64;
-            }
-        }
-    }
+    // The right-hand side of the normal equations, [n, rows].
+    let rhs = Mat::<f64>::from_fn(n, rows, |i, r| s.r[i * rows + r]);
     // Current weights as [n, rows] (bias last), for the error before.
     let cur = Mat::<f64>::from_fn(n, rows, |i, r| match i < cp {
         true => lin.weight.data()[r * cp + i] as f64,

@@ -53,6 +53,10 @@ pub enum LayerSelection {
 pub struct DepthSpec {
     pub select: LayerSelection,
     pub metric: DepthMetric,
+    /// Re-fit o_proj and down_proj (with biases) of the block after each removed span so that it
+    /// absorbs the span ([`crate::recover::depth_fit`]).
+    #[serde(default)]
+    pub reconstruct: Option<crate::recover::ReconOptions>,
 }
 
 /// Cosine of two vectors in f64 (1 when both are zero, 0 when one is).
@@ -318,6 +322,7 @@ pub fn remove_layers(
     };
     let params_before = model.weights.num_params();
     let keep = super::surgery::complement(n_layers, &removed);
+    let dense = spec.reconstruct.map(|_| model.clone());
     let old = std::mem::take(&mut model.weights.layers);
     model.weights.layers = old
         .into_iter()
@@ -326,8 +331,20 @@ pub fn remove_layers(
         .map(|(_, l)| l)
         .collect();
     sync_config(model);
+    let reconstruction = match (spec.reconstruct, &dense) {
+        (Some(opts), Some(dense)) => match reconstruct(dense, model, &removed, calib, opts, progress) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Errors leave the model untouched.
+                *model = dense.clone();
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     Ok(json!({
         "step": "depth",
+        "reconstruction": reconstruction,
         "metric": spec.metric,
         "select": spec.select,
         // BI per block, or the angular distance per run start.
@@ -338,5 +355,41 @@ pub fn remove_layers(
         "layers_after": model.weights.layers.len(),
         "params_before": params_before,
         "params_after": model.weights.num_params(),
+    }))
+}
+
+/// Let the block after each removed span absorb it ([`crate::recover::depth_fit`]).
+fn reconstruct(
+    dense: &Model,
+    model: &mut Model,
+    removed: &[usize],
+    calib: &CalibSet,
+    opts: crate::recover::ReconOptions,
+    progress: Progress<'_>,
+) -> Result<serde_json::Value> {
+    let t = std::time::Instant::now();
+    let sub = calib.first(opts.samples_of(calib.n));
+    let fit = crate::recover::depth_fit::refit_after_removal(
+        dense,
+        model,
+        removed,
+        &sub,
+        opts.damp,
+        &mut |d, n| progress("reconstruction", d, n),
+    )?;
+    if !fit.fits.is_empty() {
+        super::declare_bias(model, crate::LinearKind::O);
+        super::declare_bias(model, crate::LinearKind::Down);
+    }
+    let n = fit.fits.len().max(1) as f64;
+    let mean = |f: fn(&crate::recover::FitOutcome) -> f64| fit.fits.iter().map(f).sum::<f64>() / n;
+    Ok(json!({
+        "damping": opts.damp,
+        "samples": sub.n,
+        "seconds": t.elapsed().as_secs_f64(),
+        "mean_rel_error_before": mean(|f| f.rel_error_before),
+        "mean_rel_error_after": mean(|f| f.rel_error_after),
+        "spans_at_end": fit.spans_at_end,
+        "layers": fit.fits,
     }))
 }

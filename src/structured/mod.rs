@@ -82,29 +82,14 @@ pub fn sync_config(model: &mut crate::Model) {
     }
 }
 
-/// After a heads (`kind` = o_proj) or neurons (`kind` = down_proj) step on `model`: re-fit that
-/// linear of every block on its kept channels, with a bias, towards `dense` (the model before
-/// the step; [`crate::recover::width`]), and add what the fits did to the step's `details`.
-/// The re-fitted linears get biases, declared in the config as bias compensation does (for
-/// llama with zero q/k/v or gate/up biases, since one HF flag covers each group).
-pub fn reconstruct_width(
-    dense: &crate::Model,
-    model: &mut crate::Model,
-    calib: &crate::calibrate::CalibSet,
-    kind: crate::LinearKind,
-    opts: crate::recover::ReconOptions,
-    mut details: StepDetails,
-    progress: Progress<'_>,
-) -> crate::Result<StepDetails> {
+/// Declare the bias a re-fit gave `kind` (o_proj or down_proj) of some blocks: every block gets
+/// one (zeros where it had none) and the config says so, as bias compensation does (for llama
+/// also zero q/k/v or gate/up biases, since one HF flag covers each group).
+pub(crate) fn declare_bias(model: &mut crate::Model, kind: crate::LinearKind) {
     use crate::LinearKind as K;
-    let t = std::time::Instant::now();
-    let sub = calib.first(opts.samples_of(calib.n));
-    let fits =
-        crate::recover::width::refit_consumers(dense, model, &sub, kind, opts.damp, &mut |d, n| {
-            progress("reconstruction", d, n)
-        })?;
     let llama = model.config.arch == crate::Arch::Llama;
     for lw in &mut model.weights.layers {
+        surgery::ensure_bias(lw.linear_mut(kind));
         let group = match kind {
             K::O => [&mut lw.q, &mut lw.k, &mut lw.v]
                 .into_iter()
@@ -122,6 +107,29 @@ pub fn reconstruct_width(
         }
         _ => model.config.mlp_bias = true,
     }
+}
+
+/// After a heads (`kind` = o_proj) or neurons (`kind` = down_proj) step on `model`: re-fit that
+/// linear of every block on its kept channels, with a bias, towards `dense` (the model before
+/// the step; [`crate::recover::width`]), and add what the fits did to the step's `details`.
+/// The re-fitted linears get biases, declared in the config as bias compensation does (for
+/// llama with zero q/k/v or gate/up biases, since one HF flag covers each group).
+pub fn reconstruct_width(
+    dense: &crate::Model,
+    model: &mut crate::Model,
+    calib: &crate::calibrate::CalibSet,
+    kind: crate::LinearKind,
+    opts: crate::recover::ReconOptions,
+    mut details: StepDetails,
+    progress: Progress<'_>,
+) -> crate::Result<StepDetails> {
+    let t = std::time::Instant::now();
+    let sub = calib.first(opts.samples_of(calib.n));
+    let fits =
+        crate::recover::width::refit_consumers(dense, model, &sub, kind, opts.damp, &mut |d, n| {
+            progress("reconstruction", d, n)
+        })?;
+    declare_bias(model, kind);
     let n = fits.len().max(1) as f64;
     let mean = |f: fn(&crate::recover::FitOutcome) -> f64| fits.iter().map(f).sum::<f64>() / n;
     details["reconstruction"] = serde_json::json!({

@@ -156,13 +156,13 @@ pub const STEP_OPTIONS: &[StepOption] = &[
         "Refine the mask: swap pruned and kept weights of a row (or N:M group) while the layer's output error falls (DSnoT / SparseSwaps)"),
     opt("refine-iters", &["sparse"], "refine_iters", Integer, Modifier,
         "At most this many swaps per row (default 50); needs --refine"),
-    opt("reconstruct", &["heads", "neurons", "low_rank", "sparse"], "reconstruct", Switch, Modifier,
-        "Re-fit surviving weights by least squares towards the dense outputs on the pruned model's own inputs: each pruned linear (sparse step), o_proj (heads), down_proj (neurons), the factors (low rank)"),
-    opt("recon-damp", &["heads", "neurons", "low_rank", "sparse"], "recon_damp", Number, Modifier,
+    opt("reconstruct", &["layers", "heads", "neurons", "low_rank", "sparse"], "reconstruct", Switch, Modifier,
+        "Re-fit surviving weights by least squares towards the dense outputs on the pruned model's own inputs: each pruned linear (sparse step), o_proj (heads), down_proj (neurons), the factors (low rank), o_proj + down_proj of the block after each removed span (layers)"),
+    opt("recon-damp", &["layers", "heads", "neurons", "low_rank", "sparse"], "recon_damp", Number, Modifier,
         "Reconstruction damping relative to mean diag(XᵀX) (default 0.01); needs --reconstruct"),
     opt("recon-rounds", &["sparse"], "recon_rounds", Integer, Modifier,
         "Paired passes and re-fits per block (default 1); needs --reconstruct"),
-    opt("recon-samples", &["heads", "neurons", "low_rank", "sparse"], "recon_samples", Integer, Modifier,
+    opt("recon-samples", &["layers", "heads", "neurons", "low_rank", "sparse"], "recon_samples", Integer, Modifier,
         "Reconstruct from the first N calibration samples only (default 32; 0 = all): the cost of reconstruction scales with N; needs --reconstruct"),
 ];
 

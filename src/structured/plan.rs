@@ -109,7 +109,7 @@ impl Step {
     /// Whether the step reads calibration activations.
     pub fn needs_calibration(&self) -> bool {
         match self {
-            Step::Layers(s) => !matches!(s.select, LayerSelection::List(_)),
+            Step::Layers(s) => !matches!(s.select, LayerSelection::List(_)) || s.reconstruct.is_some(),
             Step::LowRank(s) => s.whiten || s.reconstruct.is_some(),
             Step::Sparse(p) => {
                 p.method != Method::Magnitude
@@ -495,7 +495,12 @@ fn parse_step(f: &mut Fields) -> std::result::Result<Step, String> {
                     _ => None,
                 },
             )?;
-            Step::Layers(DepthSpec { select, metric })
+            let reconstruct = parse_recon(f)?;
+            Step::Layers(DepthSpec {
+                select,
+                metric,
+                reconstruct,
+            })
         }
         "heads" => Step::Heads(HeadSpec {
             fraction: f.req_fraction("fraction")?,

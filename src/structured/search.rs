@@ -156,6 +156,7 @@ pub fn candidates(model: &Model, spec: &TargetSpec) -> Result<Vec<(Candidate, Op
             steps.push(Step::Layers(DepthSpec {
                 select: LayerSelection::Count(n),
                 metric: DepthMetric::BlockInfluence,
+                reconstruct: None,
             }));
         }
         if f > 0.0 {

@@ -1,6 +1,8 @@
-//! Low-rank reconstruction (`lopper::recover::lowrank_fit`): the reduced-rank regression on
-//! small random statistics (one stream reduces to SVD-LLM's whitened truncation; the fit is a
-//! minimum among nearby factors), and the low-rank step with `reconstruct` on the tiny llama3.
+//! Reconstruction after structured steps. Low rank (`lopper::recover::lowrank_fit`): the
+//! reduced-rank regression on small random statistics (one stream reduces to SVD-LLM's whitened
+//! truncation; the fit is a minimum among nearby factors), and the low-rank step with
+//! `reconstruct` on the tiny llama3. Layer removal (`lopper::recover::depth_fit`): the block
+//! after a removed span absorbs it on the tiny llama3.
 
 mod common;
 
@@ -168,4 +170,44 @@ fn lowrank_reconstruction_brings_the_tiny_model_closer_to_dense() {
     assert!(r["mean_rel_error_after"].as_f64() < r["mean_rel_error_before"].as_f64());
     let (e_plain, e_rec) = (logit_mse(&dense, &plain, ids), logit_mse(&dense, &rec, ids));
     assert!(e_rec < e_plain, "reconstructed {e_rec} vs SVD-LLM {e_plain}");
+}
+
+#[test]
+fn the_block_after_a_removed_layer_absorbs_it_on_the_tiny_model() {
+    use lopper::structured::depth::{remove_layers, DepthMetric, DepthSpec, LayerSelection};
+    let dense = tiny_model();
+    let n = dense.weights.layers.len();
+    assert!(n >= 3, "tiny-llama3 has {n} blocks");
+    let calib = random_calib(6, 8, 32, 320);
+    let ids = &calib.ids[..calib.len];
+    let run = |list: Vec<usize>, recon: bool| {
+        let mut m = tiny_model();
+        let spec = DepthSpec {
+            select: LayerSelection::List(list),
+            metric: DepthMetric::BlockInfluence,
+            reconstruct: recon.then(ReconOptions::default),
+        };
+        let d = remove_layers(&mut m, &calib, &spec, &mut |_, _, _| {}).unwrap();
+        (m, d)
+    };
+    let (plain, _) = run(vec![1], false);
+    let (rec, d) = run(vec![1], true);
+    let r = &d["reconstruction"];
+    let fits = r["layers"].as_array().unwrap();
+    // Block 1 of the cut model (block 2 before) re-fits o_proj and down_proj.
+    let names: Vec<&str> = fits.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"]);
+    for f in fits {
+        let (b, a) = (f["rel_error_before"].as_f64().unwrap(), f["rel_error_after"].as_f64().unwrap());
+        assert!(a.is_finite() && a < b, "{f}");
+    }
+    assert!(rec.config.o_bias && rec.config.mlp_bias);
+    assert_eq!(rec.weights.layers.len(), n - 1);
+    let (e_plain, e_rec) = (logit_mse(&dense, &plain, ids), logit_mse(&dense, &rec, ids));
+    assert!(e_rec < e_plain, "reconstructed {e_rec} vs plain removal {e_plain}");
+    // A span at the end has no block after it: nothing changes, and the report says so.
+    let (plain_end, _) = run(vec![n - 1], false);
+    let (rec_end, d) = run(vec![n - 1], true);
+    assert_eq!(d["reconstruction"]["spans_at_end"], serde_json::json!([[n - 1, n]]));
+    assert_eq!(logit_mse(&plain_end, &rec_end, ids), 0.0);
 }
