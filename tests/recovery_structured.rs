@@ -71,9 +71,9 @@ fn one_stream_lowrank_refit_is_svd_llm() {
     let st = ReconStats::from_parts(c, g.clone(), g.clone(), g.clone());
     let w0 = rand_vec(&mut rng, out * c);
     let rule = RankRule::ParamFraction(0.5);
-    // Undamped, the re-fit is exactly the whitened truncation (with damping the two differ:
-    // ridge regression versus a damped metric). Start from the plain SVD.
-    let damp = 0.0;
+    // Damping pulls towards W₀, so even damped the re-fit is exactly the (damped) whitened
+    // truncation. Start from the plain SVD.
+    let damp = 0.01;
     let mut f = factor_matrix(&w0, out, c, None, rule, 0.0, "t").unwrap().unwrap();
     let fit = lowrank_fit::refit_factors(&mut f.u, &mut f.v, &w0, out, c, &st, damp, "t").unwrap();
     assert!(fit.rel_error_after < fit.rel_error_before, "{fit:?}");

@@ -4,10 +4,12 @@
 //!
 //! The problem `min_{rank M ≤ r} ‖X_p Mᵀ − X_d W₀ᵀ‖²_F` is reduced-rank regression, and it has a
 //! closed form, so no alternating least squares is needed. With `G = X_pᵀX_p + λI = S Sᵀ`
-//! (Cholesky) and `B = W₀ Cᵀ`, `C = X_pᵀX_d`, the objective is `‖(M − B G⁻¹) S‖²_F` plus a
+//! (Cholesky) and `B = W₀ Cᵀ`, `C = X_pᵀX_d`, the (undamped) objective is `‖(M − B G⁻¹) S‖²_F` plus a
 //! constant, so the best rank-r `M` is the truncated SVD of `T = B G⁻¹ S = B S⁻ᵀ` mapped back:
 //! `M = U_r Σ_r V_rᵀ S⁻¹`, stored as `U_r √Σ_r` and `√Σ_r V_rᵀ S⁻¹` like SVD-LLM's factors.
-//! When the two streams coincide (`C = G`), `T = W₀ S` and this is exactly SVD-LLM's whitened
+//! Damping `λ = damp · mean diag G` pulls towards `W₀` rather than zero (`B` becomes `B + λW₀`,
+//! see [`super::reconstruct`] for why). When the two streams coincide (`C = G`),
+//! `B + λW₀ = W₀(G + λI)`, so `T = W₀ S` and this is exactly SVD-LLM's (damped) whitened
 //! truncation (Wang et al. 2024, §3.1); with the pruned stream it also corrects the drift that
 //! earlier compressed blocks put into this block's inputs.
 //!
@@ -102,8 +104,10 @@ pub fn refit_factors(
         }
     };
     fit.damping = lambda / mean_diag;
-    // T = B S⁻ᵀ: solve S Tᵀ = Bᵀ.
-    let mut tt = b.transpose().to_owned();
+    // Damping pulls towards W₀ (not zero): the unconstrained fit is (B + λW₀)(G + λI)⁻¹, and
+    // its best rank-r version in the (G + λI) metric is the truncated SVD of
+    // T = (B + λW₀) S⁻ᵀ: solve S Tᵀ = (B + λW₀)ᵀ.
+    let mut tt = (&b + &w0m * faer::Scale(lambda)).transpose().to_owned();
     faer::linalg::triangular_solve::solve_lower_triangular_in_place(
         s.as_ref(),
         tt.as_mut(),

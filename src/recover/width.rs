@@ -7,7 +7,8 @@
 //! reproduces the dense model's output `X_d W₀ᵀ + b₀` on the dense inputs (the same two-stream
 //! idea as [`super::reconstruct`], so errors do not compound down the stack):
 //!
-//! `[W | b] = argmin ‖[X_p 1]·[W | b]ᵀ − X_d W₀ᵀ‖² + λ‖W‖²`, solved once per block from
+//! `[W | b] = argmin ‖[X_p 1]·[W | b]ᵀ − X_d W₀ᵀ‖² + λ‖W − W_cur‖²` (damping towards the
+//! current kept weights, not towards zero; see [`super::reconstruct`]), solved once per block from
 //! `G = [X_p 1]ᵀ[X_p 1]` and `R = [X_p 1]ᵀ Y` with the target outputs `Y = X_d W₀ᵀ + b₀` (f64,
 //! Cholesky; every row shares `G`, as a dense re-fit has no per-row mask). λ = damp × mean
 //! diag(XᵀX), raised tenfold while the factorisation fails. Per block this costs three block
@@ -270,7 +271,14 @@ pub(crate) fn solve(s: &Sums, lin: &mut crate::Linear, damp: f64, name: &str) ->
             a[(j, j)] += lambda;
         }
         if let Ok(llt) = a.llt(Side::Lower) {
-            let x = llt.solve(&rhs);
+            // Damping pulls the weights towards the current ones (not the bias, not to zero).
+            let mut r = rhs.clone();
+            for i in 0..cp {
+                for c in 0..rows {
+                    r[(i, c)] += lambda * cur[(i, c)];
+                }
+            }
+            let x = llt.solve(&r);
             if (0..rows).all(|r| (0..n).all(|i| x[(i, r)].is_finite())) {
                 fit = Some(x);
                 break;
