@@ -310,12 +310,21 @@ fn refit_damps_a_singular_gram_more_and_names_the_layer_on_nan() {
     let mut rng = SplitMix64(10);
     let (rows, cols) = (3, 8);
     let mut st = rand_recon(&mut rng, 64, cols);
-    // A dead input and a duplicated one, with no damping asked: singular.
+    // A dead input (no damping asked): its weight stays where it was.
     for j in 0..cols {
         st.gp[2 * cols + j] = 0.0;
         st.gp[j * cols + 2] = 0.0;
+        st.cross[2 * cols + j] = 0.0;
     }
     let w0 = rand_vec(&mut rng, rows * cols);
+    let mut w = w0.clone();
+    let out = reconstruct::refit(&mut w, &w0, rows, cols, &st, 0.0, "layer.x").unwrap();
+    assert!(w.iter().all(|v| v.is_finite()), "{out:?}");
+    for r in 0..rows {
+        assert!((w[r * cols + 2] - w0[r * cols + 2]).abs() < 1e-4, "dead input moved");
+    }
+    // A Gram matrix that is not positive semi-definite (rounding can do that): damped more.
+    st.gp[3 * cols + 3] = -1.0;
     let mut w = w0.clone();
     let out = reconstruct::refit(&mut w, &w0, rows, cols, &st, 0.0, "layer.x").unwrap();
     assert!(out.rows_damped_more > 0 && out.damping > 0.0, "{out:?}");
