@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod dynamic;
 pub mod eval;
 pub mod inspect;
 pub mod pipeline;

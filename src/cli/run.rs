@@ -57,6 +57,8 @@ pub struct RunArgs {
     /// per step; sampling without --top-k always computes every logit).
     #[arg(long)]
     pub no_head_screen: bool,
+    #[command(flatten)]
+    pub spec: super::dynamic::SpecArgs,
 }
 
 /// The ChatML wrapping of one user message.
@@ -65,6 +67,7 @@ pub fn chatml(prompt: &str) -> String {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    a.spec.check()?;
     if a.temperature == 0.0 {
         for (flag, given) in [
             ("--top-k", a.top_k.is_some()),
@@ -130,7 +133,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut ended_nl = true;
     let mut io_err: Option<std::io::Error> = None;
-    let stats = generate(&model, &ids, &opts, &mut |id| {
+    let screen = !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0);
+    let draft = match a.spec.active() {
+        true => Some(super::dynamic::build_draft(&model, &a.spec, screen, false)?.0),
+        false => None,
+    };
+    let mut emit = |id| {
         let piece = stream.push(id);
         if !piece.is_empty() && io_err.is_none() {
             ended_nl = piece.ends_with('\n');
@@ -138,7 +146,21 @@ pub fn run(a: RunArgs) -> Result<()> {
                 io_err = Some(e);
             }
         }
-    })?;
+    };
+    let mut spec_line = None;
+    let stats = match &draft {
+        Some(d) => {
+            let s = lopper::runtime::speculative::generate_speculative(
+                &model, &d.draft(), &ids, &opts, &a.spec.opts(), &mut emit,
+            )?;
+            spec_line = Some(format!(
+                "speculative: {} rounds + {} plain steps; acceptance {:.2}, {:.2} accepted per round; draft {:.1} ms/drafted token, verify {:.1} ms/token",
+                s.rounds, s.plain_steps, s.acceptance_rate, s.mean_accepted, s.draft_ms_per_token, s.verify_ms_per_token
+            ));
+            s.generate
+        }
+        None => generate(&model, &ids, &opts, &mut emit)?,
+    };
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");
     }
@@ -155,5 +177,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.decode_tokens_per_s,
         stats.stop
     );
+    if let Some(l) = spec_line {
+        eprintln!("{l}");
+    }
     Ok(())
 }
