@@ -59,6 +59,10 @@ pub struct RunArgs {
     pub no_head_screen: bool,
     #[command(flatten)]
     pub spec: super::dynamic::SpecArgs,
+    /// Early exit (lossy): leave a token's forward pass at an intermediate block once the
+    /// largest next-token probability there reaches T, in (0, 1] (docs/dynamic_depth.md).
+    #[arg(long, allow_negative_numbers = true)]
+    pub early_exit: Option<f32>,
 }
 
 /// The ChatML wrapping of one user message.
@@ -68,6 +72,12 @@ pub fn chatml(prompt: &str) -> String {
 
 pub fn run(a: RunArgs) -> Result<()> {
     a.spec.check()?;
+    if let Some(t) = a.early_exit {
+        lopper::runtime::early_exit::check_threshold(t)?;
+        if a.spec.active() {
+            bail!("--early-exit cannot be combined with --speculative / --draft (speculative decoding is lossless, early exit is not)");
+        }
+    }
     if a.temperature == 0.0 {
         for (flag, given) in [
             ("--top-k", a.top_k.is_some()),
@@ -159,7 +169,21 @@ pub fn run(a: RunArgs) -> Result<()> {
             ));
             s.generate
         }
-        None => generate(&model, &ids, &opts, &mut emit)?,
+        None => match a.early_exit {
+            Some(t) => {
+                let eo = lopper::runtime::early_exit::ExitOpts::new(&model, t)?;
+                let s = lopper::runtime::early_exit::generate_early_exit(&model, &eo, &ids, &opts, &mut emit)?;
+                spec_line = Some(format!(
+                    "early exit T={t}: {:.2} blocks per token of {}, {} of {} tokens exited early",
+                    s.layers_run as f64 / s.tokens.max(1) as f64,
+                    model.weights.layers.len(),
+                    s.early_exits,
+                    s.tokens
+                ));
+                s.generate
+            }
+            None => generate(&model, &ids, &opts, &mut emit)?,
+        },
     };
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");

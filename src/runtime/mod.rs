@@ -9,7 +9,8 @@
 //! screen ([`pack::attach_head_screen`]) through which greedy and top-k steps
 //! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
 //! [`speculative`] drafts tokens with skipped blocks (or a pruned model) and verifies them in one
-//! batched step: greedy output bit-identical, sampling exact in distribution.
+//! batched step: greedy output bit-identical, sampling exact in distribution; [`early_exit`]
+//! stops a token at an intermediate block when the head is confident there (lossy).
 
 pub mod autopick;
 pub mod choice;
@@ -18,6 +19,7 @@ pub mod kv;
 pub mod pack;
 pub mod sample;
 pub mod draft_search;
+pub mod early_exit;
 pub mod speculative;
 
 pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};
