@@ -302,3 +302,29 @@ fn draft_with_other_vocabulary_refused() {
         .to_string();
     assert!(err.contains("at least one block"), "{err}");
 }
+
+fn lopper(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lopper")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// CLI refusals: modifiers without the mode, bad draft lengths, a draft with another
+/// vocabulary (named), early exit combined with speculative decoding.
+#[test]
+fn cli_refuses_bad_speculative_flags() {
+    for (args, want) in [
+        (vec!["--draft-skip", "3"], "--draft-skip needs --speculative"),
+        (vec!["--draft-fixed"], "--draft-fixed needs"),
+        (vec!["--speculative", "--draft-max", "0"], "--draft-max must be in 1..=16"),
+        (vec!["--speculative", "--early-exit", "0.9"], "cannot be combined"),
+    ] {
+        let mut a = vec!["run", "--prompt", "hello"];
+        a.extend(args.iter());
+        let (ok, err) = lopper(&a);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    let _ = default_model();
+    let tiny_dir = golden().join("tiny").join("tiny-llama3");
+    let (ok, err) = lopper(&["run", "--prompt", "hello", "--max-new", "4", "--draft", tiny_dir.to_str().unwrap()]);
+    assert!(!ok && err.contains("320") && err.contains("49152"), "{err}");
+}

@@ -266,34 +266,29 @@ pub fn perplexity(
 /// Rows of logits materialised at once in a confidence check.
 const CHUNK: usize = 256;
 
-/// One window: (Σ NLL, predictions, Σ blocks run) over positions `0..len−1`.
-fn window_nll(model: &Model, eo: &ExitOpts, win: &[u32]) -> Result<(f64, usize, usize)> {
+/// Per position of one window: the block count it exited after, its NLL of the next token and
+/// the argmax of the logits it exited with (positions `0..len−1`).
+#[derive(Debug, Clone)]
+pub struct WindowExits {
+    pub exit_at: Vec<usize>,
+    pub nll: Vec<f64>,
+    pub argmax: Vec<u32>,
+}
+
+/// Early exit over one window `win`: positions below `full_prefix` never exit (a prompt that
+/// decoding prefills with the full model); see the module docs.
+pub fn window_exits(model: &Model, eo: &ExitOpts, win: &[u32], full_prefix: usize) -> Result<WindowExits> {
     let (cfg, w) = (&model.config, &model.weights);
     let (n, d, len) = (w.layers.len(), cfg.hidden_size, win.len());
+    if len < 2 {
+        return Err(Error::Invalid("early-exit evaluation needs windows of at least 2 tokens".into()));
+    }
     let mut cache = KvCache::new(model, len);
     let mut h = embed(w, win)?;
-    // Per row: the block count it exited after, and its frozen hidden state lives in `frozen`.
-    let mut exit_at: Vec<Option<usize>> = vec![None; len];
+    let mut exit_at: Vec<Option<usize>> = vec![None; len - 1];
+    // Exited rows' hidden states, frozen at their exit block.
     let mut frozen = vec![0f32; len * d];
-    let mut nll = vec![0f64; len];
-    let score = |hn: &[f32], rows: &[usize], nll: &mut [f64], exit_at: &mut [Option<usize>], at: usize, force: bool| {
-        for chunk in rows.chunks(CHUNK) {
-            let mut x = Vec::with_capacity(chunk.len() * d);
-            for &r in chunk {
-                x.extend_from_slice(&hn[r * d..(r + 1) * d]);
-            }
-            let lg = logits(w, &x, chunk.len());
-            let v = lg.len() / chunk.len();
-            for (row, &r) in lg.chunks(v).zip(chunk) {
-                if force || max_prob(row) >= eo.threshold as f64 {
-                    exit_at[r] = Some(at);
-                    if r + 1 < len {
-                        nll[r] = kernels::logsumexp(row) - row[win[r + 1] as usize] as f64;
-                    }
-                }
-            }
-        }
-    };
+    let (mut nll, mut best) = (vec![0f64; len - 1], vec![0u32; len - 1]);
     for i in 0..n {
         let slot = KvSlot { k: &mut cache.k[i], v: &mut cache.v[i], pos0: 0 };
         block_forward_cached(cfg, i, &w.layers[i], &cache.rope, &mut h, 1, len, &mut cache.scratch, &mut NoObserver, Some(slot));
@@ -307,19 +302,40 @@ fn window_nll(model: &Model, eo: &ExitOpts, win: &[u32]) -> Result<(f64, usize, 
         if !last && !eo.checks.contains(&(i + 1)) {
             continue;
         }
-        let active: Vec<usize> = (0..len.saturating_sub(1)).filter(|&r| exit_at[r].is_none()).collect();
+        let active: Vec<usize> = (0..len - 1)
+            .filter(|&r| exit_at[r].is_none() && (last || r >= full_prefix))
+            .collect();
         let hn = crate::model::forward::final_norm(model, &h);
-        score(&hn, &active, &mut nll, &mut exit_at, i + 1, last);
-        for &r in &active {
-            if exit_at[r].is_some() {
-                frozen[r * d..(r + 1) * d].copy_from_slice(&h[r * d..(r + 1) * d]);
+        for chunk in active.chunks(CHUNK) {
+            let mut x = Vec::with_capacity(chunk.len() * d);
+            for &r in chunk {
+                x.extend_from_slice(&hn[r * d..(r + 1) * d]);
+            }
+            let lg = logits(w, &x, chunk.len());
+            let v = lg.len() / chunk.len();
+            for (row, &r) in lg.chunks(v).zip(chunk) {
+                if last || max_prob(row) >= eo.threshold as f64 {
+                    exit_at[r] = Some(i + 1);
+                    nll[r] = kernels::logsumexp(row) - row[win[r + 1] as usize] as f64;
+                    best[r] = argmax(row);
+                    frozen[r * d..(r + 1) * d].copy_from_slice(&h[r * d..(r + 1) * d]);
+                }
             }
         }
     }
-    let total: f64 = nll[..len - 1].iter().sum();
+    Ok(WindowExits {
+        exit_at: exit_at.into_iter().map(|e| e.unwrap_or(n)).collect(),
+        nll,
+        argmax: best,
+    })
+}
+
+/// One window: (Σ NLL, predictions, Σ blocks run) over positions `0..len−1`.
+fn window_nll(model: &Model, eo: &ExitOpts, win: &[u32]) -> Result<(f64, usize, usize)> {
+    let e = window_exits(model, eo, win, 0)?;
+    let total: f64 = e.nll.iter().sum();
     if !total.is_finite() {
         return Err(Error::Numeric(format!("early-exit NLL is {total} on a window")));
     }
-    let layers: usize = exit_at[..len - 1].iter().map(|e| e.unwrap_or(n)).sum();
-    Ok((total, len - 1, layers))
+    Ok((total, e.nll.len(), e.exit_at.iter().sum()))
 }

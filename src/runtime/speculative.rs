@@ -31,10 +31,11 @@
 //! the tokens are not the plain sampler's for the same seed (the random stream is used
 //! differently).
 //!
-//! **Adaptive draft length** ([`KController`]): the acceptance rate `α` (decayed counts) and the
-//! cost of a draft token relative to a verify chunk `c` (decayed measured times) give the
-//! expected tokens per unit of cost, `(1 − α^{k+1})/(1 − α) / (⌈(k+1)/SMALL_M⌉ + k·c)`; the
-//! best `k ≤ max_draft` is used, and `k = 0` is a plain single-token step. After 16 plain steps
+//! **Adaptive draft length** ([`KController`]): the acceptance rate `α` (decayed counts), the
+//! time of a draft token `d` and of a verify chunk of `m` rows `v(m)` (decayed measured times;
+//! a batched step costs more per row when compute-bound) give the expected speed-up of a round
+//! over plain steps, `(1 − α^{k+1})/(1 − α) · v(1) / (Σ_chunks v(m) + k·d)`; the best
+//! `k ≤ max_draft` is used if it beats 1, else `k = 0`, a plain single-token step. After 16 plain steps
 //! in a row one `k = 1` round probes the draft again, so a draft that accepts nothing costs one
 //! wasted round plus a probe every 16 tokens.
 
@@ -108,14 +109,19 @@ pub struct KController {
     /// Decayed accepted / rejected draft-token counts.
     acc: f64,
     rej: f64,
-    /// Decayed mean seconds per draft token and per verify chunk.
+    /// Decayed mean seconds per draft token.
     draft_t: Option<f64>,
-    verify_t: Option<f64>,
+    /// Decayed mean seconds of a verify chunk of `m` rows, `verify_t[m]` (`m ≤ SMALL_M`): a
+    /// batched step costs more per extra row on a compute-bound machine.
+    verify_t: [Option<f64>; SMALL_M + 1],
     plain_run: usize,
 }
 
 const DECAY: f64 = 0.9;
 const PROBE_EVERY: usize = 16;
+/// Prior extra cost of each row of a verify chunk beyond the first, relative to a 1-row step
+/// (measured 0.3–0.5 on the default model on Zen 3, `examples/verify_cost.rs`), until measured.
+const ROW_PRIOR: f64 = 0.4;
 
 impl KController {
     pub fn new(max_draft: usize, adaptive: bool) -> KController {
@@ -125,7 +131,7 @@ impl KController {
             acc: 0.0,
             rej: 0.0,
             draft_t: None,
-            verify_t: None,
+            verify_t: [None; SMALL_M + 1],
             plain_run: 0,
         }
     }
@@ -135,16 +141,34 @@ impl KController {
         (self.acc + 1.0) / (self.acc + self.rej + 2.0)
     }
 
-    /// Expected tokens per unit cost (a verify chunk = 1) with `k` drafts, acceptance `alpha`
-    /// and draft-token cost `c`.
+    /// Expected tokens per unit cost (a 1-row verify chunk = 1) with `k` drafts, acceptance
+    /// `alpha`, draft-token cost `c` and verify chunks of any size costing 1.
     pub fn gain(k: usize, alpha: f64, c: f64) -> f64 {
-        let tokens = if alpha >= 1.0 {
-            (k + 1) as f64
-        } else {
-            (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha)
-        };
         let chunks = (k + 1).div_ceil(SMALL_M) as f64;
-        tokens / (chunks + k as f64 * c)
+        expected_tokens(k, alpha) / (chunks + k as f64 * c)
+    }
+
+    /// Seconds of a verify chunk of `m` rows: measured, or from another size by [`ROW_PRIOR`].
+    fn chunk_cost(&self, m: usize) -> Option<f64> {
+        if let Some(t) = self.verify_t[m] {
+            return Some(t);
+        }
+        let scale = |m: usize| 1.0 + ROW_PRIOR * (m as f64 - 1.0);
+        (1..=SMALL_M)
+            .find_map(|j| self.verify_t[j].map(|t| t / scale(j) * scale(m)))
+    }
+
+    /// Expected speed-up over plain steps of a round with `k` drafts, from the measurements.
+    fn expected(&self, k: usize, draft_t: f64) -> Option<f64> {
+        let plain = self.chunk_cost(1)?;
+        let mut verify = 0.0;
+        let mut rows = k + 1;
+        while rows > 0 {
+            let m = rows.min(SMALL_M);
+            verify += self.chunk_cost(m)?;
+            rows -= m;
+        }
+        Some(expected_tokens(k, self.alpha()) * plain / (verify + k as f64 * draft_t))
     }
 
     /// The draft length for the next round.
@@ -152,13 +176,13 @@ impl KController {
         if !self.adaptive {
             return self.max_draft;
         }
-        let (Some(d), Some(v)) = (self.draft_t, self.verify_t) else {
+        let Some(d) = self.draft_t else {
             return self.max_draft;
         };
-        let (a, c) = (self.alpha(), d / v.max(1e-12));
-        let best = (0..=self.max_draft)
-            .max_by(|&x, &y| Self::gain(x, a, c).total_cmp(&Self::gain(y, a, c)).then(y.cmp(&x)))
-            .unwrap_or(0);
+        let gains: Vec<f64> = (0..=self.max_draft)
+            .map(|k| if k == 0 { 1.0 } else { self.expected(k, d).unwrap_or(0.0) })
+            .collect();
+        let best = (0..gains.len()).fold(0, |b, k| if gains[k] > gains[b] { k } else { b });
         if best > 0 {
             self.plain_run = 0;
             return best;
@@ -171,7 +195,8 @@ impl KController {
         0
     }
 
-    /// Record a round: `k` drafted, `n` accepted, the draft's and verify's seconds and chunks.
+    /// Record a round: `k` drafted, `n` accepted, the draft's and verify's seconds, and the
+    /// verify chunks (`⌈(k+1)/SMALL_M⌉`).
     pub fn record(&mut self, k: usize, n: usize, draft_s: f64, verify_s: f64, chunks: usize) {
         let ema = |old: Option<f64>, x: f64| Some(old.map_or(x, |o| DECAY * o + (1.0 - DECAY) * x));
         if k > 0 {
@@ -179,7 +204,19 @@ impl KController {
             self.rej = DECAY * self.rej + if n < k { 1.0 } else { 0.0 };
             self.draft_t = ema(self.draft_t, draft_s / k as f64);
         }
-        self.verify_t = ema(self.verify_t, verify_s / chunks.max(1) as f64);
+        if chunks == 1 && k < SMALL_M {
+            self.verify_t[k + 1] = ema(self.verify_t[k + 1], verify_s);
+        }
+    }
+}
+
+/// Expected tokens of a round with `k` drafts at per-token acceptance `alpha`:
+/// `(1 − α^{k+1}) / (1 − α)`.
+fn expected_tokens(k: usize, alpha: f64) -> f64 {
+    if alpha >= 1.0 {
+        (k + 1) as f64
+    } else {
+        (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha)
     }
 }
 
