@@ -328,3 +328,27 @@ fn cli_refuses_bad_speculative_flags() {
     let (ok, err) = lopper(&["run", "--prompt", "hello", "--max-new", "4", "--draft", tiny_dir.to_str().unwrap()]);
     assert!(!ok && err.contains("320") && err.contains("49152"), "{err}");
 }
+
+/// The draft search: every candidate skips the lowest-ranked blocks, its cost falls with the
+/// count, its agreement is a fraction, and skipping none or all is refused.
+#[test]
+fn draft_search_candidates() {
+    use lopper::runtime::draft_search::{best, search_skip};
+    let m = tiny("tiny-llama3");
+    let w1: Vec<u32> = (0..48u32).map(|i| (i * 53 + 7) % 320).collect();
+    let w2: Vec<u32> = (0..48u32).map(|i| (i * 29 + 3) % 320).collect();
+    let windows = [&w1[..], &w2[..]];
+    let order = [2usize, 0, 1];
+    let c = search_skip(&m, &windows, &order, &[1, 2], 3).unwrap();
+    assert_eq!(c[0].skipped, vec![2]);
+    assert_eq!(c[1].skipped, vec![0, 2]);
+    assert!(c[1].cost < c[0].cost && c[0].cost < 1.0);
+    for x in &c {
+        assert!((0.0..=1.0).contains(&x.match_rate));
+        assert!(x.gain >= 1.0 && x.best_k <= 3);
+    }
+    assert!(best(&c).is_some());
+    assert!(search_skip(&m, &windows, &order, &[0], 3).is_err());
+    assert!(search_skip(&m, &windows, &order, &[3], 3).is_err());
+    assert!(search_skip(&m, &windows, &[0, 1], &[1], 3).is_err());
+}

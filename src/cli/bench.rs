@@ -90,7 +90,18 @@ struct FormatRun {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.spec.active() || !a.early_exit.is_empty() {
-        return super::bench_dynamic::run(&a);
+        return super::bench_dynamic::run(&super::bench_dynamic::Opts {
+            model: a.model,
+            format: a.format,
+            head_format: a.head_format,
+            no_head_screen: a.no_head_screen,
+            prompt_len: a.prompt_len,
+            gen: a.gen,
+            reps: a.reps,
+            json: a.json,
+            spec: a.spec,
+            early_exit: a.early_exit,
+        });
     }
     a.spec.check()?;
     if a.gen < 2 || a.prompt_len == 0 {

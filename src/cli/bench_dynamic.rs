@@ -13,6 +13,20 @@ use lopper::runtime::speculative::generate_speculative;
 use lopper::runtime::{generate, GenerateOpts, SampleOpts};
 use serde_json::{json, Value};
 
+/// What `bench` passes on (its flags that apply here).
+pub struct Opts {
+    pub model: Option<std::path::PathBuf>,
+    pub format: Vec<String>,
+    pub head_format: Option<String>,
+    pub no_head_screen: bool,
+    pub prompt_len: usize,
+    pub gen: usize,
+    pub reps: usize,
+    pub json: bool,
+    pub spec: super::dynamic::SpecArgs,
+    pub early_exit: Vec<f32>,
+}
+
 /// One mode's best repetition.
 struct ModeRun {
     label: String,
@@ -28,7 +42,7 @@ enum Mode<'a> {
     EarlyExit(f32),
 }
 
-pub fn run(a: &super::bench::BenchArgs) -> Result<()> {
+pub fn run(a: &Opts) -> Result<()> {
     a.spec.check()?;
     for &t in &a.early_exit {
         lopper::runtime::early_exit::check_threshold(t)?;
@@ -160,11 +174,12 @@ fn run_mode(
     mode: &Mode,
     prompts: &[&[u32]],
     opts: &GenerateOpts,
-    a: &super::bench::BenchArgs,
+    a: &Opts,
 ) -> Result<ModeRun> {
     let (mut n, mut secs, mut tokens) = (0usize, 0f64, Vec::new());
     let mut extra = json!({});
     let (mut drafted, mut accepted, mut rounds, mut plain, mut ds, mut vs) = (0, 0, 0, 0, 0.0, 0.0);
+    let mut cu = 0.0;
     let (mut layers, mut exits, mut steps) = (0usize, 0usize, 0usize);
     for p in prompts {
         let mut got = Vec::new();
@@ -176,7 +191,8 @@ fn run_mode(
                 accepted += s.accepted;
                 rounds += s.rounds;
                 plain += s.plain_steps;
-                ds += s.draft_seconds;
+                ds += s.draft_seconds - s.catch_up_seconds;
+                cu += s.catch_up_seconds;
                 vs += s.verify_seconds;
                 s.generate
             }
@@ -205,6 +221,7 @@ fn run_mode(
                 "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
                 "mean_accepted": accepted as f64 / rounds.max(1) as f64,
                 "draft_ms_per_token": 1e3 * ds / drafted.max(1) as f64,
+                "catch_up_seconds": cu,
                 "verify_ms_per_token": 1e3 * vs / n.max(1) as f64,
             });
             l.to_string()

@@ -91,9 +91,13 @@ pub struct SpecStats {
     pub acceptance_rate: f64,
     /// Mean accepted draft tokens per round.
     pub mean_accepted: f64,
+    /// Draft time, including `catch_up_seconds`.
     pub draft_seconds: f64,
+    /// A model draft's time catching up on tokens it had not seen (after plain steps or a
+    /// correction).
+    pub catch_up_seconds: f64,
     pub verify_seconds: f64,
-    /// Draft time per drafted token.
+    /// Draft time per drafted token (catching up excluded).
     pub draft_ms_per_token: f64,
     /// Verify (and plain step) time per token produced in decode.
     pub verify_ms_per_token: f64,
@@ -120,8 +124,8 @@ pub struct KController {
 const DECAY: f64 = 0.9;
 const PROBE_EVERY: usize = 16;
 /// Prior extra cost of each row of a verify chunk beyond the first, relative to a 1-row step
-/// (measured 0.3–0.5 on the default model on Zen 3, `examples/verify_cost.rs`), until measured.
-const ROW_PRIOR: f64 = 0.4;
+/// (0.2–0.3 on the default model on Zen 3: `examples/verify_cost.rs`, bench runs), until measured.
+const ROW_PRIOR: f64 = 0.25;
 
 impl KController {
     pub fn new(max_draft: usize, adaptive: bool) -> KController {
@@ -260,15 +264,23 @@ struct State<'a> {
 }
 
 impl State<'_> {
-    /// Draft `k` tokens after `seq`; returns them and, when sampling, their distributions `q`.
-    fn draft(&mut self, k: usize) -> Result<(Vec<u32>, Vec<Vec<(u32, f64)>>)> {
+    /// Draft `k` tokens after `seq`; returns them, when sampling their distributions `q`, and
+    /// the seconds a model draft spent catching up on tokens it had not seen (not a cost of
+    /// this round's drafts: it grows with the plain steps before it).
+    fn draft(&mut self, k: usize) -> Result<(Vec<u32>, Vec<Vec<(u32, f64)>>, f64)> {
         let mut toks = Vec::with_capacity(k);
         let mut qs = Vec::new();
         let p0 = self.cache.len;
-        let mut feed: Vec<u32> = match &self.dcache {
-            Some(dc) => self.seq[dc.len..].to_vec(),
-            None => vec![self.seq[p0]],
-        };
+        let mut catch_up = 0.0;
+        if let (Draft::Model(m), Some(dc)) = (self.draft, self.dcache.as_mut()) {
+            let behind = &self.seq[dc.len..self.seq.len() - 1];
+            if !behind.is_empty() {
+                let t = Instant::now();
+                on_pool(|| step_hidden(m, behind, dc, &[], true))?;
+                catch_up = t.elapsed().as_secs_f64();
+            }
+        }
+        let mut feed: Vec<u32> = vec![self.seq[self.seq.len() - 1]];
         for _ in 0..k {
             let h = match (self.draft, &mut self.dcache) {
                 (Draft::Model(m), Some(dc)) => on_pool(|| step_hidden(m, &feed, dc, &[], true))?,
@@ -296,7 +308,7 @@ impl State<'_> {
         if self.dcache.is_none() {
             self.cache.truncate(p0);
         }
-        Ok((toks, qs))
+        Ok((toks, qs, catch_up))
     }
 
     /// Run the target over `[seq.last, drafts…]` in chunks of at most `SMALL_M` rows; returns
@@ -471,6 +483,7 @@ pub fn generate_speculative(
         acceptance_rate: 0.0,
         mean_accepted: 0.0,
         draft_seconds: 0.0,
+        catch_up_seconds: 0.0,
         verify_seconds: 0.0,
         draft_ms_per_token: 0.0,
         verify_ms_per_token: 0.0,
@@ -515,7 +528,7 @@ pub fn generate_speculative(
             }
             let k = ctl.choose().min(room).min(opts.max_new - gs.new_tokens - 1);
             let t0 = Instant::now();
-            let (drafts, qs) = if k > 0 { st.draft(k)? } else { (vec![], vec![]) };
+            let (drafts, qs, catch_up) = if k > 0 { st.draft(k)? } else { (vec![], vec![], 0.0) };
             let t1 = Instant::now();
             let p0 = st.cache.len;
             let (ps, chunks) = st.verify(&drafts)?;
@@ -525,8 +538,9 @@ pub fn generate_speculative(
                 dc.truncate(p0 + 1 + n);
             }
             let (ds, vs) = ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
-            ctl.record(k, n, ds, vs, chunks);
+            ctl.record(k, n, ds - catch_up, vs, chunks);
             ss.draft_seconds += ds;
+            ss.catch_up_seconds += catch_up;
             ss.verify_seconds += vs;
             ss.k_rounds[k] += 1;
             if k > 0 {
@@ -550,7 +564,8 @@ pub fn generate_speculative(
     gs.decode_tokens_per_s = rate(gs.decode_steps, gs.decode_seconds);
     ss.acceptance_rate = ss.accepted as f64 / ss.drafted.max(1) as f64;
     ss.mean_accepted = ss.accepted as f64 / ss.rounds.max(1) as f64;
-    ss.draft_ms_per_token = 1e3 * ss.draft_seconds / ss.drafted.max(1) as f64;
+    ss.draft_ms_per_token =
+        1e3 * (ss.draft_seconds - ss.catch_up_seconds) / ss.drafted.max(1) as f64;
     ss.verify_ms_per_token = 1e3 * ss.verify_seconds / gs.decode_steps.max(1) as f64;
     ss.generate = gs;
     Ok(ss)
