@@ -22,7 +22,8 @@ fn main() -> anyhow::Result<()> {
             } else {
                 forward_step_all(&model, &ids, &mut cache)?;
             }
-            best[rows] = best[rows].min(t.elapsed().as_secs_f64());
+            let b = &mut best[rows];
+            *b = b.min(t.elapsed().as_secs_f64());
         }
         cache.truncate(base);
         let t = Instant::now();
@@ -31,7 +32,12 @@ fn main() -> anyhow::Result<()> {
     }
     println!("1 row, full head: {:.1} ms", best[0] * 1e3);
     for (r, b) in best.iter().enumerate().skip(1) {
-        println!("{r} rows{}: {:.1} ms ({:.2}x the screened 1-row step)", if r == 1 { " (screened)" } else { ", full head" }, b * 1e3, b / best[1]);
+        println!(
+            "{r} rows{}: {:.1} ms ({:.2}x the screened 1-row step)",
+            if r == 1 { " (screened)" } else { ", full head" },
+            b * 1e3,
+            b / best[1]
+        );
     }
     Ok(())
 }

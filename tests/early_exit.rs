@@ -4,7 +4,9 @@
 
 mod common;
 use common::*;
-use lopper::runtime::early_exit::{check_threshold, generate_early_exit, perplexity, window_exits, ExitOpts};
+use lopper::runtime::early_exit::{
+    check_threshold, generate_early_exit, perplexity, window_exits, ExitOpts,
+};
 use lopper::runtime::{generate, GenerateOpts, SampleOpts};
 
 fn tiny(name: &str) -> lopper::Model {
@@ -12,7 +14,12 @@ fn tiny(name: &str) -> lopper::Model {
 }
 
 fn opts(n: usize) -> GenerateOpts {
-    GenerateOpts { max_new: n, sampling: SampleOpts::greedy(), stop_at_eos: false, stop_tokens: vec![] }
+    GenerateOpts {
+        max_new: n,
+        sampling: SampleOpts::greedy(),
+        stop_at_eos: false,
+        stop_tokens: vec![],
+    }
 }
 
 #[test]
@@ -49,7 +56,10 @@ fn window_evaluation_matches_decoding() {
         let eo = ExitOpts::new(&m, t).unwrap();
         let mut got = Vec::new();
         let st = generate_early_exit(&m, &eo, &prompt, &opts(n_new), &mut |x| got.push(x)).unwrap();
-        eprintln!("T {t}: {} of {} exited, {} blocks", st.early_exits, st.tokens, st.layers_run);
+        eprintln!(
+            "T {t}: {} of {} exited, {} blocks",
+            st.early_exits, st.tokens, st.layers_run
+        );
         if st.early_exits == 0 || st.early_exits == st.tokens {
             continue;
         }

@@ -53,7 +53,12 @@ fn skip_set(n: usize, skipped: &[usize]) -> Vec<bool> {
 #[test]
 fn greedy_identical_on_tiny_models() {
     let prompt: Vec<u32> = vec![5, 17, 250, 3, 99, 42, 7, 300];
-    for name in ["tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-llama-tied-bias"] {
+    for name in [
+        "tiny-llama3",
+        "tiny-qwen2",
+        "tiny-mistral",
+        "tiny-llama-tied-bias",
+    ] {
         let m = tiny(name);
         let n = m.weights.layers.len();
         let o = opts(48, SampleOpts::greedy());
@@ -63,9 +68,15 @@ fn greedy_identical_on_tiny_models() {
             for max_draft in [1, 3, 4, 7] {
                 for adaptive in [false, true] {
                     let d = Draft::SelfSkip(skip_set(n, &skipped));
-                    let s = SpecOpts { max_draft, adaptive };
+                    let s = SpecOpts {
+                        max_draft,
+                        adaptive,
+                    };
                     let (got, st) = spec(&m, &d, &prompt, &o, s);
-                    assert_eq!(got, want, "{name} skip {skipped:?} k {max_draft} adaptive {adaptive}");
+                    assert_eq!(
+                        got, want,
+                        "{name} skip {skipped:?} k {max_draft} adaptive {adaptive}"
+                    );
                     assert_eq!(st.generate.new_tokens, 48);
                     assert!(st.accepted <= st.drafted);
                     drafted += st.drafted;
@@ -74,19 +85,43 @@ fn greedy_identical_on_tiny_models() {
         }
         assert!(drafted > 0, "{name}: no round drafted anything");
         // The target as its own draft (another cache): every draft token is accepted.
-        let (got, st) = spec(&m, &Draft::Model(&m), &prompt, &o, SpecOpts { max_draft: 5, adaptive: false });
+        let (got, st) = spec(
+            &m,
+            &Draft::Model(&m),
+            &prompt,
+            &o,
+            SpecOpts {
+                max_draft: 5,
+                adaptive: false,
+            },
+        );
         assert_eq!(got, want, "{name}: self as model draft");
         assert!(st.rounds > 0);
-        assert_eq!(st.accepted, st.drafted, "{name}: an identical draft is always accepted");
+        assert_eq!(
+            st.accepted, st.drafted,
+            "{name}: an identical draft is always accepted"
+        );
     }
     // Another model with the same vocabulary (320) as draft: different tokens proposed, the
     // target's kept.
     let (t, d) = (tiny("tiny-llama3"), tiny("tiny-qwen2"));
     let o = opts(40, SampleOpts::greedy());
     let want = plain(&t, &prompt, &o);
-    let (got, st) = spec(&t, &Draft::Model(&d), &prompt, &o, SpecOpts { max_draft: 4, adaptive: false });
+    let (got, st) = spec(
+        &t,
+        &Draft::Model(&d),
+        &prompt,
+        &o,
+        SpecOpts {
+            max_draft: 4,
+            adaptive: false,
+        },
+    );
     assert_eq!(got, want);
-    assert!(st.accepted < st.drafted, "an unrelated draft agrees everywhere?");
+    assert!(
+        st.accepted < st.drafted,
+        "an unrelated draft agrees everywhere?"
+    );
 }
 
 /// Stop tokens and the context end as in plain generation.
@@ -100,9 +135,21 @@ fn stops_like_plain_generation() {
     o.stop_tokens = vec![stop];
     let want = plain(&m, &prompt, &o);
     let d = Draft::SelfSkip(skip_set(3, &[1]));
-    let (got, st) = spec(&m, &d, &prompt, &o, SpecOpts { max_draft: 5, adaptive: false });
+    let (got, st) = spec(
+        &m,
+        &d,
+        &prompt,
+        &o,
+        SpecOpts {
+            max_draft: 5,
+            adaptive: false,
+        },
+    );
     assert_eq!(got, want);
-    assert_eq!(st.generate.stop, lopper::runtime::StopReason::StopToken(stop));
+    assert_eq!(
+        st.generate.stop,
+        lopper::runtime::StopReason::StopToken(stop)
+    );
 }
 
 /// Count of each `(x1, x2, x3)` and the exact probability of each under `model`.
@@ -127,7 +174,11 @@ fn exact_joint(model: &lopper::Model, prompt: &[u32], s: &SampleOpts) -> HashMap
 
 /// Pearson chi-square of `counts` (n samples) against `probs`, cells with expected count < 5
 /// pooled into one; returns (statistic, degrees of freedom).
-fn chi_square(counts: &HashMap<Vec<u32>, usize>, probs: &HashMap<Vec<u32>, f64>, n: usize) -> (f64, usize) {
+fn chi_square(
+    counts: &HashMap<Vec<u32>, usize>,
+    probs: &HashMap<Vec<u32>, f64>,
+    n: usize,
+) -> (f64, usize) {
     let (mut stat, mut cells) = (0.0, 0usize);
     let (mut pool_o, mut pool_e) = (0.0, 0.0);
     for (k, &p) in probs {
@@ -142,7 +193,11 @@ fn chi_square(counts: &HashMap<Vec<u32>, usize>, probs: &HashMap<Vec<u32>, f64>,
         }
     }
     // Samples outside the support of `probs` land in the pool too.
-    pool_o += counts.iter().filter(|(k, _)| !probs.contains_key(*k)).map(|(_, &c)| c as f64).sum::<f64>();
+    pool_o += counts
+        .iter()
+        .filter(|(k, _)| !probs.contains_key(*k))
+        .map(|(_, &c)| c as f64)
+        .sum::<f64>();
     if pool_e > 0.0 {
         stat += (pool_o - pool_e).powi(2) / pool_e;
         cells += 1;
@@ -160,7 +215,12 @@ fn sampling_matches_target_distribution() {
     let m = tiny("tiny-llama3");
     let prompt: Vec<u32> = vec![11, 200, 31, 4, 150];
     let skip = skip_set(3, &[1, 2]);
-    let s = SampleOpts { temperature: 1.0, top_k: 4, top_p: 1.0, seed: 0 };
+    let s = SampleOpts {
+        temperature: 1.0,
+        top_k: 4,
+        top_p: 1.0,
+        seed: 0,
+    };
     let p = exact_joint(&m, &prompt, &s);
     // The draft as a model: the target with blocks 1, 2 removed.
     let mut dm = tiny("tiny-llama3");
@@ -175,27 +235,63 @@ fn sampling_matches_target_distribution() {
         // correction or bonus token; after an early rejection, a second round); the first
         // three are compared.
         let o = opts(4, SampleOpts { seed, ..s });
-        let (got, st) = spec(&m, &Draft::SelfSkip(skip.clone()), &prompt, &o, SpecOpts { max_draft: 2, adaptive: false });
+        let (got, st) = spec(
+            &m,
+            &Draft::SelfSkip(skip.clone()),
+            &prompt,
+            &o,
+            SpecOpts {
+                max_draft: 2,
+                adaptive: false,
+            },
+        );
         drafted += st.drafted;
         accepted += st.accepted;
         *counts.entry(got[..3].to_vec()).or_default() += 1;
     }
     assert!(drafted >= 2 * n, "every run drafts at least two tokens");
-    assert!(accepted > 0 && accepted < drafted, "acceptance {accepted}/{drafted}");
+    assert!(
+        accepted > 0 && accepted < drafted,
+        "acceptance {accepted}/{drafted}"
+    );
     let (chi, dof) = chi_square(&counts, &p, n);
     // chi-square 1e-6 upper tail ≈ dof + 5.1·sqrt(2·dof) + 12 for these dof (Wilson–Hilferty).
     let crit = |d: usize| d as f64 + 5.1 * (2.0 * d as f64).sqrt() + 12.0;
-    eprintln!("target: chi2 {chi:.1} dof {dof} (critical {:.1}); acceptance {accepted}/{drafted}", crit(dof));
-    assert!(chi < crit(dof), "speculative samples differ from the target: chi2 {chi:.1}, dof {dof}");
+    eprintln!(
+        "target: chi2 {chi:.1} dof {dof} (critical {:.1}); acceptance {accepted}/{drafted}",
+        crit(dof)
+    );
+    assert!(
+        chi < crit(dof),
+        "speculative samples differ from the target: chi2 {chi:.1}, dof {dof}"
+    );
     let (chi_q, dof_q) = chi_square(&counts, &q, n);
     eprintln!("draft: chi2 {chi_q:.1} dof {dof_q}");
-    assert!(chi_q > crit(dof_q), "the test cannot tell the draft's distribution from the target's");
+    assert!(
+        chi_q > crit(dof_q),
+        "the test cannot tell the draft's distribution from the target's"
+    );
     // Drafts sampled from the same skipped blocks really follow q (a model draft with its own
     // cache gives the same exactness).
     let mut counts2: HashMap<Vec<u32>, usize> = HashMap::new();
     for seed in 0..n as u64 {
-        let o = opts(4, SampleOpts { seed: seed + 1_000_000, ..s });
-        let (got, _) = spec(&m, &Draft::Model(&dm), &prompt, &o, SpecOpts { max_draft: 2, adaptive: false });
+        let o = opts(
+            4,
+            SampleOpts {
+                seed: seed + 1_000_000,
+                ..s
+            },
+        );
+        let (got, _) = spec(
+            &m,
+            &Draft::Model(&dm),
+            &prompt,
+            &o,
+            SpecOpts {
+                max_draft: 2,
+                adaptive: false,
+            },
+        );
         *counts2.entry(got[..3].to_vec()).or_default() += 1;
     }
     let (chi2, dof2) = chi_square(&counts2, &p, n);
@@ -207,12 +303,23 @@ fn sampling_matches_target_distribution() {
 fn acceptance_rule_gives_target_distribution() {
     let p = vec![(0u32, 0.5), (1, 0.3), (2, 0.2)];
     let q = vec![(1u32, 0.6), (2, 0.1), (3, 0.3)];
-    let mut rng = Sampler::new(SampleOpts { temperature: 1.0, seed: 7, ..Default::default() }).unwrap();
+    let mut rng = Sampler::new(SampleOpts {
+        temperature: 1.0,
+        seed: 7,
+        ..Default::default()
+    })
+    .unwrap();
     let n = 200_000;
     let mut c = [0usize; 4];
     for _ in 0..n {
         let u = rng.uniform();
-        let x = if u < 0.6 { 1 } else if u < 0.7 { 2 } else { 3 };
+        let x = if u < 0.6 {
+            1
+        } else if u < 0.7 {
+            2
+        } else {
+            3
+        };
         let t = accept_or_resample(&p, &q, x, &mut rng).unwrap_or(x);
         c[t as usize] += 1;
     }
@@ -237,7 +344,10 @@ fn controller_falls_back_when_nothing_is_accepted() {
         ctl.record(k, 0, 0.5 * k as f64, 1.0, 1);
     }
     let cost = verify_chunks as f64 + 0.5 * draft_tokens as f64;
-    assert!(cost <= 1.05 * 256.0, "cost {cost} for 256 tokens ({draft_tokens} drafted)");
+    assert!(
+        cost <= 1.05 * 256.0,
+        "cost {cost} for 256 tokens ({draft_tokens} drafted)"
+    );
     assert!(draft_tokens > 0, "never probed");
     // A draft that always agrees keeps drafting the most.
     let mut ctl = KController::new(3, true);
@@ -253,16 +363,39 @@ fn controller_falls_back_when_nothing_is_accepted() {
 fn greedy_golden_continuation_self_draft() {
     let path = golden().join("smollm2_greedy_wiki32.json");
     let g: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<u32> { g[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let ids = |k: &str| -> Vec<u32> {
+        g[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
     let (prompt, want) = (ids("prompt_ids"), ids("greedy_new_ids"));
     let m = default_model();
     let d = Draft::SelfSkip(skip_set(30, &[12, 13, 14, 15, 17, 25]));
-    let (got, st) = spec(m, &d, &prompt, &opts(want.len(), SampleOpts::greedy()), SpecOpts { max_draft: 3, adaptive: false });
+    let (got, st) = spec(
+        m,
+        &d,
+        &prompt,
+        &opts(want.len(), SampleOpts::greedy()),
+        SpecOpts {
+            max_draft: 3,
+            adaptive: false,
+        },
+    );
     let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
     assert_eq!(first_bad, None);
     assert_eq!(got, want);
-    assert!(st.rounds > 10 && st.accepted > 0, "{} rounds, {} accepted", st.rounds, st.accepted);
-    eprintln!("acceptance {:.2}, {:.2} per round", st.acceptance_rate, st.mean_accepted);
+    assert!(
+        st.rounds > 10 && st.accepted > 0,
+        "{} rounds, {} accepted",
+        st.rounds,
+        st.accepted
+    );
+    eprintln!(
+        "acceptance {:.2}, {:.2} per round",
+        st.acceptance_rate, st.mean_accepted
+    );
 }
 
 /// The same through the LM head's screen, drafts longer than one verify chunk, and a model
@@ -272,15 +405,39 @@ fn greedy_golden_continuation_self_draft() {
 fn greedy_golden_continuation_screen_and_model_draft() {
     let path = golden().join("smollm2_greedy_wiki32.json");
     let g: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<u32> { g[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let ids = |k: &str| -> Vec<u32> {
+        g[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
     let (prompt, want) = (ids("prompt_ids"), ids("greedy_new_ids"));
     let mut m = default_model_cut(30);
     lopper::runtime::pack::attach_head_screen(&mut m).unwrap();
     let d = Draft::SelfSkip(skip_set(30, &[13, 14, 17]));
-    let (got, _) = spec(&m, &d, &prompt, &opts(want.len(), SampleOpts::greedy()), SpecOpts { max_draft: 6, adaptive: false });
+    let (got, _) = spec(
+        &m,
+        &d,
+        &prompt,
+        &opts(want.len(), SampleOpts::greedy()),
+        SpecOpts {
+            max_draft: 6,
+            adaptive: false,
+        },
+    );
     assert_eq!(got, want, "screened, k = 6");
     let dm = default_model_cut(20);
-    let (got, st) = spec(&m, &Draft::Model(&dm), &prompt, &opts(want.len(), SampleOpts::greedy()), SpecOpts { max_draft: 3, adaptive: true });
+    let (got, st) = spec(
+        &m,
+        &Draft::Model(&dm),
+        &prompt,
+        &opts(want.len(), SampleOpts::greedy()),
+        SpecOpts {
+            max_draft: 3,
+            adaptive: true,
+        },
+    );
     assert_eq!(got, want, "model draft");
     eprintln!("cut-20 draft: acceptance {:.2}", st.acceptance_rate);
 }
@@ -291,21 +448,41 @@ fn draft_with_other_vocabulary_refused() {
     let t = default_model();
     let d = tiny("tiny-llama3");
     let o = opts(4, SampleOpts::greedy());
-    let err = generate_speculative(t, &Draft::Model(&d), &[1, 2, 3], &o, &SpecOpts::default(), &mut |_| {})
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = generate_speculative(
+        t,
+        &Draft::Model(&d),
+        &[1, 2, 3],
+        &o,
+        &SpecOpts::default(),
+        &mut |_| {},
+    )
+    .map(|_| ())
+    .expect_err("refused")
+    .to_string();
     assert!(err.contains("320") && err.contains("49152"), "{err}");
-    let err = generate_speculative(t, &Draft::SelfSkip(vec![true; 30]), &[1, 2, 3], &o, &SpecOpts::default(), &mut |_| {})
-        .err()
-        .expect("all blocks skipped is refused")
-        .to_string();
+    let err = generate_speculative(
+        t,
+        &Draft::SelfSkip(vec![true; 30]),
+        &[1, 2, 3],
+        &o,
+        &SpecOpts::default(),
+        &mut |_| {},
+    )
+    .map(|_| ())
+    .expect_err("all blocks skipped is refused")
+    .to_string();
     assert!(err.contains("at least one block"), "{err}");
 }
 
 fn lopper(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lopper")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lopper"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// CLI refusals: modifiers without the mode, bad draft lengths, a draft with another
@@ -313,10 +490,19 @@ fn lopper(args: &[&str]) -> (bool, String) {
 #[test]
 fn cli_refuses_bad_speculative_flags() {
     for (args, want) in [
-        (vec!["--draft-skip", "3"], "--draft-skip needs --speculative"),
+        (
+            vec!["--draft-skip", "3"],
+            "--draft-skip needs --speculative",
+        ),
         (vec!["--draft-fixed"], "--draft-fixed needs"),
-        (vec!["--speculative", "--draft-max", "0"], "--draft-max must be in 1..=16"),
-        (vec!["--speculative", "--early-exit", "0.9"], "cannot be combined"),
+        (
+            vec!["--speculative", "--draft-max", "0"],
+            "--draft-max must be in 1..=16",
+        ),
+        (
+            vec!["--speculative", "--early-exit", "0.9"],
+            "cannot be combined",
+        ),
     ] {
         let mut a = vec!["run", "--prompt", "hello"];
         a.extend(args.iter());
@@ -325,7 +511,15 @@ fn cli_refuses_bad_speculative_flags() {
     }
     let _ = default_model();
     let tiny_dir = golden().join("tiny").join("tiny-llama3");
-    let (ok, err) = lopper(&["run", "--prompt", "hello", "--max-new", "4", "--draft", tiny_dir.to_str().unwrap()]);
+    let (ok, err) = lopper(&[
+        "run",
+        "--prompt",
+        "hello",
+        "--max-new",
+        "4",
+        "--draft",
+        tiny_dir.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("320") && err.contains("49152"), "{err}");
 }
 

@@ -52,9 +52,15 @@ pub fn run(a: &Opts) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, a.json)?;
-    super::pack_model(&mut model, a.format.first().map(String::as_str), a.head_format.as_deref(), a.json)?;
+    super::pack_model(
+        &mut model,
+        a.format.first().map(String::as_str),
+        a.head_format.as_deref(),
+        a.json,
+    )?;
     if !a.no_head_screen {
-        lopper::runtime::pack::attach_head_screen(&mut model).context("building the head screen")?;
+        lopper::runtime::pack::attach_head_screen(&mut model)
+            .context("building the head screen")?;
     }
     let text = lopper::assets::wiki_text()?;
     let ids = super::eval::tokenize_text(&model, &text)?;
@@ -68,7 +74,10 @@ pub fn run(a: &Opts) -> Result<()> {
     }
     let mut modes = vec![Mode::Plain];
     if a.spec.speculative {
-        let self_args = super::dynamic::SpecArgs { draft: None, ..a.spec.clone() };
+        let self_args = super::dynamic::SpecArgs {
+            draft: None,
+            ..a.spec.clone()
+        };
         let (d, desc) = super::dynamic::build_draft(&model, &self_args, !a.no_head_screen, a.json)?;
         modes.push(Mode::Spec(d, desc, "speculative (self draft)"));
     }
@@ -88,7 +97,8 @@ pub fn run(a: &Opts) -> Result<()> {
         for (slot, mode) in best.iter_mut().zip(&modes) {
             let r = run_mode(&model, mode, &prompts, &opts, a)?;
             let better = slot.as_ref().is_none_or(|b| {
-                r.decode_tokens as f64 / r.decode_seconds > b.decode_tokens as f64 / b.decode_seconds
+                r.decode_tokens as f64 / r.decode_seconds
+                    > b.decode_tokens as f64 / b.decode_seconds
             });
             if better {
                 *slot = Some(r);
@@ -101,9 +111,16 @@ pub fn run(a: &Opts) -> Result<()> {
     let mut rows = Vec::new();
     for r in &runs {
         let tps = r.decode_tokens as f64 / r.decode_seconds;
-        let (same, all) = r.tokens.iter().zip(&base.tokens).fold((0, 0), |(s, n), (x, y)| {
-            (s + x.iter().zip(y).filter(|(a, b)| a == b).count(), n + y.len())
-        });
+        let (same, all) = r
+            .tokens
+            .iter()
+            .zip(&base.tokens)
+            .fold((0, 0), |(s, n), (x, y)| {
+                (
+                    s + x.iter().zip(y).filter(|(a, b)| a == b).count(),
+                    n + y.len(),
+                )
+            });
         rows.push(json!({
             "mode": r.label,
             "decode_tokens_per_s": tps,
@@ -140,7 +157,10 @@ pub fn run(a: &Opts) -> Result<()> {
         a.gen,
         a.reps
     );
-    println!("{:<28} {:>9} {:>7} {:>10}  detail", "mode", "decode", "vs plain", "same");
+    println!(
+        "{:<28} {:>9} {:>7} {:>10}  detail",
+        "mode", "decode", "vs plain", "same"
+    );
     for r in &rows {
         println!(
             "{:<28} {:>9.2} {:>6.2}x {:>10}  {}",
@@ -163,7 +183,11 @@ fn summary(d: &Value) -> String {
             f("acceptance_rate"), f("mean_accepted"), d["rounds"], d["plain_steps"], f("draft_ms_per_token"), f("verify_ms_per_token")
         )
     } else if d.get("mean_layers").is_some() {
-        format!("{:.2} blocks/token, {:.0}% of tokens exited early", f("mean_layers"), 100.0 * f("exit_fraction"))
+        format!(
+            "{:.2} blocks/token, {:.0}% of tokens exited early",
+            f("mean_layers"),
+            100.0 * f("exit_fraction")
+        )
     } else {
         String::new()
     }
@@ -186,7 +210,10 @@ fn run_mode(
         let st = match mode {
             Mode::Plain => generate(model, p, opts, &mut |t| got.push(t))?,
             Mode::Spec(d, _, _) => {
-                let s = generate_speculative(model, &d.draft(), p, opts, &a.spec.opts(), &mut |t| got.push(t))?;
+                let s =
+                    generate_speculative(model, &d.draft(), p, opts, &a.spec.opts(), &mut |t| {
+                        got.push(t)
+                    })?;
                 drafted += s.drafted;
                 accepted += s.accepted;
                 rounds += s.rounds;
@@ -198,7 +225,13 @@ fn run_mode(
             }
             Mode::EarlyExit(t) => {
                 let eo = lopper::runtime::early_exit::ExitOpts::new(model, *t)?;
-                let s = lopper::runtime::early_exit::generate_early_exit(model, &eo, p, opts, &mut |x| got.push(x))?;
+                let s = lopper::runtime::early_exit::generate_early_exit(
+                    model,
+                    &eo,
+                    p,
+                    opts,
+                    &mut |x| got.push(x),
+                )?;
                 layers += s.layers_run;
                 exits += s.early_exits;
                 steps += s.tokens;

@@ -52,7 +52,9 @@ impl SpecArgs {
             }
         }
         if self.draft.is_some() && self.draft_skip.is_some() {
-            bail!("--draft-skip chooses the self draft's blocks; it cannot be combined with --draft");
+            bail!(
+                "--draft-skip chooses the self draft's blocks; it cannot be combined with --draft"
+            );
         }
         if self.draft_max == 0 || self.draft_max > 16 {
             bail!("--draft-max must be in 1..=16, got {}", self.draft_max);
@@ -118,11 +120,17 @@ pub fn build_draft(
     };
     if let Some(c) = count {
         if c == 0 || c >= n {
-            bail!("--draft-skip {c}: the model has {n} blocks; skip between 1 and {}", n - 1);
+            bail!(
+                "--draft-skip {c}: the model has {n} blocks; skip between 1 and {}",
+                n - 1
+            );
         }
     }
     let (skipped, desc) = match list {
-        Some(l) => (l.clone(), json!({ "skipped": l, "chosen_by": "--draft-skip list" })),
+        Some(l) => (
+            l.clone(),
+            json!({ "skipped": l, "chosen_by": "--draft-skip list" }),
+        ),
         None => choose_by_influence(model, count, a.draft_max, quiet)?,
     };
     let mut skip = vec![false; n];
@@ -148,7 +156,10 @@ fn parse_list(s: &str, n: usize) -> Result<Vec<usize>> {
         v.push(i);
     }
     if v.is_empty() || v.len() >= n {
-        bail!("--draft-skip: list between 1 and {} of the {n} blocks", n - 1);
+        bail!(
+            "--draft-skip: list between 1 and {} of the {n} blocks",
+            n - 1
+        );
     }
     v.sort_unstable();
     Ok(v)
@@ -162,7 +173,10 @@ fn choose_by_influence(
     max_draft: usize,
     quiet: bool,
 ) -> Result<(Vec<usize>, Value)> {
-    let sp = super::spinner(quiet, "choosing the draft's skipped blocks (Block Influence on c4)".into());
+    let sp = super::spinner(
+        quiet,
+        "choosing the draft's skipped blocks (Block Influence on c4)".into(),
+    );
     let c4 = lopper::assets::c4_text().context("fetching c4.utf8")?;
     let calib = lopper::calibrate::from_text(model.tokenizer()?, &c4, 8, 128, 0)?;
     let bi = lopper::structured::depth::block_influence(model, &calib, &mut |_, _, _| {})?;

@@ -112,7 +112,13 @@ fn early_exit(a: &EvalArgs, t: f32) -> Result<()> {
         pb.set_position(d as u64)
     };
     let (r, layers) = lopper::runtime::early_exit::perplexity(
-        &model, &eo, &ids, a.seq_len, a.windows, &text_path, &mut progress,
+        &model,
+        &eo,
+        &ids,
+        a.seq_len,
+        a.windows,
+        &text_path,
+        &mut progress,
     )?;
     pb.finish_and_clear();
     let n = model.weights.layers.len();
@@ -125,7 +131,10 @@ fn early_exit(a: &EvalArgs, t: f32) -> Result<()> {
     } else {
         println!("model       {}", model_path.display());
         println!("windows     {} x {} tokens", r.windows, r.seq_len);
-        println!("early exit  T = {t}, checks after blocks {:?}: {layers:.2} of {n} blocks per token", eo.checks);
+        println!(
+            "early exit  T = {t}, checks after blocks {:?}: {layers:.2} of {n} blocks per token",
+            eo.checks
+        );
         println!("perplexity  {:.4}", r.perplexity);
         println!("time        {:.1} s", r.seconds);
     }

@@ -161,7 +161,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     let stats = match &draft {
         Some(d) => {
             let s = lopper::runtime::speculative::generate_speculative(
-                &model, &d.draft(), &ids, &opts, &a.spec.opts(), &mut emit,
+                &model,
+                &d.draft(),
+                &ids,
+                &opts,
+                &a.spec.opts(),
+                &mut emit,
             )?;
             spec_line = Some(format!(
                 "speculative: {} rounds + {} plain steps; acceptance {:.2}, {:.2} accepted per round; draft {:.1} ms/drafted token, verify {:.1} ms/token",
@@ -172,7 +177,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         None => match a.early_exit {
             Some(t) => {
                 let eo = lopper::runtime::early_exit::ExitOpts::new(&model, t)?;
-                let s = lopper::runtime::early_exit::generate_early_exit(&model, &eo, &ids, &opts, &mut emit)?;
+                let s = lopper::runtime::early_exit::generate_early_exit(
+                    &model, &eo, &ids, &opts, &mut emit,
+                )?;
                 spec_line = Some(format!(
                     "early exit T={t}: {:.2} blocks per token of {}, {} of {} tokens exited early",
                     s.layers_run as f64 / s.tokens.max(1) as f64,

@@ -79,7 +79,9 @@ pub fn search_skip(
 ) -> Result<Vec<SkipCandidate>> {
     let n_layers = model.weights.layers.len();
     if windows.is_empty() || windows.iter().any(|w| w.is_empty()) {
-        return Err(Error::Invalid("draft search needs non-empty calibration windows".into()));
+        return Err(Error::Invalid(
+            "draft search needs non-empty calibration windows".into(),
+        ));
     }
     if order.len() != n_layers || order.iter().any(|&i| i >= n_layers) {
         return Err(Error::Invalid(format!(

@@ -38,7 +38,9 @@ pub fn check_threshold(t: f32) -> Result<()> {
     if t > 0.0 && t <= 1.0 {
         Ok(())
     } else {
-        Err(Error::Invalid(format!("--early-exit must be in (0, 1], got {t}")))
+        Err(Error::Invalid(format!(
+            "--early-exit must be in (0, 1], got {t}"
+        )))
     }
 }
 
@@ -57,9 +59,15 @@ impl ExitOpts {
     pub fn new(model: &Model, t: f32) -> Result<ExitOpts> {
         check_threshold(t)?;
         let n = model.weights.layers.len();
-        if model.weights.layers.iter().any(|l| l.attn_shortcut.is_some() || l.mlp_shortcut.is_some()) {
+        if model
+            .weights
+            .layers
+            .iter()
+            .any(|l| l.attn_shortcut.is_some() || l.mlp_shortcut.is_some())
+        {
             return Err(Error::Invalid(
-                "--early-exit: SliceGPT-sliced models (residual rotations) are not supported".into(),
+                "--early-exit: SliceGPT-sliced models (residual rotations) are not supported"
+                    .into(),
             ));
         }
         let mut checks: Vec<usize> = [n / 2, 2 * n / 3, 5 * n / 6]
@@ -67,7 +75,10 @@ impl ExitOpts {
             .filter(|&c| c >= 1 && c < n)
             .collect();
         checks.dedup();
-        Ok(ExitOpts { threshold: t, checks })
+        Ok(ExitOpts {
+            threshold: t,
+            checks,
+        })
     }
 }
 
@@ -96,18 +107,32 @@ fn propagate_kv(model: &Model, i: usize, h: &[f32], cache: &mut KvCache, pos: us
     let lw = &model.weights.layers[i];
     let kw = cache.kv_width[i];
     let mut xn = vec![0f32; h.len()];
-    kernels::rmsnorm_dim(h, lw.attn_norm.data(), cfg.rms_norm_eps as f32, cfg.norm_dim(), &mut xn);
+    kernels::rmsnorm_dim(
+        h,
+        lw.attn_norm.data(),
+        cfg.rms_norm_eps as f32,
+        cfg.norm_dim(),
+        &mut xn,
+    );
     let (mut k, mut v) = (vec![0f32; kw], vec![0f32; kw]);
     linear(&lw.k, &xn, 1, &mut k, false);
     linear(&lw.v, &xn, 1, &mut v, false);
-    cache.rope.apply(&mut k, lw.n_kv_heads(cfg.head_dim), 1, pos);
+    cache
+        .rope
+        .apply(&mut k, lw.n_kv_heads(cfg.head_dim), 1, pos);
     cache.k[i][pos * kw..(pos + 1) * kw].copy_from_slice(&k);
     cache.v[i][pos * kw..(pos + 1) * kw].copy_from_slice(&v);
 }
 
 /// One decode step of `tok` with early exit; returns the next token's logits (screened top-1
 /// when greedy with a screen) and the blocks run.
-fn step(model: &Model, eo: &ExitOpts, tok: u32, cache: &mut KvCache, greedy: bool) -> Result<(Vec<f32>, usize)> {
+fn step(
+    model: &Model,
+    eo: &ExitOpts,
+    tok: u32,
+    cache: &mut KvCache,
+    greedy: bool,
+) -> Result<(Vec<f32>, usize)> {
     if cache.remaining() == 0 {
         return Err(Error::Invalid("KV cache full".into()));
     }
@@ -123,8 +148,23 @@ fn step(model: &Model, eo: &ExitOpts, tok: u32, cache: &mut KvCache, greedy: boo
             propagate_kv(model, i, &h, cache, pos);
             continue;
         }
-        let slot = KvSlot { k: &mut cache.k[i], v: &mut cache.v[i], pos0: pos };
-        block_forward_cached(cfg, i, &w.layers[i], &cache.rope, &mut h, 1, 1, &mut cache.scratch, &mut NoObserver, Some(slot));
+        let slot = KvSlot {
+            k: &mut cache.k[i],
+            v: &mut cache.v[i],
+            pos0: pos,
+        };
+        block_forward_cached(
+            cfg,
+            i,
+            &w.layers[i],
+            &cache.rope,
+            &mut h,
+            1,
+            1,
+            &mut cache.scratch,
+            &mut NoObserver,
+            Some(slot),
+        );
         if !eo.checks.contains(&(i + 1)) {
             continue;
         }
@@ -166,7 +206,10 @@ pub fn generate_early_exit(
     }
     let ctx = model.config.max_position_embeddings.max(1);
     if prompt_ids.len() > ctx {
-        return Err(Error::Invalid(format!("the prompt has {} tokens; the model's context is {ctx}", prompt_ids.len())));
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            prompt_ids.len()
+        )));
     }
     let greedy = opts.sampling.is_greedy();
     let mut stops = opts.stop_tokens.clone();
@@ -194,7 +237,11 @@ pub fn generate_early_exit(
         } else {
             super::kv::forward_step(model, prompt_ids, &mut cache)?
         };
-        let mut tok = if greedy { argmax(&logits) } else { sampler.sample(&logits) };
+        let mut tok = if greedy {
+            argmax(&logits)
+        } else {
+            sampler.sample(&logits)
+        };
         gs.prefill_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         loop {
@@ -223,7 +270,12 @@ pub fn generate_early_exit(
     let rate = |k: usize, s: f64| if s > 0.0 { k as f64 / s } else { 0.0 };
     gs.prefill_tokens_per_s = rate(gs.prompt_tokens, gs.prefill_seconds);
     gs.decode_tokens_per_s = rate(gs.decode_steps, gs.decode_seconds);
-    Ok(ExitStats { generate: gs, tokens, layers_run: layers, early_exits: exits })
+    Ok(ExitStats {
+        generate: gs,
+        tokens,
+        layers_run: layers,
+        early_exits: exits,
+    })
 }
 
 /// Perplexity with early exit on windows of `ids` (see the module docs); returns the eval
@@ -277,11 +329,18 @@ pub struct WindowExits {
 
 /// Early exit over one window `win`: positions below `full_prefix` never exit (a prompt that
 /// decoding prefills with the full model); see the module docs.
-pub fn window_exits(model: &Model, eo: &ExitOpts, win: &[u32], full_prefix: usize) -> Result<WindowExits> {
+pub fn window_exits(
+    model: &Model,
+    eo: &ExitOpts,
+    win: &[u32],
+    full_prefix: usize,
+) -> Result<WindowExits> {
     let (cfg, w) = (&model.config, &model.weights);
     let (n, d, len) = (w.layers.len(), cfg.hidden_size, win.len());
     if len < 2 {
-        return Err(Error::Invalid("early-exit evaluation needs windows of at least 2 tokens".into()));
+        return Err(Error::Invalid(
+            "early-exit evaluation needs windows of at least 2 tokens".into(),
+        ));
     }
     let mut cache = KvCache::new(model, len);
     let mut h = embed(w, win)?;
@@ -290,8 +349,23 @@ pub fn window_exits(model: &Model, eo: &ExitOpts, win: &[u32], full_prefix: usiz
     let mut frozen = vec![0f32; len * d];
     let (mut nll, mut best) = (vec![0f64; len - 1], vec![0u32; len - 1]);
     for i in 0..n {
-        let slot = KvSlot { k: &mut cache.k[i], v: &mut cache.v[i], pos0: 0 };
-        block_forward_cached(cfg, i, &w.layers[i], &cache.rope, &mut h, 1, len, &mut cache.scratch, &mut NoObserver, Some(slot));
+        let slot = KvSlot {
+            k: &mut cache.k[i],
+            v: &mut cache.v[i],
+            pos0: 0,
+        };
+        block_forward_cached(
+            cfg,
+            i,
+            &w.layers[i],
+            &cache.rope,
+            &mut h,
+            1,
+            len,
+            &mut cache.scratch,
+            &mut NoObserver,
+            Some(slot),
+        );
         // Exited rows keep their frozen state (their K/V at the next block come from it).
         for (r, e) in exit_at.iter().enumerate() {
             if e.is_some() {
@@ -335,7 +409,9 @@ fn window_nll(model: &Model, eo: &ExitOpts, win: &[u32]) -> Result<(f64, usize, 
     let e = window_exits(model, eo, win, 0)?;
     let total: f64 = e.nll.iter().sum();
     if !total.is_finite() {
-        return Err(Error::Numeric(format!("early-exit NLL is {total} on a window")));
+        return Err(Error::Numeric(format!(
+            "early-exit NLL is {total} on a window"
+        )));
     }
     Ok((total, e.nll.len(), e.exit_at.iter().sum()))
 }

@@ -14,12 +14,12 @@
 
 pub mod autopick;
 pub mod choice;
+pub mod draft_search;
+pub mod early_exit;
 pub mod generate;
 pub mod kv;
 pub mod pack;
 pub mod sample;
-pub mod draft_search;
-pub mod early_exit;
 pub mod speculative;
 
 pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};

@@ -158,8 +158,7 @@ impl KController {
             return Some(t);
         }
         let scale = |m: usize| 1.0 + ROW_PRIOR * (m as f64 - 1.0);
-        (1..=SMALL_M)
-            .find_map(|j| self.verify_t[j].map(|t| t / scale(j) * scale(m)))
+        (1..=SMALL_M).find_map(|j| self.verify_t[j].map(|t| t / scale(j) * scale(m)))
     }
 
     /// Expected speed-up over plain steps of a round with `k` drafts, from the measurements.
@@ -184,7 +183,13 @@ impl KController {
             return self.max_draft;
         };
         let gains: Vec<f64> = (0..=self.max_draft)
-            .map(|k| if k == 0 { 1.0 } else { self.expected(k, d).unwrap_or(0.0) })
+            .map(|k| {
+                if k == 0 {
+                    1.0
+                } else {
+                    self.expected(k, d).unwrap_or(0.0)
+                }
+            })
             .collect();
         let best = (0..gains.len()).fold(0, |b, k| if gains[k] > gains[b] { k } else { b });
         if best > 0 {
@@ -226,7 +231,10 @@ fn expected_tokens(k: usize, alpha: f64) -> f64 {
 
 /// Refuse a draft whose vocabulary differs from the target's, naming the difference.
 pub fn check_draft_vocab(target: &Model, draft: &Model) -> Result<()> {
-    let (tv, dv) = (target.weights.lm_head().rows(), draft.weights.lm_head().rows());
+    let (tv, dv) = (
+        target.weights.lm_head().rows(),
+        draft.weights.lm_head().rows(),
+    );
     if tv != dv {
         return Err(Error::Invalid(format!(
             "--draft {}: its vocabulary has {dv} tokens, the target's {tv}",
@@ -235,10 +243,13 @@ pub fn check_draft_vocab(target: &Model, draft: &Model) -> Result<()> {
     }
     if let (Some(a), Some(b)) = (&target.tokenizer, &draft.tokenizer) {
         let (va, vb) = (a.get_vocab(true), b.get_vocab(true));
-        let mut diff: Vec<(&String, &u32)> = va.iter().filter(|(t, id)| vb.get(*t) != Some(id)).collect();
+        let mut diff: Vec<(&String, &u32)> =
+            va.iter().filter(|(t, id)| vb.get(*t) != Some(id)).collect();
         diff.sort_by_key(|x| *x.1);
         if let Some((t, id)) = diff.first() {
-            let there = vb.get(*t).map_or("absent".to_string(), |i| format!("id {i}"));
+            let there = vb
+                .get(*t)
+                .map_or("absent".to_string(), |i| format!("id {i}"));
             return Err(Error::Invalid(format!(
                 "--draft {}: another tokenizer: token {t:?} is id {id} in the target but {there} in the draft ({} tokens differ)",
                 draft.source.display(),
@@ -263,11 +274,14 @@ struct State<'a> {
     screen_k: usize,
 }
 
+/// A sampling distribution: `(token, probability)`, most likely first.
+type Dist = Vec<(u32, f64)>;
+
 impl State<'_> {
     /// Draft `k` tokens after `seq`; returns them, when sampling their distributions `q`, and
     /// the seconds a model draft spent catching up on tokens it had not seen (not a cost of
     /// this round's drafts: it grows with the plain steps before it).
-    fn draft(&mut self, k: usize) -> Result<(Vec<u32>, Vec<Vec<(u32, f64)>>, f64)> {
+    fn draft(&mut self, k: usize) -> Result<(Vec<u32>, Vec<Dist>, f64)> {
         let mut toks = Vec::with_capacity(k);
         let mut qs = Vec::new();
         let p0 = self.cache.len;
@@ -338,7 +352,12 @@ impl State<'_> {
 
     /// Decide which drafts the target keeps; returns the tokens produced (accepted drafts, then
     /// the correction or bonus token) and the number accepted.
-    fn accept(&mut self, drafts: &[u32], qs: &[Vec<(u32, f64)>], ps: &[Vec<f32>]) -> (Vec<u32>, usize) {
+    fn accept(
+        &mut self,
+        drafts: &[u32],
+        qs: &[Vec<(u32, f64)>],
+        ps: &[Vec<f32>],
+    ) -> (Vec<u32>, usize) {
         let mut out = Vec::with_capacity(drafts.len() + 1);
         if self.opts.is_greedy() {
             for (i, &d) in drafts.iter().enumerate() {
@@ -409,17 +428,14 @@ pub fn accept_or_resample(
     Some(pick(&resid, rng.uniform()))
 }
 
-/// Speculative generation from `prompt_ids` with `draft`, calling `on_token` with each new token
-/// (the same contract as [`crate::runtime::generate`]; greedy gives its tokens exactly).
-pub fn generate_speculative(
+/// Refuse an empty or too long prompt, a zero draft length, a malformed skip set or a draft
+/// with another vocabulary; returns the target's context length.
+fn check_inputs(
     model: &Model,
     draft: &Draft<'_>,
     prompt_ids: &[u32],
-    opts: &GenerateOpts,
     spec: &SpecOpts,
-    on_token: &mut dyn FnMut(u32),
-) -> Result<SpecStats> {
-    let sampler = Sampler::new(opts.sampling)?;
+) -> Result<usize> {
     if prompt_ids.is_empty() {
         return Err(Error::Invalid("generation needs a non-empty prompt".into()));
     }
@@ -444,6 +460,21 @@ pub fn generate_speculative(
             prompt_ids.len()
         )));
     }
+    Ok(ctx)
+}
+
+/// Speculative generation from `prompt_ids` with `draft`, calling `on_token` with each new token
+/// (the same contract as [`crate::runtime::generate`]; greedy gives its tokens exactly).
+pub fn generate_speculative(
+    model: &Model,
+    draft: &Draft<'_>,
+    prompt_ids: &[u32],
+    opts: &GenerateOpts,
+    spec: &SpecOpts,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<SpecStats> {
+    let sampler = Sampler::new(opts.sampling)?;
+    let ctx = check_inputs(model, draft, prompt_ids, spec)?;
     let mut stops = opts.stop_tokens.clone();
     if opts.stop_at_eos {
         stops.extend(model.config.eos_token_id);
@@ -456,7 +487,10 @@ pub fn generate_speculative(
         draft,
         cache: KvCache::new(model, cap),
         dcache: match draft {
-            Draft::Model(d) => Some(KvCache::new(d, cap.min(d.config.max_position_embeddings.max(1)))),
+            Draft::Model(d) => Some(KvCache::new(
+                d,
+                cap.min(d.config.max_position_embeddings.max(1)),
+            )),
             Draft::SelfSkip(_) => None,
         },
         seq: prompt_ids.to_vec(),
@@ -528,7 +562,11 @@ pub fn generate_speculative(
             }
             let k = ctl.choose().min(room).min(opts.max_new - gs.new_tokens - 1);
             let t0 = Instant::now();
-            let (drafts, qs, catch_up) = if k > 0 { st.draft(k)? } else { (vec![], vec![], 0.0) };
+            let (drafts, qs, catch_up) = if k > 0 {
+                st.draft(k)?
+            } else {
+                (vec![], vec![], 0.0)
+            };
             let t1 = Instant::now();
             let p0 = st.cache.len;
             let (ps, chunks) = st.verify(&drafts)?;

@@ -262,7 +262,11 @@ fn check_list(list: &[usize], n_layers: usize) -> Result<()> {
 
 /// ShortGPT Block Influence of every block of `model` on `calib` (lower: less needed); also
 /// what a self-speculative draft skips first (`runtime::draft_search`).
-pub fn block_influence(model: &Model, calib: &CalibSet, progress: Progress<'_>) -> Result<Vec<f64>> {
+pub fn block_influence(
+    model: &Model,
+    calib: &CalibSet,
+    progress: Progress<'_>,
+) -> Result<Vec<f64>> {
     let mut obs = BlockInfluenceObserver::default();
     observe_all(model, calib, &mut obs, progress)?;
     Ok(obs.scores())
