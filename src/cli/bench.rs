@@ -63,6 +63,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub spec: super::dynamic::SpecArgs,
+    /// Early-exit thresholds to compare with plain decoding, comma-separated, each in (0, 1]
+    /// (with --speculative / --draft: all in one run; see docs/dynamic_depth.md).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub early_exit: Vec<f32>,
 }
 
 /// Decode/prefill figures of one format.
@@ -83,6 +89,21 @@ struct FormatRun {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.spec.active() || !a.early_exit.is_empty() {
+        return super::bench_dynamic::run(&super::bench_dynamic::Opts {
+            model: a.model,
+            format: a.format,
+            head_format: a.head_format,
+            no_head_screen: a.no_head_screen,
+            prompt_len: a.prompt_len,
+            gen: a.gen,
+            reps: a.reps,
+            json: a.json,
+            spec: a.spec,
+            early_exit: a.early_exit,
+        });
+    }
+    a.spec.check()?;
     if a.gen < 2 || a.prompt_len == 0 {
         bail!("--gen must be at least 2 and --prompt-len at least 1");
     }

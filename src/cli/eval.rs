@@ -26,6 +26,11 @@ pub struct EvalArgs {
     /// through the model block by block, so at most one block of f32 weights is in memory.
     #[arg(long)]
     pub in_memory: bool,
+    /// Early exit (lossy) at threshold T in (0, 1]: each position leaves at the first checked
+    /// block where its largest probability reaches T, later blocks' K/V propagated from its exit
+    /// state, as `run --early-exit` decodes; also reports the mean blocks run per token.
+    #[arg(long, allow_negative_numbers = true)]
+    pub early_exit: Option<f32>,
 }
 
 /// Tokenize an eval text for `model`.
@@ -36,6 +41,10 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(t) = a.early_exit {
+        lopper::runtime::early_exit::check_threshold(t)?;
+        return early_exit(&a, t);
+    }
     let model_path = super::model_path(&a.model)?;
     let text_path = match &a.text {
         Some(p) => p.clone(),
@@ -83,6 +92,51 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "time        {:.1} s ({:.0} tokens/s)",
             r.seconds, r.tokens_per_second
         );
+    }
+    Ok(())
+}
+
+/// `eval --early-exit T`: perplexity with early exit and the mean blocks run per token.
+fn early_exit(a: &EvalArgs, t: f32) -> Result<()> {
+    let model_path = super::model_path(&a.model)?;
+    let text_path = match &a.text {
+        Some(p) => p.clone(),
+        None => lopper::assets::wiki_text().context("fetching wiki.utf8")?,
+    };
+    let model = super::load_model(&model_path, a.json)?;
+    let ids = tokenize_text(&model, &text_path)?;
+    let eo = lopper::runtime::early_exit::ExitOpts::new(&model, t)?;
+    let pb = super::bar(a.json, 1, "windows");
+    let mut progress = |d: usize, n: usize| {
+        pb.set_length(n as u64);
+        pb.set_position(d as u64)
+    };
+    let (r, layers) = lopper::runtime::early_exit::perplexity(
+        &model,
+        &eo,
+        &ids,
+        a.seq_len,
+        a.windows,
+        &text_path,
+        &mut progress,
+    )?;
+    pb.finish_and_clear();
+    let n = model.weights.layers.len();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = model_path.display().to_string().into();
+        v["text"] = text_path.display().to_string().into();
+        v["early_exit"] = serde_json::json!({ "threshold": t, "checks": eo.checks, "mean_layers": layers, "layers": n });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model       {}", model_path.display());
+        println!("windows     {} x {} tokens", r.windows, r.seq_len);
+        println!(
+            "early exit  T = {t}, checks after blocks {:?}: {layers:.2} of {n} blocks per token",
+            eo.checks
+        );
+        println!("perplexity  {:.4}", r.perplexity);
+        println!("time        {:.1} s", r.seconds);
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Argument definitions and shared helpers of the CLI.
 
 pub mod bench;
+pub mod bench_dynamic;
 pub mod convert;
+pub mod dynamic;
 pub mod eval;
 pub mod inspect;
 pub mod pipeline;

@@ -57,6 +57,12 @@ pub struct RunArgs {
     /// per step; sampling without --top-k always computes every logit).
     #[arg(long)]
     pub no_head_screen: bool,
+    #[command(flatten)]
+    pub spec: super::dynamic::SpecArgs,
+    /// Early exit (lossy): leave a token's forward pass at an intermediate block once the
+    /// largest next-token probability there reaches T, in (0, 1] (docs/dynamic_depth.md).
+    #[arg(long, allow_negative_numbers = true)]
+    pub early_exit: Option<f32>,
 }
 
 /// The ChatML wrapping of one user message.
@@ -65,6 +71,13 @@ pub fn chatml(prompt: &str) -> String {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    a.spec.check()?;
+    if let Some(t) = a.early_exit {
+        lopper::runtime::early_exit::check_threshold(t)?;
+        if a.spec.active() {
+            bail!("--early-exit cannot be combined with --speculative / --draft (speculative decoding is lossless, early exit is not)");
+        }
+    }
     if a.temperature == 0.0 {
         for (flag, given) in [
             ("--top-k", a.top_k.is_some()),
@@ -130,7 +143,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut ended_nl = true;
     let mut io_err: Option<std::io::Error> = None;
-    let stats = generate(&model, &ids, &opts, &mut |id| {
+    let screen = !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0);
+    let draft = match a.spec.active() {
+        true => Some(super::dynamic::build_draft(&model, &a.spec, screen, false)?.0),
+        false => None,
+    };
+    let mut emit = |id| {
         let piece = stream.push(id);
         if !piece.is_empty() && io_err.is_none() {
             ended_nl = piece.ends_with('\n');
@@ -138,7 +156,42 @@ pub fn run(a: RunArgs) -> Result<()> {
                 io_err = Some(e);
             }
         }
-    })?;
+    };
+    let mut spec_line = None;
+    let stats = match &draft {
+        Some(d) => {
+            let s = lopper::runtime::speculative::generate_speculative(
+                &model,
+                &d.draft(),
+                &ids,
+                &opts,
+                &a.spec.opts(),
+                &mut emit,
+            )?;
+            spec_line = Some(format!(
+                "speculative: {} rounds + {} plain steps; acceptance {:.2}, {:.2} accepted per round; draft {:.1} ms/drafted token, verify {:.1} ms/token",
+                s.rounds, s.plain_steps, s.acceptance_rate, s.mean_accepted, s.draft_ms_per_token, s.verify_ms_per_token
+            ));
+            s.generate
+        }
+        None => match a.early_exit {
+            Some(t) => {
+                let eo = lopper::runtime::early_exit::ExitOpts::new(&model, t)?;
+                let s = lopper::runtime::early_exit::generate_early_exit(
+                    &model, &eo, &ids, &opts, &mut emit,
+                )?;
+                spec_line = Some(format!(
+                    "early exit T={t}: {:.2} blocks per token of {}, {} of {} tokens exited early",
+                    s.layers_run as f64 / s.tokens.max(1) as f64,
+                    model.weights.layers.len(),
+                    s.early_exits,
+                    s.tokens
+                ));
+                s.generate
+            }
+            None => generate(&model, &ids, &opts, &mut emit)?,
+        },
+    };
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");
     }
@@ -155,5 +208,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.decode_tokens_per_s,
         stats.stop
     );
+    if let Some(l) = spec_line {
+        eprintln!("{l}");
+    }
     Ok(())
 }

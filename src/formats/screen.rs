@@ -182,6 +182,12 @@ impl ArgmaxScreen {
         self.approx.nbytes() + self.coef.len() * 4
     }
 
+    /// The int8 approximation of every value, `y ≈ exact · x` (within `c_r·‖x‖₁` per row):
+    /// a cheap whole-vocabulary estimate (early exit's confidence, `runtime::early_exit`).
+    pub fn approx_matvec(&self, x: &[f32], y: &mut [f32]) {
+        self.approx.matvec(x, y);
+    }
+
     /// `(products answered, candidate rows computed exactly)` so far.
     pub fn counts(&self) -> (u64, u64) {
         (

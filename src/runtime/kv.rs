@@ -24,8 +24,8 @@ pub struct KvCache {
     pub len: usize,
     /// Capacity in positions.
     pub max_len: usize,
-    rope: Rope,
-    scratch: Scratch,
+    pub(crate) rope: Rope,
+    pub(crate) scratch: Scratch,
 }
 
 impl KvCache {
@@ -72,10 +72,13 @@ impl KvCache {
 
 /// Run `tokens` through all blocks at the cache's next positions; returns the final-normed
 /// hidden states `[tokens.len(), hidden]` (all rows, or only the last when `last_only`).
-fn step_hidden(
+/// Blocks `i` with `skip[i]` true are left out (their cache rows at these positions are not
+/// written; a self-speculative draft, [`crate::runtime::speculative`]); `skip` may be empty.
+pub(crate) fn step_hidden(
     model: &Model,
     tokens: &[u32],
     cache: &mut KvCache,
+    skip: &[bool],
     last_only: bool,
 ) -> Result<Vec<f32>> {
     if tokens.is_empty() {
@@ -103,6 +106,9 @@ fn step_hidden(
     let mut h = embed(&model.weights, tokens)?;
     let pos0 = cache.len;
     for (i, lw) in model.weights.layers.iter().enumerate() {
+        if skip.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let slot = KvSlot {
             k: &mut cache.k[i],
             v: &mut cache.v[i],
@@ -143,7 +149,7 @@ fn step_hidden(
 /// append their keys/values to `cache`, and return the logits `[vocab]` of the last position.
 pub fn forward_step(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     on_pool(|| {
-        let h = step_hidden(model, tokens, cache, true)?;
+        let h = step_hidden(model, tokens, cache, &[], true)?;
         Ok(crate::model::forward::logits(&model.weights, &h, 1))
     })
 }
@@ -161,22 +167,28 @@ pub fn forward_step_top_k(
     k: usize,
 ) -> Result<Vec<f32>> {
     on_pool(|| {
-        let h = step_hidden(model, tokens, cache, true)?;
-        let w = &model.weights;
-        if let Some(s) = w.lm_head_screen.as_ref().filter(|_| k > 0) {
-            let mut y = vec![0f32; w.lm_head().rows()];
-            if s.top_k(crate::runtime::pack::exact_head(w), &h, k, &mut y) {
-                return Ok(y);
-            }
-        }
-        Ok(crate::model::forward::logits(w, &h, 1))
+        let h = step_hidden(model, tokens, cache, &[], true)?;
+        Ok(head_top_k(model, &h, k))
     })
+}
+
+/// The logits `[vocab]` of one final-normed hidden row `h`: through the LM head's screen for the
+/// `k` largest (as [`forward_step_top_k`]) when there is one and `k > 0`, else all of them.
+pub(crate) fn head_top_k(model: &Model, h: &[f32], k: usize) -> Vec<f32> {
+    let w = &model.weights;
+    if let Some(s) = w.lm_head_screen.as_ref().filter(|_| k > 0) {
+        let mut y = vec![0f32; w.lm_head().rows()];
+        if s.top_k(crate::runtime::pack::exact_head(w), h, k, &mut y) {
+            return y;
+        }
+    }
+    crate::model::forward::logits(w, h, 1)
 }
 
 /// Runs `f` on a rayon worker thread. A decode step makes a few hundred small parallel
 /// products; started from a thread outside the pool, each would hand its work to the pool and
 /// put the caller to sleep on a futex until done. From inside, the caller works too.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()
     } else {
@@ -187,7 +199,7 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// [`forward_step`], returning the logits of every position `[tokens.len(), vocab]`.
 pub fn forward_step_all(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     on_pool(|| {
-        let h = step_hidden(model, tokens, cache, false)?;
+        let h = step_hidden(model, tokens, cache, &[], false)?;
         Ok(crate::model::forward::logits(
             &model.weights,
             &h,

@@ -8,13 +8,19 @@
 //! [`autopick`] for `auto`) that the forward pass then uses, and gives the LM head an int8 argmax
 //! screen ([`pack::attach_head_screen`]) through which greedy and top-k steps
 //! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
+//! [`speculative`] drafts tokens with skipped blocks (or a pruned model) and verifies them in one
+//! batched step: greedy output bit-identical, sampling exact in distribution; [`early_exit`]
+//! stops a token at an intermediate block when the head is confident there (lossy).
 
 pub mod autopick;
 pub mod choice;
+pub mod draft_search;
+pub mod early_exit;
 pub mod generate;
 pub mod kv;
 pub mod pack;
 pub mod sample;
+pub mod speculative;
 
 pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};
 pub use kv::{forward_step, forward_step_all, KvCache};

@@ -264,6 +264,18 @@ fn check_list(list: &[usize], n_layers: usize) -> Result<()> {
     Ok(())
 }
 
+/// ShortGPT Block Influence of every block of `model` on `calib` (lower: less needed); also
+/// what a self-speculative draft skips first (`runtime::draft_search`).
+pub fn block_influence(
+    model: &Model,
+    calib: &CalibSet,
+    progress: Progress<'_>,
+) -> Result<Vec<f64>> {
+    let mut obs = BlockInfluenceObserver::default();
+    observe_all(model, calib, &mut obs, progress)?;
+    Ok(obs.scores())
+}
+
 /// Remove blocks from `model` as `spec` asks.
 pub fn remove_layers(
     model: &mut Model,
@@ -293,9 +305,7 @@ pub fn remove_layers(
             } else {
                 match spec.metric {
                     DepthMetric::BlockInfluence => {
-                        let mut obs = BlockInfluenceObserver::default();
-                        observe_all(model, calib, &mut obs, progress)?;
-                        let bi = obs.scores();
+                        let bi = block_influence(model, calib, progress)?;
                         let mut r: Vec<usize> = super::alloc::ascending(&bi)[..n].to_vec();
                         r.sort_unstable();
                         scores = Some(bi);
