@@ -5,7 +5,7 @@
 # Usage: scripts/recovery_runs.sh NAME [NAME ...]   (names below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=target/release/lopper
+BIN=${BIN:-target/release/lopper}
 CALIB=${LOPPER_GOLDEN:-../shared/golden}/calib_c4_128x512.safetensors
 OUT=${OUT:-/tmp/lopper-recovery}
 mkdir -p "$OUT" results
