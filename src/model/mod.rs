@@ -1,5 +1,6 @@
 //! The model: configuration, weights and the forward pass, as plain data and plain functions.
 
+pub mod act;
 pub mod config;
 pub mod flops;
 pub mod forward;

@@ -9,6 +9,7 @@
 //! screen ([`pack::attach_head_screen`]) through which greedy and top-k steps
 //! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
 
+pub mod act;
 pub mod autopick;
 pub mod choice;
 pub mod generate;
