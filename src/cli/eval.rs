@@ -26,6 +26,8 @@ pub struct EvalArgs {
     /// through the model block by block, so at most one block of f32 weights is in memory.
     #[arg(long)]
     pub in_memory: bool,
+    #[command(flatten)]
+    pub act: super::act::ActArgs,
 }
 
 /// Tokenize an eval text for `model`.
@@ -42,6 +44,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => lopper::assets::wiki_text().context("fetching wiki.utf8")?,
     };
     let mut model = super::load_model_with(&model_path, false, !a.in_memory)?;
+    // Activation sparsity applies at every position of every window (as decode would).
+    let act = super::act::setup(&mut model, &a.act, a.json)?;
     let sp = super::spinner(false, "tokenizing".into());
     let ids = tokenize_text(&model, &text_path)?;
     sp.finish_and_clear();
@@ -69,6 +73,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         v["model"] = model_path.display().to_string().into();
         v["text"] = text_path.display().to_string().into();
         v["peak_rss_bytes"] = lopper::util::peak_rss_bytes().into();
+        if let Some(t) = lopper::model::act::installed(&model) {
+            v["act_sparsity"] = serde_json::json!({
+                "thresholds": *t,
+                "reached": super::act::reached_json(&model),
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model       {}", model_path.display());
@@ -78,6 +88,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             r.text_tokens
         );
         println!("windows     {} x {} tokens", r.windows, r.seq_len);
+        if let Some(d) = &act {
+            let r = super::act::reached_json(&model);
+            println!("act sparsity {d}; reached {r}");
+        }
         println!("perplexity  {:.4}", r.perplexity);
         println!(
             "time        {:.1} s ({:.0} tokens/s)",

@@ -1,5 +1,6 @@
 //! Argument definitions and shared helpers of the CLI.
 
+pub mod act;
 pub mod bench;
 pub mod convert;
 pub mod eval;

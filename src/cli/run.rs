@@ -57,6 +57,8 @@ pub struct RunArgs {
     /// per step; sampling without --top-k always computes every logit).
     #[arg(long)]
     pub no_head_screen: bool,
+    #[command(flatten)]
+    pub act: super::act::ActArgs,
 }
 
 /// The ChatML wrapping of one user message.
@@ -88,12 +90,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
+    let act = super::act::setup(&mut model, &a.act, false)?;
     super::pack_model(
         &mut model,
         a.format.as_deref(),
         a.head_format.as_deref(),
         false,
     )?;
+    super::act::pack_for_decode(&mut model, a.format.as_deref(), false)?;
     // Greedy and top-k sampling look only at the k largest logits: the head's screen serves them.
     if !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0) {
         lopper::runtime::pack::attach_head_screen(&mut model)
@@ -155,5 +159,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.decode_tokens_per_s,
         stats.stop
     );
+    if let Some(d) = act {
+        eprintln!(
+            "activation sparsity {d}; reached {}",
+            super::act::reached_json(&model)
+        );
+    }
     Ok(())
 }
