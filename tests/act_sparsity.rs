@@ -225,7 +225,7 @@ fn decode_through_columns_matches_the_full_forward() {
         assert!(err <= 1e-3 * scale.max(1.0), "position {p}: max error {err}");
     }
     assert!(m.weights.layers[0].q.packed.as_ref().unwrap().format.kind() == "colmajor-f32");
-    assert!(runtime::act::decode_bytes(&m, 0) < runtime::pack::decode_bytes(&m.weights));
+    assert!(runtime::act::decode_bytes(&m) < runtime::pack::decode_bytes(&m.weights));
 }
 
 #[test]

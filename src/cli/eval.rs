@@ -38,6 +38,7 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    a.act.check(false)?;
     let model_path = super::model_path(&a.model)?;
     let text_path = match &a.text {
         Some(p) => p.clone(),

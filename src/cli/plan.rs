@@ -109,7 +109,7 @@ pub fn run(a: PruneArgs, plan: Plan) -> Result<()> {
         "total_seconds": t_all.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&report)?;
-    write_output(&a, &model, dtype, &text)?;
+    let text = write_output(&a, &mut model, dtype, &text)?;
     if a.json {
         println!("{text}");
         return Ok(());

@@ -130,7 +130,7 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
             )));
         }
     }
-    write_output(&a, &model, dtype, &text)?;
+    let text = write_output(&a, &mut model, dtype, &text)?;
     if a.json {
         println!("{text}");
     } else {

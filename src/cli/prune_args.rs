@@ -79,6 +79,14 @@ pub struct PruneArgs {
     /// different shapes, query heads not a multiple of KV heads, biases HF cannot express.
     #[arg(long)]
     pub hf_strict: bool,
+    /// Also calibrate contextual activation-sparsity thresholds (TEAL) for this fraction of
+    /// every linear input, on the calibration set and the pruned model, and store them with the
+    /// output (lopper_act_sparsity.json; `run` / `eval` / `bench` apply them). In [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub act_sparsity: Option<f64>,
+    /// Activation score for --act-sparsity: magnitude or wina [default: magnitude].
+    #[arg(long)]
+    pub act_score: Option<String>,
     #[command(flatten)]
     pub steps: StepFlags,
 }
@@ -321,7 +329,16 @@ pub fn check_flags(a: &PruneArgs, plan: &Plan) -> Result<()> {
             }
         }
     }
-    if !searching && !plan.needs_calibration() {
+    if a.act_score.is_some() && a.act_sparsity.is_none() {
+        return refuse("--act-score needs --act-sparsity".into());
+    }
+    if let Some(s) = a.act_sparsity {
+        lopper::calibrate::act::check_target(s, "--act-sparsity")?;
+        if let Some(sc) = &a.act_score {
+            sc.parse::<lopper::model::act::Score>()?;
+        }
+    }
+    if !searching && !plan.needs_calibration() && a.act_sparsity.is_none() {
         for (flag, given) in [
             ("--calib", a.calib.is_some()),
             ("--calib-ids", a.calib_ids.is_some()),

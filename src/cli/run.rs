@@ -67,6 +67,7 @@ pub fn chatml(prompt: &str) -> String {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    a.act.check(false)?;
     if a.temperature == 0.0 {
         for (flag, given) in [
             ("--top-k", a.top_k.is_some()),

@@ -72,26 +72,21 @@ pub fn value_bytes<E: Elem>() -> usize {
     E::DTYPE.size()
 }
 
-/// Weight bytes one decode step reads through the column-major copies at the sparsity each
-/// site reached so far (`1 − sparsity` of each linear's bytes), plus `head` bytes for the LM
-/// head (which activation sparsity does not touch). Linears without a column-major copy count
-/// in full.
-pub fn decode_bytes(model: &Model, head: usize) -> usize {
-    let mut total = head as f64;
+/// Weight bytes one decode step reads ([`crate::runtime::pack::decode_bytes`]) less what the
+/// column-major copies skipped at the sparsity each block's sites reached so far (`sparsity ×`
+/// each such linear's bytes). The LM head is not sparsified.
+pub fn decode_bytes(model: &Model) -> usize {
+    let full = crate::runtime::pack::decode_bytes(&model.weights) as f64;
+    let mut skipped = 0.0;
     for lw in &model.weights.layers {
         for k in LinearKind::ALL {
-            let lin = lw.linear(k);
-            let Some(p) = &lin.packed else {
-                total += (lin.weight.len() * 4) as f64;
-                continue;
-            };
-            let s = if p.format.kind().starts_with("colmajor") {
-                lw.act.as_ref().and_then(|a| a.achieved(Site::of(k))).unwrap_or(0.0)
-            } else {
-                0.0
-            };
-            total += p.format.nbytes() as f64 * (1.0 - s);
+            if let Some(p) = &lw.linear(k).packed {
+                if p.format.kind().starts_with("colmajor") {
+                    let s = lw.act.as_ref().and_then(|a| a.achieved(Site::of(k)));
+                    skipped += p.format.nbytes() as f64 * s.unwrap_or(0.0);
+                }
+            }
         }
     }
-    total.round() as usize
+    (full - skipped).round() as usize
 }
