@@ -267,3 +267,44 @@ fn thresholds_round_trip_and_are_refused_for_another_shape() {
     let plain = lopper::io::load_model(&out).unwrap();
     assert!(act::installed(&plain).is_none());
 }
+
+#[test]
+fn greedy_allocation_meets_the_weighted_mean_per_block() {
+    let (m, h) = tiny_calibrated(Score::Magnitude);
+    let calib = common::random_calib(4, 2, 32, m.config.vocab_size as u64);
+    let targets = [0.25, 0.5];
+    let out = lopper::calibrate::act_greedy::greedy(
+        &m,
+        &calib,
+        &h,
+        &targets,
+        Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut uneven = false;
+    for (t, a) in targets.iter().zip(&out) {
+        assert_eq!(a.allocation, "greedy");
+        for (i, sites) in a.layers.iter().enumerate() {
+            let lw = &m.weights.layers[i];
+            let (mut num, mut den) = (0.0, 0.0);
+            let mut seen = Vec::new();
+            for site in lopper::model::observer::Site::ALL {
+                let w: f64 = site
+                    .linears()
+                    .iter()
+                    .map(|&k| (lw.linear(k).out_features() * lw.linear(k).in_features()) as f64)
+                    .sum();
+                let s = sites[act::site_index(site)].map_or(0.0, |x| x.calib_sparsity);
+                seen.push(s);
+                num += s * w;
+                den += w;
+            }
+            // calib_sparsity is the histogram's share below the threshold: the target up to
+            // interpolation inside one bin.
+            assert!((num / den - t).abs() < 0.01, "block {i}: mean {} for {t}", num / den);
+            uneven |= seen.iter().any(|s| (s - t).abs() > 0.02);
+        }
+    }
+    assert!(uneven, "greedy gave every site the target: no search happened");
+}

@@ -14,6 +14,7 @@
 //! ([`crate::structured`]) both build on these; nothing here knows about a pruning method.
 
 pub mod act;
+pub mod act_greedy;
 pub mod runner;
 pub mod set;
 pub mod stats;

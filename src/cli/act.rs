@@ -34,6 +34,77 @@ pub struct ActArgs {
     /// Tokens per calibration window of the thresholds [default: 512]; needs --act-sparsity.
     #[arg(long)]
     pub act_calib_len: Option<usize>,
+    /// How the sparsity is shared among a block's sites: uniform (every site the target) or
+    /// greedy (TEAL's block-wise search against the block output error, on the first
+    /// GREEDY_WINDOWS calibration windows cut to GREEDY_LEN tokens) [default: uniform]; needs
+    /// --act-sparsity.
+    #[arg(long)]
+    pub act_alloc: Option<String>,
+}
+
+/// Calibration windows (the first ones) and tokens per window the greedy search runs on.
+pub const GREEDY_WINDOWS: usize = 4;
+pub const GREEDY_LEN: usize = 256;
+
+/// How a target sparsity is shared among a block's sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alloc {
+    Uniform,
+    Greedy,
+}
+
+/// Parses `--act-alloc`.
+pub fn parse_alloc(s: Option<&str>) -> Result<Alloc> {
+    match s {
+        None | Some("uniform") => Ok(Alloc::Uniform),
+        Some("greedy") => Ok(Alloc::Greedy),
+        Some(o) => bail!(lopper::Error::Invalid(format!(
+            "--act-alloc {o}: not one of uniform, greedy"
+        ))),
+    }
+}
+
+/// Thresholds for each of `targets` from histograms `h`: uniform, or by TEAL's greedy search
+/// on the first windows of `calib` (cut to [`GREEDY_LEN`] tokens).
+pub fn thresholds(
+    model: &lopper::Model,
+    h: &ActHistograms,
+    calib: &lopper::calibrate::CalibSet,
+    targets: &[f64],
+    alloc: Alloc,
+    quiet: bool,
+) -> Result<Vec<act::ActSparsity>> {
+    if alloc == Alloc::Uniform {
+        return Ok(targets.iter().map(|&s| h.uniform(s)).collect());
+    }
+    let (n, len) = (calib.n.min(GREEDY_WINDOWS), calib.len.min(GREEDY_LEN));
+    let ids = (0..n).flat_map(|w| calib.window(w)[..len].to_vec()).collect();
+    let sub = lopper::calibrate::CalibSet {
+        ids,
+        n,
+        len,
+        source: calib.source.clone(),
+    };
+    let mut sorted: Vec<f64> = targets.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted.dedup();
+    let pb = super::bar(quiet, model.weights.layers.len() as u64, "greedy");
+    let all = lopper::calibrate::act_greedy::greedy(
+        model,
+        &sub,
+        h,
+        &sorted,
+        Default::default(),
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    Ok(targets
+        .iter()
+        .map(|t| {
+            let i = sorted.iter().position(|s| s == t).unwrap_or(0);
+            all[i].clone()
+        })
+        .collect())
 }
 
 impl ActArgs {
@@ -46,6 +117,7 @@ impl ActArgs {
                 ("--act-calib", self.act_calib.is_some()),
                 ("--act-samples", self.act_samples.is_some()),
                 ("--act-calib-len", self.act_calib_len.is_some()),
+                ("--act-alloc", self.act_alloc.is_some()),
             ] {
                 if given {
                     bail!(lopper::Error::Invalid(format!(
@@ -63,6 +135,7 @@ impl ActArgs {
             cal::check_target(s, "--act-sparsity")?;
         }
         self.score()?;
+        parse_alloc(self.act_alloc.as_deref())?;
         Ok(())
     }
 
@@ -74,9 +147,23 @@ impl ActArgs {
     }
 }
 
-/// Score histograms of `model`'s sites on the `--act-calib` set (`None` without
+/// Thresholds for every `--act-sparsity` value, calibrated on the `--act-calib` set (empty
+/// without `--act-sparsity`). Stored thresholds are removed first (calibration runs dense).
+pub fn calibrate(model: &mut lopper::Model, a: &ActArgs, quiet: bool) -> Result<Vec<act::ActSparsity>> {
+    let Some((h, calib)) = histograms(model, a, quiet)? else {
+        return Ok(Vec::new());
+    };
+    let alloc = parse_alloc(a.act_alloc.as_deref())?;
+    thresholds(model, &h, &calib, &a.act_sparsity, alloc, quiet)
+}
+
+/// Score histograms of `model`'s sites on the `--act-calib` set, and the set (`None` without
 /// `--act-sparsity`). Stored thresholds are removed first (calibration runs dense).
-pub fn histograms(model: &mut lopper::Model, a: &ActArgs, quiet: bool) -> Result<Option<ActHistograms>> {
+pub fn histograms(
+    model: &mut lopper::Model,
+    a: &ActArgs,
+    quiet: bool,
+) -> Result<Option<(ActHistograms, lopper::calibrate::CalibSet)>> {
     if a.act_sparsity.is_empty() {
         return Ok(None);
     }
@@ -98,15 +185,15 @@ pub fn histograms(model: &mut lopper::Model, a: &ActArgs, quiet: bool) -> Result
     let pb = super::spinner(quiet, format!("calibrating activation thresholds on {}", calib.source));
     let h = cal::collect(model, &calib, a.score()?)?;
     pb.finish_and_clear();
-    Ok(Some(h))
+    Ok(Some((h, calib)))
 }
 
 /// `run` / `eval`: installs the `--act-sparsity` thresholds (or keeps the stored ones);
 /// returns a one-line description, `None` when the model runs dense.
 pub fn setup(model: &mut lopper::Model, a: &ActArgs, quiet: bool) -> Result<Option<String>> {
     a.check(false)?;
-    if let Some(h) = histograms(model, a, quiet)? {
-        act::install(model, &h.uniform(a.act_sparsity[0]))?;
+    if let Some(t) = calibrate(model, a, quiet)?.first() {
+        act::install(model, t)?;
     }
     Ok(act::installed(model).map(|t| describe(&t)))
 }

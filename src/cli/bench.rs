@@ -123,9 +123,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, a.json)?;
     // Thresholds per activation level: calibrated for --act-sparsity, else the stored ones.
-    let levels: Vec<Arc<ActSparsity>> = match super::act::histograms(&mut model, &a.act, a.json)? {
-        Some(h) => a.act.act_sparsity.iter().map(|&s| Arc::new(h.uniform(s))).collect(),
-        None => act::installed(&model).into_iter().collect(),
+    let levels: Vec<Arc<ActSparsity>> = if a.act.act_sparsity.is_empty() {
+        act::installed(&model).into_iter().collect()
+    } else {
+        super::act::calibrate(&mut model, &a.act, a.json)?
+            .into_iter()
+            .map(Arc::new)
+            .collect()
     };
     let mut choices = Vec::new();
     for e in &formats {

@@ -50,7 +50,8 @@ pub fn write_output(
         let sp = super::spinner(a.json, "calibrating activation thresholds".into());
         let h = lopper::calibrate::act::collect(model, &calib.set, score)?;
         sp.finish_and_clear();
-        let t = h.uniform(s);
+        let alloc = super::act::parse_alloc(a.act_alloc.as_deref())?;
+        let t = super::act::thresholds(model, &h, &calib.set, &[s], alloc, a.json)?.remove(0);
         lopper::model::act::install(model, &t)?;
         let mut v: serde_json::Value = serde_json::from_str(&report)?;
         v["act_sparsity"] = serde_json::to_value(&t)?;

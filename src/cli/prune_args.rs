@@ -87,6 +87,10 @@ pub struct PruneArgs {
     /// Activation score for --act-sparsity: magnitude or wina [default: magnitude].
     #[arg(long)]
     pub act_score: Option<String>,
+    /// Allocation for --act-sparsity: uniform or greedy (TEAL's block-wise search)
+    /// [default: uniform].
+    #[arg(long)]
+    pub act_alloc: Option<String>,
     #[command(flatten)]
     pub steps: StepFlags,
 }
@@ -329,9 +333,14 @@ pub fn check_flags(a: &PruneArgs, plan: &Plan) -> Result<()> {
             }
         }
     }
-    if a.act_score.is_some() && a.act_sparsity.is_none() {
-        return refuse("--act-score needs --act-sparsity".into());
+    if a.act_sparsity.is_none() {
+        for (flag, given) in [("--act-score", a.act_score.is_some()), ("--act-alloc", a.act_alloc.is_some())] {
+            if given {
+                return refuse(format!("{flag} needs --act-sparsity"));
+            }
+        }
     }
+    super::act::parse_alloc(a.act_alloc.as_deref())?;
     if let Some(s) = a.act_sparsity {
         lopper::calibrate::act::check_target(s, "--act-sparsity")?;
         if let Some(sc) = &a.act_score {

@@ -105,6 +105,15 @@ pub struct LayerAct {
 }
 
 impl LayerAct {
+    /// Rules per site (threshold, WINA column norms) with zeroed counters.
+    pub fn new(sites: [Option<(f32, Option<Vec<f32>>)>; 4], source: Arc<ActSparsity>) -> LayerAct {
+        LayerAct {
+            sites,
+            counts: Default::default(),
+            source,
+        }
+    }
+
     /// Zeros the entries of `x` (`[rows, cols]`) scored below `site`'s threshold, in place, and
     /// counts the zeros (also those that were zero already).
     pub fn apply(&self, site: Site, x: &mut [f32]) {
@@ -251,11 +260,7 @@ pub fn install(model: &mut Model, act: &ActSparsity) -> Result<()> {
     }
     let source = Arc::new(act.clone());
     for (lw, sites) in layers.iter_mut().zip(built) {
-        lw.act = Some(Arc::new(LayerAct {
-            sites,
-            counts: Default::default(),
-            source: source.clone(),
-        }));
+        lw.act = Some(Arc::new(LayerAct::new(sites, source.clone())));
     }
     Ok(())
 }
