@@ -24,6 +24,8 @@ pub fn run(a: PruneArgs, plan: Plan) -> Result<()> {
     let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
+    // Stored activation thresholds belong to the unpruned weights (see prune.rs).
+    lopper::model::act::uninstall(&mut model);
     if let Some(t) = &target {
         // Validate the request before any calibration work.
         search::candidates(&model, t)?;
