@@ -17,36 +17,13 @@
 //! [`LayerAct`] to every block ([`LayerWeights::act`]); [`uninstall`] removes them. Counters in
 //! each [`LayerAct`] record the sparsity actually reached, per site.
 
+pub use crate::model::act_rules::{ActSparsity, LayerAct, Score, SiteCount, SiteThreshold};
+use crate::model::names;
 use crate::model::observer::Site;
 use crate::model::weights::{LayerWeights, LinearKind};
-use crate::model::names;
 use crate::{Error, Model, Result};
-use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-
-/// How an input entry is scored against its site's threshold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Score {
-    /// `|x_j|` (TEAL).
-    Magnitude,
-    /// `|x_j|·‖W[:, j]‖₂` over the site's stacked linears (WINA).
-    Wina,
-}
-
-impl std::str::FromStr for Score {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Score> {
-        match s {
-            "magnitude" => Ok(Score::Magnitude),
-            "wina" => Ok(Score::Wina),
-            _ => Err(Error::Invalid(format!(
-                "activation score `{s}` is not one of magnitude, wina"
-            ))),
-        }
-    }
-}
 
 /// Index of a site in [`Site::ALL`] order.
 pub fn site_index(site: Site) -> usize {
@@ -63,110 +40,11 @@ pub fn site_key(site: Site) -> &'static str {
     ["attn_in", "attn_out", "mlp_in", "mlp_down"][site_index(site)]
 }
 
-/// One site's rule: zero the entries whose score is below `threshold`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SiteThreshold {
-    /// Input width the threshold was calibrated for (checked on install).
-    pub cols: usize,
-    pub threshold: f32,
-    /// Sparsity the threshold gave on the calibration set.
-    pub calib_sparsity: f64,
-}
-
-/// Thresholds for every block and site, and how they were obtained.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ActSparsity {
-    pub score: Score,
-    /// The requested mean sparsity.
-    pub target: f64,
-    /// `uniform` (every site the target) or `greedy` (TEAL's block-wise allocation).
-    pub allocation: String,
-    /// Where the calibration activations came from.
-    pub calibration: String,
-    /// Per block, per site in [`Site::ALL`] order (`None`: the site stays dense).
-    pub layers: Vec<[Option<SiteThreshold>; 4]>,
-}
-
-/// Zero / total counts of one site's entries since the last [`LayerAct::reset_counts`].
-#[derive(Debug, Default)]
-pub struct SiteCount {
-    pub zeros: AtomicU64,
-    pub total: AtomicU64,
-}
-
-/// What the forward pass applies at one block's sites.
-#[derive(Debug)]
-pub struct LayerAct {
-    /// Per site: threshold and, for WINA, the column norms the magnitudes are scaled by.
-    pub sites: [Option<(f32, Option<Vec<f32>>)>; 4],
-    pub counts: [SiteCount; 4],
-    /// The thresholds this was installed from (shared by every block; what a writer saves).
-    pub source: Arc<ActSparsity>,
-}
-
-impl LayerAct {
-    /// Rules per site (threshold, WINA column norms) with zeroed counters.
-    pub fn new(sites: [Option<(f32, Option<Vec<f32>>)>; 4], source: Arc<ActSparsity>) -> LayerAct {
-        LayerAct {
-            sites,
-            counts: Default::default(),
-            source,
-        }
-    }
-
-    /// Zeros the entries of `x` (`[rows, cols]`) scored below `site`'s threshold, in place, and
-    /// counts the zeros (also those that were zero already).
-    pub fn apply(&self, site: Site, x: &mut [f32]) {
-        let i = site_index(site);
-        let Some((t, scale)) = &self.sites[i] else {
-            return;
-        };
-        let t = *t;
-        let mut zeros = 0u64;
-        match scale {
-            None => {
-                for v in x.iter_mut() {
-                    if v.abs() < t {
-                        *v = 0.0;
-                    }
-                    zeros += (*v == 0.0) as u64;
-                }
-            }
-            Some(s) => {
-                for row in x.chunks_mut(s.len()) {
-                    for (v, &c) in row.iter_mut().zip(s) {
-                        if v.abs() * c < t {
-                            *v = 0.0;
-                        }
-                        zeros += (*v == 0.0) as u64;
-                    }
-                }
-            }
-        }
-        self.counts[i].zeros.fetch_add(zeros, Relaxed);
-        self.counts[i].total.fetch_add(x.len() as u64, Relaxed);
-    }
-
-    /// Fraction of zero inputs seen at `site` (`None`: nothing seen).
-    pub fn achieved(&self, site: Site) -> Option<f64> {
-        let c = &self.counts[site_index(site)];
-        let t = c.total.load(Relaxed);
-        (t > 0).then(|| c.zeros.load(Relaxed) as f64 / t as f64)
-    }
-
-    pub fn reset_counts(&self) {
-        for c in &self.counts {
-            c.zeros.store(0, Relaxed);
-            c.total.store(0, Relaxed);
-        }
-    }
-}
-
 /// The forward pass's hook: sparsify `x` at `site` when the block has thresholds.
 #[inline]
 pub fn apply(act: Option<&LayerAct>, site: Site, x: &mut [f32]) {
     if let Some(a) = act {
-        a.apply(site, x);
+        a.apply(site_index(site), x);
     }
 }
 

@@ -328,7 +328,7 @@ pub struct LayerWeights {
     pub mlp_shortcut: Option<Tensor>,
     /// Contextual activation-sparsity thresholds applied at this block's linear inputs
     /// ([`crate::model::act`]); `None`: dense, as an ordinary model.
-    pub act: Option<std::sync::Arc<crate::model::act::LayerAct>>,
+    pub act: Option<std::sync::Arc<crate::model::act_rules::LayerAct>>,
 }
 
 impl LayerWeights {

@@ -82,7 +82,7 @@ pub fn decode_bytes(model: &Model) -> usize {
         for k in LinearKind::ALL {
             if let Some(p) = &lw.linear(k).packed {
                 if p.format.kind().starts_with("colmajor") {
-                    let s = lw.act.as_ref().and_then(|a| a.achieved(Site::of(k)));
+                    let s = lw.act.as_ref().and_then(|a| a.achieved(crate::model::act::site_index(Site::of(k))));
                     skipped += p.format.nbytes() as f64 * s.unwrap_or(0.0);
                 }
             }
