@@ -37,3 +37,24 @@ fn bad_activation_sparsity_flags_are_refused() {
     refused(&["prune", "--act-score", "wina", "--method", "magnitude", "--sparsity", "0.5", "--out", o], &["--act-score needs --act-sparsity"]);
     assert!(!out.path().join("m").exists());
 }
+
+/// `prune --act-sparsity` alone stores thresholds and prunes no weight; `run` applies them.
+#[test]
+#[ignore = "real model"]
+fn prune_stores_thresholds_that_run_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("act30");
+    let o = out.to_str().unwrap();
+    let (code, err) = lopper(&["prune", "--act-sparsity", "0.3", "--samples", "2", "--calib-len", "64", "--out", o, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.join(lopper::io::act_file::FILE).is_file());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["act_sparsity"]["target"], 0.3);
+    let m = lopper::io::load_model(&out).unwrap();
+    let zeros = m.weights.layers[0].q.weight.data().iter().filter(|v| **v == 0.0).count();
+    assert!(zeros < m.weights.layers[0].q.weight.len() / 100, "no static pruning");
+    let (code, err) = lopper(&["run", "--model", o, "--prompt", "Hello", "--max-new", "4"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("activation sparsity 0.30"), "{err}");
+}

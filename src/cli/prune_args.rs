@@ -282,6 +282,11 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
         };
     }
     let mut out = Plan::default();
+    if a.act_sparsity.is_some() && a.steps.given.is_empty() {
+        // Activation thresholds alone: no static step (without --act-sparsity, no step flags
+        // mean the default sparse step).
+        return Ok(out);
+    }
     for t in step_tables(&a.steps)? {
         let step =
             plan::parse_step_table(&t, "", KeyNames::Flags).map_err(lopper::Error::Invalid)?;
