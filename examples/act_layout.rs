@@ -1,6 +1,8 @@
 //! Layout experiment for the column-skipping kernel: full column-major (each column contiguous),
 //! active columns split over threads (partial sums added at the end), 4 columns per pass,
 //! software prefetch `pf` columns ahead; bf16; effective bandwidth at several input sparsities.
+#[cfg(target_arch = "x86_64")]
+mod imp {
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::time::Instant;
@@ -51,14 +53,14 @@ unsafe fn cols4(pf: usize, w: *const u16, rows: usize, idx: &[u32], xs: &[f32], 
 }
 
 fn alloc(n: usize, huge: bool) -> memmap2::MmapMut {
-    let mut m = memmap2::MmapMut::map_anon(n * 2 + (2 << 20)).unwrap();
+    let m = memmap2::MmapMut::map_anon(n * 2 + (2 << 20)).unwrap();
     if huge {
         m.advise(memmap2::Advice::HugePage).unwrap();
     }
     m
 }
 
-fn main() {
+pub fn main() {
     let pf = 8;
     for (rows, cols) in [(1536usize, 576usize), (576, 1536)] {
         let n = 40;
@@ -101,4 +103,12 @@ fn main() {
             }
         }
     }
+}
+}
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    imp::main();
+    #[cfg(not(target_arch = "x86_64"))]
+    eprintln!("act_layout: an x86-64 (AVX2) experiment");
 }

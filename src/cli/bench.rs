@@ -392,6 +392,7 @@ fn parse_entry(s: &str) -> Result<Entry> {
 
 /// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, then
 /// `prefill_reps` more prompt prefills, with the entry's kernel cap.
+#[allow(clippy::too_many_arguments)]
 fn decode_run(
     model: &mut lopper::Model,
     entry: Entry,

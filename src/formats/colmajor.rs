@@ -230,7 +230,7 @@ fn alloc_huge<E: Copy>(n: usize, zero: E) -> Vec<E> {
 /// `acc[0..rp] += Σ_k xs[k] · v[idx[k]·rp ..][..rp]`: the AVX2 kernel where the kernel set
 /// allows, else the portable loop.
 fn columns<E: Elem>(v: &[E], rp: usize, idx: &[u32], xs: &[f32], acc: &mut [f32]) {
-    debug_assert!(acc.len() == rp && rp % PAD == 0);
+    debug_assert!(acc.len() == rp && rp.is_multiple_of(PAD));
     #[cfg(target_arch = "x86_64")]
     if matches!(isa(), Isa::Avx2 | Isa::Avx512) && crate::isa::avx2_fma_f16c() {
         // SAFETY: AVX2 + FMA + F16C checked; every index < cols, so each column lies in `v`;

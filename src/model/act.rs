@@ -20,7 +20,7 @@
 pub use crate::model::act_rules::{ActSparsity, LayerAct, Score, SiteCount, SiteThreshold};
 use crate::model::names;
 use crate::model::observer::Site;
-use crate::model::weights::{LayerWeights, LinearKind};
+use crate::model::weights::LayerWeights;
 use crate::{Error, Model, Result};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -176,9 +176,4 @@ pub fn reset_counts(model: &Model) {
     for a in model.weights.layers.iter().filter_map(|l| l.act.as_ref()) {
         a.reset_counts();
     }
-}
-
-/// The linears that read `site` (re-exported for callers that walk sites).
-pub fn site_linears(site: Site) -> &'static [LinearKind] {
-    site.linears()
 }

@@ -11,7 +11,7 @@
 //! [`decode_bytes`] estimates the weight bytes one decode step reads from the sparsity each site
 //! reached.
 
-use crate::formats::{ColMajorOf, Elem, WeightFormat, SMALL_M};
+use crate::formats::{ColMajorOf, WeightFormat, SMALL_M};
 use crate::model::observer::Site;
 use crate::model::weights::Packed;
 use crate::runtime::choice::ValueType;
@@ -65,11 +65,6 @@ pub fn pack_columns(model: &mut Model, vt: ValueType) -> Result<usize> {
         });
     }
     Ok(bytes)
-}
-
-/// Bytes per stored value of `E` (for callers that size copies).
-pub fn value_bytes<E: Elem>() -> usize {
-    E::DTYPE.size()
 }
 
 /// Weight bytes one decode step reads ([`crate::runtime::pack::decode_bytes`]) less what the
