@@ -8,10 +8,13 @@
 //!   through the block.
 //! - [`stats`]: the statistics observer ([`stats::StatsObserver`]): per-input `Σ x_j²` and
 //!   `Σ x xᵀ` sums ([`stats::SiteStats`]) for the methods that ask for them ([`stats::Needs`]).
+//! - [`act`]: activation-sparsity thresholds from per-site score histograms.
 //!
 //! The pruning driver ([`crate::prune::driver`]) and the structured steps
 //! ([`crate::structured`]) both build on these; nothing here knows about a pruning method.
 
+pub mod act;
+pub mod act_greedy;
 pub mod runner;
 pub mod set;
 pub mod stats;

@@ -15,7 +15,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::formats::Isa;
+use lopper::model::act::{self, ActSparsity};
 use lopper::model::observer::NoObserver;
+use std::sync::Arc;
 use lopper::runtime::{self, FormatChoice, GenerateOpts, PackOpts, SampleOpts};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -69,6 +71,11 @@ pub struct BenchArgs {
     /// (with --speculative / --draft: all in one run; see docs/dynamic_depth.md).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub early_exit: Vec<f32>,
+    /// With --act-sparsity (a list) each format also runs at each activation sparsity, through
+    /// column-major weights of its value type (dense formats only); with stored thresholds and
+    /// no --act-sparsity, each format also runs with them.
+    #[command(flatten)]
+    pub act: super::act::ActArgs,
 }
 
 /// Decode/prefill figures of one format.
@@ -86,10 +93,15 @@ struct FormatRun {
     /// Mean LM-head rows computed exactly per greedy step through the head's argmax screen
     /// (`None`: no screen, every row).
     screen_rows: Option<f64>,
+    /// Activation sparsity: requested mean and the sparsity reached per site.
+    act: Option<(f64, Value)>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.spec.active() || !a.early_exit.is_empty() {
+        if !a.act.act_sparsity.is_empty() {
+            bail!("--act-sparsity cannot be combined with --speculative / --draft / --early-exit in one bench run yet");
+        }
         return super::bench_dynamic::run(&super::bench_dynamic::Opts {
             model: a.model,
             format: a.format,
@@ -107,10 +119,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.gen < 2 || a.prompt_len == 0 {
         bail!("--gen must be at least 2 and --prompt-len at least 1");
     }
-    let choices: Vec<Entry> = if a.format.is_empty() {
+    a.act.check(true)?;
+    let formats: Vec<Entry> = if a.format.is_empty() {
         vec![Entry {
             format: None,
             kernels: None,
+            act: None,
         }]
     } else {
         a.format
@@ -118,6 +132,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .map(|s| parse_entry(s))
             .collect::<Result<_>>()?
     };
+    if !a.act.act_sparsity.is_empty() {
+        for e in &formats {
+            super::act::column_values(e.format)?;
+        }
+    }
     let head: Option<FormatChoice> = match &a.head_format {
         Some(s) => Some(
             s.parse()
@@ -127,6 +146,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, a.json)?;
+    // Thresholds per activation level: calibrated for --act-sparsity, else the stored ones.
+    let levels: Vec<Arc<ActSparsity>> = if a.act.act_sparsity.is_empty() {
+        act::installed(&model).into_iter().collect()
+    } else {
+        super::act::calibrate(&mut model, &a.act, a.json)?
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+    };
+    let mut choices = Vec::new();
+    for e in &formats {
+        choices.push(*e);
+        if !levels.is_empty() {
+            super::act::column_values(e.format)?;
+        }
+        for i in 0..levels.len() {
+            choices.push(Entry {
+                act: Some(i),
+                ..*e
+            });
+        }
+    }
     let threads = rayon::current_num_threads();
     let text = lopper::assets::wiki_text()?;
     let ids = super::eval::tokenize_text(&model, &text)?;
@@ -147,8 +188,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 prompt,
                 a.gen,
                 a.prefill_reps,
+                choice.act.map(|i| &*levels[i]),
             )
-            .with_context(|| format!("benchmarking {}", choice.label()))?;
+            .with_context(|| format!("benchmarking {}", choice.label(&levels)))?;
             match slot {
                 Some(best) if best.decode_tps >= r.decode_tps => {
                     best.prefill_tps = best.prefill_tps.max(r.prefill_tps)
@@ -165,6 +207,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let runs: Vec<FormatRun> = runs.into_iter().flatten().collect();
     runtime::unpack(&mut model);
+    act::uninstall(&mut model);
 
     // Machine limits, measured after the runs (the weights' pages are resident by now).
     let max_bytes = runs.iter().map(|r| r.weight_bytes).max().unwrap_or(0);
@@ -208,6 +251,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "tokens_equal_to_baseline": same,
             "tensor_kinds": r.kinds,
             "head_screen_rows_per_step": r.screen_rows,
+            "act_sparsity": r.act.as_ref().map(|a| a.0),
+            "act_sparsity_reached": r.act.as_ref().map(|a| a.1.clone()),
         }));
     }
     let windows = if a.windows > 0 {
@@ -292,6 +337,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .filter_map(|r| r.screen_rows.map(|n| format!("{} {n:.1}", r.label)))
         .collect();
+    for r in &runs {
+        if let Some((s, reached)) = &r.act {
+            println!("{} activation sparsity {s:.2} requested, reached per site {reached}", r.label);
+        }
+    }
     if !screened.is_empty() {
         println!(
             "\nhead screen greedy steps computed these mean LM-head rows exactly (the rest via int8): {}",
@@ -326,15 +376,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
 struct Entry {
     format: Option<FormatChoice>,
     kernels: Option<Isa>,
+    /// Index of the activation thresholds this entry runs with (`None`: dense activations).
+    act: Option<usize>,
 }
 
 impl Entry {
-    fn label(&self) -> String {
+    fn label(&self, levels: &[Arc<ActSparsity>]) -> String {
         let f = self.format.map_or("as-loaded", |c| c.name());
-        match self.kernels {
+        let mut s = match self.kernels {
             Some(k) => format!("{f}@{}", k.name()),
             None => f.into(),
+        };
+        if let Some(t) = self.act.and_then(|i| levels.get(i)) {
+            s += &format!("+act{:.2}", t.target);
         }
+        s
     }
 }
 
@@ -354,11 +410,13 @@ fn parse_entry(s: &str) -> Result<Entry> {
     Ok(Entry {
         format: Some(format),
         kernels,
+        act: None,
     })
 }
 
 /// Packs `model` as the entry's format (None: as loaded) and times one greedy generation, then
 /// `prefill_reps` more prompt prefills, with the entry's kernel cap.
+#[allow(clippy::too_many_arguments)]
 fn decode_run(
     model: &mut lopper::Model,
     entry: Entry,
@@ -367,9 +425,11 @@ fn decode_run(
     prompt: &[u32],
     gen: usize,
     prefill_reps: usize,
+    act_t: Option<&ActSparsity>,
 ) -> Result<FormatRun> {
     let _cap = lopper::formats::cap_isa(entry.kernels);
-    let (pack_seconds, kinds, prefill_packed) = match entry.format {
+    act::uninstall(model);
+    let (pack_seconds, kinds, mut prefill_packed) = match entry.format {
         Some(c) => {
             let rep = runtime::pack(
                 model,
@@ -406,6 +466,14 @@ fn decode_run(
             (0.0, Value::Null, (via, model.weights.packed().count()))
         }
     };
+    if let Some(t) = act_t {
+        act::install(model, t)?;
+        let vt = super::act::column_values(entry.format)?;
+        lopper::runtime::act::pack_columns(model, vt)?;
+        act::reset_counts(model);
+        // The column-major copies serve decode only; prefill uses the f32 weights.
+        prefill_packed = (0, model.weights.packed().count());
+    }
     let opts = GenerateOpts {
         max_new: gen,
         sampling: SampleOpts::default(),
@@ -420,8 +488,10 @@ fn decode_run(
         let (c1, r1) = s.counts();
         (r1 - r0) as f64 / (c1 - c0).max(1) as f64
     });
-    // After the run: with a head screen, the bytes include its mean candidate rows.
-    let weight_bytes = runtime::pack::decode_bytes(&model.weights);
+    // After the run: with a head screen, the bytes include its mean candidate rows; with
+    // activation sparsity, less the columns skipped at the sparsity each site reached.
+    let weight_bytes = lopper::runtime::act::decode_bytes(model);
+    let act_run = act_t.map(|t| (t.target, super::act::reached_json(model)));
     let mut prefill_tps = stats.prefill_tokens_per_s;
     for _ in 0..prefill_reps {
         let mut cache = runtime::KvCache::new(model, prompt.len());
@@ -430,7 +500,10 @@ fn decode_run(
         prefill_tps = prefill_tps.max(prompt.len() as f64 / t.elapsed().as_secs_f64());
     }
     Ok(FormatRun {
-        label: entry.label(),
+        label: match act_t {
+            Some(t) => format!("{}+act{:.2}", entry.label(&[]), t.target),
+            None => entry.label(&[]),
+        },
         weight_bytes,
         pack_seconds,
         prefill_tps,
@@ -439,6 +512,7 @@ fn decode_run(
         kinds,
         prefill_packed,
         screen_rows,
+        act: act_run,
     })
 }
 

@@ -1,6 +1,6 @@
 //! `lopper eval`: perplexity by the wiki-16x2048 protocol (or any text / window settings).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -31,6 +31,8 @@ pub struct EvalArgs {
     /// state, as `run --early-exit` decodes; also reports the mean blocks run per token.
     #[arg(long, allow_negative_numbers = true)]
     pub early_exit: Option<f32>,
+    #[command(flatten)]
+    pub act: super::act::ActArgs,
 }
 
 /// Tokenize an eval text for `model`.
@@ -41,8 +43,12 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    a.act.check(false)?;
     if let Some(t) = a.early_exit {
         lopper::runtime::early_exit::check_threshold(t)?;
+        if !a.act.act_sparsity.is_empty() {
+            bail!("--early-exit cannot be combined with --act-sparsity yet");
+        }
         return early_exit(&a, t);
     }
     let model_path = super::model_path(&a.model)?;
@@ -51,6 +57,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => lopper::assets::wiki_text().context("fetching wiki.utf8")?,
     };
     let mut model = super::load_model_with(&model_path, false, !a.in_memory)?;
+    // Activation sparsity applies at every position of every window (as decode would).
+    let act = super::act::setup(&mut model, &a.act, a.json)?;
     let sp = super::spinner(false, "tokenizing".into());
     let ids = tokenize_text(&model, &text_path)?;
     sp.finish_and_clear();
@@ -78,6 +86,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         v["model"] = model_path.display().to_string().into();
         v["text"] = text_path.display().to_string().into();
         v["peak_rss_bytes"] = lopper::util::peak_rss_bytes().into();
+        if let Some(t) = lopper::model::act::installed(&model) {
+            v["act_sparsity"] = serde_json::json!({
+                "thresholds": *t,
+                "reached": super::act::reached_json(&model),
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model       {}", model_path.display());
@@ -87,6 +101,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             r.text_tokens
         );
         println!("windows     {} x {} tokens", r.windows, r.seq_len);
+        if let Some(d) = &act {
+            let r = super::act::reached_json(&model);
+            println!("act sparsity {d}; reached {r}");
+        }
         println!("perplexity  {:.4}", r.perplexity);
         println!(
             "time        {:.1} s ({:.0} tokens/s)",

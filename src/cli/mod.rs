@@ -1,5 +1,6 @@
 //! Argument definitions and shared helpers of the CLI.
 
+pub mod act;
 pub mod bench;
 pub mod bench_dynamic;
 pub mod convert;

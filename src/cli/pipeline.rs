@@ -30,13 +30,41 @@ pub fn scratch_dir(out: &std::path::Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
 }
 
-/// Write the model and its report atomically.
+/// Write the model and its report atomically; with `--act-sparsity`, first calibrate
+/// activation thresholds on the final model (stored beside it, and in the report). Returns the
+/// report as written.
 pub fn write_output(
     a: &PruneArgs,
-    model: &lopper::Model,
+    model: &mut lopper::Model,
     dtype: lopper::io::save::SaveDtype,
     report: &str,
-) -> Result<()> {
+) -> Result<String> {
+    let mut report = report.to_string();
+    if let Some(s) = a.act_sparsity {
+        let score: lopper::model::act::Score = match &a.act_score {
+            Some(x) => x.parse()?,
+            None => lopper::model::act::Score::Magnitude,
+        };
+        lopper::model::act::uninstall(model);
+        let calib = Calibration::build(a, model, true)?;
+        let sp = super::spinner(a.json, "calibrating activation thresholds".into());
+        let h = lopper::calibrate::act::collect(model, &calib.set, score)?;
+        sp.finish_and_clear();
+        let alloc = super::act::parse_alloc(a.act_alloc.as_deref())?;
+        let t = super::act::thresholds(model, &h, &calib.set, &[s], alloc, a.json)?.remove(0);
+        lopper::model::act::install(model, &t)?;
+        let mut v: serde_json::Value = serde_json::from_str(&report)?;
+        v["act_sparsity"] = serde_json::to_value(&t)?;
+        v["act_sparsity"]["file"] = lopper::io::act_file::FILE.into();
+        report = serde_json::to_string_pretty(&v)?;
+        if !a.json {
+            eprintln!(
+                "activation sparsity {s} ({score:?}) thresholds calibrated on {}: stored as {}",
+                calib.set.source,
+                lopper::io::act_file::FILE
+            );
+        }
+    }
     let sp = super::spinner(a.json, format!("writing {}", a.out.display()));
     lopper::io::save::save_hf_with_extras(
         model,
@@ -47,7 +75,7 @@ pub fn write_output(
     )
     .with_context(|| format!("writing {}", a.out.display()))?;
     sp.finish_and_clear();
-    Ok(())
+    Ok(report)
 }
 
 /// The calibration set of a run (empty when no step needs one).

@@ -24,6 +24,8 @@ pub fn run(a: PruneArgs, plan: Plan) -> Result<()> {
     let dtype = check_output(&a)?;
     let model_path = super::model_path(&a.model)?;
     let mut model = super::load_model(&model_path, a.json)?;
+    // Stored activation thresholds belong to the unpruned weights (see prune.rs).
+    lopper::model::act::uninstall(&mut model);
     if let Some(t) = &target {
         // Validate the request before any calibration work.
         search::candidates(&model, t)?;
@@ -109,7 +111,7 @@ pub fn run(a: PruneArgs, plan: Plan) -> Result<()> {
         "total_seconds": t_all.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&report)?;
-    write_output(&a, &model, dtype, &text)?;
+    let text = write_output(&a, &mut model, dtype, &text)?;
     if a.json {
         println!("{text}");
         return Ok(());

@@ -34,6 +34,9 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         ))?)
     };
     let mut model = super::load_model_with(&model_path, a.json, spill.is_some())?;
+    // Stored activation thresholds belong to the unpruned weights: prune on dense activations
+    // (--act-sparsity calibrates new ones for the output).
+    lopper::model::act::uninstall(&mut model);
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
@@ -130,7 +133,7 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
             )));
         }
     }
-    write_output(&a, &model, dtype, &text)?;
+    let text = write_output(&a, &mut model, dtype, &text)?;
     if a.json {
         println!("{text}");
     } else {

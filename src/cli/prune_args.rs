@@ -79,6 +79,18 @@ pub struct PruneArgs {
     /// different shapes, query heads not a multiple of KV heads, biases HF cannot express.
     #[arg(long)]
     pub hf_strict: bool,
+    /// Also calibrate contextual activation-sparsity thresholds (TEAL) for this fraction of
+    /// every linear input, on the calibration set and the pruned model, and store them with the
+    /// output (lopper_act_sparsity.json; `run` / `eval` / `bench` apply them). In [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub act_sparsity: Option<f64>,
+    /// Activation score for --act-sparsity: magnitude or wina [default: magnitude].
+    #[arg(long)]
+    pub act_score: Option<String>,
+    /// Allocation for --act-sparsity: uniform or greedy (TEAL's block-wise search)
+    /// [default: uniform].
+    #[arg(long)]
+    pub act_alloc: Option<String>,
     #[command(flatten)]
     pub steps: StepFlags,
 }
@@ -270,6 +282,11 @@ pub fn plan_from_args(a: &PruneArgs) -> Result<Plan> {
         };
     }
     let mut out = Plan::default();
+    if a.act_sparsity.is_some() && a.steps.given.is_empty() {
+        // Activation thresholds alone: no static step (without --act-sparsity, no step flags
+        // mean the default sparse step).
+        return Ok(out);
+    }
     for t in step_tables(&a.steps)? {
         let step =
             plan::parse_step_table(&t, "", KeyNames::Flags).map_err(lopper::Error::Invalid)?;
@@ -321,7 +338,21 @@ pub fn check_flags(a: &PruneArgs, plan: &Plan) -> Result<()> {
             }
         }
     }
-    if !searching && !plan.needs_calibration() {
+    if a.act_sparsity.is_none() {
+        for (flag, given) in [("--act-score", a.act_score.is_some()), ("--act-alloc", a.act_alloc.is_some())] {
+            if given {
+                return refuse(format!("{flag} needs --act-sparsity"));
+            }
+        }
+    }
+    super::act::parse_alloc(a.act_alloc.as_deref())?;
+    if let Some(s) = a.act_sparsity {
+        lopper::calibrate::act::check_target(s, "--act-sparsity")?;
+        if let Some(sc) = &a.act_score {
+            sc.parse::<lopper::model::act::Score>()?;
+        }
+    }
+    if !searching && !plan.needs_calibration() && a.act_sparsity.is_none() {
         for (flag, given) in [
             ("--calib", a.calib.is_some()),
             ("--calib-ids", a.calib_ids.is_some()),

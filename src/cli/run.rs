@@ -63,6 +63,8 @@ pub struct RunArgs {
     /// largest next-token probability there reaches T, in (0, 1] (docs/dynamic_depth.md).
     #[arg(long, allow_negative_numbers = true)]
     pub early_exit: Option<f32>,
+    #[command(flatten)]
+    pub act: super::act::ActArgs,
 }
 
 /// The ChatML wrapping of one user message.
@@ -78,6 +80,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             bail!("--early-exit cannot be combined with --speculative / --draft (speculative decoding is lossless, early exit is not)");
         }
     }
+    a.act.check(false)?;
     if a.temperature == 0.0 {
         for (flag, given) in [
             ("--top-k", a.top_k.is_some()),
@@ -101,12 +104,17 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
+    let act = super::act::setup(&mut model, &a.act, false)?;
+    if act.is_some() && (a.spec.active() || a.early_exit.is_some()) {
+        bail!("activation sparsity (--act-sparsity, or thresholds stored with {}) cannot be combined with --speculative / --draft / --early-exit yet", path.display());
+    }
     super::pack_model(
         &mut model,
         a.format.as_deref(),
         a.head_format.as_deref(),
         false,
     )?;
+    super::act::pack_for_decode(&mut model, a.format.as_deref(), false)?;
     // Greedy and top-k sampling look only at the k largest logits: the head's screen serves them.
     if !a.no_head_screen && (sampling.is_greedy() || sampling.top_k > 0) {
         lopper::runtime::pack::attach_head_screen(&mut model)
@@ -210,6 +218,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     );
     if let Some(l) = spec_line {
         eprintln!("{l}");
+    }
+    if let Some(d) = act {
+        eprintln!(
+            "activation sparsity {d}; reached {}",
+            super::act::reached_json(&model)
+        );
     }
     Ok(())
 }

@@ -508,6 +508,7 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             down,
             attn_shortcut: None,
             mlp_shortcut: None,
+            act: None,
         });
     }
     let final_norm = take("output_norm.weight")?;

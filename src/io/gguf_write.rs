@@ -126,6 +126,7 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             down,
             attn_shortcut,
             mlp_shortcut,
+            act: _, // activation thresholds change no tensor; llama.cpp does not apply them
         } = l;
         if attn_shortcut.is_some() || mlp_shortcut.is_some() {
             return Err(no(format!(

@@ -132,13 +132,15 @@ pub fn load_dir_with(dir: &Path, lazy: bool) -> Result<Model> {
     let weights = load_weights(&store, &config, &specs, &ext, &packed)?;
     let tokenizer = load_tokenizer(dir)?;
     let chat_template = load_chat_template(dir)?;
-    Ok(Model {
+    let mut model = Model {
         config,
         weights,
         tokenizer,
         chat_template,
         source: dir.to_path_buf(),
-    })
+    };
+    super::act_file::load_into(&mut model, dir)?;
+    Ok(model)
 }
 
 /// Read and parse a JSON file; a parse failure becomes `err(path, msg)`.
@@ -656,6 +658,7 @@ fn load_weights(
             down: lin(LinearKind::Down)?,
             attn_shortcut: load_shortcut(store, i, ATTN_SHORTCUT, &ext.attn_shortcuts, h)?,
             mlp_shortcut: load_shortcut(store, i, MLP_SHORTCUT, &ext.mlp_shortcuts, h)?,
+            act: None,
         });
     }
     let final_norm = store.get(names::FINAL_NORM, &[h])?;

@@ -1,6 +1,7 @@
 //! Reading and writing model files: GGUF, HF safetensors directories (optionally with packed
 //! weights, [`packed`]).
 
+pub mod act_file;
 pub mod gguf;
 pub mod gguf_write;
 pub mod hf;

@@ -209,6 +209,12 @@ pub fn save_hf_custom(
     for (name, bytes) in extras {
         write_file(&tmp.join(name), bytes)?;
     }
+    if let Some(a) = crate::model::act::installed(model) {
+        if !extras.iter().any(|(n, _)| *n == super::act_file::FILE) {
+            let bytes = super::act_file::to_json(model, &a)?;
+            write_file(&tmp.join(super::act_file::FILE), &bytes)?;
+        }
+    }
     sync_path(&tmp)?;
 
     // Swap into place.

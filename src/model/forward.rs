@@ -15,10 +15,13 @@
 //!   ([`LayerWeights::attn_shortcut`], [`LayerWeights::mlp_shortcut`]);
 //! - RMSNorm divides by [`Config::norm_dim`] (the pre-slicing width) instead of the row width.
 //!
-//! An [`Observer`] sees every linear layer's input and each block's input/output.
+//! An [`Observer`] sees every linear layer's input and each block's input/output. A block with
+//! activation-sparsity thresholds ([`LayerWeights::act`]) zeroes the small entries of each
+//! linear input first ([`crate::model::act`]); observers see the sparsified input.
 
 use crate::formats;
 use crate::kernels::{self, attention::AttnDims};
+use crate::model::act;
 use crate::model::config::Config;
 use crate::model::observer::{Observer, Site};
 use crate::model::rope::Rope;
@@ -171,6 +174,8 @@ pub fn block_forward_cached(
     // Attention.
     let xn = resize(&mut s.xn, rows * d);
     kernels::rmsnorm_dim(h, lw.attn_norm.data(), eps, nd, xn);
+    let act = lw.act.as_deref();
+    act::apply(act, Site::AttnIn, xn);
     if want {
         obs.linear_input(layer, Site::AttnIn, xn, rows, d);
     }
@@ -221,6 +226,7 @@ pub fn block_forward_cached(
             );
         }
     }
+    act::apply(act, Site::AttnOut, attn);
     if want {
         obs.linear_input(layer, Site::AttnOut, attn, rows, qw);
     }
@@ -231,6 +237,7 @@ pub fn block_forward_cached(
     // MLP.
     let xn = resize(&mut s.xn, rows * d);
     kernels::rmsnorm_dim(h, lw.mlp_norm.data(), eps, nd, xn);
+    act::apply(act, Site::MlpIn, xn);
     if want {
         obs.linear_input(layer, Site::MlpIn, xn, rows, d);
     }
@@ -239,6 +246,7 @@ pub fn block_forward_cached(
     let up = resize(&mut s.up, rows * inter);
     linear_buf(&lw.up, xn, rows, up, false, &mut s.lr);
     kernels::silu_mul(gate, up);
+    act::apply(act, Site::MlpDown, gate);
     if want {
         obs.linear_input(layer, Site::MlpDown, gate, rows, inter);
     }

@@ -1,5 +1,7 @@
 //! The model: configuration, weights and the forward pass, as plain data and plain functions.
 
+pub mod act;
+pub mod act_rules;
 pub mod config;
 pub mod flops;
 pub mod forward;

@@ -326,6 +326,9 @@ pub struct LayerWeights {
     pub attn_shortcut: Option<Tensor>,
     /// SliceGPT residual rotation around the MLP, like `attn_shortcut`. `None`: identity.
     pub mlp_shortcut: Option<Tensor>,
+    /// Contextual activation-sparsity thresholds applied at this block's linear inputs
+    /// ([`crate::model::act`]); `None`: dense, as an ordinary model.
+    pub act: Option<std::sync::Arc<crate::model::act_rules::LayerAct>>,
 }
 
 impl LayerWeights {

@@ -12,6 +12,7 @@
 //! batched step: greedy output bit-identical, sampling exact in distribution; [`early_exit`]
 //! stops a token at an intermediate block when the head is confident there (lossy).
 
+pub mod act;
 pub mod autopick;
 pub mod choice;
 pub mod draft_search;

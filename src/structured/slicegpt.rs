@@ -320,6 +320,7 @@ fn sliced_layer(
         down: left(&folded.down, qo),
         attn_shortcut: Some(shortcut(qi, qm)),
         mlp_shortcut: Some(shortcut(qm, qo)),
+        act: None,
     }
 }
 
