@@ -569,7 +569,7 @@ fn prune_flags_that_would_take_no_effect_are_refused() {
         (vec!["--permute"], vec!["--permute", "N:M pattern"]),
         (
             vec!["--slice", "0.1", "--reconstruct"],
-            vec!["--reconstruct needs --heads or --neurons or a sparse step"],
+            vec!["--reconstruct needs --remove-layers or --drop-layers or --heads or --neurons or --low-rank"],
         ),
         (
             vec!["--plan", &plan, "--refine", "swaps"],

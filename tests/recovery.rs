@@ -467,6 +467,7 @@ fn bad_recovery_options_are_refused() {
         damp: -1.0,
         rounds: 1,
         samples: 0,
+        target: Default::default(),
     });
     assert!(plan.validate(&model).is_err());
 }

@@ -174,11 +174,16 @@ pub fn refit_block(
     h_p: &mut [f32],
     n: usize,
     len: usize,
-    damp: f64,
+    opts: super::ReconOptions,
 ) -> Result<Vec<FitOutcome>> {
     use crate::model::observer::Site;
+    let damp = opts.damp;
     use crate::model::weights::LinearRepr;
-    let stats = super::reconstruct::collect(cfg, layer, dense, lw, rope, h_d, h_p, n, len, true)?;
+    let mut stats =
+        super::reconstruct::collect(cfg, layer, dense, lw, rope, h_d, h_p, n, len, true)?;
+    if opts.target == super::reconstruct::ReconTarget::Pruned {
+        stats.values_mut().for_each(ReconStats::use_pruned_target);
+    }
     let mut out = Vec::new();
     for &kind in kinds {
         let Some(st) = stats.get(&Site::of(kind)) else {

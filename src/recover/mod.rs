@@ -24,7 +24,7 @@ use crate::{Error, LayerWeights, Result};
 use serde::Serialize;
 use std::collections::HashMap;
 
-pub use reconstruct::{FitOutcome, ReconOptions};
+pub use reconstruct::{FitOutcome, ReconOptions, ReconTarget};
 pub use swaps::SwapOutcome;
 
 /// Mask refinements.

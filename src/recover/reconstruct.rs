@@ -105,6 +105,12 @@ impl ReconStats {
         self.tokens += rows;
     }
 
+    /// One stream: the target becomes `X_p w` (`C = X_dᵀX_d = X_pᵀX_p`).
+    pub fn use_pruned_target(&mut self) {
+        self.cross = self.gp.clone();
+        self.gd = self.gp.clone();
+    }
+
     /// Mirror the upper triangles of the Gram matrices.
     fn finish(&mut self) {
         let c = self.cols;
@@ -508,6 +514,18 @@ pub fn dense_copy(lw: &LayerWeights) -> LayerWeights {
     d
 }
 
+/// What a re-fitted linear reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconTarget {
+    /// The dense model's output on the dense inputs, `X_d w` (two streams).
+    #[default]
+    Dense,
+    /// The unpruned weights' output on the pruned model's own inputs, `X_p w` (one stream, the
+    /// objective SparseGPT approximates; errors then compound down the stack).
+    Pruned,
+}
+
 /// Options of reconstruction (block, width and low-rank).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct ReconOptions {
@@ -518,6 +536,10 @@ pub struct ReconOptions {
     /// Calibration samples the re-fit uses (the first ones; 0 = all). The dense stream holds
     /// only these, and the paired passes, statistics and their cost scale with them.
     pub samples: usize,
+    /// The target of sparse and low-rank re-fits (width and layer re-fits always use the dense
+    /// model's outputs).
+    #[serde(default)]
+    pub target: ReconTarget,
 }
 
 impl ReconOptions {
@@ -537,6 +559,7 @@ impl Default for ReconOptions {
             damp: 0.01,
             rounds: 1,
             samples: 32,
+            target: ReconTarget::Dense,
         }
     }
 }
@@ -573,7 +596,10 @@ pub fn reconstruct_block(
     for round in 0..rounds {
         let last = round + 1 == rounds;
         let t = std::time::Instant::now();
-        let stats = collect(cfg, layer, dense, pruned, rope, h_d, h_p, n, len, last)?;
+        let mut stats = collect(cfg, layer, dense, pruned, rope, h_d, h_p, n, len, last)?;
+        if opts.target == ReconTarget::Pruned {
+            stats.values_mut().for_each(ReconStats::use_pruned_target);
+        }
         bf.seconds_collect += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         for &kind in kinds {

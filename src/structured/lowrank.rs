@@ -467,7 +467,7 @@ fn factorize_layers(
                 &mut h[..ns * width],
                 ns,
                 len,
-                opts.damp,
+                opts,
             )?);
             recon_seconds += t.elapsed().as_secs_f64();
         }

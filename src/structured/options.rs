@@ -62,6 +62,8 @@ pub const NEURON_METRICS: &[&str] = &["wanda_sp", "wanda_sp_down", "fluctuation"
 pub const WIDTH_ALLOCATIONS: &[&str] = &["uniform", "adaptive"];
 pub const METHODS: &[&str] = &["magnitude", "wanda", "sparsegpt", "ria"];
 pub const REFINES: &[&str] = &["swaps"];
+/// What sparse and low-rank re-fits reproduce.
+pub const RECON_TARGETS: &[&str] = &["dense", "pruned"];
 pub const SPARSE_ALLOCATIONS: &[&str] = &["uniform", "owl"];
 pub const SCOPES: &[&str] = &["matrix", "row"];
 pub const PRECISIONS: &[&str] = &["f64", "f32"];
@@ -162,6 +164,8 @@ pub const STEP_OPTIONS: &[StepOption] = &[
         "Reconstruction damping relative to mean diag(XᵀX) (default 0.01); needs --reconstruct"),
     opt("recon-rounds", &["sparse"], "recon_rounds", Integer, Modifier,
         "Paired passes and re-fits per block (default 1); needs --reconstruct"),
+    opt("recon-target", &["low_rank", "sparse"], "recon_target", Choice(RECON_TARGETS), Modifier,
+        "What a re-fit reproduces: dense (default: the dense model's outputs on its own inputs, two streams) or pruned (the unpruned weights on the pruned inputs, one stream); needs --reconstruct"),
     opt("recon-samples", &["layers", "heads", "neurons", "low_rank", "sparse"], "recon_samples", Integer, Modifier,
         "Reconstruct from the first N calibration samples only (default 32; 0 = all): the cost of reconstruction scales with N; needs --reconstruct"),
 ];

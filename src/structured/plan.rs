@@ -699,6 +699,14 @@ fn parse_recon(
         "sparse" => f.count("recon_rounds")?,
         _ => None,
     };
+    let target = match f.kind {
+        "sparse" | "low_rank" => f.choice("recon_target", opts::RECON_TARGETS, None, |s| match s {
+            "dense" => Some(Some(crate::recover::ReconTarget::Dense)),
+            "pruned" => Some(Some(crate::recover::ReconTarget::Pruned)),
+            _ => None,
+        })?,
+        _ => None,
+    };
     if let Some(d) = damp {
         if !(d >= 0.0 && d.is_finite()) {
             return Err(f.err("recon_damp", format!("must be a finite number >= 0, got {d}")));
@@ -712,6 +720,7 @@ fn parse_recon(
             ("recon_damp", damp.is_some()),
             ("recon_samples", samples.is_some()),
             ("recon_rounds", rounds.is_some()),
+            ("recon_target", target.is_some()),
         ];
         if let Some((key, _)) = given.iter().find(|g| g.1) {
             let r = f.name("reconstruct");
@@ -724,6 +733,7 @@ fn parse_recon(
         damp: damp.unwrap_or(d.damp),
         rounds: rounds.unwrap_or(d.rounds),
         samples: samples.unwrap_or(d.samples),
+        target: target.unwrap_or(d.target),
     }))
 }
 
