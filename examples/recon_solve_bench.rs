@@ -7,8 +7,14 @@ use lopper::recover::reconstruct::{refit, ReconStats};
 use std::time::Instant;
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
-    let (rows, cols) = (a.first().copied().unwrap_or(576), a.get(1).copied().unwrap_or(1536));
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let (rows, cols) = (
+        a.first().copied().unwrap_or(576),
+        a.get(1).copied().unwrap_or(1536),
+    );
     let tokens = 2 * cols;
     let mut rng = SplitMix64(7);
     let mut r = || (rng.below(2001) as f32 - 1000.0) / 500.0;

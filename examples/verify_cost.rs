@@ -33,7 +33,9 @@ fn main() -> anyhow::Result<()> {
     // The LM head alone for 4 rows: the screen per row (what a greedy verify step does) or the
     // full f32 product of the 4 rows at once.
     let d = model.config.hidden_size;
-    let h: Vec<f32> = (0..4 * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let h: Vec<f32> = (0..4 * d)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let w = &model.weights;
     let screen = w.lm_head_screen.as_ref().expect("screen");
     let (mut t_screen, mut t_full) = (f64::MAX, f64::MAX);
@@ -48,7 +50,11 @@ fn main() -> anyhow::Result<()> {
         let _ = lopper::model::forward::logits(w, &h, 4);
         t_full = t_full.min(t.elapsed().as_secs_f64());
     }
-    println!("head, 4 rows: screen per row {:.1} ms, full f32 product {:.1} ms", t_screen * 1e3, t_full * 1e3);
+    println!(
+        "head, 4 rows: screen per row {:.1} ms, full f32 product {:.1} ms",
+        t_screen * 1e3,
+        t_full * 1e3
+    );
     println!("1 row, full head: {:.1} ms", best[0] * 1e3);
     for (r, b) in best.iter().enumerate().skip(1) {
         println!(

@@ -111,7 +111,10 @@ fn check_skip<E: Elem>() {
         assert!(y.iter().all(|v| v.is_finite()), "{} {cap:?}", f.kind());
         let mut all = vec![0f32; rows];
         f.matvec(&vec![1.0; cols], &mut all);
-        assert!(all.iter().all(|v| v.is_nan()), "dense input reads every column");
+        assert!(
+            all.iter().all(|v| v.is_nan()),
+            "dense input reads every column"
+        );
     }
 }
 
@@ -134,11 +137,15 @@ fn colmajor_tensors_round_trip_and_corrupt_ones_are_refused() {
     let n = bad[1].data.len() - 1;
     bad[1].data.truncate(n);
     bad[1].shape = vec![bad[1].data.len()];
-    let e = ColMajorOf::<i8>::from_tensors("m.w", &bad).unwrap_err().to_string();
+    let e = ColMajorOf::<i8>::from_tensors("m.w", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("m.w.values"), "{e}");
     let mut bad = t;
     bad.retain(|x| x.name != "m.w.scales");
-    let e = ColMajorOf::<i8>::from_tensors("m.w", &bad).unwrap_err().to_string();
+    let e = ColMajorOf::<i8>::from_tensors("m.w", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("m.w.scales"), "{e}");
 }
 
@@ -221,8 +228,14 @@ fn decode_through_columns_matches_the_full_forward() {
     for (p, r) in rows.iter().enumerate() {
         let want = &full[p * vocab..(p + 1) * vocab];
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let err = r.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(err <= 1e-3 * scale.max(1.0), "position {p}: max error {err}");
+        let err = r
+            .iter()
+            .zip(want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            err <= 1e-3 * scale.max(1.0),
+            "position {p}: max error {err}"
+        );
     }
     assert!(m.weights.layers[0].q.packed.as_ref().unwrap().format.kind() == "colmajor-f32");
     assert!(runtime::act::decode_bytes(&m) < runtime::pack::decode_bytes(&m.weights));
@@ -255,7 +268,10 @@ fn thresholds_round_trip_and_are_refused_for_another_shape() {
     v["num_layers"] = 99.into();
     std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
     let e = load_err(&out);
-    assert!(e.contains(lopper::io::act_file::FILE) && e.contains("blocks"), "{e}");
+    assert!(
+        e.contains(lopper::io::act_file::FILE) && e.contains("blocks"),
+        "{e}"
+    );
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["model_type"] = "qwen2".into();
     std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
@@ -302,9 +318,16 @@ fn greedy_allocation_meets_the_weighted_mean_per_block() {
             }
             // calib_sparsity is the histogram's share below the threshold: the target up to
             // interpolation inside one bin.
-            assert!((num / den - t).abs() < 0.01, "block {i}: mean {} for {t}", num / den);
+            assert!(
+                (num / den - t).abs() < 0.01,
+                "block {i}: mean {} for {t}",
+                num / den
+            );
             uneven |= seen.iter().any(|s| (s - t).abs() > 0.02);
         }
     }
-    assert!(uneven, "greedy gave every site the target: no search happened");
+    assert!(
+        uneven,
+        "greedy gave every site the target: no search happened"
+    );
 }

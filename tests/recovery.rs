@@ -321,7 +321,10 @@ fn refit_damps_a_singular_gram_more_and_names_the_layer_on_nan() {
     let out = reconstruct::refit(&mut w, &w0, rows, cols, &st, 0.0, "layer.x").unwrap();
     assert!(w.iter().all(|v| v.is_finite()), "{out:?}");
     for r in 0..rows {
-        assert!((w[r * cols + 2] - w0[r * cols + 2]).abs() < 1e-4, "dead input moved");
+        assert!(
+            (w[r * cols + 2] - w0[r * cols + 2]).abs() < 1e-4,
+            "dead input moved"
+        );
     }
     // A Gram matrix that is not positive semi-definite (rounding can do that): damped more.
     st.gp[3 * cols + 3] = -1.0;
@@ -366,7 +369,12 @@ fn prune_tiny(plan: &PrunePlan) -> (Model, driver::PruneOutcome) {
 fn reconstruction_lowers_the_output_error_on_tiny_llama3() {
     let dense = tiny_model();
     let calib = tiny_calib(11);
-    for pattern in [Pattern::Unstructured, Pattern::NM { n: 2, m: 4 }] {
+    use lopper::recover::ReconTarget;
+    for (pattern, target) in [
+        (Pattern::Unstructured, ReconTarget::Pruned),
+        (Pattern::NM { n: 2, m: 4 }, ReconTarget::Pruned),
+        (Pattern::Unstructured, ReconTarget::Dense),
+    ] {
         let plan = PrunePlan::new(
             Method::Wanda,
             pattern,
@@ -374,7 +382,10 @@ fn reconstruction_lowers_the_output_error_on_tiny_llama3() {
         );
         let (plain, _) = prune_tiny(&plan);
         let mut rplan = plan.clone();
-        rplan.recovery.reconstruct = Some(ReconOptions::default());
+        rplan.recovery.reconstruct = Some(ReconOptions {
+            target,
+            ..Default::default()
+        });
         let (rec, out) = prune_tiny(&rplan);
         let rep = out.recovery.expect("recovery report");
         assert_eq!(rep.reconstruction.len(), 3 * 7);
@@ -410,7 +421,7 @@ fn reconstruction_lowers_the_output_error_on_tiny_llama3() {
         let (e_plain, e_rec) = (logit_mse(&dense, &plain, ids), logit_mse(&dense, &rec, ids));
         assert!(
             e_rec < e_plain,
-            "{pattern}: reconstructed {e_rec} vs plain {e_plain}"
+            "{pattern} {target:?}: reconstructed {e_rec} vs plain {e_plain}"
         );
     }
 }

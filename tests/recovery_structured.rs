@@ -74,11 +74,18 @@ fn one_stream_lowrank_refit_is_svd_llm() {
     // Damping pulls towards W₀, so even damped the re-fit is exactly the (damped) whitened
     // truncation. Start from the plain SVD.
     let damp = 0.01;
-    let mut f = factor_matrix(&w0, out, c, None, rule, 0.0, "t").unwrap().unwrap();
+    let mut f = factor_matrix(&w0, out, c, None, rule, 0.0, "t")
+        .unwrap()
+        .unwrap();
     let fit = lowrank_fit::refit_factors(&mut f.u, &mut f.v, &w0, out, c, &st, damp, "t").unwrap();
     assert!(fit.rel_error_after < fit.rel_error_before, "{fit:?}");
-    let want = factor_matrix(&w0, out, c, Some(&g), rule, damp, "t").unwrap().unwrap();
-    let (a, b) = (product(&f.u, &f.v, out, c), product(&want.u, &want.v, out, c));
+    let want = factor_matrix(&w0, out, c, Some(&g), rule, damp, "t")
+        .unwrap()
+        .unwrap();
+    let (a, b) = (
+        product(&f.u, &f.v, out, c),
+        product(&want.u, &want.v, out, c),
+    );
     let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max);
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() <= 1e-4 * scale, "{p} vs {q}");
@@ -100,16 +107,28 @@ fn two_stream_lowrank_refit_beats_nearby_factors() {
     );
     let w0 = rand_vec(&mut rng, out * c);
     let gp = prod(&xp, &xp, tokens, c);
-    let start = factor_matrix(&w0, out, c, Some(&gp), RankRule::ParamFraction(0.4), 0.0, "t")
-        .unwrap()
-        .unwrap();
+    let start = factor_matrix(
+        &w0,
+        out,
+        c,
+        Some(&gp),
+        RankRule::ParamFraction(0.4),
+        0.0,
+        "t",
+    )
+    .unwrap()
+    .unwrap();
     let (mut u, mut v) = (start.u.clone(), start.v.clone());
     let fit = lowrank_fit::refit_factors(&mut u, &mut v, &w0, out, c, &st, 0.0, "t").unwrap();
     let energy = output_error_naive(&vec![0.0; out * c], &w0, &xp, &xd, out, c);
     let e_fit = output_error_naive(&product(&u, &v, out, c), &w0, &xp, &xd, out, c);
     let e_start = output_error_naive(&product(&start.u, &start.v, out, c), &w0, &xp, &xd, out, c);
     // The reported errors are the true ones, and the fit beats one-stream SVD-LLM.
-    assert!((fit.rel_error_after - e_fit / energy).abs() < 1e-6, "{fit:?} vs {}", e_fit / energy);
+    assert!(
+        (fit.rel_error_after - e_fit / energy).abs() < 1e-6,
+        "{fit:?} vs {}",
+        e_fit / energy
+    );
     assert!((fit.rel_error_before - e_start / energy).abs() < 1e-6);
     assert!(e_fit < e_start, "{e_fit} vs {e_start}");
     // No nearby factors of the same rank do better.
@@ -120,7 +139,10 @@ fn two_stream_lowrank_refit_beats_nearby_factors() {
         let u2: Vec<f32> = u.iter().zip(&du).map(|(a, b)| a + eps * b).collect();
         let v2: Vec<f32> = v.iter().zip(&dv).map(|(a, b)| a + eps * b).collect();
         let e2 = output_error_naive(&product(&u2, &v2, out, c), &w0, &xp, &xd, out, c);
-        assert!(e2 >= e_fit * (1.0 - 1e-9), "perturbation {k}: {e2} < {e_fit}");
+        assert!(
+            e2 >= e_fit * (1.0 - 1e-9),
+            "perturbation {k}: {e2} < {e_fit}"
+        );
     }
 }
 
@@ -141,7 +163,11 @@ fn tiny_model() -> Model {
 fn logit_mse(a: &Model, b: &Model, ids: &[u32]) -> f64 {
     let la = lopper::model::forward::forward_logits(a, ids).unwrap();
     let lb = lopper::model::forward::forward_logits(b, ids).unwrap();
-    la.iter().zip(&lb).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / la.len() as f64
+    la.iter()
+        .zip(&lb)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / la.len() as f64
 }
 
 #[test]
@@ -164,12 +190,18 @@ fn lowrank_reconstruction_brings_the_tiny_model_closer_to_dense() {
     let fits = r["layers"].as_array().unwrap();
     assert_eq!(fits.len(), 7 * dense.weights.layers.len());
     for f in fits {
-        let (b, a) = (f["rel_error_before"].as_f64().unwrap(), f["rel_error_after"].as_f64().unwrap());
+        let (b, a) = (
+            f["rel_error_before"].as_f64().unwrap(),
+            f["rel_error_after"].as_f64().unwrap(),
+        );
         assert!(a.is_finite() && a <= b + 1e-12, "{f}");
     }
     assert!(r["mean_rel_error_after"].as_f64() < r["mean_rel_error_before"].as_f64());
     let (e_plain, e_rec) = (logit_mse(&dense, &plain, ids), logit_mse(&dense, &rec, ids));
-    assert!(e_rec < e_plain, "reconstructed {e_rec} vs SVD-LLM {e_plain}");
+    assert!(
+        e_rec < e_plain,
+        "reconstructed {e_rec} vs SVD-LLM {e_plain}"
+    );
 }
 
 #[test]
@@ -196,18 +228,33 @@ fn the_block_after_a_removed_layer_absorbs_it_on_the_tiny_model() {
     let fits = r["layers"].as_array().unwrap();
     // Block 1 of the cut model (block 2 before) re-fits o_proj and down_proj.
     let names: Vec<&str> = fits.iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"]);
+    assert_eq!(
+        names,
+        [
+            "model.layers.1.self_attn.o_proj.weight",
+            "model.layers.1.mlp.down_proj.weight"
+        ]
+    );
     for f in fits {
-        let (b, a) = (f["rel_error_before"].as_f64().unwrap(), f["rel_error_after"].as_f64().unwrap());
+        let (b, a) = (
+            f["rel_error_before"].as_f64().unwrap(),
+            f["rel_error_after"].as_f64().unwrap(),
+        );
         assert!(a.is_finite() && a < b, "{f}");
     }
     assert!(rec.config.o_bias && rec.config.mlp_bias);
     assert_eq!(rec.weights.layers.len(), n - 1);
     let (e_plain, e_rec) = (logit_mse(&dense, &plain, ids), logit_mse(&dense, &rec, ids));
-    assert!(e_rec < e_plain, "reconstructed {e_rec} vs plain removal {e_plain}");
+    assert!(
+        e_rec < e_plain,
+        "reconstructed {e_rec} vs plain removal {e_plain}"
+    );
     // A span at the end has no block after it: nothing changes, and the report says so.
     let (plain_end, _) = run(vec![n - 1], false);
     let (rec_end, d) = run(vec![n - 1], true);
-    assert_eq!(d["reconstruction"]["spans_at_end"], serde_json::json!([[n - 1, n]]));
+    assert_eq!(
+        d["reconstruction"]["spans_at_end"],
+        serde_json::json!([[n - 1, n]])
+    );
     assert_eq!(logit_mse(&plain_end, &rec_end, ids), 0.0);
 }

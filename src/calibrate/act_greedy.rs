@@ -91,7 +91,17 @@ pub fn greedy(
         let mut block = lw.clone();
         let dense_out = {
             let mut y = h.clone();
-            block_forward(cfg, i, &block, &rope, &mut y, n, len, &mut scratch, &mut NoObserver);
+            block_forward(
+                cfg,
+                i,
+                &block,
+                &rope,
+                &mut y,
+                n,
+                len,
+                &mut scratch,
+                &mut NoObserver,
+            );
             y
         };
         let norms: [Option<Vec<f32>>; 4] = match hist.score {
@@ -107,12 +117,21 @@ pub fn greedy(
             let sites = Site::ALL.map(|s| {
                 let k = site_index(s);
                 let (hg, _) = &hist.hist[i][k];
-                (sp[k] > 0.0 && !hg.is_empty())
-                    .then(|| (quantile(hg, sp[k]).0, norms[k].clone()))
+                (sp[k] > 0.0 && !hg.is_empty()).then(|| (quantile(hg, sp[k]).0, norms[k].clone()))
             });
             block.act = Some(Arc::new(LayerAct::new(sites, dummy.clone())));
             let mut y = h.clone();
-            block_forward(cfg, i, block, &rope, &mut y, n, len, &mut scratch, &mut NoObserver);
+            block_forward(
+                cfg,
+                i,
+                block,
+                &rope,
+                &mut y,
+                n,
+                len,
+                &mut scratch,
+                &mut NoObserver,
+            );
             let mut e = 0f64;
             for s in 0..n {
                 let r = (s * len + from) * d..(s + 1) * len * d;

@@ -78,7 +78,9 @@ pub fn thresholds(
         return Ok(targets.iter().map(|&s| h.uniform(s)).collect());
     }
     let (n, len) = (calib.n.min(GREEDY_WINDOWS), calib.len.min(GREEDY_LEN));
-    let ids = (0..n).flat_map(|w| calib.window(w)[..len].to_vec()).collect();
+    let ids = (0..n)
+        .flat_map(|w| calib.window(w)[..len].to_vec())
+        .collect();
     let sub = lopper::calibrate::CalibSet {
         ids,
         n,
@@ -149,7 +151,11 @@ impl ActArgs {
 
 /// Thresholds for every `--act-sparsity` value, calibrated on the `--act-calib` set (empty
 /// without `--act-sparsity`). Stored thresholds are removed first (calibration runs dense).
-pub fn calibrate(model: &mut lopper::Model, a: &ActArgs, quiet: bool) -> Result<Vec<act::ActSparsity>> {
+pub fn calibrate(
+    model: &mut lopper::Model,
+    a: &ActArgs,
+    quiet: bool,
+) -> Result<Vec<act::ActSparsity>> {
     let Some((h, calib)) = histograms(model, a, quiet)? else {
         return Ok(Vec::new());
     };
@@ -182,7 +188,10 @@ pub fn histograms(
         a.act_calib_len.unwrap_or(512),
         0,
     )?;
-    let pb = super::spinner(quiet, format!("calibrating activation thresholds on {}", calib.source));
+    let pb = super::spinner(
+        quiet,
+        format!("calibrating activation thresholds on {}", calib.source),
+    );
     let h = cal::collect(model, &calib, a.score()?)?;
     pb.finish_and_clear();
     Ok(Some((h, calib)))
@@ -225,7 +234,10 @@ pub fn pack_for_decode(model: &mut lopper::Model, format: Option<&str>, quiet: b
         return Ok(());
     }
     let choice = match format {
-        Some(f) => Some(f.parse::<FormatChoice>().map_err(|e| anyhow::anyhow!("--format: {e}"))?),
+        Some(f) => Some(
+            f.parse::<FormatChoice>()
+                .map_err(|e| anyhow::anyhow!("--format: {e}"))?,
+        ),
         None => None,
     };
     let vt = column_values(choice)?;

@@ -17,10 +17,10 @@ use clap::Args;
 use lopper::formats::Isa;
 use lopper::model::act::{self, ActSparsity};
 use lopper::model::observer::NoObserver;
-use std::sync::Arc;
 use lopper::runtime::{self, FormatChoice, GenerateOpts, PackOpts, SampleOpts};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -162,10 +162,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             super::act::column_values(e.format)?;
         }
         for i in 0..levels.len() {
-            choices.push(Entry {
-                act: Some(i),
-                ..*e
-            });
+            choices.push(Entry { act: Some(i), ..*e });
         }
     }
     let threads = rayon::current_num_threads();
@@ -339,7 +336,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     for r in &runs {
         if let Some((s, reached)) = &r.act {
-            println!("{} activation sparsity {s:.2} requested, reached per site {reached}", r.label);
+            println!(
+                "{} activation sparsity {s:.2} requested, reached per site {reached}",
+                r.label
+            );
         }
     }
     if !screened.is_empty() {

@@ -339,7 +339,10 @@ pub fn check_flags(a: &PruneArgs, plan: &Plan) -> Result<()> {
         }
     }
     if a.act_sparsity.is_none() {
-        for (flag, given) in [("--act-score", a.act_score.is_some()), ("--act-alloc", a.act_alloc.is_some())] {
+        for (flag, given) in [
+            ("--act-score", a.act_score.is_some()),
+            ("--act-alloc", a.act_alloc.is_some()),
+        ] {
             if given {
                 return refuse(format!("{flag} needs --act-sparsity"));
             }

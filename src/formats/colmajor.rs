@@ -127,7 +127,11 @@ impl<E: Elem> ColMajorOf<E> {
                 ));
             }
             if let Some(r) = s.iter().position(|v| !v.is_finite()) {
-                return Err(ferr(st.name.clone(), kind, format!("row {r} has a non-finite scale")));
+                return Err(ferr(
+                    st.name.clone(),
+                    kind,
+                    format!("row {r} has a non-finite scale"),
+                ));
             }
             s
         } else {
@@ -154,7 +158,8 @@ impl<E: Elem> ColMajorOf<E> {
 
     /// Bytes one product reads when `active` of the columns are nonzero in `x`.
     pub fn bytes_for_active(&self, active: usize) -> usize {
-        self.rows.next_multiple_of(PAD) * active * E::DTYPE.size() + self.rows * self.scales_per_row()
+        self.rows.next_multiple_of(PAD) * active * E::DTYPE.size()
+            + self.rows * self.scales_per_row()
     }
 
     fn scales_per_row(&self) -> usize {
@@ -217,7 +222,10 @@ fn alloc_huge<E: Copy>(n: usize, zero: E) -> Vec<E> {
     {
         const HUGE: usize = 2 << 20;
         let p = v.as_mut_ptr() as usize;
-        let (a, b) = (p.next_multiple_of(HUGE), (p + n * std::mem::size_of::<E>()) / HUGE * HUGE);
+        let (a, b) = (
+            p.next_multiple_of(HUGE),
+            (p + n * std::mem::size_of::<E>()) / HUGE * HUGE,
+        );
         if b > a {
             // SAFETY: a hint on pages of this (untouched) allocation; failure changes nothing.
             unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
@@ -339,7 +347,11 @@ impl<E: Elem> WeightFormat for ColMajorOf<E> {
         if m <= SMALL_M {
             let (c, r) = (self.cols, self.rows);
             for i in 0..m {
-                self.matvec_skip(&x[i * c..(i + 1) * c], &mut y[i * r..(i + 1) * r], accumulate);
+                self.matvec_skip(
+                    &x[i * c..(i + 1) * c],
+                    &mut y[i * r..(i + 1) * r],
+                    accumulate,
+                );
             }
         } else {
             matmul_tiled(self, x, m, y, accumulate);

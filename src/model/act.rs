@@ -168,7 +168,11 @@ pub fn achieved(model: &Model) -> [Option<f64>; 4] {
 
 /// The thresholds installed in `model`, if any.
 pub fn installed(model: &Model) -> Option<Arc<ActSparsity>> {
-    model.weights.layers.iter().find_map(|l| l.act.as_ref().map(|a| a.source.clone()))
+    model
+        .weights
+        .layers
+        .iter()
+        .find_map(|l| l.act.as_ref().map(|a| a.source.clone()))
 }
 
 /// Resets every block's counters.

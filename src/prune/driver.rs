@@ -341,10 +341,7 @@ fn run(
     let width = len * model.config.hidden_size;
     let ns = plan.recovery.reconstruct.map_or(0, |o| o.samples_of(n));
     recovery.recon_samples = ns;
-    let mut h_dense = plan
-        .recovery
-        .reconstruct
-        .map(|_| h[..ns * width].to_vec());
+    let mut h_dense = plan.recovery.reconstruct.map(|_| h[..ns * width].to_vec());
     let mut tensors = Vec::new();
     let (mut params, mut zeros) = (0usize, 0usize);
     for (i, &target) in layer_sparsity.iter().enumerate() {

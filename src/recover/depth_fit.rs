@@ -129,7 +129,18 @@ pub fn refit_after_removal(
         progress(i, last + 1);
         let dl = &dense.weights.layers[i];
         if gone(i) {
-            run_all(&dense.config, i, dl, &rope, &mut h_d, n, len, per, &mut scratch)?;
+            run_layer(
+                &dense.config,
+                i,
+                dl,
+                &rope,
+                &mut h_d,
+                n,
+                len,
+                Pass::Propagate,
+                &mut NoObserver,
+                &mut scratch,
+            )?;
             continue;
         }
         if targets.contains(&i) {
@@ -145,37 +156,36 @@ pub fn refit_after_removal(
                 &mut scratch,
             )?);
         } else {
-            run_all(&dense.config, i, dl, &rope, &mut h_d, n, len, per, &mut scratch)?;
+            run_layer(
+                &dense.config,
+                i,
+                dl,
+                &rope,
+                &mut h_d,
+                n,
+                len,
+                Pass::Propagate,
+                &mut NoObserver,
+                &mut scratch,
+            )?;
         }
         let pl = &model.weights.layers[k];
-        run_all(&model.config, k, pl, &rope, &mut h_p, n, len, per, &mut scratch)?;
+        run_layer(
+            &model.config,
+            k,
+            pl,
+            &rope,
+            &mut h_p,
+            n,
+            len,
+            Pass::Propagate,
+            &mut NoObserver,
+            &mut scratch,
+        )?;
         k += 1;
     }
     progress(last + 1, last + 1);
     Ok(out)
-}
-
-/// Propagate the whole stream `h` through one block.
-#[allow(clippy::too_many_arguments)]
-fn run_all(
-    cfg: &crate::Config,
-    layer: usize,
-    lw: &crate::LayerWeights,
-    rope: &Rope,
-    h: &mut [f32],
-    n: usize,
-    len: usize,
-    per: usize,
-    scratch: &mut Scratch,
-) -> Result<()> {
-    let width = len * cfg.hidden_size;
-    for s0 in (0..n).step_by(per) {
-        let b = per.min(n - s0);
-        let range = s0 * width..(s0 + b) * width;
-        let h = &mut h[range];
-        run_layer(cfg, layer, lw, rope, h, b, len, Pass::Propagate, &mut NoObserver, scratch)?;
-    }
-    Ok(())
 }
 
 /// Re-fit o_proj then down_proj of pruned block `k` (dense block `i`); advances `h_d` through
@@ -195,7 +205,10 @@ fn refit_block(
     let d = dense.config.hidden_size;
     let dl = &dense.weights.layers[i];
     let mut fits = Vec::new();
-    for (kind, site) in [(LinearKind::O, Site::AttnOut), (LinearKind::Down, Site::MlpDown)] {
+    for (kind, site) in [
+        (LinearKind::O, Site::AttnOut),
+        (LinearKind::Down, Site::MlpDown),
+    ] {
         let cp = model.weights.layers[k].linear(kind).in_features();
         let mut sums = Sums::new(cp, d);
         let mut y = Vec::new();
@@ -210,11 +223,33 @@ fn refit_block(
                 _ => Pass::Propagate,
             };
             let hd = &mut h_d[range.clone()];
-            run_layer(&dense.config, i, dl, rope, hd, b, len, pass, &mut gd, scratch)?;
+            run_layer(
+                &dense.config,
+                i,
+                dl,
+                rope,
+                hd,
+                b,
+                len,
+                pass,
+                &mut gd,
+                scratch,
+            )?;
             let mut gp = Grab::new(k, Some(site));
             let pl = &model.weights.layers[k];
             let hp = &mut h_p[range.clone()];
-            run_layer(&model.config, k, pl, rope, hp, b, len, Pass::Statistics, &mut gp, scratch)?;
+            run_layer(
+                &model.config,
+                k,
+                pl,
+                rope,
+                hp,
+                b,
+                len,
+                Pass::Statistics,
+                &mut gp,
+                scratch,
+            )?;
             let rows = b * len;
             if gp.x.len() != rows * cp || gp.mid.len() != rows * d {
                 return Err(Error::Invalid(format!(

@@ -61,7 +61,14 @@ pub fn refit_factors(
     // B = W₀·Cᵀ, Cᵀ[i][j] = cross[j][i].
     let ct = Mat::<f64>::from_fn(c, c, |i, j| st.cross[j * c + i]);
     let mut b = Mat::<f64>::zeros(out, c);
-    matmul(b.as_mut(), Accum::Replace, w0m.as_ref(), ct.as_ref(), 1.0, Par::rayon(0));
+    matmul(
+        b.as_mut(),
+        Accum::Replace,
+        w0m.as_ref(),
+        ct.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
     drop(ct);
     let gd = Mat::<f64>::from_fn(c, c, |i, j| st.gd[i * c + j]);
     let energy = {

@@ -1,19 +1,21 @@
 //! Block reconstruction: after a block is pruned, re-fit the surviving weights of each pruned
-//! linear by least squares so that it reproduces the *dense* model's output of that linear
-//! given the *pruned* model's own input (two activation streams, so errors do not compound
-//! down the stack; attention and MLP linears each see the inputs their own pruned sublayer
-//! produces).
+//! linear by least squares on the *pruned* model's own inputs, towards either the *dense*
+//! model's output of that linear on the dense inputs (two activation streams, the issue's
+//! design, [`ReconTarget::Dense`]) or the unpruned weights' output on the pruned inputs (one
+//! stream, [`ReconTarget::Pruned`], the default since it is the one that helps on SmolLM2).
+//! Attention and MLP linears each see the inputs their own pruned sublayer produces. With the
+//! one-stream target `C` below is `G` and `X_dᵀX_d` is `G`.
 //!
 //! For a linear with dense weights `W`, pruned `Ŵ`, dense-stream input `X_d` and
 //! pruned-stream input `X_p`, each row `r` solves, on its kept inputs `k` only (so every
 //! sparsity pattern is kept exactly),
 //!
-//! `min ‖X_p,k ŵ_k − X_d w‖² + ‖Λ^½(ŵ_k − w_k)‖²`  ⇔  `(G_kk + Λ) ŵ_k = (C w)_k + Λ w_k`,
+//! `min ‖X_p,k ŵ_k − X_d w‖² + λ‖ŵ_k − w_k‖²`  ⇔  `(G_kk + λI) ŵ_k = (C w)_k + λ w_k`,
 //!
 //! with `G = X_pᵀX_p` and `C = X_pᵀX_d` summed over the (weighted) calibration tokens in f64,
-//! `w_k` the row's current kept weights, and `Λ = damp · diag(G)` (raised tenfold while the
-//! Cholesky factorisation fails; the report says how far). The error `ŵᵀGŵ − 2ŵᵀCw + wᵀ(X_dᵀX_d)w` is reported before and
-//! after relative to `wᵀ(X_dᵀX_d)w`; a row whose undamped error the solve would raise keeps its
+//! `w_k` the row's current kept weights, and `λ = damp · mean diag(G)` (raised tenfold while
+//! the Cholesky factorisation fails; the report says how far). The error
+//! `ŵᵀGŵ − 2ŵᵀCw + wᵀ(X_dᵀX_d)w` is reported before and after relative to `wᵀ(X_dᵀX_d)w`; a row whose undamped error the solve would raise keeps its
 //! weights. A NaN/Inf solution is an error naming the linear.
 //!
 //! **Token weighting and damping.** This model (like most LLMs) has massive activations: a few
@@ -21,10 +23,11 @@
 //! the rest in a few channels. Plain sums let those tokens own the fit, and the re-fit then
 //! buys their error with everyone else's (measured: Wanda 50% went from perplexity 34 to 8,376
 //! on a 16-sample check). So each token is weighted by `1/rms(x_d,t)²`, making every token's
-//! *relative* error count the same, and the damping is relative per channel: `λ_j = damp ·
-//! G_jj` added to the diagonal, pulling towards the current weights (`(G_kk + Λ) ŵ_k = (C w)_k
-//! + Λ w_k`), never towards zero (ridge towards zero shrank whole rows: perplexity 25,000).
-//! Reported errors use the same weighting.
+//! *relative* error count the same, and the damping pulls towards the current weights
+//! (`(G_kk + λI) ŵ_k = (C w)_k + λ w_k`), never towards zero (ridge towards zero shrank whole
+//! rows: perplexity 25,000). Reported errors use the same weighting. Even so, the two-stream
+//! target made the model worse on SmolLM2 (Wanda 50%, 16-sample check: 34.2 → 325), while the
+//! one-stream target `X_p w` ([`ReconTarget::Pruned`], the default) improved it (→ 30.7).
 //!
 //! The statistics come from one paired pass per round ([`collect`]): for each chunk of
 //! calibration samples the dense block runs on the dense stream while its linear inputs are
@@ -390,16 +393,13 @@ fn fit_row(
     if k.is_empty() || mean_diag <= 0.0 {
         return Ok(fit);
     }
-    // Relative damping: channel j gets rel·G_jj plus a floor (dead channels); when the
-    // factorisation fails, rel grows tenfold and the floor becomes rel·mean(diag G).
+    // Damping rel·mean(diag G) on every kept channel plus a tiny floor; when the factorisation
+    // fails, rel grows tenfold and the floor becomes rel·mean(diag G).
     let mut rel = lambda0 / mean_diag;
     let mut floor = mean_diag * 1e-10;
     let mut solved = None;
     for _ in 0..8 {
-        let d: Vec<f64> = k
-            .iter()
-            .map(|&i| rel * g[i * c + i].max(0.0) + floor)
-            .collect();
+        let d = vec![rel * mean_diag + floor; k.len()];
         let a = Mat::<f64>::from_fn(k.len(), k.len(), |p, q| {
             g[k[p] * c + k[q]] + if p == q { d[p] } else { 0.0 }
         });
@@ -474,9 +474,11 @@ pub fn refit_row_naive(wr: &[f32], w0r: &[f32], st: &ReconStats, damp: f64) -> V
     let mut a: Vec<Vec<f64>> = (0..n)
         .map(|p| {
             let mut row: Vec<f64> = (0..n).map(|q| st.gp[k[p] * c + k[q]]).collect();
-            let d = damp * st.gp[k[p] * c + k[p]].max(0.0) + mean_diag * 1e-10;
+            let d = damp * mean_diag + mean_diag * 1e-10;
             row[p] += d;
-            let rhs: f64 = (0..c).map(|j| st.cross[k[p] * c + j] * w0r[j] as f64).sum::<f64>()
+            let rhs: f64 = (0..c)
+                .map(|j| st.cross[k[p] * c + j] * w0r[j] as f64)
+                .sum::<f64>()
                 + d * wr[k[p]] as f64;
             row.push(rhs);
             row
@@ -518,11 +520,12 @@ pub fn dense_copy(lw: &LayerWeights) -> LayerWeights {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReconTarget {
-    /// The dense model's output on the dense inputs, `X_d w` (two streams).
-    #[default]
+    /// The dense model's output on the dense inputs, `X_d w` (two streams). On SmolLM2 this
+    /// made Wanda 50% far worse (see docs/recovery.md), so it is not the default.
     Dense,
     /// The unpruned weights' output on the pruned model's own inputs, `X_p w` (one stream, the
-    /// objective SparseGPT approximates; errors then compound down the stack).
+    /// objective SparseGPT approximates, here solved exactly per row): the default.
+    #[default]
     Pruned,
 }
 
@@ -559,7 +562,7 @@ impl Default for ReconOptions {
             damp: 0.01,
             rounds: 1,
             samples: 32,
-            target: ReconTarget::Dense,
+            target: ReconTarget::Pruned,
         }
     }
 }

@@ -240,7 +240,12 @@ pub fn refit_consumers(
 }
 
 /// Solve for `[W | b]` and write them into `lin` (kept when the fit would raise the error).
-pub(crate) fn solve(s: &Sums, lin: &mut crate::Linear, damp: f64, name: &str) -> Result<FitOutcome> {
+pub(crate) fn solve(
+    s: &Sums,
+    lin: &mut crate::Linear,
+    damp: f64,
+    name: &str,
+) -> Result<FitOutcome> {
     let (cp, rows, n) = (s.cp, s.out, s.cp + 1);
     let g = Mat::<f64>::from_fn(n, n, |i, j| s.g[i.min(j) * n + i.max(j)]);
     let mean_diag = (0..cp).map(|j| g[(j, j)]).sum::<f64>() / cp.max(1) as f64;

@@ -12,10 +12,10 @@
 //! reached.
 
 use crate::formats::{ColMajorOf, WeightFormat, SMALL_M};
+use crate::model::names;
 use crate::model::observer::Site;
 use crate::model::weights::Packed;
 use crate::runtime::choice::ValueType;
-use crate::model::names;
 use crate::{Error, LinearKind, Model, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -77,7 +77,10 @@ pub fn decode_bytes(model: &Model) -> usize {
         for k in LinearKind::ALL {
             if let Some(p) = &lw.linear(k).packed {
                 if p.format.kind().starts_with("colmajor") {
-                    let s = lw.act.as_ref().and_then(|a| a.achieved(crate::model::act::site_index(Site::of(k))));
+                    let s = lw
+                        .act
+                        .as_ref()
+                        .and_then(|a| a.achieved(crate::model::act::site_index(Site::of(k))));
                     skipped += p.format.nbytes() as f64 * s.unwrap_or(0.0);
                 }
             }

@@ -342,14 +342,16 @@ pub fn remove_layers(
         .collect();
     sync_config(model);
     let reconstruction = match (spec.reconstruct, &dense) {
-        (Some(opts), Some(dense)) => match reconstruct(dense, model, &removed, calib, opts, progress) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                // Errors leave the model untouched.
-                *model = dense.clone();
-                return Err(e);
+        (Some(opts), Some(dense)) => {
+            match reconstruct(dense, model, &removed, calib, opts, progress) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    // Errors leave the model untouched.
+                    *model = dense.clone();
+                    return Err(e);
+                }
             }
-        },
+        }
         _ => None,
     };
     Ok(json!({

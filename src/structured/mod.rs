@@ -125,10 +125,14 @@ pub fn reconstruct_width(
 ) -> crate::Result<StepDetails> {
     let t = std::time::Instant::now();
     let sub = calib.first(opts.samples_of(calib.n));
-    let fits =
-        crate::recover::width::refit_consumers(dense, model, &sub, kind, opts.damp, &mut |d, n| {
-            progress("reconstruction", d, n)
-        })?;
+    let fits = crate::recover::width::refit_consumers(
+        dense,
+        model,
+        &sub,
+        kind,
+        opts.damp,
+        &mut |d, n| progress("reconstruction", d, n),
+    )?;
     declare_bias(model, kind);
     let n = fits.len().max(1) as f64;
     let mean = |f: fn(&crate::recover::FitOutcome) -> f64| fits.iter().map(f).sum::<f64>() / n;

@@ -133,7 +133,15 @@ pub fn prune_neurons(
     };
     let dense = model.clone();
     let details = apply(model, &stats, spec, req)?;
-    super::reconstruct_width(&dense, model, calib, LinearKind::Down, opts, details, progress)
+    super::reconstruct_width(
+        &dense,
+        model,
+        calib,
+        LinearKind::Down,
+        opts,
+        details,
+        progress,
+    )
 }
 
 /// The sites whose statistics `metric` needs.

@@ -165,7 +165,7 @@ pub const STEP_OPTIONS: &[StepOption] = &[
     opt("recon-rounds", &["sparse"], "recon_rounds", Integer, Modifier,
         "Paired passes and re-fits per block (default 1); needs --reconstruct"),
     opt("recon-target", &["low_rank", "sparse"], "recon_target", Choice(RECON_TARGETS), Modifier,
-        "What a re-fit reproduces: dense (default: the dense model's outputs on its own inputs, two streams) or pruned (the unpruned weights on the pruned inputs, one stream); needs --reconstruct"),
+        "What a re-fit reproduces: pruned (default: the unpruned weights on the pruned inputs, one stream) or dense (the dense model's outputs on its own inputs, two streams; worse on SmolLM2); needs --reconstruct"),
     opt("recon-samples", &["layers", "heads", "neurons", "low_rank", "sparse"], "recon_samples", Integer, Modifier,
         "Reconstruct from the first N calibration samples only (default 32; 0 = all): the cost of reconstruction scales with N; needs --reconstruct"),
 ];

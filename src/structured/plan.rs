@@ -109,7 +109,9 @@ impl Step {
     /// Whether the step reads calibration activations.
     pub fn needs_calibration(&self) -> bool {
         match self {
-            Step::Layers(s) => !matches!(s.select, LayerSelection::List(_)) || s.reconstruct.is_some(),
+            Step::Layers(s) => {
+                !matches!(s.select, LayerSelection::List(_)) || s.reconstruct.is_some()
+            }
             Step::LowRank(s) => s.whiten || s.reconstruct.is_some(),
             Step::Sparse(p) => {
                 p.method != Method::Magnitude
@@ -700,16 +702,21 @@ fn parse_recon(
         _ => None,
     };
     let target = match f.kind {
-        "sparse" | "low_rank" => f.choice("recon_target", opts::RECON_TARGETS, None, |s| match s {
-            "dense" => Some(Some(crate::recover::ReconTarget::Dense)),
-            "pruned" => Some(Some(crate::recover::ReconTarget::Pruned)),
-            _ => None,
-        })?,
+        "sparse" | "low_rank" => {
+            f.choice("recon_target", opts::RECON_TARGETS, None, |s| match s {
+                "dense" => Some(Some(crate::recover::ReconTarget::Dense)),
+                "pruned" => Some(Some(crate::recover::ReconTarget::Pruned)),
+                _ => None,
+            })?
+        }
         _ => None,
     };
     if let Some(d) = damp {
         if !(d >= 0.0 && d.is_finite()) {
-            return Err(f.err("recon_damp", format!("must be a finite number >= 0, got {d}")));
+            return Err(f.err(
+                "recon_damp",
+                format!("must be a finite number >= 0, got {d}"),
+            ));
         }
     }
     if rounds == Some(0) {
