@@ -38,6 +38,7 @@ fn output_error(m: &Mat<f64>, g: &Mat<f64>, b: &Mat<f64>, energy: f64) -> f64 {
 /// Re-fit the factors `u` (`[out, r]`) and `v` (`[r, inp]`) of a low-rank linear whose dense
 /// weights were `w0` (`[out, inp]`), from the two-stream statistics `st`, damping `damp`
 /// (relative to mean diag `X_pᵀX_p`). The factors change only when the error falls.
+#[allow(clippy::too_many_arguments)]
 pub fn refit_factors(
     u: &mut [f32],
     v: &mut [f32],
