@@ -128,21 +128,6 @@ pub fn refit_after_removal(
     for i in 0..=last {
         progress(i, last + 1);
         let dl = &dense.weights.layers[i];
-        if gone(i) {
-            run_layer(
-                &dense.config,
-                i,
-                dl,
-                &rope,
-                &mut h_d,
-                n,
-                len,
-                Pass::Propagate,
-                &mut NoObserver,
-                &mut scratch,
-            )?;
-            continue;
-        }
         if targets.contains(&i) {
             out.fits.extend(refit_block(
                 dense,
@@ -156,6 +141,8 @@ pub fn refit_after_removal(
                 &mut scratch,
             )?);
         } else {
+            // Removed blocks and plain kept blocks: the dense stream just moves on.
+            let o = &mut NoObserver;
             run_layer(
                 &dense.config,
                 i,
@@ -165,9 +152,12 @@ pub fn refit_after_removal(
                 n,
                 len,
                 Pass::Propagate,
-                &mut NoObserver,
+                o,
                 &mut scratch,
             )?;
+        }
+        if gone(i) {
+            continue;
         }
         let pl = &model.weights.layers[k];
         run_layer(

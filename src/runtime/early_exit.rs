@@ -212,22 +212,10 @@ pub fn generate_early_exit(
         )));
     }
     let greedy = opts.sampling.is_greedy();
-    let mut stops = opts.stop_tokens.clone();
-    if opts.stop_at_eos {
-        stops.extend(model.config.eos_token_id);
-    }
+    let stops = super::generate::stop_tokens(model, opts);
     let cap = (prompt_ids.len() + opts.max_new.saturating_sub(1)).min(ctx);
     let mut cache = KvCache::new(model, cap);
-    let mut gs = GenerateStats {
-        prompt_tokens: prompt_ids.len(),
-        new_tokens: 0,
-        decode_steps: 0,
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        prefill_tokens_per_s: 0.0,
-        decode_tokens_per_s: 0.0,
-        stop: StopReason::MaxNew,
-    };
+    let mut gs = GenerateStats::new(prompt_ids.len());
     let n = model.weights.layers.len();
     let (mut layers, mut exits, mut tokens) = (0usize, 0usize, 0usize);
     if opts.max_new > 0 {

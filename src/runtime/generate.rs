@@ -62,6 +62,31 @@ pub struct GenerateStats {
 }
 
 /// Generate from `prompt_ids`, calling `on_token` with each new token as it is chosen.
+impl GenerateStats {
+    /// Nothing generated yet, for a prompt of `prompt_tokens`.
+    pub fn new(prompt_tokens: usize) -> GenerateStats {
+        GenerateStats {
+            prompt_tokens,
+            new_tokens: 0,
+            decode_steps: 0,
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+            prefill_tokens_per_s: 0.0,
+            decode_tokens_per_s: 0.0,
+            stop: StopReason::MaxNew,
+        }
+    }
+}
+
+/// The tokens that end generation: the requested ones, plus EOS when asked.
+pub fn stop_tokens(model: &Model, opts: &GenerateOpts) -> Vec<u32> {
+    let mut stops = opts.stop_tokens.clone();
+    if opts.stop_at_eos {
+        stops.extend(model.config.eos_token_id);
+    }
+    stops
+}
+
 pub fn generate(
     model: &Model,
     prompt_ids: &[u32],
@@ -79,23 +104,11 @@ pub fn generate(
             prompt_ids.len()
         )));
     }
-    let mut stops = opts.stop_tokens.clone();
-    if opts.stop_at_eos {
-        stops.extend(model.config.eos_token_id);
-    }
+    let stops = stop_tokens(model, opts);
     // The last new token is never fed back, so the cache needs prompt + max_new − 1 positions.
     let cap = (prompt_ids.len() + opts.max_new.saturating_sub(1)).min(ctx);
     let mut cache = KvCache::new(model, cap);
-    let mut stats = GenerateStats {
-        prompt_tokens: prompt_ids.len(),
-        new_tokens: 0,
-        decode_steps: 0,
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        prefill_tokens_per_s: 0.0,
-        decode_tokens_per_s: 0.0,
-        stop: StopReason::MaxNew,
-    };
+    let mut stats = GenerateStats::new(prompt_ids.len());
     // Greedy and top-k steps go through the LM head's argmax screen when there is one: the k
     // largest logits, all the sampler looks at, come out exactly as from the full head.
     let s = &opts.sampling;

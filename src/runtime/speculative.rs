@@ -475,10 +475,7 @@ pub fn generate_speculative(
 ) -> Result<SpecStats> {
     let sampler = Sampler::new(opts.sampling)?;
     let ctx = check_inputs(model, draft, prompt_ids, spec)?;
-    let mut stops = opts.stop_tokens.clone();
-    if opts.stop_at_eos {
-        stops.extend(model.config.eos_token_id);
-    }
+    let stops = super::generate::stop_tokens(model, opts);
     let cap = (prompt_ids.len() + opts.max_new.saturating_sub(1)).min(ctx);
     let s = &opts.sampling;
     let screen_k = if s.is_greedy() { 1 } else { s.top_k };
@@ -498,16 +495,7 @@ pub fn generate_speculative(
         sampler,
         screen_k,
     };
-    let mut gs = GenerateStats {
-        prompt_tokens: prompt_ids.len(),
-        new_tokens: 0,
-        decode_steps: 0,
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        prefill_tokens_per_s: 0.0,
-        decode_tokens_per_s: 0.0,
-        stop: StopReason::MaxNew,
-    };
+    let mut gs = GenerateStats::new(prompt_ids.len());
     let mut ss = SpecStats {
         generate: gs.clone(),
         rounds: 0,
