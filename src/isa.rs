@@ -113,6 +113,19 @@ fn amx_bf16_cpuid() -> bool {
     }
 }
 
+/// The CPU's model name (Linux /proc/cpuinfo), for the figures' provenance.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// This CPU's features, detected on first use.
 #[inline]
 pub fn features() -> &'static Features {

@@ -12,6 +12,7 @@ use common::*;
 use lopper::calibrate::{self, CalibSet, SplitMix64};
 use lopper::prune::owl::{self, Allocation};
 use lopper::prune::{self, driver, Method, Pattern, PrunePlan, Scope, SiteStats, Target};
+use lopper::model::flops;
 use lopper::{Error, LinearKind, Model};
 use std::path::{Path, PathBuf};
 
@@ -1349,4 +1350,52 @@ fn evaluation_by_block_equals_window_by_window_and_holds_no_block() {
     // Too few tokens for one window: the same error as window by window.
     let e = lopper::eval::perplexity_by_block(&mut lazy, &ids[..40], 48, 5, text, &mut |_, _| {});
     assert!(matches!(e, Err(Error::Text { .. })), "{e:?}");
+}
+
+/// report.json's `passes` say which calibration passes ran, over how many blocks, with the
+/// analytic work of each: magnitude runs none; Wanda a statistics pass over every block (up to
+/// down_proj's input) and a propagating pass over all but the last; SparseGPT adds its Grams.
+#[test]
+fn pass_reports_name_the_passes_and_their_work() {
+    let calib = tiny_calib(7);
+    for method in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
+        let mut model = tiny_model();
+        let orig = tiny_model();
+        let out = run_plan(&mut model, &PrunePlan::new(method, Pattern::Unstructured, 0.5))
+            .unwrap();
+        let names: Vec<&str> = out.passes.iter().map(|p| p.name).collect();
+        if method == Method::Magnitude {
+            assert!(names.is_empty(), "magnitude ran {names:?}");
+            continue;
+        }
+        assert_eq!(names, ["statistics", "propagate"], "{method:?}");
+        let hd = model.config.head_dim;
+        let work = |skip_down: bool, layers: usize| -> f64 {
+            orig.weights.layers[..layers]
+                .iter()
+                .map(|l| calib.n as f64 * flops::block_flops(l, hd, calib.len, skip_down))
+                .sum::<f64>()
+                / 1e9
+        };
+        let (st, fw) = (&out.passes[0], &out.passes[1]);
+        assert_eq!((st.blocks, fw.blocks), (3, 2), "{method:?}");
+        let gram = st.gram_gflop;
+        assert_eq!(gram > 0.0, method == Method::Sparsegpt, "{method:?} Gram {gram}");
+        if method == Method::Sparsegpt {
+            // Distinct inputs of a block: attention (64), o_proj (8·8), MLP (64), down (width).
+            let tokens = (calib.n * calib.len) as f64;
+            let l = &orig.weights.layers[0];
+            let down = l.linear(LinearKind::Down).in_features() as f64;
+            let o = l.linear(LinearKind::O).in_features() as f64;
+            let per_block = tokens * (2.0 * 64.0 * 65.0 + o * (o + 1.0) + down * (down + 1.0));
+            assert!((gram - 3.0 * per_block / 1e9).abs() < 1e-12, "Gram {gram}");
+        }
+        assert!((st.gflop - gram - work(true, 3)).abs() < 1e-9, "{method:?} statistics");
+        // The pruned blocks have the dense blocks' shapes, so the same analytic work.
+        assert!((fw.gflop - work(false, 2)).abs() < 1e-9, "{method:?} propagate");
+        assert!(work(true, 3) < work(false, 3));
+        for p in &out.passes {
+            assert!(p.seconds > 0.0 && (p.gflop_per_s - p.gflop / p.seconds).abs() < 1e-6);
+        }
+    }
 }

@@ -131,7 +131,7 @@ pub fn run(a: &Opts) -> Result<()> {
             "detail": r.extra,
         }));
     }
-    let cpu = cpu_name();
+    let cpu = lopper::isa::cpu_name();
     let report = json!({
         "model": path.display().to_string(),
         "cpu": cpu,
@@ -277,15 +277,3 @@ fn run_mode(
     })
 }
 
-/// The CPU's model name (Linux /proc/cpuinfo), for the figures' provenance.
-pub fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|x| x.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}

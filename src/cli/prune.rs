@@ -114,6 +114,12 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         "recovery": outcome.recovery,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
         "gemm_gflops": gemm_gflops,
+        "passes": outcome.passes,
+        "threads": rayon::current_num_threads(),
+        // The calibration passes run f32 GEMMs on every CPU (no bf16 path is built yet; see
+        // docs/benchmarks.md, issue #27); what the CPU could offer is recorded beside it.
+        "calibration_precision": "f32",
+        "cpu": { "model": lopper::isa::cpu_name(), "features": lopper::isa::features().names() },
         "compute_bound_seconds": compute_bound_s,
         "peak_rss_bytes": peak_rss_prune,
         "weights_in_scratch_file": spill.is_some(),
@@ -180,6 +186,20 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
                     a2 / n
                 );
             }
+        }
+        for p in &outcome.passes {
+            println!(
+                "pass          {:<10} {:>2} blocks, {:.0} GFLOP in {:.1} s: {:.0} GFLOP/s{}",
+                p.name,
+                p.blocks,
+                p.gflop,
+                p.seconds,
+                p.gflop_per_s,
+                match p.gram_gflop > 0.0 {
+                    true => format!(" (of which Gram {:.0} GFLOP)", p.gram_gflop),
+                    false => String::new(),
+                }
+            );
         }
         if let (Some(b), Some(r)) = (compute_bound_s, gemm_gflops) {
             println!("compute bound {:.1} s (2 calibration passes at the measured GEMM rate {:.0} GFLOP/s): {:.2}x of it", b, r, outcome.seconds_total / b);

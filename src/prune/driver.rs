@@ -16,6 +16,7 @@ use super::owl::{self, Allocation};
 use super::stats::StatsObserver;
 use super::{mask, pruner, wanda, Method, Needs, Pattern, Scope, Target};
 use crate::calibrate::CalibSet;
+use crate::model::flops;
 use crate::model::forward::embed;
 use crate::model::observer::{NoObserver, Site};
 use crate::model::rope::Rope;
@@ -173,6 +174,50 @@ pub struct TensorOutcome {
     pub sparsity: f64,
 }
 
+/// One kind of calibration pass the driver ran, with its arithmetic and its rate.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PassReport {
+    /// `owl_scan` (full blocks, statistics on the way), `statistics` (dense blocks up to
+    /// down_proj's input, plus the Gram matrices when the method needs them) or `propagate`
+    /// (the pruned blocks, producing the next block's input).
+    pub name: &'static str,
+    /// Blocks the pass went through.
+    pub blocks: usize,
+    /// Analytic work: linears and attention ([`crate::model::flops::block_flops`]) over every
+    /// calibration window, plus the Gram matrices (`rows·cols·(cols+1)` per distinct input).
+    pub gflop: f64,
+    /// Of `gflop`, the Gram matrices (SparseGPT's XᵀX; swap refinement's).
+    pub gram_gflop: f64,
+    pub seconds: f64,
+    /// `gflop / seconds`: compare with the machine's GEMM rate (`gemm_gflops` in report.json).
+    pub gflop_per_s: f64,
+}
+
+impl PassReport {
+    fn new(name: &'static str) -> PassReport {
+        PassReport {
+            name,
+            blocks: 0,
+            gflop: 0.0,
+            gram_gflop: 0.0,
+            seconds: 0.0,
+            gflop_per_s: 0.0,
+        }
+    }
+
+    fn add(&mut self, flop: f64, gram_flop: f64, seconds: f64) {
+        self.blocks += 1;
+        self.gflop += (flop + gram_flop) / 1e9;
+        self.gram_gflop += gram_flop / 1e9;
+        self.seconds += seconds;
+        self.gflop_per_s = if self.seconds > 0.0 {
+            self.gflop / self.seconds
+        } else {
+            0.0
+        };
+    }
+}
+
 /// What the driver did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneOutcome {
@@ -189,6 +234,8 @@ pub struct PruneOutcome {
     pub seconds_stats: f64,
     pub seconds_prune: f64,
     pub seconds_total: f64,
+    /// The calibration passes that ran (none for magnitude with uniform allocation).
+    pub passes: Vec<PassReport>,
     /// What permutation, swap refinement and reconstruction did, when any ran.
     pub recovery: Option<crate::recover::RecoveryReport>,
 }
@@ -273,6 +320,12 @@ fn run(
     let rope = Rope::new(&model.config, len);
     let mut runner = BlockRunner::new();
     let (mut t_fwd, mut t_stats, mut t_prune) = (0f64, 0f64, 0f64);
+    let hd = model.config.head_dim;
+    let (mut p_owl, mut p_stats, mut p_fwd) = (
+        PassReport::new("owl_scan"),
+        PassReport::new("statistics"),
+        PassReport::new("propagate"),
+    );
 
     // Per-layer targets.
     let mut owl_lod = None;
@@ -304,8 +357,10 @@ fn run(
                     Pass::Propagate,
                     &mut obs,
                 )?;
-                t_stats += t.elapsed().as_secs_f64();
+                let dt = t.elapsed().as_secs_f64();
+                t_stats += dt;
                 let lw = &model.weights.layers[i];
+                p_owl.add(n as f64 * flops::block_flops(lw, hd, len, false), 0.0, dt);
                 let scores: Vec<Vec<f32>> = LinearKind::ALL
                     .iter()
                     .filter_map(|&k| {
@@ -364,7 +419,18 @@ fn run(
                 Pass::Statistics,
                 &mut obs,
             )?;
-            t_stats += t.elapsed().as_secs_f64();
+            let dt = t.elapsed().as_secs_f64();
+            t_stats += dt;
+            let gram: f64 = match needs.hessian {
+                true => obs
+                    .sites
+                    .values()
+                    .map(|s| (s.tokens * s.cols * (s.cols + 1)) as f64)
+                    .sum(),
+                false => 0.0,
+            };
+            let lw = &model.weights.layers[i];
+            p_stats.add(n as f64 * flops::block_flops(lw, hd, len, true), gram, dt);
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
         let t = Instant::now();
@@ -504,7 +570,10 @@ fn run(
                 Pass::Propagate,
                 &mut NoObserver,
             )?;
-            t_fwd += t.elapsed().as_secs_f64();
+            let dt = t.elapsed().as_secs_f64();
+            t_fwd += dt;
+            let lw = &model.weights.layers[i];
+            p_fwd.add(n as f64 * flops::block_flops(lw, hd, len, false), 0.0, dt);
         }
         // The block is final: count its zeros, then give it back to the file.
         let layer = &mut model.weights.layers[i];
@@ -528,6 +597,10 @@ fn run(
         zeros,
         seconds_forward: t_fwd,
         seconds_stats: t_stats,
+        passes: [p_owl, p_stats, p_fwd]
+            .into_iter()
+            .filter(|p| p.blocks > 0)
+            .collect(),
         seconds_prune: t_prune,
         seconds_total: t_all.elapsed().as_secs_f64(),
         recovery: (!recovery.steps.is_empty()).then(|| {
