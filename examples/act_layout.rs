@@ -35,8 +35,8 @@ mod imp {
             let mut i = 0;
             while i < rows {
                 if pf > 0 && i % 32 == 0 {
-                    for c in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(q[c].wrapping_add(2 * i));
+                    for qc in q {
+                        _mm_prefetch::<_MM_HINT_T0>(qc.wrapping_add(2 * i));
                     }
                 }
                 let mut a = _mm256_loadu_ps(acc.as_ptr().add(i));

@@ -13,6 +13,7 @@ fn main() -> anyhow::Result<()> {
     let base = cache.len;
     let mut best = [f64::MAX; 5];
     for _ in 0..8 {
+        #[allow(clippy::needless_range_loop)] // `rows` is also the batch size
         for rows in 1..=4usize {
             cache.truncate(base);
             let ids: Vec<u32> = (0..rows as u32).map(|i| 500 + i).collect();
