@@ -54,8 +54,8 @@ fn bad_activation_sparsity_flags_are_refused() {
         &["--act-score", "magnitude, wina"],
     );
     refused(
-        &["bench", "--format", "bitmask", "--act-sparsity", "0.4"],
-        &["--format bitmask", "dense"],
+        &["bench", "--format", "csr", "--act-sparsity", "0.4"],
+        &["--format csr", "dense or bitmask"],
     );
     let out = tempfile::tempdir().unwrap();
     let o = out.path().join("m");

@@ -210,35 +210,58 @@ fn calibration_reaches_the_target_and_zero_changes_nothing() {
     }
 }
 
+/// Decode through the column-major copies gives the all-position forward's logits with the
+/// same sparsification: dense columns on the dense model, bitmask columns (nonzeros only) on a
+/// weight-sparse one (half of every linear's weights zeroed).
 #[test]
 fn decode_through_columns_matches_the_full_forward() {
-    let (mut m, h) = tiny_calibrated(Score::Magnitude);
-    act::install(&mut m, &h.uniform(0.4)).unwrap();
-    let ids: Vec<u32> = common::random_calib(9, 1, 12, m.config.vocab_size as u64).ids;
-    let vocab = m.config.vocab_size;
-    let full = lopper::model::forward::forward_logits(&m, &ids).unwrap();
-    runtime::act::pack_columns(&mut m, runtime::choice::ValueType::F32).unwrap();
-    let mut cache = KvCache::new(&m, 16);
-    // Prefill 8 positions (row-major f32), then decode 4 single tokens (column-major).
-    let pre = forward_step_all(&m, &ids[..8], &mut cache).unwrap();
-    let mut rows: Vec<Vec<f32>> = pre.chunks(vocab).map(|r| r.to_vec()).collect();
-    for &t in &ids[8..] {
-        rows.push(forward_step(&m, &[t], &mut cache).unwrap());
+    use runtime::act::Columns;
+    for layout in [Columns::Dense, Columns::Bitmask] {
+        let (mut m, h) = tiny_calibrated(Score::Magnitude);
+        if layout == Columns::Bitmask {
+            for l in &mut m.weights.layers {
+                for k in lopper::LinearKind::ALL {
+                    let w = l.linear_mut(k).weight.data_mut();
+                    let mut a: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+                    a.sort_by(|x, y| x.total_cmp(y));
+                    let t = a[a.len() / 2];
+                    w.iter_mut().filter(|v| v.abs() < t).for_each(|v| *v = 0.0);
+                }
+            }
+        }
+        act::install(&mut m, &h.uniform(0.4)).unwrap();
+        let ids: Vec<u32> = common::random_calib(9, 1, 12, m.config.vocab_size as u64).ids;
+        let vocab = m.config.vocab_size;
+        let full = lopper::model::forward::forward_logits(&m, &ids).unwrap();
+        let vt = runtime::choice::ValueType::F32;
+        runtime::act::pack_columns(&mut m, vt, layout).unwrap();
+        let mut cache = KvCache::new(&m, 16);
+        // Prefill 8 positions (row-major f32), then decode 4 single tokens (column-major).
+        let pre = forward_step_all(&m, &ids[..8], &mut cache).unwrap();
+        let mut rows: Vec<Vec<f32>> = pre.chunks(vocab).map(|r| r.to_vec()).collect();
+        for &t in &ids[8..] {
+            rows.push(forward_step(&m, &[t], &mut cache).unwrap());
+        }
+        for (p, r) in rows.iter().enumerate() {
+            let want = &full[p * vocab..(p + 1) * vocab];
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let err = r
+                .iter()
+                .zip(want)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                err <= 1e-3 * scale.max(1.0),
+                "{layout:?} position {p}: max error {err}"
+            );
+        }
+        let kind = m.weights.layers[0].q.packed.as_ref().unwrap().format.kind();
+        let want = match layout {
+            Columns::Dense => "colmajor-f32",
+            Columns::Bitmask => "colbitmask-f32",
+        };
+        assert_eq!(kind, want);
+        assert!(runtime::act::decode_bytes(&m) < runtime::pack::decode_bytes(&m.weights));
     }
-    for (p, r) in rows.iter().enumerate() {
-        let want = &full[p * vocab..(p + 1) * vocab];
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let err = r
-            .iter()
-            .zip(want)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(
-            err <= 1e-3 * scale.max(1.0),
-            "position {p}: max error {err}"
-        );
-    }
-    assert!(m.weights.layers[0].q.packed.as_ref().unwrap().format.kind() == "colmajor-f32");
-    assert!(runtime::act::decode_bytes(&m) < runtime::pack::decode_bytes(&m.weights));
 }
 
 #[test]

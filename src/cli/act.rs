@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::calibrate::act::{self as cal, ActHistograms};
 use lopper::model::act::{self, Score};
+use lopper::runtime::act::Columns;
 use lopper::runtime::{choice::Layout, FormatChoice};
 use std::path::PathBuf;
 
@@ -215,14 +216,18 @@ pub fn describe(t: &act::ActSparsity) -> String {
     )
 }
 
-/// Value type of the column-major copies for `--format` (None: f32). The column-skipping
-/// kernels are dense: a sparse weight format cannot be combined with activation sparsity.
-pub fn column_values(format: Option<FormatChoice>) -> Result<lopper::runtime::choice::ValueType> {
+/// Value type and layout of the column-major copies for `--format` (None: dense f32): a dense
+/// format gives dense columns, a bitmask format columns of nonzeros with a bitmask each (the
+/// weight-sparse model's zeros are then skipped as well); other sparse layouts are refused.
+pub fn column_values(
+    format: Option<FormatChoice>,
+) -> Result<(lopper::runtime::choice::ValueType, Columns)> {
     match format {
-        None => Ok(lopper::runtime::choice::ValueType::F32),
-        Some(c) if c.layout() == Layout::Dense => Ok(c.value_type()),
+        None => Ok((lopper::runtime::choice::ValueType::F32, Columns::Dense)),
+        Some(c) if c.layout() == Layout::Dense => Ok((c.value_type(), Columns::Dense)),
+        Some(c) if c.layout() == Layout::Bitmask => Ok((c.value_type(), Columns::Bitmask)),
         Some(c) => bail!(lopper::Error::Invalid(format!(
-            "--format {c} with activation sparsity: the column-skipping decode kernels store dense values (use dense, bf16, f16 or int8)"
+            "--format {c} with activation sparsity: the column-skipping decode kernels store dense or bitmask columns (use dense, bf16, f16, int8, or bitmask, bitmask-bf16, bitmask-f16, bitmask-int8)"
         ))),
     }
 }
@@ -240,11 +245,12 @@ pub fn pack_for_decode(model: &mut lopper::Model, format: Option<&str>, quiet: b
         ),
         None => None,
     };
-    let vt = column_values(choice)?;
-    let bytes = lopper::runtime::act::pack_columns(model, vt).context("column-major copies")?;
+    let (vt, cols) = column_values(choice)?;
+    let bytes =
+        lopper::runtime::act::pack_columns(model, vt, cols).context("column-major copies")?;
     if !quiet {
         eprintln!(
-            "activation sparsity: block linears also stored column-major ({vt:?}, {:.1} MB) for decode",
+            "activation sparsity: block linears also stored column-major ({vt:?}, {cols:?} columns, {:.1} MB) for decode",
             bytes as f64 / 1e6
         );
     }

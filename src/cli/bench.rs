@@ -468,8 +468,8 @@ fn decode_run(
     };
     if let Some(t) = act_t {
         act::install(model, t)?;
-        let vt = super::act::column_values(entry.format)?;
-        lopper::runtime::act::pack_columns(model, vt)?;
+        let (vt, cols) = super::act::column_values(entry.format)?;
+        lopper::runtime::act::pack_columns(model, vt, cols)?;
         act::reset_counts(model);
         // The column-major copies serve decode only; prefill uses the f32 weights.
         prefill_packed = (0, model.weights.packed().count());

@@ -56,6 +56,7 @@ macro_rules! dims {
 mod avx2;
 mod bitmask;
 mod bsr;
+mod colbitmask;
 mod colmajor;
 mod csr;
 mod dense;
@@ -67,6 +68,7 @@ mod sparse;
 
 pub use bitmask::{Bitmask, BitmaskBf16, BitmaskI8, BitmaskOf};
 pub use bsr::Bsr;
+pub use colbitmask::{ColBitmask, ColBitmaskBf16, ColBitmaskF16, ColBitmaskI8, ColBitmaskOf};
 pub use colmajor::{ColMajor, ColMajorBf16, ColMajorF16, ColMajorI8, ColMajorOf};
 pub use csr::{Csr, CsrBf16, CsrI8, CsrOf};
 pub use dense::{dense_f32_matmul, dense_f32_rows, Dense, DenseBf16, DenseF16, DenseI8, DenseOf};

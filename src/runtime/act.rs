@@ -2,8 +2,9 @@
 //! decode step reads only the weight columns whose inputs survived the thresholds
 //! ([`crate::model::act`]).
 //!
-//! [`pack_columns`] gives every block linear a [`ColMajorOf`] copy in the chosen value type as
-//! its packed format, used for products of up to [`SMALL_M`] rows (decode). Prefill and
+//! [`pack_columns`] gives every block linear a [`ColMajorOf`] copy in the chosen value type (or,
+//! for a weight-sparse model, a [`ColBitmaskOf`] copy that stores only the nonzero weights, so
+//! that static and dynamic zeros both save bytes) as its packed format, used for products of up to [`SMALL_M`] rows (decode). Prefill and
 //! evaluation (more rows) keep using the row-major f32 weight, which stays in the model (mapped
 //! from the file when the model is f32 safetensors), so the model holds both layouts: the
 //! column-major copy costs `rows·cols` values of the chosen type per linear (plus up to 63
@@ -11,7 +12,7 @@
 //! [`decode_bytes`] estimates the weight bytes one decode step reads from the sparsity each site
 //! reached.
 
-use crate::formats::{ColMajorOf, WeightFormat, SMALL_M};
+use crate::formats::{ColBitmaskOf, ColMajorOf, WeightFormat, SMALL_M};
 use crate::model::names;
 use crate::model::observer::Site;
 use crate::model::weights::Packed;
@@ -23,10 +24,19 @@ use std::sync::Arc;
 /// The largest magnitude f16 holds.
 const F16_MAX: f32 = 65504.0;
 
+/// How the column-major copies store a weight's zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    /// Every value ([`ColMajorOf`]).
+    Dense,
+    /// Only the nonzeros, with a bitmask per column ([`ColBitmaskOf`]).
+    Bitmask,
+}
+
 /// Builds column-major copies of every block linear (the matrix `x` meets first: `W`, or a
 /// low-rank layer's `V`) with values `vt`, replacing their packed formats. Returns the bytes
 /// of the copies.
-pub fn pack_columns(model: &mut Model, vt: ValueType) -> Result<usize> {
+pub fn pack_columns(model: &mut Model, vt: ValueType, layout: Columns) -> Result<usize> {
     let jobs: Vec<(usize, LinearKind)> = (0..model.weights.layers.len())
         .flat_map(|i| LinearKind::ALL.map(|k| (i, k)))
         .collect();
@@ -36,9 +46,15 @@ pub fn pack_columns(model: &mut Model, vt: ValueType) -> Result<usize> {
         .map(|&(i, k)| {
             let w = &layers[i].linear(k).weight;
             let (d, rows, cols) = (w.data(), w.rows(), w.cols());
+            let bm = layout == Columns::Bitmask;
             let f: Arc<dyn WeightFormat> = match vt {
+                ValueType::F32 if bm => Arc::new(ColBitmaskOf::<f32>::from_dense(d, rows, cols)?),
                 ValueType::F32 => Arc::new(ColMajorOf::<f32>::from_dense(d, rows, cols)?),
+                ValueType::Bf16 if bm => {
+                    Arc::new(ColBitmaskOf::<half::bf16>::from_dense(d, rows, cols)?)
+                }
                 ValueType::Bf16 => Arc::new(ColMajorOf::<half::bf16>::from_dense(d, rows, cols)?),
+                ValueType::I8 if bm => Arc::new(ColBitmaskOf::<i8>::from_dense(d, rows, cols)?),
                 ValueType::I8 => Arc::new(ColMajorOf::<i8>::from_dense(d, rows, cols)?),
                 ValueType::F16 => {
                     if let Some(p) = d.iter().position(|v| v.abs() > F16_MAX) {
@@ -50,7 +66,10 @@ pub fn pack_columns(model: &mut Model, vt: ValueType) -> Result<usize> {
                             p % cols
                         )));
                     }
-                    Arc::new(ColMajorOf::<half::f16>::from_dense(d, rows, cols)?)
+                    match bm {
+                        true => Arc::new(ColBitmaskOf::<half::f16>::from_dense(d, rows, cols)?),
+                        false => Arc::new(ColMajorOf::<half::f16>::from_dense(d, rows, cols)?),
+                    }
                 }
             };
             Ok(f)
@@ -76,7 +95,8 @@ pub fn decode_bytes(model: &Model) -> usize {
     for lw in &model.weights.layers {
         for k in LinearKind::ALL {
             if let Some(p) = &lw.linear(k).packed {
-                if p.format.kind().starts_with("colmajor") {
+                let kind = p.format.kind();
+                if kind.starts_with("colmajor") || kind.starts_with("colbitmask") {
                     let s = lw
                         .act
                         .as_ref()
