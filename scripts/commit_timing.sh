@@ -10,7 +10,9 @@
 #   scripts/commit_timing.sh BIN_A LABEL_A BIN_B LABEL_B ROUNDS OUT.jsonl [METHOD] [SAMPLES] [THREADS]
 #
 # METHOD defaults to wanda, SAMPLES (c4 calibration windows of 512 tokens, seed 0) to 32,
-# THREADS to the machine's cores. Needs the cached default model and texts (~/.cache/lopper).
+# THREADS to the machine's cores; THREADS_A / THREADS_B (environment) override it for one side,
+# e.g. the same binary at 1 and 2 threads for thread scaling. Needs the cached default model and
+# texts (~/.cache/lopper).
 set -euo pipefail
 bin_a=$1 lab_a=$2 bin_b=$3 lab_b=$4 rounds=$5 out=$6
 method=${7:-wanda} samples=${8:-32} threads=${9:-$(nproc)}
@@ -18,8 +20,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
 
-one() { # BIN LABEL ROUND ORDER
-    local bin=$1 label=$2 round=$3 order=$4 load
+one() { # BIN LABEL ROUND ORDER THREADS
+    local bin=$1 label=$2 round=$3 order=$4 threads=$5 load
     load=$(cut -d' ' -f1 /proc/loadavg)
     rm -rf "$tmp/out"
     /usr/bin/time -f 'TIME %e %U %S %M' -o "$tmp/time" \
@@ -47,10 +49,11 @@ print(json.dumps({
 EOF
 }
 
+t_a=${THREADS_A:-$threads} t_b=${THREADS_B:-$threads}
 for round in $(seq 1 "$rounds"); do
     if [ $((round % 2)) -eq 1 ]; then
-        one "$bin_a" "$lab_a" "$round" "A first"; one "$bin_b" "$lab_b" "$round" "A first"
+        one "$bin_a" "$lab_a" "$round" "A first" "$t_a"; one "$bin_b" "$lab_b" "$round" "A first" "$t_b"
     else
-        one "$bin_b" "$lab_b" "$round" "B first"; one "$bin_a" "$lab_a" "$round" "B first"
+        one "$bin_b" "$lab_b" "$round" "B first" "$t_b"; one "$bin_a" "$lab_a" "$round" "B first" "$t_a"
     fi
 done
