@@ -31,6 +31,14 @@ pub struct EvalArgs {
     /// state, as `run --early-exit` decodes; also reports the mean blocks run per token.
     #[arg(long, allow_negative_numbers = true)]
     pub early_exit: Option<f32>,
+    /// Token pruning (lossy, LazyLLM), comma-separated kept fractions in (0, 1]: each window's
+    /// last --continuation tokens are scored after its prompt (the rest) is prefilled with
+    /// pruning; one continuation perplexity per value, on the same windows.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub token_keep: Vec<f32>,
+    /// Tokens scored after each window's prompt with --token-keep [default: 256].
+    #[arg(long)]
+    pub continuation: Option<usize>,
     #[command(flatten)]
     pub act: super::act::ActArgs,
 }
@@ -44,6 +52,27 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 
 pub fn run(a: EvalArgs) -> Result<()> {
     a.act.check(false)?;
+    if a.continuation.is_some() && a.token_keep.is_empty() {
+        bail!("--continuation needs --token-keep");
+    }
+    if !a.token_keep.is_empty() {
+        super::token_keep::check_list(&a.token_keep)?;
+        if a.early_exit.is_some() || !a.act.act_sparsity.is_empty() {
+            bail!("--token-keep cannot be combined with --early-exit / --act-sparsity yet");
+        }
+        if a.in_memory {
+            bail!("--in-memory does not apply to --token-keep (it always loads the model)");
+        }
+        return super::token_keep::eval(&super::token_keep::EvalOpts {
+            model: &a.model,
+            text: &a.text,
+            seq_len: a.seq_len,
+            windows: a.windows,
+            continuation: a.continuation.unwrap_or(256),
+            keeps: &a.token_keep,
+            json: a.json,
+        });
+    }
     if let Some(t) = a.early_exit {
         lopper::runtime::early_exit::check_threshold(t)?;
         if !a.act.act_sparsity.is_empty() {

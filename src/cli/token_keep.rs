@@ -1,0 +1,268 @@
+//! `--token-keep`: token pruning of long prompts in prefill (LazyLLM; [`lopper::runtime::token_prune`]).
+//!
+//! - `eval --token-keep F[,F…] [--continuation N]`: each window of `--seq-len` tokens is split
+//!   into a prompt (all but the last `N`, default 256) prefilled with pruning and the `N`
+//!   tokens after it, scored teacher-forced against the revived cache; one continuation
+//!   perplexity per `F`, on the same windows, each against the first `F` listed.
+//! - `bench --token-keep F[,F…] [--token-prompts L,…]`: time-to-first-token of wiki prompts of
+//!   each length (default 1024, 2048, 4096, 8192, capped at the model's context) by plain
+//!   prefill and with pruning at each `F`, round-robin `--reps` times (best of each kept), with
+//!   the ratio against plain prefill measured in the same run and whether the first token is
+//!   plain prefill's.
+
+use anyhow::{bail, Context, Result};
+use lopper::runtime::token_prune::{check_keep, check_model, continuation_nll, Schedule};
+use lopper::runtime::{generate, GenerateOpts, SampleOpts};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Refuse kept fractions outside (0, 1] and an empty list.
+pub fn check_list(keeps: &[f32]) -> Result<()> {
+    for &f in keeps {
+        check_keep(f)?;
+    }
+    Ok(())
+}
+
+/// What `eval --token-keep` uses.
+pub struct EvalOpts<'a> {
+    pub model: &'a Option<PathBuf>,
+    pub text: &'a Option<PathBuf>,
+    pub seq_len: usize,
+    pub windows: usize,
+    pub continuation: usize,
+    pub keeps: &'a [f32],
+    pub json: bool,
+}
+
+/// `eval --token-keep`: continuation perplexity per kept fraction.
+pub fn eval(a: &EvalOpts) -> Result<()> {
+    check_list(a.keeps)?;
+    if a.continuation == 0 || a.continuation >= a.seq_len {
+        bail!(
+            "--continuation must be in 1..{} (below --seq-len), got {}",
+            a.seq_len,
+            a.continuation
+        );
+    }
+    let model_path = super::model_path(a.model)?;
+    let text_path = match a.text {
+        Some(p) => p.clone(),
+        None => lopper::assets::wiki_text().context("fetching wiki.utf8")?,
+    };
+    let model = super::load_model(&model_path, a.json)?;
+    check_model(&model)?;
+    let ctx = model.config.max_position_embeddings;
+    if a.seq_len > ctx {
+        bail!("--seq-len {} exceeds the model's context of {ctx} tokens", a.seq_len);
+    }
+    let ids = super::eval::tokenize_text(&model, &text_path)?;
+    let wins = lopper::eval::make_windows(&ids, a.seq_len, a.windows, &text_path)?;
+    let prompt = a.seq_len - a.continuation;
+    let n = model.weights.layers.len();
+    let scheds: Vec<Schedule> = a
+        .keeps
+        .iter()
+        .map(|&f| Schedule::new(n, f))
+        .collect::<lopper::Result<_>>()?;
+    let pb = super::bar(a.json, (wins.len() * scheds.len()) as u64, "windows");
+    let mut rows = Vec::new();
+    for (f, s) in a.keeps.iter().zip(&scheds) {
+        let t0 = Instant::now();
+        let (mut nll, mut count, mut kept, mut per_win) = (0f64, 0usize, 0f64, Vec::new());
+        for w in &wins {
+            let (v, k) = continuation_nll(&model, s, w, prompt)?;
+            let sum: f64 = v.iter().sum();
+            per_win.push((sum / v.len() as f64).exp());
+            nll += sum;
+            count += v.len();
+            kept += k;
+            pb.inc(1);
+        }
+        rows.push(json!({
+            "token_keep": f,
+            "ratio_per_pruning_point": s.ratio,
+            "kept_fraction": kept / wins.len() as f64,
+            "perplexity": (nll / count as f64).exp(),
+            "mean_nll": nll / count as f64,
+            "window_perplexity": per_win,
+            "predictions": count,
+            "seconds": t0.elapsed().as_secs_f64(),
+        }));
+    }
+    pb.finish_and_clear();
+    let base = rows[0]["perplexity"].as_f64().unwrap_or(f64::NAN);
+    for r in rows.iter_mut() {
+        let p = r["perplexity"].as_f64().unwrap_or(f64::NAN);
+        r["vs_first"] = json!(p / base - 1.0);
+    }
+    let report = json!({
+        "model": model_path.display().to_string(),
+        "text": text_path.display().to_string(),
+        "windows": wins.len(),
+        "prompt_tokens": prompt,
+        "continuation_tokens": a.continuation,
+        "runs": rows,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("model       {}", model_path.display());
+    println!(
+        "windows     {} x ({prompt} prompt + {} scored) tokens of {}",
+        wins.len(),
+        a.continuation,
+        text_path.display()
+    );
+    println!("{:>10} {:>9} {:>12} {:>9}", "token-keep", "kept", "perplexity", "vs first");
+    for r in &rows {
+        println!(
+            "{:>10} {:>9.3} {:>12.4} {:>+8.2}%",
+            r["token_keep"],
+            r["kept_fraction"].as_f64().unwrap_or(f64::NAN),
+            r["perplexity"].as_f64().unwrap_or(f64::NAN),
+            100.0 * r["vs_first"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+/// What `bench --token-keep` uses.
+pub struct BenchOpts {
+    pub model: Option<PathBuf>,
+    pub format: Vec<String>,
+    pub head_format: Option<String>,
+    pub no_head_screen: bool,
+    pub reps: usize,
+    pub json: bool,
+    pub keeps: Vec<f32>,
+    pub prompts: Vec<usize>,
+}
+
+/// `bench --token-keep`: time-to-first-token per prompt length and kept fraction.
+pub fn bench(a: &BenchOpts) -> Result<()> {
+    check_list(&a.keeps)?;
+    if a.format.len() > 1 {
+        bail!("--token-keep benchmarks take at most one --format");
+    }
+    let path = super::model_path(&a.model)?;
+    let mut model = super::load_model(&path, a.json)?;
+    check_model(&model)?;
+    super::pack_model(
+        &mut model,
+        a.format.first().map(String::as_str),
+        a.head_format.as_deref(),
+        a.json,
+    )?;
+    if !a.no_head_screen {
+        lopper::runtime::pack::attach_head_screen(&mut model)
+            .context("building the head screen")?;
+    }
+    let ctx = model.config.max_position_embeddings;
+    let text = lopper::assets::wiki_text()?;
+    let ids = super::eval::tokenize_text(&model, &text)?;
+    let mut lens: Vec<usize> = if a.prompts.is_empty() {
+        vec![1024, 2048, 4096, 8192]
+    } else {
+        a.prompts.clone()
+    };
+    if lens.contains(&0) {
+        bail!("--token-prompts: prompt lengths must be positive");
+    }
+    for l in lens.iter_mut() {
+        *l = (*l).min(ctx).min(ids.len());
+    }
+    lens.dedup();
+    let n = model.weights.layers.len();
+    let scheds: Vec<Schedule> = a
+        .keeps
+        .iter()
+        .map(|&f| Schedule::new(n, f))
+        .collect::<lopper::Result<_>>()?;
+    let opts = GenerateOpts {
+        max_new: 1,
+        sampling: SampleOpts::greedy(),
+        stop_at_eos: false,
+        stop_tokens: vec![],
+    };
+    // best[len][mode]: (seconds, first token, kept fraction); mode 0 = plain.
+    let modes = 1 + scheds.len();
+    let mut best = vec![vec![(f64::INFINITY, 0u32, 1.0f64); modes]; lens.len()];
+    for _ in 0..a.reps.max(1) {
+        for (li, &l) in lens.iter().enumerate() {
+            let p = &ids[..l];
+            for (mi, slot) in best[li].iter_mut().enumerate() {
+                let mut tok = 0u32;
+                let (secs, kept) = if mi == 0 {
+                    let s = generate(&model, p, &opts, &mut |t| tok = t)?;
+                    (s.prefill_seconds, 1.0)
+                } else {
+                    let s = lopper::runtime::token_prune::generate_token_pruned(
+                        &model,
+                        &scheds[mi - 1],
+                        p,
+                        &opts,
+                        &mut |t| tok = t,
+                    )?;
+                    (s.generate.prefill_seconds, s.kept_fraction)
+                };
+                if !a.json {
+                    eprintln!("  prompt {l}, mode {mi}: {secs:.3} s");
+                }
+                if secs < slot.0 {
+                    *slot = (secs, tok, kept);
+                }
+            }
+        }
+    }
+    let cpu = super::bench_dynamic::cpu_name();
+    let mut rows = Vec::new();
+    for (li, &l) in lens.iter().enumerate() {
+        let (base, base_tok, _) = best[li][0];
+        for (mi, &(secs, tok, kept)) in best[li].iter().enumerate() {
+            rows.push(json!({
+                "prompt_tokens": l,
+                "mode": if mi == 0 { "plain".to_string() } else { format!("token-keep {}", a.keeps[mi - 1]) },
+                "token_keep": if mi == 0 { None } else { Some(a.keeps[mi - 1]) },
+                "kept_fraction": kept,
+                "ttft_s": secs,
+                "speedup": base / secs,
+                "first_token_as_plain": tok == base_tok,
+            }));
+        }
+    }
+    let report = json!({
+        "model": path.display().to_string(),
+        "cpu": cpu,
+        "threads": rayon::current_num_threads(),
+        "reps": a.reps,
+        "rows": rows,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "machine     {cpu}, {} threads; time to first token (prefill + first token, greedy), best of {} round-robin runs\n",
+        rayon::current_num_threads(),
+        a.reps.max(1)
+    );
+    println!(
+        "{:>7} {:<16} {:>8} {:>9} {:>9} {:>6}",
+        "prompt", "mode", "kept", "TTFT s", "vs plain", "same"
+    );
+    for r in &rows {
+        println!(
+            "{:>7} {:<16} {:>8.3} {:>9.3} {:>8.2}x {:>6}",
+            r["prompt_tokens"],
+            r["mode"].as_str().unwrap_or("?"),
+            r["kept_fraction"].as_f64().unwrap_or(f64::NAN),
+            r["ttft_s"].as_f64().unwrap_or(f64::NAN),
+            r["speedup"].as_f64().unwrap_or(f64::NAN),
+            r["first_token_as_plain"]
+        );
+    }
+    Ok(())
+}
