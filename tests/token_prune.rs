@@ -9,7 +9,7 @@ use lopper::kernels::attention::AttnDims;
 use lopper::model::rope::Rope;
 use lopper::runtime::token_prune::{
     check_keep, check_model, continuation_nll, generate_token_pruned, last_token_scores,
-    prefill, revive, select, Schedule,
+    prefill, revive, select, Revival, Schedule,
 };
 use lopper::runtime::{forward_step, generate, GenerateOpts, KvCache, SampleOpts};
 
@@ -51,7 +51,7 @@ fn keep_one_is_plain_prefill_bit_for_bit() {
         let mut a = Vec::new();
         generate(&m, &p, &opts(24), &mut |t| a.push(t)).unwrap();
         let mut b = Vec::new();
-        let st = generate_token_pruned(&m, &sched, &p, &opts(24), &mut |t| b.push(t)).unwrap();
+        let st = generate_token_pruned(&m, &sched, Revival::Exact, &p, &opts(24), &mut |t| b.push(t)).unwrap();
         assert_eq!(a, b, "{name}: generated tokens");
         assert_eq!(st.kept_fraction, 1.0);
     }
@@ -217,7 +217,7 @@ fn revival_completes_the_cache_and_decoding_runs_on_it() {
     assert!(expect > 0);
     assert_eq!(missing(&cache), expect);
     let before = cache.k.clone();
-    revive(&m, &pf.aux, &mut cache).unwrap();
+    revive(&m, &pf.aux, &mut cache, Revival::Propagate).unwrap();
     assert_eq!(missing(&cache), 0, "rows still empty after revival");
     assert!(cache.v.iter().all(|b| b[..p.len() * kw].iter().all(|x| x.is_finite())));
     // Rows the prefill wrote are untouched; revived rows are the frozen state's K.
@@ -245,12 +245,12 @@ fn revival_completes_the_cache_and_decoding_runs_on_it() {
     let lg = forward_step(&m, &[5], &mut cache).unwrap();
     assert!(lg.iter().all(|x| x.is_finite()));
     let mut out = Vec::new();
-    let st = generate_token_pruned(&m, &sched, &p, &opts(8), &mut |t| out.push(t)).unwrap();
+    let st = generate_token_pruned(&m, &sched, Revival::Exact, &p, &opts(8), &mut |t| out.push(t)).unwrap();
     assert_eq!(out.len(), 8);
     assert!((st.kept_fraction - 0.6).abs() < 0.05, "{}", st.kept_fraction);
     // The evaluation path: F = 1 scores the continuation as a plain pass does.
     let win = prompt(120, 4);
-    let (nll, kept) = continuation_nll(&m, &Schedule::new(3, 1.0).unwrap(), &win, 100).unwrap();
+    let (nll, kept) = continuation_nll(&m, &Schedule::new(3, 1.0).unwrap(), Revival::Exact, &win, 100).unwrap();
     assert_eq!((nll.len(), kept), (20, 1.0));
     let full = lopper::model::forward::forward_logits(&m, &win).unwrap();
     let v = full.len() / win.len();
@@ -306,4 +306,88 @@ fn cli_refuses_bad_token_keep() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--continuation needs --token-keep"));
+}
+
+#[test]
+fn attention_at_positions_matches_naive() {
+    let d = AttnDims {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+    };
+    let (qw, kw, tk) = (32, 16, 300);
+    let val = |i: usize, s: u32| {
+        (((i as u32).wrapping_mul(2654435761) ^ s) % 1000) as f32 / 500.0 - 1.0
+    };
+    // Query rows at scattered ascending positions, more than one 128-row block.
+    let pos: Vec<usize> = (0..tk).filter(|p| p % 3 != 1 || *p < 20).collect();
+    let q: Vec<f32> = (0..pos.len() * qw).map(|i| val(i, 7)).collect();
+    let k: Vec<f32> = (0..tk * kw).map(|i| val(i, 11)).collect();
+    let v: Vec<f32> = (0..tk * kw).map(|i| val(i, 13)).collect();
+    let (mut got, mut want) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+    use lopper::kernels::attention::{causal_attention_at, causal_attention_at_naive};
+    causal_attention_at(&q, &k, &v, &mut got, &pos, tk, d, 0.35);
+    causal_attention_at_naive(&q, &k, &v, &mut want, &pos, tk, d, 0.35);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-5, "entry {i}: {a} vs {b}");
+    }
+    // Contiguous positions are plain causal attention.
+    let tq = 40;
+    let pos: Vec<usize> = (tk - tq..tk).collect();
+    let mut plain = vec![0f32; tq * qw];
+    lopper::kernels::causal_attention(&q[..tq * qw], &k, &v, &mut plain, tq, tk, d, 0.35);
+    let mut at = vec![0f32; tq * qw];
+    causal_attention_at(&q[..tq * qw], &k, &v, &mut at, &pos, tk, d, 0.35);
+    assert_eq!(plain, at);
+}
+
+/// Exact revival runs each dropped token through its remaining blocks against every position:
+/// recomputing a dropped token alone, block by block against the revived cache (the cached
+/// single-row forward), reproduces the K/V revival wrote for it.
+#[test]
+fn exact_revival_is_each_dropped_token_run_against_the_full_cache() {
+    let m = tiny("tiny-llama-tied-bias");
+    let p = prompt(70, 5);
+    let sched = Schedule::new(3, 0.5).unwrap();
+    let mut cache = KvCache::new(&m, p.len());
+    let pf = prefill(&m, &p, &mut cache, &sched).unwrap();
+    revive(&m, &pf.aux, &mut cache, Revival::Exact).unwrap();
+    let (cfg, d) = (&m.config, m.config.hidden_size);
+    let kw = cache.kv_width[0];
+    let rope = Rope::new(cfg, p.len());
+    let mut s = lopper::model::forward::Scratch::default();
+    let mut order: Vec<usize> = (0..pf.aux.pos.len()).collect();
+    order.sort_by_key(|&i| pf.aux.pos[i]);
+    let mut checked = 0;
+    for i in order {
+        let (pos, b) = (pf.aux.pos[i], pf.aux.from_block[i]);
+        let mut h = pf.aux.hidden[i * d..(i + 1) * d].to_vec();
+        for l in b..3 {
+            let row = |c: &[f32]| c[pos * kw..(pos + 1) * kw].to_vec();
+            let (want_k, want_v) = (row(&cache.k[l]), row(&cache.v[l]));
+            let slot = lopper::model::forward::KvSlot {
+                k: &mut cache.k[l],
+                v: &mut cache.v[l],
+                pos0: pos,
+            };
+            lopper::model::forward::block_forward_cached(
+                cfg,
+                l,
+                &m.weights.layers[l],
+                &rope,
+                &mut h,
+                1,
+                1,
+                &mut s,
+                &mut lopper::model::observer::NoObserver,
+                Some(slot),
+            );
+            let (got_k, got_v) = (row(&cache.k[l]), row(&cache.v[l]));
+            for (a, w) in got_k.iter().zip(&want_k).chain(got_v.iter().zip(&want_v)) {
+                assert!((a - w).abs() < 1e-4, "token {pos}, block {l}: {a} vs {w}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "{checked}");
 }

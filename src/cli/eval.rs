@@ -39,6 +39,11 @@ pub struct EvalArgs {
     /// Tokens scored after each window's prompt with --token-keep [default: 256].
     #[arg(long)]
     pub continuation: Option<usize>,
+    /// How the prompt tokens dropped by --token-keep get their K/V before decoding: exact (run
+    /// through their remaining blocks after the first token) or propagate (projected from the
+    /// state they were dropped in) [default: exact].
+    #[arg(long)]
+    pub token_revive: Option<String>,
     #[command(flatten)]
     pub act: super::act::ActArgs,
 }
@@ -55,6 +60,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.continuation.is_some() && a.token_keep.is_empty() {
         bail!("--continuation needs --token-keep");
     }
+    let revive = super::token_keep::revival(&a.token_revive, !a.token_keep.is_empty())?;
     if !a.token_keep.is_empty() {
         super::token_keep::check_list(&a.token_keep)?;
         if a.early_exit.is_some() || !a.act.act_sparsity.is_empty() {
@@ -70,6 +76,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             windows: a.windows,
             continuation: a.continuation.unwrap_or(256),
             keeps: &a.token_keep,
+            revive,
             json: a.json,
         });
     }

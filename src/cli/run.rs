@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// least (docs/dynamic_depth.md).
     #[arg(long, allow_negative_numbers = true)]
     pub token_keep: Option<f32>,
+    /// How the prompt tokens dropped by --token-keep get their K/V before decoding: exact (run
+    /// through their remaining blocks after the first token) or propagate (projected from the
+    /// state they were dropped in) [default: exact].
+    #[arg(long)]
+    pub token_revive: Option<String>,
     #[command(flatten)]
     pub act: super::act::ActArgs,
 }
@@ -85,6 +90,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             bail!("--early-exit cannot be combined with --speculative / --draft (speculative decoding is lossless, early exit is not)");
         }
     }
+    let revive = super::token_keep::revival(&a.token_revive, a.token_keep.is_some())?;
     if let Some(f) = a.token_keep {
         lopper::runtime::token_prune::check_keep(f)?;
         if a.spec.active() || a.early_exit.is_some() {
@@ -213,10 +219,10 @@ pub fn run(a: RunArgs) -> Result<()> {
                     let n = model.weights.layers.len();
                     let sched = lopper::runtime::token_prune::Schedule::new(n, f)?;
                     let s = lopper::runtime::token_prune::generate_token_pruned(
-                        &model, &sched, &ids, &opts, &mut emit,
+                        &model, &sched, revive, &ids, &opts, &mut emit,
                     )?;
                     spec_line = Some(format!(
-                        "token keep F={f}: prefill ran {:.3} of the prompt's token-blocks (share {:.3} per pruning point); dropped tokens' K/V revived in {:.3} s",
+                        "token keep F={f}: prefill ran {:.3} of the prompt's token-blocks (share {:.3} per pruning point); dropped tokens revived ({revive:?}) in {:.3} s",
                         s.kept_fraction, sched.ratio, s.revive_seconds
                     ));
                     s.generate

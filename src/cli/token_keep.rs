@@ -6,12 +6,13 @@
 //!   perplexity per `F`, on the same windows, each against the first `F` listed.
 //! - `bench --token-keep F[,F…] [--token-prompts L,…]`: time-to-first-token of wiki prompts of
 //!   each length (default 1024, 2048, 4096, 8192, capped at the model's context) by plain
-//!   prefill and with pruning at each `F`, round-robin `--reps` times (best of each kept), with
-//!   the ratio against plain prefill measured in the same run and whether the first token is
-//!   plain prefill's.
+//!   prefill and with pruning at each `F`, round-robin `--reps` times (the run with the best
+//!   TTFT of each kept), with the ratio against plain prefill measured in the same run, the time
+//!   to the second token (which includes reviving the dropped tokens, `--token-revive`) and
+//!   whether the first token is plain prefill's.
 
 use anyhow::{bail, Context, Result};
-use lopper::runtime::token_prune::{check_keep, check_model, continuation_nll, Schedule};
+use lopper::runtime::token_prune::{check_keep, check_model, continuation_nll, Revival, Schedule};
 use lopper::runtime::{generate, GenerateOpts, SampleOpts};
 use serde_json::json;
 use std::path::PathBuf;
@@ -25,6 +26,20 @@ pub fn check_list(keeps: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `--token-revive`: refused without `--token-keep` (`active`); exact by default.
+pub fn revival(flag: &Option<String>, active: bool) -> Result<Revival> {
+    match flag {
+        Some(_) if !active => bail!("--token-revive needs --token-keep"),
+        Some(s) => Ok(s.parse()?),
+        None => Ok(Revival::Exact),
+    }
+}
+
+/// A kept fraction as written (f32 → f64 without the binary tail: 0.7, not 0.69999…).
+fn shown(f: f32) -> f64 {
+    format!("{f}").parse().unwrap_or(f as f64)
+}
+
 /// What `eval --token-keep` uses.
 pub struct EvalOpts<'a> {
     pub model: &'a Option<PathBuf>,
@@ -33,6 +48,7 @@ pub struct EvalOpts<'a> {
     pub windows: usize,
     pub continuation: usize,
     pub keeps: &'a [f32],
+    pub revive: Revival,
     pub json: bool,
 }
 
@@ -72,7 +88,7 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
         let t0 = Instant::now();
         let (mut nll, mut count, mut kept, mut per_win) = (0f64, 0usize, 0f64, Vec::new());
         for w in &wins {
-            let (v, k) = continuation_nll(&model, s, w, prompt)?;
+            let (v, k) = continuation_nll(&model, s, a.revive, w, prompt)?;
             let sum: f64 = v.iter().sum();
             per_win.push((sum / v.len() as f64).exp());
             nll += sum;
@@ -81,7 +97,7 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
             pb.inc(1);
         }
         rows.push(json!({
-            "token_keep": f,
+            "token_keep": shown(*f),
             "ratio_per_pruning_point": s.ratio,
             "kept_fraction": kept / wins.len() as f64,
             "perplexity": (nll / count as f64).exp(),
@@ -103,6 +119,7 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
         "windows": wins.len(),
         "prompt_tokens": prompt,
         "continuation_tokens": a.continuation,
+        "revival": a.revive,
         "runs": rows,
     });
     if a.json {
@@ -139,6 +156,7 @@ pub struct BenchOpts {
     pub json: bool,
     pub keeps: Vec<f32>,
     pub prompts: Vec<usize>,
+    pub revive: Revival,
 }
 
 /// `bench --token-keep`: time-to-first-token per prompt length and kept fraction.
@@ -181,38 +199,41 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         .iter()
         .map(|&f| Schedule::new(n, f))
         .collect::<lopper::Result<_>>()?;
+    // Two tokens: the first times the prefill (TTFT); the second step includes the revival.
     let opts = GenerateOpts {
-        max_new: 1,
+        max_new: 2,
         sampling: SampleOpts::greedy(),
         stop_at_eos: false,
         stop_tokens: vec![],
     };
-    // best[len][mode]: (seconds, first token, kept fraction); mode 0 = plain.
+    // best[len][mode]: the run with the lowest TTFT; mode 0 = plain.
     let modes = 1 + scheds.len();
-    let mut best = vec![vec![(f64::INFINITY, 0u32, 1.0f64); modes]; lens.len()];
+    let mut best = vec![vec![Run::default(); modes]; lens.len()];
     for _ in 0..a.reps.max(1) {
         for (li, &l) in lens.iter().enumerate() {
             let p = &ids[..l];
             for (mi, slot) in best[li].iter_mut().enumerate() {
-                let mut tok = 0u32;
-                let (secs, kept) = if mi == 0 {
-                    let s = generate(&model, p, &opts, &mut |t| tok = t)?;
-                    (s.prefill_seconds, 1.0)
+                let mut toks = Vec::new();
+                let r = if mi == 0 {
+                    let s = generate(&model, p, &opts, &mut |t| toks.push(t))?;
+                    Run::new(s.prefill_seconds, s.decode_seconds, 0.0, 1.0)
                 } else {
                     let s = lopper::runtime::token_prune::generate_token_pruned(
                         &model,
                         &scheds[mi - 1],
+                        a.revive,
                         p,
                         &opts,
-                        &mut |t| tok = t,
+                        &mut |t| toks.push(t),
                     )?;
-                    (s.generate.prefill_seconds, s.kept_fraction)
+                    let g = &s.generate;
+                    Run::new(g.prefill_seconds, g.decode_seconds, s.revive_seconds, s.kept_fraction)
                 };
                 if !a.json {
-                    eprintln!("  prompt {l}, mode {mi}: {secs:.3} s");
+                    eprintln!("  prompt {l}, mode {mi}: TTFT {:.3} s", r.ttft);
                 }
-                if secs < slot.0 {
-                    *slot = (secs, tok, kept);
+                if r.ttft < slot.ttft {
+                    *slot = Run { tokens: toks, ..r };
                 }
             }
         }
@@ -220,16 +241,20 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
     let cpu = super::bench_dynamic::cpu_name();
     let mut rows = Vec::new();
     for (li, &l) in lens.iter().enumerate() {
-        let (base, base_tok, _) = best[li][0];
-        for (mi, &(secs, tok, kept)) in best[li].iter().enumerate() {
+        let base = &best[li][0];
+        for (mi, r) in best[li].iter().enumerate() {
             rows.push(json!({
                 "prompt_tokens": l,
                 "mode": if mi == 0 { "plain".to_string() } else { format!("token-keep {}", a.keeps[mi - 1]) },
-                "token_keep": if mi == 0 { None } else { Some(a.keeps[mi - 1]) },
-                "kept_fraction": kept,
-                "ttft_s": secs,
-                "speedup": base / secs,
-                "first_token_as_plain": tok == base_tok,
+                "token_keep": if mi == 0 { None } else { Some(shown(a.keeps[mi - 1])) },
+                "kept_fraction": r.kept,
+                "ttft_s": r.ttft,
+                "ttft_speedup": base.ttft / r.ttft,
+                "second_token_s": r.ttft + r.step,
+                "revive_s": r.revive,
+                "second_token_speedup": (base.ttft + base.step) / (r.ttft + r.step),
+                "first_token_as_plain": r.tokens.first() == base.tokens.first(),
+                "tokens_as_plain": r.tokens == base.tokens,
             }));
         }
     }
@@ -238,6 +263,7 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         "cpu": cpu,
         "threads": rayon::current_num_threads(),
         "reps": a.reps,
+        "revival": a.revive,
         "rows": rows,
     });
     if a.json {
@@ -250,19 +276,51 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         a.reps.max(1)
     );
     println!(
-        "{:>7} {:<16} {:>8} {:>9} {:>9} {:>6}",
-        "prompt", "mode", "kept", "TTFT s", "vs plain", "same"
+        "{:>7} {:<16} {:>6} {:>8} {:>8} {:>10} {:>8} {:>6}",
+        "prompt", "mode", "kept", "TTFT s", "vs plain", "2nd tok s", "vs plain", "same"
     );
     for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:>7} {:<16} {:>8.3} {:>9.3} {:>8.2}x {:>6}",
+            "{:>7} {:<16} {:>6.3} {:>8.3} {:>7.2}x {:>10.3} {:>7.2}x {:>6}",
             r["prompt_tokens"],
             r["mode"].as_str().unwrap_or("?"),
-            r["kept_fraction"].as_f64().unwrap_or(f64::NAN),
-            r["ttft_s"].as_f64().unwrap_or(f64::NAN),
-            r["speedup"].as_f64().unwrap_or(f64::NAN),
+            f("kept_fraction"),
+            f("ttft_s"),
+            f("ttft_speedup"),
+            f("second_token_s"),
+            f("second_token_speedup"),
             r["first_token_as_plain"]
         );
     }
     Ok(())
+}
+
+/// One timed generation of two tokens.
+#[derive(Clone)]
+struct Run {
+    ttft: f64,
+    /// The second token's step (with the revival).
+    step: f64,
+    revive: f64,
+    kept: f64,
+    tokens: Vec<u32>,
+}
+
+impl Default for Run {
+    fn default() -> Run {
+        Run::new(f64::INFINITY, 0.0, 0.0, 1.0)
+    }
+}
+
+impl Run {
+    fn new(ttft: f64, step: f64, revive: f64, kept: f64) -> Run {
+        Run {
+            ttft,
+            step,
+            revive,
+            kept,
+            tokens: Vec::new(),
+        }
+    }
 }

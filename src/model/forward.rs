@@ -140,10 +140,12 @@ enum Rows<'a> {
     /// One sequence continuing a KV cache ([`block_forward_cached`]).
     Cached(KvSlot<'a>),
     /// One sequence of rows at ascending positions `pos`, attending to each other only;
-    /// keys/values optionally scattered to those rows of a cache ([`block_forward_at`]).
+    /// keys/values optionally scattered to those rows of a cache ([`block_forward_at`]); with
+    /// `attend_cache`, attending to the cache's rows `0..=pos` instead.
     At {
         pos: &'a [usize],
         cache: Option<(&'a mut [f32], &'a mut [f32])>,
+        attend_cache: bool,
     },
 }
 
@@ -168,6 +170,9 @@ pub fn block_forward(
 /// rows' order is their positions' order, so the plain causal kernel applies). With `kv`, their
 /// keys/values are also written to rows `pos` of that layer's cache `(k, v)`. Token pruning
 /// runs a block on the prompt tokens it kept this way ([`crate::runtime::token_prune`]).
+/// With `attend_cache` (needs `kv`), the rows attend instead to every cache row up to their
+/// position (their own K/V written first; the other rows must be filled): token pruning
+/// revives dropped tokens this way.
 /// Models with a sliding window are not supported (the window counts positions, not rows).
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward_at(
@@ -180,7 +185,9 @@ pub fn block_forward_at(
     s: &mut Scratch,
     obs: &mut dyn Observer,
     kv: Option<(&mut [f32], &mut [f32])>,
+    attend_cache: bool,
 ) {
+    assert!(!attend_cache || kv.is_some(), "block_forward_at: attend_cache needs a cache");
     assert!(
         pos.windows(2).all(|w| w[0] < w[1]),
         "block_forward_at: positions must ascend"
@@ -189,7 +196,11 @@ pub fn block_forward_at(
         cfg.sliding_window.is_none(),
         "block_forward_at: sliding-window models are not supported"
     );
-    let rows = Rows::At { pos, cache: kv };
+    let rows = Rows::At {
+        pos,
+        cache: kv,
+        attend_cache,
+    };
     block_impl(cfg, layer, lw, rope, h, 1, pos.len(), s, obs, rows);
 }
 
@@ -271,7 +282,28 @@ fn block_impl(
     }
     let attn = resize(&mut s.attn, rows * qw);
     let scale = 1.0 / (hd as f32).sqrt();
-    if let Rows::Cached(c) = kv {
+    if let Rows::At {
+        pos,
+        cache: Some((ck, cv)),
+        attend_cache: true,
+    } = kv
+    {
+        for (r, &p) in pos.iter().enumerate() {
+            ck[p * kw..(p + 1) * kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
+            cv[p * kw..(p + 1) * kw].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+        }
+        let tk = pos.last().map_or(0, |p| p + 1);
+        kernels::attention::causal_attention_at(
+            q,
+            &ck[..tk * kw],
+            &cv[..tk * kw],
+            attn,
+            pos,
+            tk,
+            dims,
+            scale,
+        );
+    } else if let Rows::Cached(c) = kv {
         assert_eq!(batch, 1, "a KV cache holds one sequence");
         let tk = pos0 + seq;
         assert!(
@@ -309,6 +341,7 @@ fn block_impl(
         if let Rows::At {
             pos,
             cache: Some((ck, cv)),
+            ..
         } = kv
         {
             for (r, &p) in pos.iter().enumerate() {

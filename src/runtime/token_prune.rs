@@ -276,7 +276,7 @@ pub fn prefill(
         }
         let kv = (&mut cache.k[i][..], &mut cache.v[i][..]);
         let s = &mut cache.scratch;
-        block_forward_at(cfg, i, lw, &cache.rope, &mut h, &pos, s, &mut NoObserver, Some(kv));
+        block_forward_at(cfg, i, lw, &cache.rope, &mut h, &pos, s, &mut NoObserver, Some(kv), false);
         let m = pos.len();
         if counts.get(i + 1).is_some_and(|&c| c < m) {
             let dims = AttnDims {
@@ -299,36 +299,96 @@ pub fn prefill(
     })
 }
 
-/// Fill the cache rows the prefill left empty: for every dropped token and every block from
-/// its drop block on, K/V from its frozen hidden state (module docs).
-pub fn revive(model: &Model, aux: &AuxCache, cache: &mut KvCache) -> Result<()> {
-    let (cfg, w) = (&model.config, &model.weights);
-    let d = cfg.hidden_size;
-    if aux.pos.iter().any(|&p| p >= cache.len) {
-        return Err(Error::Invalid("aux cache names positions past the KV cache".into()));
+/// How [`revive`] fills the dropped tokens' K/V (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revival {
+    /// Run each dropped token through its remaining blocks, attending to every prompt position
+    /// (about the prefill work the pruning saved, paid after the first token).
+    Exact,
+    /// K/V of every remaining block from the frozen hidden state (k/v projections only).
+    Propagate,
+}
+
+impl std::str::FromStr for Revival {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Revival> {
+        match s {
+            "exact" => Ok(Revival::Exact),
+            "propagate" => Ok(Revival::Propagate),
+            _ => Err(Error::Invalid(format!(
+                "--token-revive must be exact or propagate, got {s:?}"
+            ))),
+        }
     }
-    let mut xn = Vec::new();
-    for (i, lw) in w.layers.iter().enumerate() {
+}
+
+/// Block `i`'s K/V of rows `x` `[pos.len(), hidden]` (their inputs to block `i`) at positions
+/// `pos`, written to the cache.
+fn kv_from_hidden(model: &Model, i: usize, x: &[f32], pos: &[usize], cache: &mut KvCache) {
+    let (cfg, lw) = (&model.config, &model.weights.layers[i]);
+    let m = pos.len();
+    let mut xn = vec![0f32; x.len()];
+    let eps = cfg.rms_norm_eps as f32;
+    kernels::rmsnorm_dim(x, lw.attn_norm.data(), eps, cfg.norm_dim(), &mut xn);
+    let kw = cache.kv_width[i];
+    let (mut k, mut v) = (vec![0f32; m * kw], vec![0f32; m * kw]);
+    linear(&lw.k, &xn, m, &mut k, false);
+    linear(&lw.v, &xn, m, &mut v, false);
+    cache
+        .rope
+        .apply_at(&mut k, lw.n_kv_heads(cfg.head_dim), pos);
+    for (r, &p) in pos.iter().enumerate() {
+        cache.k[i][p * kw..(p + 1) * kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
+        cache.v[i][p * kw..(p + 1) * kw].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+    }
+}
+
+/// Fill the cache rows the prefill left empty, for every dropped token and every block from
+/// its drop block on (module docs): `Exact` runs the tokens through those blocks (the last
+/// one's K/V need only its input), `Propagate` projects the frozen state.
+pub fn revive(model: &Model, aux: &AuxCache, cache: &mut KvCache, how: Revival) -> Result<()> {
+    let (cfg, w) = (&model.config, &model.weights);
+    let (d, n) = (cfg.hidden_size, w.layers.len());
+    if aux.pos.iter().any(|&p| p >= cache.len) {
+        return Err(Error::Invalid(
+            "aux cache names positions past the KV cache".into(),
+        ));
+    }
+    // Revived rows in position order, with their current hidden states.
+    let (mut pos, mut h): (Vec<usize>, Vec<f32>) = (Vec::new(), Vec::new());
+    let mut taken = 0;
+    for i in 0..n {
         // Tokens are stored in drop order, so those dropped at or before block i are a prefix.
         let m = aux.from_block.partition_point(|&b| b <= i);
         if m == 0 {
             continue;
         }
-        let x = &aux.hidden[..m * d];
-        xn.resize(m * d, 0.0);
-        let eps = cfg.rms_norm_eps as f32;
-        kernels::rmsnorm_dim(x, lw.attn_norm.data(), eps, cfg.norm_dim(), &mut xn);
-        let kw = cache.kv_width[i];
-        let (mut k, mut v) = (vec![0f32; m * kw], vec![0f32; m * kw]);
-        linear(&lw.k, &xn, m, &mut k, false);
-        linear(&lw.v, &xn, m, &mut v, false);
-        cache
-            .rope
-            .apply_at(&mut k, lw.n_kv_heads(cfg.head_dim), &aux.pos[..m]);
-        for (r, &p) in aux.pos[..m].iter().enumerate() {
-            cache.k[i][p * kw..(p + 1) * kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
-            cache.v[i][p * kw..(p + 1) * kw].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+        if how == Revival::Propagate {
+            kv_from_hidden(model, i, &aux.hidden[..m * d], &aux.pos[..m], cache);
+            continue;
         }
+        if m > taken {
+            let mut rows: Vec<(usize, &[f32])> = pos
+                .iter()
+                .zip(h.chunks(d))
+                .map(|(&p, r)| (p, r))
+                .chain((taken..m).map(|j| (aux.pos[j], &aux.hidden[j * d..(j + 1) * d])))
+                .collect();
+            rows.sort_by_key(|r| r.0);
+            let next: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+            pos = rows.iter().map(|r| r.0).collect();
+            h = next;
+            taken = m;
+        }
+        if i + 1 == n {
+            kv_from_hidden(model, i, &h, &pos, cache);
+            continue;
+        }
+        let kv = (&mut cache.k[i][..], &mut cache.v[i][..]);
+        let s = &mut cache.scratch;
+        let lw = &w.layers[i];
+        block_forward_at(cfg, i, lw, &cache.rope, &mut h, &pos, s, &mut NoObserver, Some(kv), true);
     }
     Ok(())
 }
@@ -350,6 +410,7 @@ pub struct PruneStats {
 pub fn generate_token_pruned(
     model: &Model,
     sched: &Schedule,
+    how: Revival,
     prompt_ids: &[u32],
     opts: &GenerateOpts,
     on_token: &mut dyn FnMut(u32),
@@ -403,7 +464,7 @@ pub fn generate_token_pruned(
             }
             if let Some(a) = aux.take() {
                 let tr = Instant::now();
-                on_pool(|| revive(model, &a, &mut cache))?;
+                on_pool(|| revive(model, &a, &mut cache, how))?;
                 revive_s = tr.elapsed().as_secs_f64();
             }
             let lg = if screened {
@@ -433,6 +494,7 @@ pub fn generate_token_pruned(
 pub fn continuation_nll(
     model: &Model,
     sched: &Schedule,
+    how: Revival,
     win: &[u32],
     prompt_len: usize,
 ) -> Result<(Vec<f64>, f64)> {
@@ -448,7 +510,7 @@ pub fn continuation_nll(
         let mut nll = Vec::with_capacity(win.len() - prompt_len);
         let first = logits(&model.weights, &pf.hidden, 1);
         nll.push(kernels::logsumexp(&first) - first[win[prompt_len] as usize] as f64);
-        revive(model, &pf.aux, &mut cache)?;
+        revive(model, &pf.aux, &mut cache, how)?;
         let rest = &win[prompt_len..win.len() - 1];
         if !rest.is_empty() {
             let lg = forward_step_all(model, rest, &mut cache)?;
