@@ -306,6 +306,18 @@ fn cli_refuses_bad_token_keep() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--continuation needs --token-keep"));
+    let out = std::process::Command::new(bin)
+        .args(["run", "--prompt", "x", "--token-revive", "exact"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token-revive needs --token-keep"));
+    let out = std::process::Command::new(bin)
+        .args(["run", "--prompt", "x", "--token-keep", "0.5", "--token-revive", "lazy"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exact or propagate"));
 }
 
 #[test]
