@@ -78,10 +78,8 @@ pub struct BenchArgs {
     /// Prompt lengths for --token-keep [default: 1024,2048,4096,8192, capped at the context].
     #[arg(long, value_delimiter = ',')]
     pub token_prompts: Vec<usize>,
-    /// How the prompt tokens dropped by --token-keep get their K/V before decoding: exact (run
-    /// through their remaining blocks after the first token) or propagate (projected from the
-    /// state they were dropped in) [default: exact].
-    #[arg(long)]
+    /// Not used by bench (it times the first token only); refused.
+    #[arg(long, hide = true)]
     pub token_revive: Option<String>,
     /// With --act-sparsity (a list) each format also runs at each activation sparsity, through
     /// column-major weights of its value type (dense formats only); with stored thresholds and
@@ -113,7 +111,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !a.token_prompts.is_empty() && a.token_keep.is_empty() {
         bail!("--token-prompts needs --token-keep");
     }
-    let revive = super::token_keep::revival(&a.token_revive, !a.token_keep.is_empty())?;
+    if a.token_revive.is_some() {
+        bail!("--token-revive does not apply to bench (--token-keep times the first token; the revival comes before the second)");
+    }
     if !a.token_keep.is_empty() {
         if a.spec.active() || !a.early_exit.is_empty() || !a.act.act_sparsity.is_empty() {
             bail!("--token-keep cannot be combined with --speculative / --draft / --early-exit / --act-sparsity in one bench run yet");
@@ -127,7 +127,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
             json: a.json,
             keeps: a.token_keep,
             prompts: a.token_prompts,
-            revive,
         });
     }
     if a.spec.active() || !a.early_exit.is_empty() {

@@ -7,9 +7,9 @@
 //! - `bench --token-keep F[,F…] [--token-prompts L,…]`: time-to-first-token of wiki prompts of
 //!   each length (default 1024, 2048, 4096, 8192, capped at the model's context) by plain
 //!   prefill and with pruning at each `F`, round-robin `--reps` times (the run with the best
-//!   TTFT of each kept), with the ratio against plain prefill measured in the same run, the time
-//!   to the second token (which includes reviving the dropped tokens, `--token-revive`) and
-//!   whether the first token is plain prefill's.
+//!   TTFT of each kept), with the ratio against plain prefill measured in the same run and
+//!   whether the first token is plain prefill's. The revival (before the second token) is not
+//!   timed here; `run --token-keep` prints it, and `eval --token-keep` times whole windows.
 
 use anyhow::{bail, Context, Result};
 use lopper::runtime::token_prune::{check_keep, check_model, continuation_nll, Revival, Schedule};
@@ -156,7 +156,6 @@ pub struct BenchOpts {
     pub json: bool,
     pub keeps: Vec<f32>,
     pub prompts: Vec<usize>,
-    pub revive: Revival,
 }
 
 /// `bench --token-keep`: time-to-first-token per prompt length and kept fraction.
@@ -199,9 +198,9 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         .iter()
         .map(|&f| Schedule::new(n, f))
         .collect::<lopper::Result<_>>()?;
-    // Two tokens: the first times the prefill (TTFT); the second step includes the revival.
+    // One token: the prefill and the first token (the revival comes only before a second).
     let opts = GenerateOpts {
-        max_new: 2,
+        max_new: 1,
         sampling: SampleOpts::greedy(),
         stop_at_eos: false,
         stop_tokens: vec![],
@@ -216,18 +215,17 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
                 let mut toks = Vec::new();
                 let r = if mi == 0 {
                     let s = generate(&model, p, &opts, &mut |t| toks.push(t))?;
-                    Run::new(s.prefill_seconds, s.decode_seconds, 0.0, 1.0)
+                    Run::new(s.prefill_seconds, 1.0)
                 } else {
                     let s = lopper::runtime::token_prune::generate_token_pruned(
                         &model,
                         &scheds[mi - 1],
-                        a.revive,
+                        Revival::Exact,
                         p,
                         &opts,
                         &mut |t| toks.push(t),
                     )?;
-                    let g = &s.generate;
-                    Run::new(g.prefill_seconds, g.decode_seconds, s.revive_seconds, s.kept_fraction)
+                    Run::new(s.generate.prefill_seconds, s.kept_fraction)
                 };
                 if !a.json {
                     eprintln!("  prompt {l}, mode {mi}: TTFT {:.3} s", r.ttft);
@@ -250,11 +248,7 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
                 "kept_fraction": r.kept,
                 "ttft_s": r.ttft,
                 "ttft_speedup": base.ttft / r.ttft,
-                "second_token_s": r.ttft + r.step,
-                "revive_s": r.revive,
-                "second_token_speedup": (base.ttft + base.step) / (r.ttft + r.step),
-                "first_token_as_plain": r.tokens.first() == base.tokens.first(),
-                "tokens_as_plain": r.tokens == base.tokens,
+                "first_token_as_plain": r.tokens == base.tokens,
             }));
         }
     }
@@ -263,7 +257,6 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         "cpu": cpu,
         "threads": rayon::current_num_threads(),
         "reps": a.reps,
-        "revival": a.revive,
         "rows": rows,
     });
     if a.json {
@@ -276,49 +269,42 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         a.reps.max(1)
     );
     println!(
-        "{:>7} {:<16} {:>6} {:>8} {:>8} {:>10} {:>8} {:>6}",
-        "prompt", "mode", "kept", "TTFT s", "vs plain", "2nd tok s", "vs plain", "same"
+        "{:>7} {:<16} {:>6} {:>8} {:>8} {:>6}",
+        "prompt", "mode", "kept", "TTFT s", "vs plain", "same"
     );
     for r in &rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:>7} {:<16} {:>6.3} {:>8.3} {:>7.2}x {:>10.3} {:>7.2}x {:>6}",
+            "{:>7} {:<16} {:>6.3} {:>8.3} {:>7.2}x {:>6}",
             r["prompt_tokens"],
             r["mode"].as_str().unwrap_or("?"),
             f("kept_fraction"),
             f("ttft_s"),
             f("ttft_speedup"),
-            f("second_token_s"),
-            f("second_token_speedup"),
             r["first_token_as_plain"]
         );
     }
     Ok(())
 }
 
-/// One timed generation of two tokens.
+/// One timed prefill and first token.
 #[derive(Clone)]
 struct Run {
     ttft: f64,
-    /// The second token's step (with the revival).
-    step: f64,
-    revive: f64,
     kept: f64,
     tokens: Vec<u32>,
 }
 
 impl Default for Run {
     fn default() -> Run {
-        Run::new(f64::INFINITY, 0.0, 0.0, 1.0)
+        Run::new(f64::INFINITY, 1.0)
     }
 }
 
 impl Run {
-    fn new(ttft: f64, step: f64, revive: f64, kept: f64) -> Run {
+    fn new(ttft: f64, kept: f64) -> Run {
         Run {
             ttft,
-            step,
-            revive,
             kept,
             tokens: Vec::new(),
         }
