@@ -48,6 +48,13 @@ pub struct EvalArgs {
     pub act: super::act::ActArgs,
 }
 
+impl EvalArgs {
+    /// A token-pruning flag is given (`main` sends the command to `cli::token_keep`).
+    pub fn token_mode(&self) -> bool {
+        !self.token_keep.is_empty() || self.token_revive.is_some() || self.continuation.is_some()
+    }
+}
+
 /// Tokenize an eval text for `model`.
 pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Vec<u32>> {
     let text = lopper::text::load_eval_text(path)?;
@@ -57,28 +64,8 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 
 pub fn run(a: EvalArgs) -> Result<()> {
     a.act.check(false)?;
-    if a.continuation.is_some() && a.token_keep.is_empty() {
-        bail!("--continuation needs --token-keep");
-    }
-    let revive = super::token_keep::revival(&a.token_revive, !a.token_keep.is_empty())?;
-    if !a.token_keep.is_empty() {
-        super::token_keep::check_list(&a.token_keep)?;
-        if a.early_exit.is_some() || !a.act.act_sparsity.is_empty() {
-            bail!("--token-keep cannot be combined with --early-exit / --act-sparsity yet");
-        }
-        if a.in_memory {
-            bail!("--in-memory does not apply to --token-keep (it always loads the model)");
-        }
-        return super::token_keep::eval(&super::token_keep::EvalOpts {
-            model: &a.model,
-            text: &a.text,
-            seq_len: a.seq_len,
-            windows: a.windows,
-            continuation: a.continuation.unwrap_or(256),
-            keeps: &a.token_keep,
-            revive,
-            json: a.json,
-        });
+    if a.token_mode() {
+        bail!("--token-keep / --token-revive / --continuation: run through `token_keep::eval_cmd`");
     }
     if let Some(t) = a.early_exit {
         lopper::runtime::early_exit::check_threshold(t)?;

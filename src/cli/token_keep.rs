@@ -40,6 +40,32 @@ fn shown(f: f32) -> f64 {
     format!("{f}").parse().unwrap_or(f as f64)
 }
 
+/// `eval` with a token-pruning flag (`--token-keep`, `--token-revive`, `--continuation`).
+pub fn eval_cmd(a: super::eval::EvalArgs) -> Result<()> {
+    a.act.check(false)?;
+    if a.continuation.is_some() && a.token_keep.is_empty() {
+        bail!("--continuation needs --token-keep");
+    }
+    let revive = revival(&a.token_revive, !a.token_keep.is_empty())?;
+    check_list(&a.token_keep)?;
+    if a.early_exit.is_some() || !a.act.act_sparsity.is_empty() {
+        bail!("--token-keep cannot be combined with --early-exit / --act-sparsity yet");
+    }
+    if a.in_memory {
+        bail!("--in-memory does not apply to --token-keep (it always loads the model)");
+    }
+    eval(&EvalOpts {
+        model: &a.model,
+        text: &a.text,
+        seq_len: a.seq_len,
+        windows: a.windows,
+        continuation: a.continuation.unwrap_or(256),
+        keeps: &a.token_keep,
+        revive,
+        json: a.json,
+    })
+}
+
 /// What `eval --token-keep` uses.
 pub struct EvalOpts<'a> {
     pub model: &'a Option<PathBuf>,
