@@ -94,7 +94,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(f) = a.token_keep {
         lopper::runtime::token_prune::check_keep(f)?;
         if a.spec.active() || a.early_exit.is_some() {
-            bail!("--token-keep cannot be combined with --speculative / --draft / --early-exit yet");
+            bail!(
+                "--token-keep cannot be combined with --speculative / --draft / --early-exit yet"
+            );
         }
     }
     a.act.check(false)?;

@@ -97,7 +97,10 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
     check_model(&model)?;
     let ctx = model.config.max_position_embeddings;
     if a.seq_len > ctx {
-        bail!("--seq-len {} exceeds the model's context of {ctx} tokens", a.seq_len);
+        bail!(
+            "--seq-len {} exceeds the model's context of {ctx} tokens",
+            a.seq_len
+        );
     }
     let ids = super::eval::tokenize_text(&model, &text_path)?;
     let wins = lopper::eval::make_windows(&ids, a.seq_len, a.windows, &text_path)?;
@@ -159,7 +162,10 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
         a.continuation,
         text_path.display()
     );
-    println!("{:>10} {:>9} {:>12} {:>9}", "token-keep", "kept", "perplexity", "vs first");
+    println!(
+        "{:>10} {:>9} {:>12} {:>9}",
+        "token-keep", "kept", "perplexity", "vs first"
+    );
     for r in &rows {
         println!(
             "{:>10} {:>9.3} {:>12.4} {:>+8.2}%",

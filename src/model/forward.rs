@@ -187,7 +187,10 @@ pub fn block_forward_at(
     kv: Option<(&mut [f32], &mut [f32])>,
     attend_cache: bool,
 ) {
-    assert!(!attend_cache || kv.is_some(), "block_forward_at: attend_cache needs a cache");
+    assert!(
+        !attend_cache || kv.is_some(),
+        "block_forward_at: attend_cache needs a cache"
+    );
     assert!(
         pos.windows(2).all(|w| w[0] < w[1]),
         "block_forward_at: positions must ascend"

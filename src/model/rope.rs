@@ -108,7 +108,10 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         let width = n_heads * d;
-        assert!(x.len() >= pos.len() * width, "RoPE: x shorter than its positions");
+        assert!(
+            x.len() >= pos.len() * width,
+            "RoPE: x shorter than its positions"
+        );
         assert!(
             pos.iter().all(|&p| p < self.max_pos),
             "RoPE table too short"

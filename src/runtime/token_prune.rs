@@ -98,7 +98,9 @@ impl Schedule {
     pub fn new(n_blocks: usize, f: f32) -> Result<Schedule> {
         check_keep(f)?;
         if n_blocks == 0 {
-            return Err(Error::Invalid("--token-keep: the model has no blocks".into()));
+            return Err(Error::Invalid(
+                "--token-keep: the model has no blocks".into(),
+            ));
         }
         let full = (n_blocks / 6).max(1);
         let stride = (n_blocks / 10).max(1);
@@ -193,7 +195,13 @@ pub fn last_token_scores(q_last: &[f32], k: &[f32], m: usize, d: AttnDims, scale
     let mut sc = vec![0f32; m];
     for h in 0..d.n_heads {
         let g = h / group;
-        kernels::dot_rows(&q_last[h * hd..(h + 1) * hd], &k[g * hd..], kw, scale, &mut sc);
+        kernels::dot_rows(
+            &q_last[h * hd..(h + 1) * hd],
+            &k[g * hd..],
+            kw,
+            scale,
+            &mut sc,
+        );
         kernels::softmax_prefix(&mut sc, m);
         for (a, s) in acc.iter_mut().zip(&sc) {
             *a += s;
@@ -276,7 +284,18 @@ pub fn prefill(
         }
         let kv = (&mut cache.k[i][..], &mut cache.v[i][..]);
         let s = &mut cache.scratch;
-        block_forward_at(cfg, i, lw, &cache.rope, &mut h, &pos, s, &mut NoObserver, Some(kv), false);
+        block_forward_at(
+            cfg,
+            i,
+            lw,
+            &cache.rope,
+            &mut h,
+            &pos,
+            s,
+            &mut NoObserver,
+            Some(kv),
+            false,
+        );
         let m = pos.len();
         if counts.get(i + 1).is_some_and(|&c| c < m) {
             let dims = AttnDims {
@@ -388,7 +407,18 @@ pub fn revive(model: &Model, aux: &AuxCache, cache: &mut KvCache, how: Revival) 
         let kv = (&mut cache.k[i][..], &mut cache.v[i][..]);
         let s = &mut cache.scratch;
         let lw = &w.layers[i];
-        block_forward_at(cfg, i, lw, &cache.rope, &mut h, &pos, s, &mut NoObserver, Some(kv), true);
+        block_forward_at(
+            cfg,
+            i,
+            lw,
+            &cache.rope,
+            &mut h,
+            &pos,
+            s,
+            &mut NoObserver,
+            Some(kv),
+            true,
+        );
     }
     Ok(())
 }
