@@ -21,15 +21,22 @@
 //!
 //! **Revival (aux cache).** A dropped token's hidden state at the block where it was dropped
 //! (the input of the first block it skipped) is kept in the [`AuxCache`]. Decoding needs every
-//! block's K/V of every prompt position; for a dropped token and each block from its drop block
-//! on, [`revive`] computes them from that frozen state (the block's input RMSNorm, k/v
-//! projections and RoPE at its position; no attention or MLP), as early exit propagates an
-//! exit state (CALM, Schuster et al. 2022; [`super::early_exit`]). This is done lazily: after
-//! the first token is out (it is not part of time-to-first-token), before the first decode
-//! step. It costs the k/v projections of the dropped rows (about 6% of a block of the default
-//! model per block). The dropped tokens are not run through their remaining blocks (LazyLLM
-//! would compute them there if a later step selected them; here decode attends to every
-//! position, with the propagated K/V).
+//! block's K/V of every prompt position; [`revive`] fills the rows the prefill left empty,
+//! lazily: after the first token is out (not part of time-to-first-token), before the first
+//! decode step. Two ways ([`Revival`]):
+//! - `Exact` (default): each dropped token runs through its remaining blocks from its frozen
+//!   state, attending to every prompt position up to its own (the kept tokens' K/V from the
+//!   prefill, the other dropped tokens' written first;
+//!   [`crate::kernels::attention::causal_attention_at`]); the last block needs only its K/V.
+//!   The cache is then a full prefill's except that the kept tokens' later-block states never
+//!   attended to the dropped tokens. Costs most of the prefill work the pruning saved.
+//! - `Propagate`: the K/V of every remaining block projected from the frozen state (input
+//!   RMSNorm, k/v projections, RoPE), as early exit propagates an exit state (CALM, Schuster et
+//!   al. 2022; [`super::early_exit`]): about 6% of a block per block, but poor quality
+//!   (docs/dynamic_depth.md).
+//!
+//! LazyLLM's own decode instead keeps per-block caches of different token sets and revives a
+//! token only when a later step selects it; lopper's cache holds every position in every block.
 //!
 //! **Evaluation** ([`continuation_nll`]): a window's first `P` tokens are prefilled with pruning,
 //! revived, and the following tokens are scored teacher-forced against that cache (the first of
