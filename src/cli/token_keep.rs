@@ -169,7 +169,7 @@ pub fn eval(a: &EvalOpts) -> Result<()> {
     for r in &rows {
         println!(
             "{:>10} {:>9.3} {:>12.4} {:>+8.2}%",
-            r["token_keep"],
+            r["token_keep"].as_f64().unwrap_or(f64::NAN),
             r["kept_fraction"].as_f64().unwrap_or(f64::NAN),
             r["perplexity"].as_f64().unwrap_or(f64::NAN),
             100.0 * r["vs_first"].as_f64().unwrap_or(f64::NAN)
@@ -308,12 +308,12 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "{:>7} {:<16} {:>6.3} {:>8.3} {:>7.2}x {:>6}",
-            r["prompt_tokens"],
+            r["prompt_tokens"].as_u64().unwrap_or(0),
             r["mode"].as_str().unwrap_or("?"),
             f("kept_fraction"),
             f("ttft_s"),
             f("ttft_speedup"),
-            r["first_token_as_plain"]
+            r["first_token_as_plain"].as_bool().unwrap_or(false)
         );
     }
     Ok(())
