@@ -35,6 +35,7 @@ fn run(args: cli::Cli) -> Result<()> {
     }
     match args.command {
         cli::Command::Prune(a) => cli::prune::run(a),
+        cli::Command::Eval(a) if a.token_mode() => cli::token_keep::eval_cmd(a),
         cli::Command::Eval(a) => cli::eval::run(a),
         cli::Command::Inspect(a) => cli::inspect::run(a),
         cli::Command::Convert(a) => cli::convert::run(a),

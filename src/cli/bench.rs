@@ -71,6 +71,16 @@ pub struct BenchArgs {
     /// (with --speculative / --draft: all in one run; see docs/dynamic_depth.md).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub early_exit: Vec<f32>,
+    /// Token pruning: kept fractions in (0, 1], comma-separated, whose time-to-first-token is
+    /// compared with plain prefill at each --token-prompts length (docs/dynamic_depth.md).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub token_keep: Vec<f32>,
+    /// Prompt lengths for --token-keep [default: 1024,2048,4096,8192, capped at the context].
+    #[arg(long, value_delimiter = ',')]
+    pub token_prompts: Vec<usize>,
+    /// Not used by bench (it times the first token only); refused.
+    #[arg(long, hide = true)]
+    pub token_revive: Option<String>,
     /// With --act-sparsity (a list) each format also runs at each activation sparsity, through
     /// column-major weights of its value type (dense formats only); with stored thresholds and
     /// no --act-sparsity, each format also runs with them.
@@ -98,6 +108,27 @@ struct FormatRun {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if !a.token_prompts.is_empty() && a.token_keep.is_empty() {
+        bail!("--token-prompts needs --token-keep");
+    }
+    if a.token_revive.is_some() {
+        bail!("--token-revive does not apply to bench (--token-keep times the first token; the revival comes before the second)");
+    }
+    if !a.token_keep.is_empty() {
+        if a.spec.active() || !a.early_exit.is_empty() || !a.act.act_sparsity.is_empty() {
+            bail!("--token-keep cannot be combined with --speculative / --draft / --early-exit / --act-sparsity in one bench run yet");
+        }
+        return super::token_keep::bench(&super::token_keep::BenchOpts {
+            model: a.model,
+            format: a.format,
+            head_format: a.head_format,
+            no_head_screen: a.no_head_screen,
+            reps: a.reps,
+            json: a.json,
+            keeps: a.token_keep,
+            prompts: a.token_prompts,
+        });
+    }
     if a.spec.active() || !a.early_exit.is_empty() {
         if !a.act.act_sparsity.is_empty() {
             bail!("--act-sparsity cannot be combined with --speculative / --draft / --early-exit in one bench run yet");

@@ -31,8 +31,28 @@ pub struct EvalArgs {
     /// state, as `run --early-exit` decodes; also reports the mean blocks run per token.
     #[arg(long, allow_negative_numbers = true)]
     pub early_exit: Option<f32>,
+    /// Token pruning (lossy, LazyLLM), comma-separated kept fractions in (0, 1]: each window's
+    /// last --continuation tokens are scored after its prompt (the rest) is prefilled with
+    /// pruning; one continuation perplexity per value, on the same windows.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub token_keep: Vec<f32>,
+    /// Tokens scored after each window's prompt with --token-keep [default: 256].
+    #[arg(long)]
+    pub continuation: Option<usize>,
+    /// How the prompt tokens dropped by --token-keep get their K/V before decoding: exact (run
+    /// through their remaining blocks after the first token) or propagate (projected from the
+    /// state they were dropped in) [default: exact].
+    #[arg(long)]
+    pub token_revive: Option<String>,
     #[command(flatten)]
     pub act: super::act::ActArgs,
+}
+
+impl EvalArgs {
+    /// A token-pruning flag is given (`main` sends the command to `cli::token_keep`).
+    pub fn token_mode(&self) -> bool {
+        !self.token_keep.is_empty() || self.token_revive.is_some() || self.continuation.is_some()
+    }
 }
 
 /// Tokenize an eval text for `model`.
@@ -44,6 +64,9 @@ pub fn tokenize_text(model: &lopper::Model, path: &std::path::Path) -> Result<Ve
 
 pub fn run(a: EvalArgs) -> Result<()> {
     a.act.check(false)?;
+    if a.token_mode() {
+        bail!("--token-keep / --token-revive / --continuation: run through `token_keep::eval_cmd`");
+    }
     if let Some(t) = a.early_exit {
         lopper::runtime::early_exit::check_threshold(t)?;
         if !a.act.act_sparsity.is_empty() {

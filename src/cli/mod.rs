@@ -12,6 +12,7 @@ pub mod plan;
 pub mod prune;
 pub mod prune_args;
 pub mod run;
+pub mod token_keep;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

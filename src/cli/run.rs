@@ -63,6 +63,16 @@ pub struct RunArgs {
     /// largest next-token probability there reaches T, in (0, 1] (docs/dynamic_depth.md).
     #[arg(long, allow_negative_numbers = true)]
     pub early_exit: Option<f32>,
+    /// Token pruning of the prompt (lossy, LazyLLM): prefill runs this fraction, in (0, 1], of
+    /// the prompt's (token, block) computations, dropping the tokens the last one attends to
+    /// least (docs/dynamic_depth.md).
+    #[arg(long, allow_negative_numbers = true)]
+    pub token_keep: Option<f32>,
+    /// How the prompt tokens dropped by --token-keep get their K/V before decoding: exact (run
+    /// through their remaining blocks after the first token) or propagate (projected from the
+    /// state they were dropped in) [default: exact].
+    #[arg(long)]
+    pub token_revive: Option<String>,
     #[command(flatten)]
     pub act: super::act::ActArgs,
 }
@@ -78,6 +88,15 @@ pub fn run(a: RunArgs) -> Result<()> {
         lopper::runtime::early_exit::check_threshold(t)?;
         if a.spec.active() {
             bail!("--early-exit cannot be combined with --speculative / --draft (speculative decoding is lossless, early exit is not)");
+        }
+    }
+    let revive = super::token_keep::revival(&a.token_revive, a.token_keep.is_some())?;
+    if let Some(f) = a.token_keep {
+        lopper::runtime::token_prune::check_keep(f)?;
+        if a.spec.active() || a.early_exit.is_some() {
+            bail!(
+                "--token-keep cannot be combined with --speculative / --draft / --early-exit yet"
+            );
         }
     }
     a.act.check(false)?;
@@ -105,8 +124,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     let path = super::model_path(&a.model)?;
     let mut model = super::load_model(&path, false)?;
     let act = super::act::setup(&mut model, &a.act, false)?;
-    if act.is_some() && (a.spec.active() || a.early_exit.is_some()) {
-        bail!("activation sparsity (--act-sparsity, or thresholds stored with {}) cannot be combined with --speculative / --draft / --early-exit yet", path.display());
+    if act.is_some() && (a.spec.active() || a.early_exit.is_some() || a.token_keep.is_some()) {
+        bail!("activation sparsity (--act-sparsity, or thresholds stored with {}) cannot be combined with --speculative / --draft / --early-exit / --token-keep yet", path.display());
     }
     super::pack_model(
         &mut model,
@@ -197,7 +216,21 @@ pub fn run(a: RunArgs) -> Result<()> {
                 ));
                 s.generate
             }
-            None => generate(&model, &ids, &opts, &mut emit)?,
+            None => match a.token_keep {
+                Some(f) => {
+                    let n = model.weights.layers.len();
+                    let sched = lopper::runtime::token_prune::Schedule::new(n, f)?;
+                    let s = lopper::runtime::token_prune::generate_token_pruned(
+                        &model, &sched, revive, &ids, &opts, &mut emit,
+                    )?;
+                    spec_line = Some(format!(
+                        "token keep F={f}: prefill ran {:.3} of the prompt's token-blocks (share {:.3} per pruning point); dropped tokens revived ({revive:?}) in {:.3} s",
+                        s.kept_fraction, sched.ratio, s.revive_seconds
+                    ));
+                    s.generate
+                }
+                None => generate(&model, &ids, &opts, &mut emit)?,
+            },
         },
     };
     if let Some(e) = io_err {

@@ -92,6 +92,75 @@ pub fn causal_attention_windowed(
     scale: f32,
     window: Option<usize>,
 ) {
+    attention_impl(q, k, v, out, tq, tk, d, scale, window, None);
+}
+
+/// Causal attention of `pos.len()` query rows at ascending absolute positions `pos` (not
+/// necessarily contiguous) against `tk` keys at positions `0..tk`: row `i` sees keys
+/// `0..=pos[i]` (`pos[i] < tk`). [`causal_attention`] is the case `pos = tk − tq .. tk`.
+/// Token pruning revives dropped prompt tokens this way, against a complete cache.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_at(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    pos: &[usize],
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+) {
+    assert!(
+        pos.windows(2).all(|w| w[0] < w[1]) && pos.last().is_none_or(|&p| p < tk),
+        "attention: query positions must ascend below tk"
+    );
+    attention_impl(q, k, v, out, pos.len(), tk, d, scale, None, Some(pos));
+}
+
+/// Reference for [`causal_attention_at`]: each row through [`causal_attention_naive`] with
+/// the keys up to its position.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_at_naive(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    pos: &[usize],
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+) {
+    let qw = d.n_heads * d.head_dim;
+    let kw = d.n_kv_heads * d.head_dim;
+    for (i, &p) in pos.iter().enumerate() {
+        assert!(p < tk, "attention: query position past the keys");
+        causal_attention_naive(
+            &q[i * qw..(i + 1) * qw],
+            &k[..(p + 1) * kw],
+            &v[..(p + 1) * kw],
+            &mut out[i * qw..(i + 1) * qw],
+            1,
+            p + 1,
+            d,
+            scale,
+        );
+    }
+}
+
+/// The fast kernel; query row `i` is at position `qpos[i]`, or `tk − tq + i` without `qpos`.
+#[allow(clippy::too_many_arguments)]
+fn attention_impl(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tq: usize,
+    tk: usize,
+    d: AttnDims,
+    scale: f32,
+    window: Option<usize>,
+    qpos: Option<&[usize]>,
+) {
     check(q, k, v, out, tq, tk, d);
     let window = window.map(|w| w.max(1));
     if tq == 0 {
@@ -103,6 +172,7 @@ pub fn causal_attention_windowed(
     let group = d.n_heads / d.n_kv_heads;
     let blocks = tq.div_ceil(QB);
     let past = tk - tq;
+    let at = |i: usize| qpos.map_or(past + i, |p| p[i]);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..d.n_heads * blocks).into_par_iter().for_each(|task| {
         // Rebound so the closure captures the Send wrapper whole, not its raw pointer field.
@@ -115,8 +185,8 @@ pub fn causal_attention_windowed(
         let rows = r1 - r0;
         // Keys kstart..kend cover every row of the block: the first row's window start to the
         // last row's own position.
-        let kstart = first_key(past + r0, window);
-        let kend = past + r1;
+        let kstart = first_key(at(r0), window);
+        let kend = at(r1 - 1) + 1;
         let kn = kend - kstart;
         SCORES.with(|s| {
             let mut s = s.borrow_mut();
@@ -126,7 +196,7 @@ pub fn causal_attention_windowed(
             let scores = &mut s[..rows * kn];
             if rows <= ROWWISE {
                 for i in 0..rows {
-                    let p = past + r0 + i;
+                    let p = at(r0 + i);
                     let lo = first_key(p, window);
                     let n = p + 1 - lo;
                     let qo = (r0 + i) * qw as usize + h * hd;
@@ -163,7 +233,7 @@ pub fn causal_attention_windowed(
                 );
             }
             for (i, row) in scores.chunks_mut(kn).enumerate() {
-                let p = past + r0 + i;
+                let p = at(r0 + i);
                 // Keys before this row's window get weight 0, as do those after `p`.
                 let off = first_key(p, window) - kstart;
                 row[..off].fill(0.0);

@@ -124,6 +124,31 @@ pub struct KvSlot<'a> {
     pub pos0: usize,
 }
 
+impl Scratch {
+    /// The rotated queries and keys of the last block run through this scratch (`[rows,
+    /// n_heads·head_dim]` and `[rows, n_kv_heads·head_dim]`, possibly followed by stale rows):
+    /// token pruning reads the last token's attention from them.
+    pub fn qk(&self) -> (&[f32], &[f32]) {
+        (&self.q, &self.k)
+    }
+}
+
+/// Where a block's rows sit and where their keys/values go.
+enum Rows<'a> {
+    /// `batch` windows from position 0, no cache.
+    Windows,
+    /// One sequence continuing a KV cache ([`block_forward_cached`]).
+    Cached(KvSlot<'a>),
+    /// One sequence of rows at ascending positions `pos`, attending to each other only;
+    /// keys/values optionally scattered to those rows of a cache ([`block_forward_at`]); with
+    /// `attend_cache`, attending to the cache's rows `0..=pos` instead.
+    At {
+        pos: &'a [usize],
+        cache: Option<(&'a mut [f32], &'a mut [f32])>,
+        attend_cache: bool,
+    },
+}
+
 /// Run block `layer` over `h` in place.
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward(
@@ -137,7 +162,49 @@ pub fn block_forward(
     s: &mut Scratch,
     obs: &mut dyn Observer,
 ) {
-    block_forward_cached(cfg, layer, lw, rope, h, batch, seq, s, obs, None);
+    block_impl(cfg, layer, lw, rope, h, batch, seq, s, obs, Rows::Windows);
+}
+
+/// [`block_forward`] over one sequence of `pos.len()` rows sitting at ascending absolute
+/// positions `pos` (RoPE at those positions), which attend causally to each other only (the
+/// rows' order is their positions' order, so the plain causal kernel applies). With `kv`, their
+/// keys/values are also written to rows `pos` of that layer's cache `(k, v)`. Token pruning
+/// runs a block on the prompt tokens it kept this way ([`crate::runtime::token_prune`]).
+/// With `attend_cache` (needs `kv`), the rows attend instead to every cache row up to their
+/// position (their own K/V written first; the other rows must be filled): token pruning
+/// revives dropped tokens this way.
+/// Models with a sliding window are not supported (the window counts positions, not rows).
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_at(
+    cfg: &Config,
+    layer: usize,
+    lw: &LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    pos: &[usize],
+    s: &mut Scratch,
+    obs: &mut dyn Observer,
+    kv: Option<(&mut [f32], &mut [f32])>,
+    attend_cache: bool,
+) {
+    assert!(
+        !attend_cache || kv.is_some(),
+        "block_forward_at: attend_cache needs a cache"
+    );
+    assert!(
+        pos.windows(2).all(|w| w[0] < w[1]),
+        "block_forward_at: positions must ascend"
+    );
+    assert!(
+        cfg.sliding_window.is_none(),
+        "block_forward_at: sliding-window models are not supported"
+    );
+    let rows = Rows::At {
+        pos,
+        cache: kv,
+        attend_cache,
+    };
+    block_impl(cfg, layer, lw, rope, h, 1, pos.len(), s, obs, rows);
 }
 
 /// [`block_forward`], optionally against a KV cache: with `kv`, `h` is one sequence (`batch`
@@ -155,6 +222,26 @@ pub fn block_forward_cached(
     s: &mut Scratch,
     obs: &mut dyn Observer,
     kv: Option<KvSlot<'_>>,
+) {
+    let rows = match kv {
+        Some(slot) => Rows::Cached(slot),
+        None => Rows::Windows,
+    };
+    block_impl(cfg, layer, lw, rope, h, batch, seq, s, obs, rows);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_impl(
+    cfg: &Config,
+    layer: usize,
+    lw: &LayerWeights,
+    rope: &Rope,
+    h: &mut [f32],
+    batch: usize,
+    seq: usize,
+    s: &mut Scratch,
+    obs: &mut dyn Observer,
+    kv: Rows<'_>,
 ) {
     let d = cfg.hidden_size;
     let rows = batch * seq;
@@ -185,12 +272,41 @@ pub fn block_forward_cached(
     linear_buf(&lw.k, xn, rows, k, false, &mut s.lr);
     let v = resize(&mut s.v, rows * kw);
     linear_buf(&lw.v, xn, rows, v, false, &mut s.lr);
-    let pos0 = kv.as_ref().map_or(0, |c| c.pos0);
-    rope.apply(q, dims.n_heads, seq, pos0);
-    rope.apply(k, dims.n_kv_heads, seq, pos0);
+    let pos0 = match &kv {
+        Rows::Cached(c) => c.pos0,
+        _ => 0,
+    };
+    if let Rows::At { pos, .. } = &kv {
+        rope.apply_at(q, dims.n_heads, pos);
+        rope.apply_at(k, dims.n_kv_heads, pos);
+    } else {
+        rope.apply(q, dims.n_heads, seq, pos0);
+        rope.apply(k, dims.n_kv_heads, seq, pos0);
+    }
     let attn = resize(&mut s.attn, rows * qw);
     let scale = 1.0 / (hd as f32).sqrt();
-    if let Some(c) = kv {
+    if let Rows::At {
+        pos,
+        cache: Some((ck, cv)),
+        attend_cache: true,
+    } = kv
+    {
+        for (r, &p) in pos.iter().enumerate() {
+            ck[p * kw..(p + 1) * kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
+            cv[p * kw..(p + 1) * kw].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+        }
+        let tk = pos.last().map_or(0, |p| p + 1);
+        kernels::attention::causal_attention_at(
+            q,
+            &ck[..tk * kw],
+            &cv[..tk * kw],
+            attn,
+            pos,
+            tk,
+            dims,
+            scale,
+        );
+    } else if let Rows::Cached(c) = kv {
         assert_eq!(batch, 1, "a KV cache holds one sequence");
         let tk = pos0 + seq;
         assert!(
@@ -224,6 +340,17 @@ pub fn block_forward_cached(
                 scale,
                 cfg.sliding_window,
             );
+        }
+        if let Rows::At {
+            pos,
+            cache: Some((ck, cv)),
+            ..
+        } = kv
+        {
+            for (r, &p) in pos.iter().enumerate() {
+                ck[p * kw..(p + 1) * kw].copy_from_slice(&k[r * kw..(r + 1) * kw]);
+                cv[p * kw..(p + 1) * kw].copy_from_slice(&v[r * kw..(r + 1) * kw]);
+            }
         }
     }
     act::apply(act, Site::AttnOut, attn);

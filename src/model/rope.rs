@@ -97,14 +97,47 @@ impl Rope {
                 let p = pos0 + r % seq;
                 let c = &self.cos[p * half..(p + 1) * half];
                 let s = &self.sin[p * half..(p + 1) * half];
-                for head in row.chunks_mut(d) {
-                    let (a, b) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (x0, x1) = (a[i], b[i]);
-                        a[i] = x0 * c[i] - x1 * s[i];
-                        b[i] = x1 * c[i] + x0 * s[i];
-                    }
-                }
+                rotate_row(row, d, c, s);
             });
+    }
+
+    /// [`Rope::apply`] for rows at arbitrary positions: row `r` of `x` `[pos.len(),
+    /// n_heads·head_dim]` is at position `pos[r]` (token pruning keeps prompt tokens at their
+    /// original positions). The same arithmetic per row as [`Rope::apply`].
+    pub fn apply_at(&self, x: &mut [f32], n_heads: usize, pos: &[usize]) {
+        let d = self.head_dim;
+        let half = d / 2;
+        let width = n_heads * d;
+        assert!(
+            x.len() >= pos.len() * width,
+            "RoPE: x shorter than its positions"
+        );
+        assert!(
+            pos.iter().all(|&p| p < self.max_pos),
+            "RoPE table too short"
+        );
+        x[..pos.len() * width]
+            .par_chunks_mut(width)
+            .zip(pos.par_iter())
+            .with_min_len(32)
+            .for_each(|(row, &p)| {
+                let c = &self.cos[p * half..(p + 1) * half];
+                let s = &self.sin[p * half..(p + 1) * half];
+                rotate_row(row, d, c, s);
+            });
+    }
+}
+
+/// Rotate every head of one row by the angles whose cos/sin are `c`/`s`.
+#[inline]
+fn rotate_row(row: &mut [f32], d: usize, c: &[f32], s: &[f32]) {
+    let half = d / 2;
+    for head in row.chunks_mut(d) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (a[i], b[i]);
+            a[i] = x0 * c[i] - x1 * s[i];
+            b[i] = x1 * c[i] + x0 * s[i];
+        }
     }
 }

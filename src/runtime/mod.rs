@@ -10,7 +10,9 @@
 //! ([`kv::forward_step_top_k`]) pick the same tokens while reading about a quarter of the head.
 //! [`speculative`] drafts tokens with skipped blocks (or a pruned model) and verifies them in one
 //! batched step: greedy output bit-identical, sampling exact in distribution; [`early_exit`]
-//! stops a token at an intermediate block when the head is confident there (lossy).
+//! stops a token at an intermediate block when the head is confident there (lossy);
+//! [`token_prune`] drops the prompt tokens the last token attends to least during prefill
+//! (LazyLLM, lossy).
 
 pub mod act;
 pub mod autopick;
@@ -22,6 +24,7 @@ pub mod kv;
 pub mod pack;
 pub mod sample;
 pub mod speculative;
+pub mod token_prune;
 
 pub use generate::{generate, GenerateOpts, GenerateStats, StopReason, TextStream};
 pub use kv::{forward_step, forward_step_all, KvCache};
