@@ -268,7 +268,7 @@ pub fn bench(a: &BenchOpts) -> Result<()> {
             }
         }
     }
-    let cpu = super::bench_dynamic::cpu_name();
+    let cpu = lopper::isa::cpu_name();
     let mut rows = Vec::new();
     for (li, &l) in lens.iter().enumerate() {
         let base = &best[li][0];
