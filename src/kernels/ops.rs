@@ -539,8 +539,9 @@ mod tests {
         let worst = a
             .iter()
             .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / y.abs().max(1e-3)));
-        assert!(worst < 1e-5, "relative difference {worst}");
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / y.abs().max(1.0)));
+        // Absolute near 0 (1 + tanh cancels in f32 for negative x, as in PyTorch).
+        assert!(worst < 2e-6, "difference {worst}");
         // gelu(-13.5) is 0 and gelu(13.5) is 13.5: the function, not a copy of its input.
         assert!(b[0].abs() < 1e-6 && (b[8999] - 13.497 * u[8999]).abs() < 1e-2);
     }

@@ -14,9 +14,23 @@
 
 use crate::kernels;
 use crate::model::config::MoeConfig;
-use crate::model::forward::linear;
 use crate::model::observer::{Observer, Site};
-use crate::model::weights::Moe;
+use crate::model::weights::{Linear, Moe, Tensor};
+
+/// `out[rows, n] = x · Wᵀ (+ b)` for a dense `[n, k]` weight (experts and the router are dense:
+/// lopper neither factorises nor packs them).
+fn dense(w: &Tensor, bias: Option<&Tensor>, x: &[f32], rows: usize, out: &mut [f32]) {
+    let (n, k) = (w.rows(), w.cols());
+    crate::formats::dense_f32_matmul(w.data(), n, k, x, rows, out, false);
+    if let Some(b) = bias {
+        kernels::add_bias(&mut out[..rows * n], b.data());
+    }
+}
+
+fn linear(lin: &Linear, x: &[f32], rows: usize, out: &mut [f32]) {
+    assert!(!lin.is_factored(), "a low-rank expert linear");
+    dense(&lin.weight, lin.bias.as_ref(), x, rows, out);
+}
 
 /// One token's routing: the chosen experts and their weights, best first.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +63,7 @@ pub fn route(logits: &[f32], top_k: usize, norm_topk_prob: bool) -> Route {
 pub fn routes(moe: &Moe, mc: &MoeConfig, x: &[f32], rows: usize) -> Vec<Route> {
     let n = moe.router.rows();
     let mut logits = vec![0f32; rows * n];
-    crate::model::forward::product(&moe.router, None, x, rows, &mut logits, false);
+    dense(&moe.router, None, x, rows, &mut logits);
     logits
         .chunks(n)
         .map(|l| route(l, mc.top_k, mc.norm_topk_prob))
@@ -92,14 +106,14 @@ pub fn moe_forward(
         let w = ex.width();
         let mut g = vec![0f32; n * w];
         let mut u = vec![0f32; n * w];
-        linear(&ex.gate, &xg, n, &mut g, false);
-        linear(&ex.up, &xg, n, &mut u, false);
+        linear(&ex.gate, &xg, n, &mut g);
+        linear(&ex.up, &xg, n, &mut u);
         kernels::silu_mul(&mut g, &u);
         if want {
             obs.expert_input(layer, e, Site::MlpDown, &g, n, w);
         }
         let mut y = vec![0f32; n * d];
-        linear(&ex.down, &g, n, &mut y, false);
+        linear(&ex.down, &g, n, &mut y);
         for (i, &(r, p)) in picked.iter().enumerate() {
             let o = &mut out[r * d..(r + 1) * d];
             o.iter_mut()
@@ -148,8 +162,7 @@ pub fn moe_forward_naive(moe: &Moe, mc: &MoeConfig, x: &[f32], rows: usize) -> V
 mod tests {
     use super::*;
     use crate::model::observer::NoObserver;
-    use crate::model::weights::{Expert, Linear};
-    use crate::Tensor;
+    use crate::model::weights::Expert;
 
     fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
         (0..n)
