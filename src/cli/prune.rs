@@ -112,6 +112,7 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         "tensors": outcome.tensors,
         "prune_seconds": outcome.seconds_total,
         "recovery": outcome.recovery,
+        "experts": outcome.experts,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
         "gemm_gflops": gemm_gflops,
         "compute_bound_seconds": compute_bound_s,
@@ -146,6 +147,14 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
             outcome.pruned_params
         );
         println!("calibration   {}", calib.source);
+        if let Some(x) = outcome.experts.as_ref().filter(|x| !x.unreached.is_empty()) {
+            println!(
+                "experts       {} (layer, expert) reached by no calibration token, pruned by \
+                 magnitude: {:?}",
+                x.unreached.len(),
+                x.unreached
+            );
+        }
         println!(
             "prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)",
             outcome.seconds_total,

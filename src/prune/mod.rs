@@ -8,6 +8,7 @@
 //! sparsity allocation (uniform, OWL) in [`owl`].
 
 pub mod driver;
+pub mod experts;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
