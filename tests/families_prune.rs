@@ -170,3 +170,110 @@ fn moe_refuses_what_is_not_implemented_before_any_work() {
     assert!(e.contains("OWL") && e.contains("mixtral"), "{e}");
     assert_eq!(m.weights.layers[0].q.weight.data(), &before[..]);
 }
+
+/// Every structured step on every new family either runs (and the result saves as an HF
+/// directory that loads back to the same logits) or is refused before any work.
+#[test]
+fn every_step_works_or_is_refused_up_front() {
+    let steps: [(&str, &str); 10] = [
+        ("layers", "kind = \"layers\"\nremove = 1"),
+        ("heads", "kind = \"heads\"\nfraction = 0.25"),
+        (
+            "heads+bias",
+            "kind = \"heads\"\nfraction = 0.25\nbias_compensation = true",
+        ),
+        ("neurons", "kind = \"neurons\"\nfraction = 0.25"),
+        (
+            "neurons+bias",
+            "kind = \"neurons\"\nfraction = 0.25\nbias_compensation = true",
+        ),
+        ("slice", "kind = \"slice\"\nfraction = 0.25"),
+        ("low_rank", "kind = \"low_rank\"\nparam_fraction = 0.3"),
+        (
+            "low_rank o,down",
+            "kind = \"low_rank\"\nparam_fraction = 0.3\nmodules = \"o\"",
+        ),
+        (
+            "sparse",
+            "kind = \"sparse\"\nmethod = \"wanda\"\nsparsity = 0.5",
+        ),
+        (
+            "sparse 2:4",
+            "kind = \"sparse\"\nmethod = \"sparsegpt\"\npattern = \"2:4\"",
+        ),
+    ];
+    // What each family refuses (every other step must work).
+    let refused: [(&str, &[&str]); 5] = [
+        ("tiny-qwen3", &["neurons+bias", "slice"]),
+        (
+            "tiny-phi3",
+            &["heads+bias", "neurons+bias", "slice", "low_rank"],
+        ),
+        ("tiny-gemma3", &["neurons+bias", "slice"]),
+        (
+            "tiny-mixtral",
+            &["heads+bias", "neurons", "neurons+bias", "slice", "low_rank"],
+        ),
+        (
+            "tiny-qwen3-moe",
+            &["neurons", "neurons+bias", "slice", "low_rank"],
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, no) in refused {
+        for (label, toml) in steps {
+            let mut m = tiny(name);
+            let calib = random_calib(2, 4, 32, m.config.vocab_size as u64);
+            let plan = lopper::structured::plan::parse_plan(
+                &format!("[[step]]\n{toml}\n"),
+                std::path::Path::new("plan.toml"),
+            )
+            .unwrap();
+            let before = m.weights.layers[0].q.weight.data().to_vec();
+            let r = lopper::structured::plan::run_plan(
+                &mut m,
+                &calib,
+                &plan,
+                &mut |_, _| Ok(None),
+                &mut |_, _, _| {},
+            );
+            if no.contains(&label) {
+                let e = r
+                    .err()
+                    .unwrap_or_else(|| panic!("{name} {label}: not refused"));
+                assert!(
+                    matches!(e, lopper::Error::Invalid(_)),
+                    "{name} {label}: {e}"
+                );
+                assert!(e.to_string().contains(m.config.arch.model_type()), "{e}");
+                assert_eq!(
+                    m.weights.layers[0].q.weight.data(),
+                    &before[..],
+                    "{name} {label}"
+                );
+                continue;
+            }
+            r.unwrap_or_else(|e| panic!("{name} {label}: {e}"));
+            let out = tmp.path().join(format!(
+                "{name}-{}",
+                label.replace([' ', '+', ':', ','], "_")
+            ));
+            lopper::io::save::save_hf(&m, &out, lopper::io::save::SaveDtype::F32, false)
+                .unwrap_or_else(|e| panic!("{name} {label}: save: {e}"));
+            let back =
+                lopper::io::load_model(&out).unwrap_or_else(|e| panic!("{name} {label}: {e}"));
+            let ids = &calib.ids[..32];
+            let a = lopper::model::forward::forward_logits(&m, ids).unwrap();
+            let b = lopper::model::forward::forward_logits(&back, ids).unwrap();
+            let scale = a.iter().fold(0f32, |x, v| x.max(v.abs()));
+            let d = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |x, (p, q)| x.max((p - q).abs()));
+            assert!(
+                d <= 1e-5 * scale,
+                "{name} {label}: reloaded logits differ by {d}"
+            );
+        }
+    }
+}

@@ -129,6 +129,7 @@ impl Step {
         calib: &CalibSet,
         progress: Progress<'_>,
     ) -> Result<StepDetails> {
+        super::families::check_step(self, model)?;
         match self {
             Step::Layers(s) => super::depth::remove_layers(model, calib, s, progress),
             Step::Heads(s) => super::heads::prune_heads(model, calib, s, progress),
@@ -217,6 +218,13 @@ pub fn run_plan(
     eval: &mut dyn FnMut(&Model, &str) -> Result<Option<f64>>,
     progress: Progress<'_>,
 ) -> Result<Vec<StepRecord>> {
+    // Every step's family support is checked before the first one runs.
+    for (i, step) in plan.steps.iter().enumerate() {
+        super::families::check_step(step, model).map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("step {} ({}): {m}", i + 1, step.kind())),
+            e => e,
+        })?;
+    }
     let start = ModelSize::of(model);
     let mut out = Vec::with_capacity(plan.steps.len());
     for (i, step) in plan.steps.iter().enumerate() {
