@@ -277,3 +277,58 @@ fn every_step_works_or_is_refused_up_front() {
         }
     }
 }
+
+/// REAP expert removal: 0 removes nothing (bit-identical logits); removing experts drops the
+/// lowest scores of every block, shrinks the router, and the result saves and reloads.
+#[test]
+fn reap_expert_removal_is_identity_at_zero_and_follows_the_scores() {
+    let calib = random_calib(9, 4, 32, 320);
+    let ids = &calib.ids[..32];
+    let mut m = tiny("tiny-qwen3-moe");
+    let dense = lopper::model::forward::forward_logits(&m, ids).unwrap();
+    let rep = lopper::prune::reap::remove_experts(&mut m, &calib, 0.0).unwrap();
+    assert!(rep.iter().all(|l| l.removed.is_empty()));
+    assert_eq!(
+        lopper::model::forward::forward_logits(&m, ids).unwrap(),
+        dense
+    );
+
+    let rep = lopper::prune::reap::remove_experts(&mut m, &calib, 0.25).unwrap();
+    assert_eq!(rep.len(), 3);
+    for (l, r) in rep.iter().enumerate() {
+        assert_eq!(r.removed.len(), 2);
+        let worst_kept = (0..8)
+            .filter(|e| !r.removed.contains(e))
+            .map(|e| r.scores[e])
+            .fold(f64::INFINITY, f64::min);
+        for &e in &r.removed {
+            assert!(
+                r.scores[e] <= worst_kept,
+                "layer {l}: removed expert {e} scores above a kept one"
+            );
+        }
+        let moe = m.weights.layers[l].extra.moe.as_ref().unwrap();
+        assert_eq!((moe.experts.len(), moe.router.rows()), (6, 6));
+    }
+    assert_eq!(m.config.family.moe.as_ref().unwrap().num_experts, 6);
+    let tmp = tempfile::tempdir().unwrap();
+    lopper::io::save::save_hf(
+        &m,
+        &tmp.path().join("o"),
+        lopper::io::save::SaveDtype::F32,
+        false,
+    )
+    .unwrap();
+    let back = lopper::io::load_model(&tmp.path().join("o")).unwrap();
+    let a = lopper::model::forward::forward_logits(&m, ids).unwrap();
+    assert_eq!(
+        lopper::model::forward::forward_logits(&back, ids).unwrap(),
+        a
+    );
+    assert_ne!(a, dense);
+    // Not a mixture, or too few experts left for top-k: refused.
+    let mut q = tiny("tiny-qwen3");
+    assert!(lopper::prune::reap::remove_experts(&mut q, &calib, 0.5).is_err());
+    let mut x = tiny("tiny-mixtral");
+    assert!(lopper::prune::reap::remove_experts(&mut x, &calib, 0.9).is_err());
+}

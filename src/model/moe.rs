@@ -15,7 +15,7 @@
 use crate::kernels;
 use crate::model::config::MoeConfig;
 use crate::model::observer::{Observer, Site};
-use crate::model::weights::{Linear, Moe, Tensor};
+use crate::model::weights::{Expert, Linear, Moe, Tensor};
 
 /// `out[rows, n] = x · Wᵀ (+ b)` for a dense `[n, k]` weight (experts and the router are dense:
 /// lopper neither factorises nor packs them).
@@ -123,6 +123,17 @@ pub fn moe_forward(
     }
 }
 
+/// One expert on `rows` tokens `x` `[rows, hidden]`: `out = down(silu(gate(x)) · up(x))`.
+pub fn expert_forward(ex: &Expert, x: &[f32], rows: usize, out: &mut [f32]) {
+    let w = ex.width();
+    let mut g = vec![0f32; rows * w];
+    let mut u = vec![0f32; rows * w];
+    linear(&ex.gate, x, rows, &mut g);
+    linear(&ex.up, x, rows, &mut u);
+    kernels::silu_mul(&mut g, &u);
+    linear(&ex.down, &g, rows, out);
+}
+
 /// Reference [`moe_forward`]: every token through its chosen experts one at a time, in f64.
 pub fn moe_forward_naive(moe: &Moe, mc: &MoeConfig, x: &[f32], rows: usize) -> Vec<f32> {
     let d = moe.router.cols();
@@ -162,7 +173,6 @@ pub fn moe_forward_naive(moe: &Moe, mc: &MoeConfig, x: &[f32], rows: usize) -> V
 mod tests {
     use super::*;
     use crate::model::observer::NoObserver;
-    use crate::model::weights::Expert;
 
     fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
         (0..n)

@@ -126,7 +126,13 @@ impl PrunePlan {
                 n - 1
             ));
         }
-        super::experts::validate(self, model)?;
+        let r = &self.recovery;
+        super::experts::validate(
+            model,
+            self.pattern,
+            matches!(self.allocation, Allocation::Owl { .. }),
+            r.permute || r.refine.is_some() || r.reconstruct.is_some(),
+        )?;
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);

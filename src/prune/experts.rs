@@ -94,21 +94,24 @@ fn add_sums(acc: &mut SiteStats, s: &SiteStats) {
 
 /// What the driver cannot do on a mixture of experts, refused before any work: OWL allocation
 /// and recovery (their statistics are per dense MLP); and the experts' shapes for the pattern.
-pub fn validate(plan: &super::driver::PrunePlan, model: &crate::Model) -> Result<()> {
+/// `owl`: OWL allocation asked; `recovery`: permutation, swaps or reconstruction asked.
+pub fn validate(
+    model: &crate::Model,
+    pattern: super::Pattern,
+    owl: bool,
+    recovery: bool,
+) -> Result<()> {
     let layers = &model.weights.layers;
     if !layers.iter().any(|l| l.extra.moe.is_some()) {
         return Ok(());
     }
     let arch = model.config.arch.model_type();
-    if matches!(plan.allocation, super::owl::Allocation::Owl { .. }) {
+    if owl {
         return Err(Error::Invalid(format!(
             "OWL allocation is not implemented for mixtures of experts ({arch}); use uniform"
         )));
     }
-    if plan.recovery.permute
-        || plan.recovery.refine.is_some()
-        || plan.recovery.reconstruct.is_some()
-    {
+    if recovery {
         return Err(Error::Invalid(format!(
             "permutation, swap refinement and reconstruction are not implemented for mixtures \
              of experts ({arch})"
@@ -130,12 +133,7 @@ pub fn validate(plan: &super::driver::PrunePlan, model: &crate::Model) -> Result
                 if lin.is_factored() {
                     return Err(Error::Invalid(format!("{name} is low-rank factorised")));
                 }
-                super::mask::check_shape(
-                    plan.pattern,
-                    lin.out_features(),
-                    lin.in_features(),
-                    &name,
-                )?;
+                super::mask::check_shape(pattern, lin.out_features(), lin.in_features(), &name)?;
             }
         }
     }

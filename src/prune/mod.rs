@@ -12,6 +12,7 @@ pub mod experts;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
+pub mod reap;
 pub mod ria;
 pub mod sparsegpt;
 pub mod wanda;

@@ -18,12 +18,36 @@
 //!   on a mixture's MLP (its experts are not factorised).
 //! - `sparse`: every family (experts per routed token, [`crate::prune::experts`]).
 
-use super::plan::Step;
+use super::{depth::DepthSpec, heads::HeadSpec, lowrank::LowRankSpec, neurons::NeuronSpec};
 use crate::model::config::Arch;
 use crate::{Error, LinearKind, Model, Result};
 
+/// A plan step as this check sees it (built by `structured::plan::Step::family_spec`).
+#[derive(Debug, Clone, Copy)]
+pub enum Step<'a> {
+    Layers(&'a DepthSpec),
+    Heads(&'a HeadSpec),
+    Neurons(&'a NeuronSpec),
+    Slice,
+    LowRank(&'a LowRankSpec),
+    Sparse,
+}
+
+impl Step<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Step::Layers(_) => "layers",
+            Step::Heads(_) => "heads",
+            Step::Neurons(_) => "neurons",
+            Step::Slice => "slice",
+            Step::LowRank(_) => "low_rank",
+            Step::Sparse => "sparse",
+        }
+    }
+}
+
 /// Refuse `step` on `model` when its family does not support it (see the module docs).
-pub fn check_step(step: &Step, model: &Model) -> Result<()> {
+pub fn check_step(step: Step<'_>, model: &Model) -> Result<()> {
     let arch = model.config.arch;
     if matches!(arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
         return Ok(());
@@ -57,7 +81,7 @@ pub fn check_step(step: &Step, model: &Model) -> Result<()> {
         Step::Neurons(s) if no_mlp_bias && (s.bias_compensation || s.reconstruct.is_some()) => {
             no("bias compensation and the down_proj re-fit add a down_proj bias, which this family's HF class has no place for")
         }
-        Step::Slice(_) => no("SliceGPT is implemented for llama, mistral and qwen2 only"),
+        Step::Slice => no("SliceGPT is implemented for llama, mistral and qwen2 only"),
         Step::LowRank(s) => {
             let fused = [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::Gate, LinearKind::Up];
             let mlp = [LinearKind::Gate, LinearKind::Up, LinearKind::Down];
