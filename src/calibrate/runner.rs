@@ -58,6 +58,9 @@ impl Observer for PassObserver<'_> {
     fn linear_input(&mut self, layer: usize, site: Site, x: &[f32], rows: usize, cols: usize) {
         self.inner.linear_input(layer, site, x, rows, cols)
     }
+    fn expert_input(&mut self, layer: usize, e: usize, site: Site, x: &[f32], r: usize, c: usize) {
+        self.inner.expert_input(layer, e, site, x, r, c)
+    }
     fn block_input(&mut self, layer: usize, h: &[f32], rows: usize, cols: usize) {
         self.inner.block_input(layer, h, rows, cols)
     }

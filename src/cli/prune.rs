@@ -40,7 +40,8 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
     plan.validate(&model)?;
 
     // Calibration data (magnitude with uniform allocation needs none).
-    let needs_calib = lopper::structured::plan::Step::Sparse(plan.clone()).needs_calibration();
+    let needs_calib = lopper::structured::plan::Step::Sparse(plan.clone()).needs_calibration()
+        || a.experts.is_some();
     if plan.method == lopper::prune::Method::Magnitude
         && plan.recovery.needs_calibration()
         && !a.json
@@ -57,6 +58,10 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         false => evaluator.eval_by_block(m, label),
     };
     let before = evaluate(&mut model, "eval dense")?;
+    let experts_removed = match a.experts {
+        Some(f) => Some(lopper::prune::reap::remove_experts(&mut model, &calib, f)?),
+        None => None,
+    };
 
     let pb = super::bar(a.json, model.weights.layers.len() as u64, "pruning");
     let mut on_block = |stage: &str, d: usize, _: usize| {
@@ -112,6 +117,8 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
         "tensors": outcome.tensors,
         "prune_seconds": outcome.seconds_total,
         "recovery": outcome.recovery,
+        "experts": outcome.experts,
+        "experts_removed": experts_removed,
         "prune_seconds_detail": { "statistics": outcome.seconds_stats, "prune": outcome.seconds_prune, "forward": outcome.seconds_forward },
         "gemm_gflops": gemm_gflops,
         "passes": outcome.passes,
@@ -152,6 +159,18 @@ fn run_sparse(a: PruneArgs, plan: lopper::prune::PrunePlan) -> Result<()> {
             outcome.pruned_params
         );
         println!("calibration   {}", calib.source);
+        if let Some(r) = &experts_removed {
+            let gone: usize = r.iter().map(|l| l.removed.len()).sum();
+            println!("experts       removed {gone} (REAP, {} blocks)", r.len());
+        }
+        if let Some(x) = outcome.experts.as_ref().filter(|x| !x.unreached.is_empty()) {
+            println!(
+                "experts       {} (layer, expert) reached by no calibration token, pruned by \
+                 magnitude: {:?}",
+                x.unreached.len(),
+                x.unreached
+            );
+        }
         println!(
             "prune time    {:.1} s (statistics {:.1} s, pruning {:.1} s, forward {:.1} s)",
             outcome.seconds_total,

@@ -28,6 +28,11 @@ pub struct PruneArgs {
     /// neurons, scored by perplexity on calibration windows. Excludes --plan and the step flags.
     #[arg(long, allow_negative_numbers = true)]
     pub target_params: Option<f64>,
+    /// Mixtures of experts: first remove this fraction of the experts of every block, those with
+    /// the lowest REAP score on the calibration windows (docs/families.md); 0 removes none.
+    /// Sparse-only runs.
+    #[arg(long)]
+    pub experts: Option<f64>,
     /// Calibration windows each --target-params candidate is scored on [default: 16].
     #[arg(long)]
     pub score_windows: Option<usize>,
@@ -309,6 +314,11 @@ pub fn check_flags(a: &PruneArgs, plan: &Plan) -> Result<()> {
     let searching = a.target_params.is_some();
     if a.score_windows.is_some() && !searching {
         return refuse("--score-windows needs --target-params".into());
+    }
+    if a.experts.is_some() && (searching || sparse_only(plan).is_none()) {
+        return refuse(
+            "--experts applies to sparse-only runs (not --plan or --target-params)".into(),
+        );
     }
     if a.eval.is_none() {
         for (flag, given) in [

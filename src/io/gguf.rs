@@ -15,7 +15,9 @@
 //! disagree with the metadata, missing tensors, unknown architectures).
 
 use crate::model::config::Arch;
-use crate::model::weights::{LayerWeights, Linear, Source, Tensor, Weights};
+use crate::model::weights::{
+    split_rows, LayerExtra, LayerWeights, Linear, Source, Tensor, Weights,
+};
 use crate::{Error, Model, Result};
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
@@ -28,8 +30,10 @@ use std::sync::Arc;
 mod meta;
 mod scan;
 
-pub use meta::llama3_rope_factors;
 use meta::read_config;
+pub use meta::{
+    gemma3_default_pattern, gemma3_query_scalar, llama3_rope_factors, GEMMA3_PATTERN_KEY,
+};
 use scan::{ggml_type_name, prescan};
 
 const FORMAT: &str = "GGUF";
@@ -392,6 +396,7 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
     let (config, dims) = read_config(&f)?;
     let (hidden, hd) = (config.hidden_size, config.head_dim);
     let permuted = matches!(config.arch, Arch::Llama | Arch::Mistral);
+    let phi3 = config.arch == Arch::Phi3;
     let mut jobs = Vec::new();
     let mut job = |name: String, shape: Vec<usize>, heads: Option<usize>, optional: bool| {
         let unpermute_heads = heads.filter(|_| permuted);
@@ -415,15 +420,43 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             job(format!("{p}.{name}.weight"), vec![out, inp], heads, false);
             job(format!("{p}.{name}.bias"), vec![out], heads, true);
         };
-        lin("attn_q", nh * hd, hidden, Some(nh));
-        lin("attn_k", nkv * hd, hidden, Some(nkv));
-        lin("attn_v", nkv * hd, hidden, None);
+        // Phi-3: fused q/k/v (llama.cpp also accepts them apart) and fused gate/up.
+        let fused_qkv = phi3 && f.has_tensor(&format!("{p}.attn_qkv.weight"));
+        if fused_qkv {
+            lin("attn_qkv", (nh + 2 * nkv) * hd, hidden, None);
+        } else {
+            lin("attn_q", nh * hd, hidden, Some(nh));
+            lin("attn_k", nkv * hd, hidden, Some(nkv));
+            lin("attn_v", nkv * hd, hidden, None);
+        }
         lin("attn_output", hidden, nh * hd, None);
-        lin("ffn_gate", ff, hidden, None);
-        lin("ffn_up", ff, hidden, None);
+        if phi3 {
+            lin("ffn_up", 2 * ff, hidden, None);
+        } else {
+            lin("ffn_gate", ff, hidden, None);
+            lin("ffn_up", ff, hidden, None);
+        }
         lin("ffn_down", hidden, ff, None);
         job(format!("{p}.attn_norm.weight"), vec![hidden], None, false);
         job(format!("{p}.ffn_norm.weight"), vec![hidden], None, false);
+        if config.arch.has_qk_norm() {
+            job(format!("{p}.attn_q_norm.weight"), vec![hd], None, false);
+            job(format!("{p}.attn_k_norm.weight"), vec![hd], None, false);
+        }
+        if config.arch == Arch::Gemma3 {
+            job(
+                format!("{p}.post_attention_norm.weight"),
+                vec![hidden],
+                None,
+                false,
+            );
+            job(
+                format!("{p}.post_ffw_norm.weight"),
+                vec![hidden],
+                None,
+                false,
+            );
+        }
     }
     job("output_norm.weight".into(), vec![hidden], None, false);
     job(
@@ -479,6 +512,14 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
         })
     };
     let embed = take("token_embd.weight")?;
+    let fused: std::collections::HashSet<String> = jobs
+        .iter()
+        .filter(|j| j.name.ends_with(".attn_qkv.weight"))
+        .map(|j| j.name.clone())
+        .collect();
+    let by_name_has = |p: &str, n: &str| fused.contains(&format!("{p}.{n}.weight"));
+    let embed_scale =
+        (config.arch == Arch::Gemma3).then(|| (config.hidden_size as f64).sqrt() as f32);
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
         let p = format!("blk.{i}");
@@ -487,15 +528,28 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             let bias = take(&format!("{p}.{name}.bias")).ok();
             Ok(Linear::new(weight, bias))
         };
-        let (q, k, v, o) = (
-            lin("attn_q")?,
-            lin("attn_k")?,
-            lin("attn_v")?,
-            lin("attn_output")?,
-        );
-        let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+        let (nq, nkv, ff) = (dims.heads[i] * hd, dims.kv_heads[i] * hd, dims.ffn[i]);
+        let [q, k, v] = if by_name_has(&p, "attn_qkv") {
+            split_rows(&lin("attn_qkv")?.weight, [nq, nkv, nkv]).map(|t| Linear::new(t, None))
+        } else {
+            [lin("attn_q")?, lin("attn_k")?, lin("attn_v")?]
+        };
+        let o = lin("attn_output")?;
+        let [gate, up] = if phi3 {
+            split_rows(&lin("ffn_up")?.weight, [ff, ff]).map(|t| Linear::new(t, None))
+        } else {
+            [lin("ffn_gate")?, lin("ffn_up")?]
+        };
+        let down = lin("ffn_down")?;
         let attn_norm = take(&format!("{p}.attn_norm.weight"))?;
         let mlp_norm = take(&format!("{p}.ffn_norm.weight"))?;
+        let extra = LayerExtra {
+            q_norm: take(&format!("{p}.attn_q_norm.weight")).ok(),
+            k_norm: take(&format!("{p}.attn_k_norm.weight")).ok(),
+            post_attn_norm: take(&format!("{p}.post_attention_norm.weight")).ok(),
+            post_mlp_norm: take(&format!("{p}.post_ffw_norm.weight")).ok(),
+            moe: None,
+        };
         layers.push(LayerWeights {
             attn_norm,
             q,
@@ -509,6 +563,7 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             attn_shortcut: None,
             mlp_shortcut: None,
             act: None,
+            extra,
         });
     }
     let final_norm = take("output_norm.weight")?;
@@ -526,6 +581,7 @@ pub fn load_with(path: &Path, lazy: bool) -> Result<Model> {
             lm_head,
             lm_head_packed: None,
             lm_head_screen: None,
+            embed_scale,
         },
         tokenizer,
         chat_template,

@@ -43,6 +43,7 @@
 //! place in llama.cpp's graphs and must be refused (or multiplied out) there.
 
 mod encode;
+mod family;
 mod vocab;
 
 pub use encode::{quantize_q8_0_block, round_trip, GgufDtype, QK8_0};
@@ -127,7 +128,9 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             attn_shortcut,
             mlp_shortcut,
             act: _, // activation thresholds change no tensor; llama.cpp does not apply them
+            extra,
         } = l;
+        family::check_layer(model, i, extra).map_err(no)?;
         if attn_shortcut.is_some() || mlp_shortcut.is_some() {
             return Err(no(format!(
                 "layer {i} has SliceGPT residual shortcut matrices, which llama.cpp has no tensor for (save it as an HF directory instead)"
@@ -196,6 +199,7 @@ fn layer_dims(model: &Model) -> Result<Vec<Dims>> {
             )));
         }
     }
+    family::check_model(model, dims.iter().all(|d| *d == dims[0])).map_err(no)?;
     let too_big = [vocab, h, c.max_position_embeddings, w.layers.len()]
         .into_iter()
         .chain(dims.iter().flat_map(|d| [d.0, d.1, d.2]))
@@ -231,6 +235,9 @@ impl Planned<'_> {
 
 /// Which llama.cpp architecture to write and whether q/k are permuted.
 fn choose_arch(model: &Model, dims: &[Dims]) -> (&'static str, bool) {
+    if let Some(name) = family::arch_name(model) {
+        return (name, false);
+    }
     let uniform = dims.iter().all(|d| *d == dims[0]);
     if !uniform {
         return ("deci", true);
@@ -327,6 +334,31 @@ fn plan<'a>(
             Src::Plain(&l.attn_norm),
             l.attn_norm.len(),
         );
+        let fused = family::fused(model, l);
+        let is_fused = fused.is_some();
+        if let Some((qkv, gate_up)) = fused {
+            for (name, t) in [("attn_qkv", qkv), ("ffn_up", gate_up)] {
+                let shape = t.shape.clone();
+                let vals = match t.data {
+                    crate::model::weights::Storage::Owned(v) => v,
+                    _ => t.values().into_owned(),
+                };
+                matrix(
+                    &mut list,
+                    format!("{p}.{name}.weight"),
+                    Src::Owned(vals),
+                    shape,
+                );
+            }
+        }
+        for (name, t) in family::extra_vectors(&l.extra) {
+            vector(
+                &mut list,
+                format!("{p}.{name}.weight"),
+                Src::Plain(t),
+                t.len(),
+            );
+        }
         for (name, lin, heads) in [
             ("attn_q", &l.q, Some(nh)),
             ("attn_k", &l.k, Some(nkv)),
@@ -336,6 +368,9 @@ fn plan<'a>(
             ("ffn_up", &l.up, None),
             ("ffn_down", &l.down, None),
         ] {
+            if is_fused && name != "attn_output" && name != "ffn_down" {
+                continue;
+            }
             let src = |t: &'a Tensor| match heads.filter(|_| permute) {
                 Some(h) => Src::Permuted(t, h),
                 None => Src::Plain(t),
@@ -422,9 +457,16 @@ fn metadata(
         (k("rope.dimension_count"), u(c.head_dim)),
         (k("vocab_size"), u(n_vocab)),
     ]);
+    md.extend(family::metadata(model, arch, warnings));
     if let Some(w) = c.sliding_window {
-        // lopper reads it back; llama.cpp's llama graph does not apply it.
+        // lopper reads it back; llama.cpp's llama graph does not apply it (its gemma3 and phi3
+        // graphs do).
         md.push((k("attention.sliding_window"), u(w)));
+    }
+    if let Some(w) = c
+        .sliding_window
+        .filter(|_| matches!(arch, "llama" | "deci" | "qwen2"))
+    {
         warnings.push(format!(
             "sliding window of {w} written as `{arch}.attention.sliding_window`: lopper reads \
              it back, but llama.cpp's {arch} graph attends to the whole context, so its results \

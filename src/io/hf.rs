@@ -38,6 +38,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+pub mod family;
 pub mod safetensors_file;
 pub use safetensors_file::SafetensorsFile;
 
@@ -174,14 +175,7 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
         })?,
         None => arch_from_architectures(obj, path)?,
     };
-    if let Some(act) = f.str("hidden_act")? {
-        if act != "silu" && act != "swish" {
-            return Err(Error::config(
-                path,
-                format!("unsupported hidden_act `{act}` (lopper implements silu)"),
-            ));
-        }
-    }
+    family::check_act(&f, arch)?;
     let hidden_size = f.req_usize("hidden_size")?;
     let num_attention_heads = f.req_usize("num_attention_heads")?;
     let num_key_value_heads = f
@@ -208,21 +202,27 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
             let ab = f.bool("attention_bias")?.unwrap_or(false);
             (ab, ab, f.bool("mlp_bias")?.unwrap_or(false))
         }
-        Arch::Mistral => (false, false, false),
+        Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => {
+            let ab = f.bool("attention_bias")?.unwrap_or(false);
+            (ab, ab, false)
+        }
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => (false, false, false),
         Arch::Qwen2 => (true, false, false),
     };
     let sliding_window = parse_sliding_window(&f, arch)?;
     let default_max_pos = match arch {
         Arch::Llama => 2048,
-        Arch::Mistral => 131072,
-        Arch::Qwen2 => 32768,
+        Arch::Phi3 => 4096,
+        Arch::Mistral | Arch::Gemma3 | Arch::Mixtral => 131072,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => 32768,
     };
+    let num_hidden_layers = f.req_usize("num_hidden_layers")?;
     let config = Config {
         arch,
         vocab_size: f.req_usize("vocab_size")?,
         hidden_size,
         intermediate_size: f.req_usize("intermediate_size")?,
-        num_hidden_layers: f.req_usize("num_hidden_layers")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -240,6 +240,7 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
         mlp_bias,
         bos_token_id: f.token_id("bos_token_id")?,
         eos_token_id: f.token_id("eos_token_id")?,
+        family: family::parse_family(&f, arch, num_hidden_layers)?,
     };
     config.validate(path)?;
     Ok(config)
@@ -252,8 +253,8 @@ pub fn parse_config(json: &Value, path: &Path) -> Result<Config> {
 fn parse_sliding_window(f: &Fields<'_>, arch: Arch) -> Result<Option<usize>> {
     match arch {
         Arch::Llama => Ok(None),
-        Arch::Mistral => f.usize("sliding_window"),
-        Arch::Qwen2 => {
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral | Arch::Gemma3 => f.usize("sliding_window"),
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => {
             let on = f.bool("use_sliding_window")?.unwrap_or(false);
             let window = f.usize("sliding_window")?;
             let from = f.usize("max_window_layers")?.unwrap_or(28);
@@ -262,7 +263,8 @@ fn parse_sliding_window(f: &Fields<'_>, arch: Arch) -> Result<Option<usize>> {
                 return Err(Error::config(
                     f.path,
                     format!(
-                        "qwen2 sliding-window attention on layers {from}..                          (use_sliding_window, max_window_layers {from}) is not supported;                          set use_sliding_window to false to run every layer with full attention"
+                        "{} sliding-window attention on layers {from}..                          (use_sliding_window, max_window_layers {from}) is not supported;                          set use_sliding_window to false to run every layer with full attention",
+                        arch.model_type()
                     ),
                 ));
             }
@@ -327,7 +329,7 @@ fn arch_from_architectures(obj: &Map<String, Value>, path: &Path) -> Result<Arch
         .and_then(|a| a.get(0))
         .and_then(Value::as_str)
         .ok_or_else(|| Error::config(path, "missing required field `model_type`"))?;
-    [Arch::Llama, Arch::Mistral, Arch::Qwen2]
+    Arch::ALL
         .into_iter()
         .find(|a| a.hf_class() == class)
         .ok_or_else(|| Error::UnsupportedArch {
@@ -591,6 +593,12 @@ impl TensorStore {
         super::packed_load::load_weight(file, name, kind, expected)
     }
 
+    /// The shape of tensor `name`, when present.
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &i = self.owner.get(name)?;
+        self.files[i].info(name).map(|(_, s)| s.to_vec())
+    }
+
     /// Tensor `name`, checked to have shape `expected`.
     fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let missing = |path: &Path| Error::MissingTensor {
@@ -646,19 +654,48 @@ fn load_weights(
             lin.packed = pk;
             Ok(lin)
         };
+        let [q, k, v, gate, up] = match family::load_fused(store, config, spec, i)? {
+            Some(fused) => fused,
+            None if config.family.moe.is_some() => {
+                let [g, u, _] = family::empty_mlp(h);
+                [
+                    lin(LinearKind::Q)?,
+                    lin(LinearKind::K)?,
+                    lin(LinearKind::V)?,
+                    g,
+                    u,
+                ]
+            }
+            None => [
+                lin(LinearKind::Q)?,
+                lin(LinearKind::K)?,
+                lin(LinearKind::V)?,
+                lin(LinearKind::Gate)?,
+                lin(LinearKind::Up)?,
+            ],
+        };
+        let down = match config.family.moe {
+            Some(_) => family::empty_mlp(h)[2].clone(),
+            None => lin(LinearKind::Down)?,
+        };
+        let mlp_norm = match config.arch {
+            Arch::Gemma3 => family::PRE_FFN_NORM,
+            _ => names::MLP_NORM,
+        };
         layers.push(LayerWeights {
             attn_norm: store.get(&names::layer_tensor(i, names::ATTN_NORM), &[h])?,
-            q: lin(LinearKind::Q)?,
-            k: lin(LinearKind::K)?,
-            v: lin(LinearKind::V)?,
+            q,
+            k,
+            v,
             o: lin(LinearKind::O)?,
-            mlp_norm: store.get(&names::layer_tensor(i, names::MLP_NORM), &[h])?,
-            gate: lin(LinearKind::Gate)?,
-            up: lin(LinearKind::Up)?,
-            down: lin(LinearKind::Down)?,
+            mlp_norm: store.get(&names::layer_tensor(i, mlp_norm), &[h])?,
+            gate,
+            up,
+            down,
             attn_shortcut: load_shortcut(store, i, ATTN_SHORTCUT, &ext.attn_shortcuts, h)?,
             mlp_shortcut: load_shortcut(store, i, MLP_SHORTCUT, &ext.mlp_shortcuts, h)?,
             act: None,
+            extra: family::load_extra(store, config, i)?,
         });
     }
     let final_norm = store.get(names::FINAL_NORM, &[h])?;
@@ -677,14 +714,17 @@ fn load_weights(
             None => Some(store.get(head, &[vocab, h])?),
         }
     };
-    Ok(Weights {
+    let mut weights = Weights {
         embed,
         layers,
         final_norm,
         lm_head,
         lm_head_packed,
         lm_head_screen: None,
-    })
+        embed_scale: None,
+    };
+    family::finish(config, &mut weights);
+    Ok(weights)
 }
 
 // ---------------------------------------------------------------------------------------------

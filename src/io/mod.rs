@@ -8,6 +8,7 @@ pub mod hf;
 pub mod packed;
 pub mod packed_load;
 pub mod save;
+pub mod save_family;
 
 use crate::{Error, Model, Result};
 use std::path::Path;

@@ -151,8 +151,23 @@ pub fn save_hf_custom(
     if let Value::Object(o) = &mut config_json {
         o.extend(custom.config.clone());
     }
+    let fam = super::save_family::tensors(model)?;
     let mut entries = tensor_entries(model, &written, out)?;
-    entries.retain(|e| !custom.skip.contains(&e.name));
+    entries.retain(|e| !custom.skip.contains(&e.name) && !fam.drop.contains(&e.name));
+    let fam_entry = |name: &String, t: &Tensor| Entry {
+        name: name.clone(),
+        shape: t.shape.clone(),
+        src: None,
+        raw: None,
+    };
+    entries.extend(fam.borrowed.iter().map(|(n, t)| Entry {
+        src: Some(*t),
+        ..fam_entry(n, t)
+    }));
+    entries.extend(fam.owned.iter().map(|(n, t)| Entry {
+        src: Some(t),
+        ..fam_entry(n, t)
+    }));
     entries.extend(custom.raw.iter().map(|t| Entry {
         name: t.name.clone(),
         shape: t.shape.clone(),
@@ -406,7 +421,14 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
     let specs: Vec<LayerSpec> = w
         .layers
         .iter()
-        .map(|l| LayerSpec::of_layer(l, hd))
+        .map(|l| {
+            let mut s = LayerSpec::of_layer(l, hd);
+            if l.extra.moe.is_some() {
+                // The dense MLP is empty; the experts' widths go to the family keys.
+                s.intermediate_size = c.intermediate_size;
+            }
+            s
+        })
         .collect();
     let first = specs[0];
     let uniform = specs.iter().all(|s| *s == first)
@@ -479,6 +501,7 @@ fn config_json(model: &Model, dtype: SaveDtype, cfg_path: &Path) -> Result<(Valu
             j.insert("use_sliding_window".into(), json!(false));
             j.insert("sliding_window".into(), Value::Null);
         }
+        _ => super::save_family::config_keys(model, &mut j, attn_bias),
     }
     j.insert("bos_token_id".into(), json!(c.bos_token_id));
     j.insert("eos_token_id".into(), json!(c.eos_token_id));
@@ -583,6 +606,9 @@ fn tensor_entries<'a>(model: &'a Model, written: &Config, out: &Path) -> Result<
             &[h],
         )?;
         for kind in LinearKind::ALL {
+            if super::save_family::skips(model, i, kind) {
+                continue;
+            }
             let lin = l.linear(kind);
             let shape = spec.linear_shape(kind, h, hd);
             let base = names::linear_module(i, kind);

@@ -18,6 +18,19 @@ pub enum Arch {
     Mistral,
     /// Qwen2: llama block with q/k/v biases.
     Qwen2,
+    /// Qwen3: llama block with per-head RMSNorm on q and k (`q_norm`, `k_norm`) and an explicit
+    /// `head_dim` (not `hidden / heads`). See docs/families.md.
+    Qwen3,
+    /// Phi-3 / Phi-4 (mini): llama block stored with fused `qkv_proj` and `gate_up_proj`, split
+    /// into lopper's separate linears on load and fused again on save.
+    Phi3,
+    /// Gemma 3 text: (1+w) RMSNorms before and after each sublayer, q/k norms, GELU-tanh MLP,
+    /// √hidden embedding scale, sliding / global layers with two RoPE bases.
+    Gemma3,
+    /// Mixtral: the mistral block with a top-k mixture of SwiGLU experts instead of the MLP.
+    Mixtral,
+    /// Qwen3-MoE: the qwen3 block with a top-k mixture of experts instead of the MLP.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -27,6 +40,60 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3_text",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen3Moe => "qwen3_moe",
+        }
+    }
+
+    /// Every family, in the order of [`Arch::SUPPORTED`].
+    pub const ALL: [Arch; 8] = [
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Phi3,
+        Arch::Gemma3,
+        Arch::Mixtral,
+        Arch::Qwen3Moe,
+    ];
+
+    /// Per-head RMSNorm on q and k before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Qwen3Moe)
+    }
+
+    /// A mixture of experts in place of the MLP.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen3Moe)
+    }
+
+    /// Gemma's RMSNorm `x·(1+w)`: lopper stores `1+w` (as llama.cpp's converter does), so the
+    /// HF reader adds 1 and the HF writer subtracts it.
+    pub fn norm_plus_one(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// The MLP activation.
+    pub fn act(self) -> Act {
+        match self {
+            Arch::Gemma3 => Act::GeluTanh,
+            _ => Act::Silu,
+        }
+    }
+
+    /// llama.cpp's `general.architecture` for this family (Mistral and Mixtral are `llama`
+    /// there, as llama.cpp's converter writes them).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama | Arch::Mistral | Arch::Mixtral => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3",
+            Arch::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -36,6 +103,11 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -45,12 +117,62 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "mistral" => Some(Arch::Mistral),
             "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            "phi3" => Some(Arch::Phi3),
+            "gemma3_text" => Some(Arch::Gemma3),
+            "mixtral" => Some(Arch::Mixtral),
+            "qwen3_moe" => Some(Arch::Qwen3Moe),
             _ => None,
         }
     }
 
     /// Names accepted by [`Arch::parse`], for error messages.
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2";
+    pub const SUPPORTED: &'static str =
+        "llama, mistral, qwen2, qwen3, phi3, gemma3_text, mixtral, qwen3_moe";
+}
+
+/// The MLP's activation (the gate's nonlinearity in `act(gate(x)) · up(x)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// SwiGLU: `silu(x) = x·σ(x)`.
+    Silu,
+    /// GeGLU with PyTorch's tanh approximation (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
+}
+
+/// A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router `[experts, hidden]` scores every
+/// token, the `top_k` best experts run, and their outputs are summed weighted by the softmax
+/// probabilities of the chosen experts, renormalised to sum 1 when `norm_topk_prob` (Mixtral:
+/// softmax over the chosen logits, the same numbers; Qwen3-MoE: its `norm_topk_prob` flag).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    /// Nominal width of one expert (Qwen3-MoE `moe_intermediate_size`, Mixtral
+    /// `intermediate_size`); experts may be narrower after pruning.
+    pub expert_intermediate: usize,
+}
+
+/// What the newer families add to the llama block (all absent for llama / mistral / qwen2).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FamilyConfig {
+    /// Gemma 3: attention scores scaled by `query_pre_attn_scalar^-1/2` instead of
+    /// `head_dim^-1/2`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Per layer: `true` for sliding-window attention over [`Config::sliding_window`] positions
+    /// with RoPE base [`FamilyConfig::rope_local_theta`], `false` for global attention with
+    /// [`Config::rope_theta`] and [`Config::rope_scaling`]. Empty: every layer uses
+    /// `sliding_window` (when set) and the global RoPE, as before.
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding layers (Gemma 3 `rope_local_base_freq`), no scaling.
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// The mixture of experts, when the MLP is one.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
 }
 
 /// RoPE frequency scaling.
@@ -107,12 +229,43 @@ pub struct Config {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The newer families' additions (default: none).
+    #[serde(default)]
+    pub family: FamilyConfig,
 }
 
 impl Config {
     /// The RMSNorm divisor: [`Config::rms_norm_dim`], else `hidden_size`.
     pub fn norm_dim(&self) -> usize {
         self.rms_norm_dim.unwrap_or(self.hidden_size)
+    }
+
+    /// The attention window of block `layer` (see [`FamilyConfig::sliding_layers`]).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.family.sliding_layers.get(layer) {
+            Some(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether block `layer` uses the local RoPE base ([`FamilyConfig::rope_local_theta`]).
+    pub fn layer_local_rope(&self, layer: usize) -> bool {
+        self.family.rope_local_theta.is_some()
+            && self
+                .family
+                .sliding_layers
+                .get(layer)
+                .copied()
+                .unwrap_or(false)
+    }
+
+    /// The attention score scale: `query_pre_attn_scalar^-1/2` (Gemma), else `head_dim^-1/2`.
+    pub fn attn_scale(&self) -> f32 {
+        let s = self
+            .family
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64);
+        (1.0 / s.sqrt()) as f32
     }
 
     /// Query heads per KV head.
@@ -151,6 +304,22 @@ impl Config {
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
             return bad("rope_theta must be > 0 and rms_norm_eps >= 0".into());
+        }
+        if let Some(m) = &self.family.moe {
+            if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts {
+                return bad(format!(
+                    "a mixture of {} experts with {} per token is not valid",
+                    m.num_experts, m.top_k
+                ));
+            }
+        }
+        let sl = &self.family.sliding_layers;
+        if !sl.is_empty() && sl.len() != self.num_hidden_layers {
+            return bad(format!(
+                "{} layer types for {} layers",
+                sl.len(),
+                self.num_hidden_layers
+            ));
         }
         Ok(())
     }

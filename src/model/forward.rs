@@ -15,6 +15,12 @@
 //!   ([`LayerWeights::attn_shortcut`], [`LayerWeights::mlp_shortcut`]);
 //! - RMSNorm divides by [`Config::norm_dim`] (the pre-slicing width) instead of the row width.
 //!
+//! The newer families (docs/families.md) add, each where its block has it: per-head q/k RMSNorm
+//! before RoPE (qwen3, gemma3), a per-layer window and RoPE base ([`Config::layer_window`]),
+//! the `query_pre_attn_scalar` score scale, RMSNorms on the attention and MLP outputs before the
+//! residual add (gemma3), GELU-tanh instead of SiLU, an embedding scale, and a mixture of
+//! experts in place of the MLP ([`crate::model::moe`]).
+//!
 //! An [`Observer`] sees every linear layer's input and each block's input/output. A block with
 //! activation-sparsity thresholds ([`LayerWeights::act`]) zeroes the small entries of each
 //! linear input first ([`crate::model::act`]); observers see the sparsified input.
@@ -22,7 +28,7 @@
 use crate::formats;
 use crate::kernels::{self, attention::AttnDims};
 use crate::model::act;
-use crate::model::config::Config;
+use crate::model::config::{Act, Config};
 use crate::model::observer::{Observer, Site};
 use crate::model::rope::Rope;
 use crate::model::weights::{LayerWeights, Linear, Packed, Tensor, Weights};
@@ -42,6 +48,8 @@ pub struct Scratch {
     lr: Vec<f32>,
     /// Rotated residual `h·Sᵀ` (shortcuts).
     res: Vec<f32>,
+    /// A sublayer's output before its post-norm, the mixture's output, q/k before their norm.
+    post: Vec<f32>,
 }
 
 fn resize(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -196,8 +204,8 @@ pub fn block_forward_at(
         "block_forward_at: positions must ascend"
     );
     assert!(
-        cfg.sliding_window.is_none(),
-        "block_forward_at: sliding-window models are not supported"
+        cfg.layer_window(layer).is_none(),
+        "block_forward_at: sliding-window layers are not supported"
     );
     let rows = Rows::At {
         pos,
@@ -272,10 +280,13 @@ fn block_impl(
     linear_buf(&lw.k, xn, rows, k, false, &mut s.lr);
     let v = resize(&mut s.v, rows * kw);
     linear_buf(&lw.v, xn, rows, v, false, &mut s.lr);
+    head_norm(lw.extra.q_norm.as_ref(), q, eps, &mut s.post);
+    head_norm(lw.extra.k_norm.as_ref(), k, eps, &mut s.post);
     let pos0 = match &kv {
         Rows::Cached(c) => c.pos0,
         _ => 0,
     };
+    let rope = rope.for_layer(cfg, layer);
     if let Rows::At { pos, .. } = &kv {
         rope.apply_at(q, dims.n_heads, pos);
         rope.apply_at(k, dims.n_kv_heads, pos);
@@ -284,7 +295,8 @@ fn block_impl(
         rope.apply(k, dims.n_kv_heads, seq, pos0);
     }
     let attn = resize(&mut s.attn, rows * qw);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = cfg.attn_scale();
+    let window = cfg.layer_window(layer);
     if let Rows::At {
         pos,
         cache: Some((ck, cv)),
@@ -324,7 +336,7 @@ fn block_impl(
             tk,
             dims,
             scale,
-            cfg.sliding_window,
+            window,
         );
     } else {
         for b in 0..batch {
@@ -338,7 +350,7 @@ fn block_impl(
                 seq,
                 dims,
                 scale,
-                cfg.sliding_window,
+                window,
             );
         }
         if let Rows::At {
@@ -358,7 +370,14 @@ fn block_impl(
         obs.linear_input(layer, Site::AttnOut, attn, rows, qw);
     }
     rotate_residual(lw.attn_shortcut.as_ref(), h, rows, &mut s.res);
-    linear_buf(&lw.o, attn, rows, h, true, &mut s.lr);
+    match &lw.extra.post_attn_norm {
+        None => linear_buf(&lw.o, attn, rows, h, true, &mut s.lr),
+        Some(pn) => {
+            let y = resize(&mut s.post, rows * d);
+            linear_buf(&lw.o, attn, rows, y, false, &mut s.lr);
+            add_normed(h, y, pn, eps, nd, &mut s.xn);
+        }
+    }
     obs.attn_residual(layer, h, rows, d);
 
     // MLP.
@@ -368,11 +387,35 @@ fn block_impl(
     if want {
         obs.linear_input(layer, Site::MlpIn, xn, rows, d);
     }
+    if let Some(moe) = &lw.extra.moe {
+        let mc = cfg
+            .family
+            .moe
+            .as_ref()
+            .expect("a block with experts in a config without a mixture of experts");
+        let y = resize(&mut s.post, rows * d);
+        y.fill(0.0);
+        crate::model::moe::moe_forward(layer, moe, mc, xn, rows, y, obs, want);
+        if !obs.wants_block_output(layer) {
+            return;
+        }
+        rotate_residual(lw.mlp_shortcut.as_ref(), h, rows, &mut s.res);
+        let y = &s.post[..rows * d];
+        match &lw.extra.post_mlp_norm {
+            None => h[..rows * d].iter_mut().zip(y).for_each(|(a, b)| *a += b),
+            Some(pn) => add_normed(h, y, pn, eps, nd, &mut s.xn),
+        }
+        obs.block_output(layer, h, rows, d);
+        return;
+    }
     let gate = resize(&mut s.gate, rows * inter);
     linear_buf(&lw.gate, xn, rows, gate, false, &mut s.lr);
     let up = resize(&mut s.up, rows * inter);
     linear_buf(&lw.up, xn, rows, up, false, &mut s.lr);
-    kernels::silu_mul(gate, up);
+    match cfg.arch.act() {
+        Act::Silu => kernels::silu_mul(gate, up),
+        Act::GeluTanh => kernels::gelu_tanh_mul(gate, up),
+    }
     act::apply(act, Site::MlpDown, gate);
     if want {
         obs.linear_input(layer, Site::MlpDown, gate, rows, inter);
@@ -381,8 +424,35 @@ fn block_impl(
         return;
     }
     rotate_residual(lw.mlp_shortcut.as_ref(), h, rows, &mut s.res);
-    linear_buf(&lw.down, gate, rows, h, true, &mut s.lr);
+    match &lw.extra.post_mlp_norm {
+        None => linear_buf(&lw.down, gate, rows, h, true, &mut s.lr),
+        Some(pn) => {
+            let y = resize(&mut s.post, rows * d);
+            linear_buf(&lw.down, gate, rows, y, false, &mut s.lr);
+            add_normed(h, y, pn, eps, nd, &mut s.xn);
+        }
+    }
     obs.block_output(layer, h, rows, d);
+}
+
+/// RMSNorm each `head_dim`-wide head of `x` in place with scale `w` `[head_dim]` (qwen3 /
+/// gemma3 `q_norm`, `k_norm`); no-op without a scale. `tmp` is scratch.
+fn head_norm(w: Option<&Tensor>, x: &mut [f32], eps: f32, tmp: &mut Vec<f32>) {
+    if let Some(w) = w {
+        let t = resize(tmp, x.len());
+        t.copy_from_slice(x);
+        kernels::rmsnorm_dim(t, w.data(), eps, w.len(), x);
+    }
+}
+
+/// `h += rmsnorm(y)·w` (gemma3's post-norms); `tmp` is scratch.
+fn add_normed(h: &mut [f32], y: &[f32], w: &Tensor, eps: f32, nd: usize, tmp: &mut Vec<f32>) {
+    let t = resize(tmp, y.len());
+    kernels::rmsnorm_dim(y, w.data(), eps, nd, t);
+    h[..y.len()]
+        .iter_mut()
+        .zip(t.iter())
+        .for_each(|(a, b)| *a += b);
 }
 
 /// Embedding lookup: `[tokens.len(), hidden]`.
@@ -398,6 +468,9 @@ pub fn embed(w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
             )));
         }
         row.copy_from_slice(&e[t * d..(t + 1) * d]);
+        if let Some(f) = w.embed_scale {
+            row.iter_mut().for_each(|x| *x *= f);
+        }
     }
     Ok(h)
 }

@@ -5,6 +5,7 @@ pub mod act_rules;
 pub mod config;
 pub mod flops;
 pub mod forward;
+pub mod moe;
 pub mod names;
 pub mod observer;
 pub mod rope;

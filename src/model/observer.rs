@@ -62,6 +62,21 @@ pub trait Observer {
     /// Input `x` of the linear layers at `site` of block `layer`.
     fn linear_input(&mut self, _layer: usize, _site: Site, _x: &[f32], _rows: usize, _cols: usize) {
     }
+    /// Input `x` of expert `expert`'s linears at `site` of block `layer` (a mixture of experts):
+    /// [`Site::MlpIn`] the normed rows routed to it (gate/up), [`Site::MlpDown`] its SwiGLU
+    /// output (down). Only the tokens routed to the expert are passed; called when
+    /// [`Observer::wants_linear_inputs`] is.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_input(
+        &mut self,
+        _layer: usize,
+        _expert: usize,
+        _site: Site,
+        _x: &[f32],
+        _rows: usize,
+        _cols: usize,
+    ) {
+    }
     /// Hidden state entering block `layer`.
     fn block_input(&mut self, _layer: usize, _h: &[f32], _rows: usize, _cols: usize) {}
     /// Residual stream of block `layer` after the attention output is added (the input of the

@@ -16,6 +16,9 @@ pub struct Rope {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub max_pos: usize,
+    /// Tables of the sliding-window layers' RoPE base when the model has one
+    /// ([`crate::model::config::FamilyConfig::rope_local_theta`], Gemma 3), no scaling.
+    pub local: Option<Box<Rope>>,
 }
 
 /// Inverse frequencies `[head_dim/2]` for a config (transformers' definitions).
@@ -75,11 +78,28 @@ impl Rope {
                 sin[p * half + i] = angle.sin() as f32;
             }
         }
+        let local = cfg.family.rope_local_theta.map(|theta| {
+            let mut c = cfg.clone();
+            c.rope_theta = theta;
+            c.rope_scaling = RopeScaling::Default;
+            c.family.rope_local_theta = None;
+            Box::new(Rope::new(&c, max_pos))
+        });
         Rope {
             head_dim: cfg.head_dim,
             cos,
             sin,
             max_pos,
+            local,
+        }
+    }
+
+    /// The tables block `layer` uses: the local ones on a sliding layer of a model with two
+    /// RoPE bases ([`Config::layer_local_rope`]), else these.
+    pub fn for_layer(&self, cfg: &Config, layer: usize) -> &Rope {
+        match &self.local {
+            Some(l) if cfg.layer_local_rope(layer) => l,
+            _ => self,
         }
     }
 

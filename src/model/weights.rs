@@ -329,6 +329,125 @@ pub struct LayerWeights {
     /// Contextual activation-sparsity thresholds applied at this block's linear inputs
     /// ([`crate::model::act`]); `None`: dense, as an ordinary model.
     pub act: Option<std::sync::Arc<crate::model::act_rules::LayerAct>>,
+    /// What the newer families add (q/k norms, post-norms, experts); empty for llama.
+    pub extra: LayerExtra,
+}
+
+/// One expert of a mixture: a SwiGLU MLP `down(silu(gate(x)) · up(x))` of its own width.
+#[derive(Debug, Clone)]
+pub struct Expert {
+    /// `[width, hidden]`.
+    pub gate: Linear,
+    /// `[width, hidden]`.
+    pub up: Linear,
+    /// `[hidden, width]`.
+    pub down: Linear,
+}
+
+impl Expert {
+    /// This expert's FFN width.
+    pub fn width(&self) -> usize {
+        self.gate.out_features()
+    }
+
+    /// gate, up, down with their HF names (`gate_proj`, `up_proj`, `down_proj`).
+    pub fn linears(&self) -> [(&'static str, &Linear); 3] {
+        [("gate", &self.gate), ("up", &self.up), ("down", &self.down)]
+    }
+
+    /// Mutable [`Expert::linears`].
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 3] {
+        [
+            ("gate", &mut self.gate),
+            ("up", &mut self.up),
+            ("down", &mut self.down),
+        ]
+    }
+}
+
+/// A mixture-of-experts MLP (see [`crate::model::config::MoeConfig`]). In a block that has one,
+/// [`LayerWeights::gate`] / `up` / `down` are empty (`[0, hidden]`, `[hidden, 0]`).
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// Router `[experts, hidden]` (HF `mlp.gate` / `block_sparse_moe.gate`).
+    pub router: Tensor,
+    /// The experts, in router order.
+    pub experts: Vec<Expert>,
+}
+
+/// Per-block tensors of the newer families (docs/families.md); every field `None` for the
+/// llama block.
+#[derive(Debug, Clone, Default)]
+pub struct LayerExtra {
+    /// `[head_dim]` RMSNorm scale applied to each query head before RoPE (qwen3, gemma3).
+    pub q_norm: Option<Tensor>,
+    /// `[head_dim]` RMSNorm scale applied to each key head before RoPE.
+    pub k_norm: Option<Tensor>,
+    /// `[hidden]` RMSNorm on the attention output before the residual add (gemma3).
+    pub post_attn_norm: Option<Tensor>,
+    /// `[hidden]` RMSNorm on the MLP output before the residual add (gemma3).
+    pub post_mlp_norm: Option<Tensor>,
+    /// The mixture of experts replacing the MLP (mixtral, qwen3-moe).
+    pub moe: Option<Moe>,
+}
+
+impl LayerExtra {
+    /// Every tensor held, with its name relative to the block (`self_attn.q_norm.weight`, …;
+    /// experts as `mlp.experts.{e}.{gate,up,down}_proj.weight`).
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (name, t) in [
+            ("self_attn.q_norm.weight", &self.q_norm),
+            ("self_attn.k_norm.weight", &self.k_norm),
+            ("post_attn_norm.weight", &self.post_attn_norm),
+            ("post_mlp_norm.weight", &self.post_mlp_norm),
+        ] {
+            if let Some(t) = t {
+                out.push((name.to_string(), t));
+            }
+        }
+        if let Some(m) = &self.moe {
+            out.push(("mlp.gate.weight".to_string(), &m.router));
+            for (e, x) in m.experts.iter().enumerate() {
+                for (n, lin) in x.linears() {
+                    out.push((format!("mlp.experts.{e}.{n}_proj.weight"), &lin.weight));
+                    if let LinearRepr::LowRank { u } = &lin.repr {
+                        out.push((format!("mlp.experts.{e}.{n}_proj.{LOW_RANK_U}"), u));
+                    }
+                    if let Some(b) = &lin.bias {
+                        out.push((format!("mlp.experts.{e}.{n}_proj.bias"), b));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every tensor held, mutably.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out: Vec<&mut Tensor> = [
+            &mut self.q_norm,
+            &mut self.k_norm,
+            &mut self.post_attn_norm,
+            &mut self.post_mlp_norm,
+        ]
+        .into_iter()
+        .filter_map(Option::as_mut)
+        .collect();
+        if let Some(m) = &mut self.moe {
+            out.push(&mut m.router);
+            for x in &mut m.experts {
+                for (_, lin) in x.linears_mut() {
+                    out.push(&mut lin.weight);
+                    out.extend(lin.bias.as_mut());
+                    if let LinearRepr::LowRank { u } = &mut lin.repr {
+                        out.push(u);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl LayerWeights {
@@ -376,6 +495,7 @@ impl LayerWeights {
         }
         out.extend(self.attn_shortcut.as_mut());
         out.extend(self.mlp_shortcut.as_mut());
+        out.extend(self.extra.tensors_mut());
         out
     }
 
@@ -415,6 +535,9 @@ pub struct Weights {
     /// The runtime's int8 screen for exact greedy tokens through the LM head (its packed copy
     /// when there is one), when the model was packed with one.
     pub lm_head_screen: Option<Arc<crate::formats::screen::ArgmaxScreen>>,
+    /// Factor applied to embedding rows on lookup, not to a tied LM head (Gemma: √hidden
+    /// rounded to f32); `None`: 1.
+    pub embed_scale: Option<f32>,
 }
 
 impl Weights {
@@ -450,6 +573,9 @@ impl Weights {
             if let Some(s) = &l.mlp_shortcut {
                 out.push((names::layer_tensor(i, MLP_SHORTCUT), s));
             }
+            for (n, t) in l.extra.named() {
+                out.push((names::layer_tensor(i, &n), t));
+            }
         }
         out.push((names::FINAL_NORM.to_string(), &self.final_norm));
         if let Some(h) = &self.lm_head {
@@ -471,4 +597,27 @@ impl Weights {
     pub fn num_params(&self) -> usize {
         self.named_tensors().iter().map(|(_, t)| t.len()).sum()
     }
+}
+
+/// Split a `[Σ parts, cols]` matrix into row blocks.
+pub fn split_rows<const N: usize>(t: &Tensor, parts: [usize; N]) -> [Tensor; N] {
+    let cols = t.cols();
+    let data = t.values();
+    let mut start = 0;
+    parts.map(|rows| {
+        let block = data[start * cols..(start + rows) * cols].to_vec();
+        start += rows;
+        Tensor::new(vec![rows, cols], block)
+    })
+}
+
+/// Stack matrices with the same column count row-wise (the inverse of [`split_rows`]).
+pub fn concat_rows(parts: &[&Tensor]) -> Tensor {
+    let cols = parts.first().map_or(0, |t| t.cols());
+    let rows = parts.iter().map(|t| t.rows()).sum();
+    let mut data = Vec::with_capacity(rows * cols);
+    for t in parts {
+        data.extend_from_slice(&t.values());
+    }
+    Tensor::new(vec![rows, cols], data)
 }

@@ -127,9 +127,19 @@ impl PrunePlan {
                 n - 1
             ));
         }
+        let r = &self.recovery;
+        super::experts::validate(
+            model,
+            self.pattern,
+            matches!(self.allocation, Allocation::Owl { .. }),
+            r.permute || r.refine.is_some() || r.reconstruct.is_some(),
+        )?;
         for (i, l) in model.weights.layers.iter().enumerate() {
             for kind in LinearKind::ALL {
                 let lin = l.linear(kind);
+                if lin.weight.is_empty() {
+                    continue; // a mixture's dense MLP (its experts are checked above)
+                }
                 if lin.is_factored() {
                     return bad(format!(
                         "{} is low-rank factorised (rank {}); unstructured pruning, its \
@@ -238,6 +248,9 @@ pub struct PruneOutcome {
     pub passes: Vec<PassReport>,
     /// What permutation, swap refinement and reconstruction did, when any ran.
     pub recovery: Option<crate::recover::RecoveryReport>,
+    /// Tokens routed to each expert and the experts no calibration token reached (mixtures).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<super::experts::ExpertReport>,
 }
 
 /// Prune `model` in place with `plan`, calibrating on `calib` (unused for magnitude with
@@ -398,12 +411,13 @@ fn run(
     recovery.recon_samples = ns;
     let mut h_dense = plan.recovery.reconstruct.map(|_| h[..ns * width].to_vec());
     let mut tensors = Vec::new();
+    let mut expert_report = None;
     let (mut params, mut zeros) = (0usize, 0usize);
     for (i, &target) in layer_sparsity.iter().enumerate() {
         progress("pruning", i, n_layers);
         let to_prune: Vec<LinearKind> = LinearKind::ALL
             .into_iter()
-            .filter(|&k| plan.prunes(i, k))
+            .filter(|&k| plan.prunes(i, k) && !model.weights.layers[i].linear(k).weight.is_empty())
             .collect();
         let mut obs = StatsObserver::new(i, needs, len);
         if needs != Needs::default() && !to_prune.is_empty() {
@@ -433,6 +447,12 @@ fn run(
             p_stats.add(n as f64 * flops::block_flops(lw, hd, len, true), gram, dt);
             crate::util::trace_rss(&format!("block {i} statistics"));
         }
+        // A mixture's experts: statistics of the tokens routed to each, on the unpruned block.
+        let t = Instant::now();
+        let layer_in = &model.weights.layers[i];
+        let expert_stats =
+            super::experts::collect(&model.config, i, layer_in, &rope, &mut h, (n, len), needs)?;
+        t_stats += t.elapsed().as_secs_f64();
         let t = Instant::now();
         if let (true, Pattern::NM { n: kn, m }) = (plan.recovery.permute, plan.pattern) {
             if to_prune.contains(&LinearKind::Down) {
@@ -556,6 +576,39 @@ fn run(
             recovery.seconds_reconstruct += tr.elapsed().as_secs_f64();
         }
         drop(dense);
+        if model.weights.layers[i].extra.moe.is_some() {
+            let t = Instant::now();
+            let kinds: Vec<LinearKind> = [LinearKind::Gate, LinearKind::Up, LinearKind::Down]
+                .into_iter()
+                .filter(|&k| plan.prunes(i, k))
+                .collect();
+            let report = expert_report.get_or_insert_with(Default::default);
+            let pruned = super::experts::prune_block_experts(
+                model.config.arch,
+                i,
+                &mut model.weights.layers[i],
+                expert_stats.as_ref(),
+                method,
+                &kinds,
+                |k| Target {
+                    sparsity: (plan.base(k) + offset).clamp(0.0, 0.99),
+                    pattern: plan.pattern,
+                },
+                report,
+            )?;
+            tensors.extend(
+                pruned
+                    .into_iter()
+                    .map(|(name, shape, target, z)| TensorOutcome {
+                        name,
+                        shape,
+                        sparsity_target: target,
+                        zeros: z,
+                        sparsity: z as f64 / (shape[0] * shape[1]).max(1) as f64,
+                    }),
+            );
+            t_prune += t.elapsed().as_secs_f64();
+        }
         crate::util::trace_rss(&format!("block {i} pruned"));
         if calibrated && i + 1 < n_layers {
             let t = Instant::now();
@@ -582,6 +635,12 @@ fn run(
             params += w.len();
             zeros += w.count_zeros();
         }
+        for e in layer.extra.moe.iter().flat_map(|m| &m.experts) {
+            for (_, lin) in e.linears() {
+                params += lin.weight.len();
+                zeros += lin.weight.count_zeros();
+            }
+        }
         match spill {
             Some(s) => s.spill_layer(layer)?,
             None => layer.release(),
@@ -607,5 +666,6 @@ fn run(
             recovery.finish();
             recovery
         }),
+        experts: expert_report,
     })
 }

@@ -8,9 +8,11 @@
 //! sparsity allocation (uniform, OWL) in [`owl`].
 
 pub mod driver;
+pub mod experts;
 pub mod magnitude;
 pub mod mask;
 pub mod owl;
+pub mod reap;
 pub mod ria;
 pub mod sparsegpt;
 pub mod wanda;

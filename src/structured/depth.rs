@@ -340,6 +340,14 @@ pub fn remove_layers(
         .filter(|(i, _)| removed.binary_search(i).is_err())
         .map(|(_, l)| l)
         .collect();
+    // Gemma 3's sliding / global pattern follows the kept blocks.
+    let pattern = std::mem::take(&mut model.config.family.sliding_layers);
+    model.config.family.sliding_layers = pattern
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| removed.binary_search(i).is_err())
+        .map(|(_, s)| s)
+        .collect();
     sync_config(model);
     let reconstruction = match (spec.reconstruct, &dense) {
         (Some(opts), Some(dense)) => {

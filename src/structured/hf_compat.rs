@@ -111,6 +111,23 @@ pub fn hf_compatible(model: &Model) -> std::result::Result<(), String> {
                 );
             }
         }
+        Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => {
+            if has(&[LinearKind::Gate, LinearKind::Up, LinearKind::Down]) {
+                why.push(format!(
+                    "{} has no MLP biases, but this model has some (neuron bias compensation)",
+                    model.config.arch.model_type()
+                ));
+            }
+        }
+        Arch::Phi3 | Arch::Mixtral => {
+            if has(&LinearKind::ALL) {
+                why.push(format!(
+                    "{} checkpoints have no biases, but this model has some (e.g. from bias \
+                     compensation)",
+                    model.config.arch.model_type()
+                ));
+            }
+        }
     }
     if why.is_empty() {
         Ok(())

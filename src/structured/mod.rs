@@ -28,6 +28,7 @@
 pub mod alloc;
 pub mod collect;
 pub mod depth;
+pub mod families;
 pub mod heads;
 pub mod hf_compat;
 pub mod lowrank;

@@ -321,6 +321,8 @@ fn sliced_layer(
         attn_shortcut: Some(shortcut(qi, qm)),
         mlp_shortcut: Some(shortcut(qm, qo)),
         act: None,
+        // SliceGPT is refused up front on families with extra block tensors.
+        extra: Default::default(),
     }
 }
 

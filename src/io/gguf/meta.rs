@@ -1,7 +1,7 @@
 //! GGUF metadata → [`Config`]: typed key access, per-layer arrays, RoPE scaling.
 
 use super::{GgufFile, FORMAT};
-use crate::model::config::{Arch, Config, RopeScaling};
+use crate::model::config::{Arch, Config, FamilyConfig, RopeScaling};
 use crate::model::weights::Tensor;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -126,8 +126,20 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
     // Its attention-free or FFN-free layers (0 heads, 0 width) are refused below.
     let parsed = match arch_name.as_str() {
         "deci" => Some(Arch::Llama),
-        other => Arch::parse(other),
+        "gemma3" => Some(Arch::Gemma3),
+        "qwen3moe" => Some(Arch::Qwen3Moe),
+        "qwen3" | "phi3" | "llama" | "mistral" | "qwen2" => Arch::parse(&arch_name),
+        _ => None,
     };
+    if parsed.is_some_and(Arch::is_moe) || m_expert_count(map, &arch_name) {
+        return Err(Error::config(
+            path,
+            format!(
+                "`{arch_name}` with experts: lopper reads mixtures of experts from HF \
+                 directories only (convert it to one, or load the HF checkpoint)"
+            ),
+        ));
+    }
     let arch = parsed.ok_or_else(|| Error::UnsupportedArch {
         path: path.into(),
         arch: arch_name.clone(),
@@ -140,9 +152,11 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
     };
     let req = |k: &str| -> Result<usize> { m.int(&m.key(k))?.ok_or_else(|| m.required(&m.key(k))) };
     let n_layers = req("block_count")?;
-    // Each block has at least nine tensors; this also bounds the per-layer vectors built below.
+    // Each block has at least nine tensors (six for phi3's fused ones); this also bounds the
+    // per-layer vectors built below.
     let n_tensors = f.tensor_names().len();
-    if n_layers > n_tensors / 9 {
+    let per_block = if arch == Arch::Phi3 { 6 } else { 9 };
+    if n_layers > n_tensors / per_block {
         return Err(Error::config(
             path,
             format!(
@@ -235,12 +249,12 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
     let biased = has("attn_q.bias") || has("attn_output.bias") || has("ffn_up.bias");
     let arch = match (arch, sliding_window) {
         (Arch::Llama, Some(_)) if !biased => Arch::Mistral,
-        (Arch::Qwen2, Some(w)) => {
+        (Arch::Qwen2 | Arch::Qwen3, Some(w)) => {
             return Err(Error::config(
                 path,
                 format!(
                     "metadata `{}` = {w}: sliding-window attention is supported for \
-                     llama/mistral only",
+                     llama/mistral/phi3/gemma3 only",
                     m.key("attention.sliding_window")
                 ),
             ))
@@ -270,7 +284,12 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
         mlp_bias: has("ffn_up.bias"),
         bos_token_id: token("tokenizer.ggml.bos_token_id")?,
         eos_token_id: token("tokenizer.ggml.eos_token_id")?,
+        family: Default::default(),
     };
+    let mut config = config;
+    if arch == Arch::Gemma3 {
+        config.family = gemma3_family(&m, &config, n_layers)?;
+    }
     config.validate(path)?;
     if let Some(i) = ffn.iter().position(|&f| f == 0) {
         return Err(Error::config(
@@ -294,6 +313,64 @@ pub(super) fn read_config(f: &GgufFile) -> Result<(Config, LayerDims)> {
             ffn,
         },
     ))
+}
+
+/// Key of gemma3's per-layer sliding flags (lopper's; llama.cpp fixes the pattern at 6).
+pub const GEMMA3_PATTERN_KEY: &str = "gemma3.attention.sliding_window_pattern";
+
+/// llama.cpp's gemma3 layer pattern: layer `i` slides unless `(i + 1) % 6 == 0`.
+pub fn gemma3_default_pattern(layers: usize) -> Vec<bool> {
+    (0..layers).map(|i| (i + 1) % 6 != 0).collect()
+}
+
+/// The score scale llama.cpp's gemma3 graph uses: `1/√head_dim`, or `1/√(hidden/heads)` for
+/// the 62-layer 27B model.
+pub fn gemma3_query_scalar(layers: usize, hidden: usize, heads: usize, head_dim: usize) -> usize {
+    if layers == 62 && heads > 0 {
+        hidden / heads
+    } else {
+        head_dim
+    }
+}
+
+/// Whether the metadata declares experts (`{arch}.expert_count` > 0).
+fn m_expert_count(map: &std::collections::HashMap<String, Value>, arch: &str) -> bool {
+    match map.get(&format!("{arch}.expert_count")) {
+        Some(v) => v.to_u64().map_or(true, |n| n > 0),
+        None => false,
+    }
+}
+
+/// Gemma 3's additions as llama.cpp defines them: every 6th layer global (or lopper's
+/// per-layer `gemma3.attention.sliding_window_pattern`), local RoPE base 10000, score scale
+/// `head_dim` (hidden/heads for the 62-layer 27B).
+fn gemma3_family(m: &Meta<'_>, c: &Config, n_layers: usize) -> Result<FamilyConfig> {
+    let sliding_layers = match m.map.get(GEMMA3_PATTERN_KEY) {
+        None => gemma3_default_pattern(n_layers),
+        Some(Value::Array(a)) if a.len() == n_layers => a
+            .iter()
+            .map(|v| match v {
+                Value::Bool(b) => Ok(*b),
+                _ => Err(Error::config(
+                    m.path,
+                    format!("`{}` must hold booleans", GEMMA3_PATTERN_KEY),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => {
+            return Err(Error::config(
+                m.path,
+                format!("`{}` must be one boolean per layer", GEMMA3_PATTERN_KEY),
+            ))
+        }
+    };
+    let scalar = gemma3_query_scalar(n_layers, c.hidden_size, c.num_attention_heads, c.head_dim);
+    Ok(FamilyConfig {
+        query_pre_attn_scalar: Some(scalar as f64),
+        sliding_layers,
+        rope_local_theta: Some(10000.0),
+        moe: None,
+    })
 }
 
 /// Recognise llama.cpp's `rope_freqs.weight` (per-frequency divisors baked by the converter for
