@@ -65,3 +65,218 @@ fn gradients_match_transformers() {
     let golden_count = g.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(checked, golden_count, "every golden gradient is checked");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `lopper heal` on tiny models (byte-level tokenizer written by the test; 256 of 320 ids used).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// GPT-2's byte → printable-character table.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = ('!' as u32..='~' as u32).collect();
+    printable.extend('¡' as u32..='¬' as u32);
+    printable.extend('®' as u32..='ÿ' as u32);
+    let mut extra = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable.contains(&b) {
+                char::from_u32(b).unwrap()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// A byte-level BPE tokenizer.json without merges; `swap` exchanges the ids of two bytes.
+fn write_tokenizer(dir: &Path, swap: bool) {
+    let mut vocab = serde_json::Map::new();
+    for (i, c) in byte_chars().into_iter().enumerate() {
+        let id = match (swap, i) {
+            (true, 97) => 98,
+            (true, 98) => 97,
+            _ => i,
+        };
+        vocab.insert(c.to_string(), id.into());
+    }
+    let bl = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": bl, "post_processor": null, "decoder": bl,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+}
+
+/// Save `m` as an HF directory at `dir` with the byte tokenizer.
+fn save_with_tokenizer(m: &lopper::Model, dir: &Path, swap: bool) {
+    lopper::io::save::save_hf(m, dir, lopper::io::save::SaveDtype::F32, true).unwrap();
+    write_tokenizer(dir, swap);
+}
+
+/// 2:4 magnitude pruning of every block linear (the two smallest of each group of four).
+fn prune_2of4(m: &mut lopper::Model) {
+    for l in &mut m.weights.layers {
+        for k in lopper::LinearKind::ALL {
+            for g in l.linear_mut(k).weight.data_mut().chunks_mut(4) {
+                let mut idx: Vec<usize> = (0..g.len()).collect();
+                idx.sort_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()));
+                for &i in &idx[..g.len() / 2] {
+                    g[i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    teacher: PathBuf,
+    student: PathBuf,
+    text: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let dense = tiny("tiny-llama3");
+    let teacher = root.join("teacher");
+    save_with_tokenizer(&dense, &teacher, false);
+    let mut pruned = dense.clone();
+    prune_2of4(&mut pruned);
+    let student = root.join("student");
+    save_with_tokenizer(&pruned, &student, false);
+    let text = root.join("train.txt");
+    let mut s = String::new();
+    for i in 0..400 {
+        s.push_str(&format!("Story {i}: the cat number {} sat on mat {} and looked at bird {}.\n", i * 7 % 13, i % 5, i * 3 % 11));
+    }
+    std::fs::write(&text, s).unwrap();
+    Fixture { _tmp: tmp, root, teacher, student, text }
+}
+
+fn lopper(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lopper")).args(args).output().expect("run lopper")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn heal(f: &Fixture, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["heal", "--model", s(&f.student), "--teacher", s(&f.teacher), "--out", s(out),
+        "--text", s(&f.text), "--seq-len", "64", "--tokens", "1024", "--quiet"];
+    args.extend_from_slice(extra);
+    lopper(&args)
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "lopper failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+fn fails(o: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+fn weights_of(dir: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    read_safetensors(&dir.join("model.safetensors")).into_iter().map(|(k, v)| (k, v.f32)).collect()
+}
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// LoRA and masked full healing keep every zero, lower the distillation loss, and change the
+/// weights; report.json carries the figures.
+#[test]
+fn heal_keeps_the_mask_and_lowers_the_loss() {
+    let f = fixture();
+    let before = weights_of(&f.student);
+    for (name, extra) in [("lora", vec!["--lora-rank", "4", "--lr", "1e-2"]), ("full", vec!["--full", "--lr", "2e-3"])] {
+        let out = f.root.join(name);
+        let o = heal(&f, &out, &[&extra[..], &["--hidden-loss", "0.5"]].concat());
+        ok(&o);
+        let after = weights_of(&out);
+        let mut changed = 0;
+        for (k, w0) in &before {
+            let w1 = &after[k];
+            for (a, b) in w0.iter().zip(w1) {
+                if k.contains("_proj") {
+                    assert_eq!(*a == 0.0, *b == 0.0, "{name}: {k}: the zero pattern changed");
+                }
+                changed += (a != b) as usize;
+            }
+        }
+        assert!(changed > 1000, "{name}: only {changed} weights changed");
+        let r = report(&out);
+        assert_eq!(r["sparsity_before"], r["sparsity_after"]);
+        assert!(r["sparsity_before"].as_f64().unwrap() > 0.49);
+        let curve: Vec<f64> = r["loss_curve"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+        assert_eq!(curve.len(), 16);
+        let head: f64 = curve[..4].iter().sum::<f64>() / 4.0;
+        let tail: f64 = curve[12..].iter().sum::<f64>() / 4.0;
+        assert!(tail < 0.8 * head, "{name}: loss {head:.4} → {tail:.4} did not fall");
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+    }
+}
+
+/// A run split by --stop-after and --resume ends with the same weights as an uninterrupted run;
+/// a checkpoint of other settings is refused.
+#[test]
+fn resume_reaches_the_same_result() {
+    let f = fixture();
+    let common = ["--full", "--lr", "2e-3", "--checkpoint-every", "2"];
+    let whole = f.root.join("whole");
+    ok(&heal(&f, &whole, &common));
+    let split = f.root.join("split");
+    let ck = f.root.join("ck");
+    let ck_args = [&common[..], &["--checkpoint-dir", s(&ck)]].concat();
+    let o = heal(&f, &split, &[&ck_args[..], &["--stop-after", "5"]].concat());
+    ok(&o);
+    assert!(!split.exists() && ck.join("heal-checkpoint.safetensors").is_file());
+    let other = heal(&f, &split, &[&ck_args[..], &["--resume", "--seed", "3"]].concat());
+    fails(&other, &["another model or other settings"]);
+    ok(&heal(&f, &split, &[&ck_args[..], &["--resume"]].concat()));
+    let (a, b) = (weights_of(&whole), weights_of(&split));
+    for (k, v) in &a {
+        assert!(v == &b[k], "{k} differs after resume");
+    }
+    assert_eq!(report(&whole)["loss_curve"], report(&split)["loss_curve"]);
+}
+
+/// Bad input: existing --out, wiki.utf8 as training text, another tokenizer, a NaN weight.
+#[test]
+fn heal_refuses_bad_input() {
+    let f = fixture();
+    let out = f.root.join("exists");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep"), "x").unwrap();
+    fails(&heal(&f, &out, &[]), &["already exists", "--force"]);
+    assert!(out.join("keep").is_file());
+
+    let wiki = f.root.join("wiki.utf8");
+    std::fs::copy(&f.text, &wiki).unwrap();
+    let o = lopper(&["heal", "--model", s(&f.student), "--teacher", s(&f.teacher), "--out", s(&f.root.join("o1")), "--text", s(&wiki), "--quiet"]);
+    fails(&o, &["wiki.utf8", "evaluation text"]);
+
+    let other_tok = f.root.join("teacher2");
+    save_with_tokenizer(&tiny("tiny-llama3"), &other_tok, true);
+    let o = lopper(&["heal", "--model", s(&f.student), "--teacher", s(&other_tok), "--out", s(&f.root.join("o2")), "--text", s(&f.text), "--quiet"]);
+    fails(&o, &["different tokenizers"]);
+
+    let mut bad = lopper::io::load_model(&f.student).unwrap();
+    bad.weights.layers[1].down.weight.data_mut()[3] = f32::NAN;
+    let nan = f.root.join("nan");
+    save_with_tokenizer(&bad, &nan, false);
+    let o = lopper(&["heal", "--model", s(&nan), "--teacher", s(&f.teacher), "--out", s(&f.root.join("o3")), "--text", s(&f.text), "--seq-len", "64", "--quiet"]);
+    fails(&o, &["NaN/Inf", "3 steps in a row"]);
+    assert!(!f.root.join("o3").exists());
+}

@@ -20,7 +20,8 @@ use crate::{Arch, Error, Model, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Which parameters train.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Lora { rank: usize, alpha: f64 },
     Full,
