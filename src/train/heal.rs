@@ -150,6 +150,10 @@ pub fn heal(
     let tm = TrainModel::new(student, opts.mode, opts.seed, device)?;
     let mut opt = AdamW::new(&tm.vars, opts.adam)?;
     let fp = fingerprint(student, teacher, data, opts);
+    // The student's values now live in `tm`: let a mapped student's pages go.
+    for (_, t) in student.weights.named_tensors() {
+        t.release_pages();
+    }
     let mut st = LoopState::default();
     if opts.resume {
         let dir = opts.checkpoint_dir.as_ref().ok_or_else(|| Error::Invalid("--resume needs a checkpoint directory".into()))?;

@@ -59,8 +59,11 @@ pub struct Lora {
 pub struct TLin {
     pub w: Param,
     pub b: Option<Param>,
-    /// `[out, in]` u8, 1 where the weight may be non-zero; `None`: no zeros (dense).
+    /// `[out, in]` u8, 1 where the weight may be non-zero; `None`: no zeros (dense), or, with
+    /// `mask_from_base`, recomputed as `w ≠ 0` from the frozen base when needed (LoRA: saves
+    /// one byte per weight of memory).
     pub mask: Option<Tensor>,
+    pub mask_from_base: bool,
     pub lora: Option<Lora>,
 }
 
@@ -77,6 +80,8 @@ impl TLin {
             let mut d = (b.matmul(&a)? * l.scale)?;
             if let Some(m) = &self.mask {
                 d = (d * m.to_dtype(DType::F32)?)?;
+            } else if self.mask_from_base {
+                d = (d * w.ne(0f32)?.to_dtype(DType::F32)?)?;
             }
             w = (w + d)?;
         }
@@ -307,7 +312,8 @@ fn build_lin(
     let lin: &Linear = lw.linear(kind);
     let wt = &lin.weight;
     let has_zeros = wt.count_zeros() > 0;
-    let mask = if has_zeros && mode != Mode::All {
+    let lora_mode = matches!(mode, Mode::Lora { .. });
+    let mask = if has_zeros && mode != Mode::All && !lora_mode {
         let m: Vec<u8> = wt.values().iter().map(|&x| (x != 0.0) as u8).collect();
         Some(Tensor::from_vec(m, wt.shape.as_slice(), dev).map_err(terr)?)
     } else {
@@ -340,5 +346,11 @@ fn build_lin(
         }
         _ => None,
     };
-    Ok(TLin { w, b, mask, lora })
+    Ok(TLin {
+        w,
+        b,
+        mask,
+        mask_from_base: has_zeros && lora_mode,
+        lora,
+    })
 }
