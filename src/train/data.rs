@@ -199,7 +199,7 @@ mod tests {
         let p = dir.path().join("wiki.utf8");
         std::fs::write(&p, "x").unwrap();
         assert!(read_text(&p, None).unwrap_err().to_string().contains("evaluation text"));
-        let line = "A line of the evaluation text that is long enough to be recognised when it is copied into another file, word for word.";
+        let line = "A line of the evaluation text that is long enough to be recognised when it is copied into another file, word for word, as a training text that must never hold it.";
         let wiki = dir.path().join("w.txt");
         std::fs::write(&wiki, format!("{line}\nshort\n")).unwrap();
         let set = wiki_line_set(&wiki).unwrap();
