@@ -202,7 +202,10 @@ fn heal_keeps_the_mask_and_lowers_the_loss() {
     let before = weights_of(&f.student);
     for (name, extra) in [("lora", vec!["--lora-rank", "4", "--lr", "1e-2"]), ("full", vec!["--full", "--lr", "2e-3"])] {
         let out = f.root.join(name);
-        let o = heal(&f, &out, &[&extra[..], &["--hidden-loss", "0.5"]].concat());
+        let evalt = f.root.join("eval.txt");
+        std::fs::write(&evalt, "A dog ran to the park and the cat sat on the mat all day long.\n".repeat(20)).unwrap();
+        let ev = ["--hidden-loss", "0.5", "--eval", "--eval-text", s(&evalt), "--eval-windows", "2", "--eval-seq-len", "64"];
+        let o = heal(&f, &out, &[&extra[..], &ev].concat());
         ok(&o);
         let after = weights_of(&out);
         let mut changed = 0;
@@ -225,6 +228,8 @@ fn heal_keeps_the_mask_and_lowers_the_loss() {
         let tail: f64 = curve[12..].iter().sum::<f64>() / 4.0;
         assert!(tail < 0.8 * head, "{name}: loss {head:.4} → {tail:.4} did not fall");
         assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+        let (pb, pa) = (r["eval"]["perplexity_before"].as_f64().unwrap(), r["eval"]["perplexity_after"].as_f64().unwrap());
+        assert!(pb.is_finite() && pa.is_finite() && pa != pb, "{name}: perplexity {pb} -> {pa}");
     }
 }
 

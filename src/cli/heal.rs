@@ -102,13 +102,13 @@ fn same_path(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn perplexity(m: &lopper::Model, ids: &[u32], a: &HealArgs, text: &Path, quiet: bool) -> Result<f64> {
+fn perplexity(m: &lopper::Model, ids: &[u32], a: &HealArgs, text: &Path, quiet: bool) -> Result<lopper::eval::EvalResult> {
     let pb = super::bar(quiet, a.eval_windows as u64, "eval");
     let r = lopper::eval::perplexity(m, ids, a.eval_seq_len, a.eval_windows, text, &mut |d, _| {
         pb.set_position(d as u64)
     })?;
     pb.finish_and_clear();
-    Ok(r.perplexity)
+    Ok(r)
 }
 
 pub fn run(a: HealArgs) -> Result<()> {
@@ -246,7 +246,12 @@ pub fn run(a: HealArgs) -> Result<()> {
         "sparsity_before": sp_before, "sparsity_after": sp_after,
         "eval": eval_text.as_ref().filter(|_| a.eval).map(|p| json!({
             "text": p, "windows": a.eval_windows, "seq_len": a.eval_seq_len,
-            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "perplexity_before": ppl_before.as_ref().map(|r| r.perplexity),
+            "perplexity_after": ppl_after.as_ref().map(|r| r.perplexity),
+            // The same model's forward (prefill) rate, measured in this run, as the baseline
+            // of the training rate.
+            "prefill_tokens_per_second": ppl_before.as_ref().map(|r| r.tokens_per_second),
+            "train_over_prefill": ppl_before.as_ref().map(|r| st.tokens as f64 / st.seconds.max(1e-9) / r.tokens_per_second),
         })),
     });
     let report = serde_json::to_string_pretty(&report)?;
@@ -260,8 +265,9 @@ pub fn run(a: HealArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     println!("trained       {} tokens in {:.1} s ({:.0} tokens/s), {} steps skipped", st.tokens, st.seconds, st.tokens as f64 / st.seconds.max(1e-9), st.skipped);
     println!("sparsity      {sp_before:.5} before, {sp_after:.5} after");
-    if let (Some(b), Some(c)) = (ppl_before, ppl_after) {
-        println!("perplexity    {b:.3} before, {c:.3} after");
+    if let (Some(b), Some(c)) = (&ppl_before, &ppl_after) {
+        println!("perplexity    {:.3} before, {:.3} after", b.perplexity, c.perplexity);
+        println!("prefill       {:.0} tokens/s (eval of the same model); training runs at {:.3} of it", b.tokens_per_second, st.tokens as f64 / st.seconds.max(1e-9) / b.tokens_per_second);
     }
     println!("wrote         {} (report.json inside)", a.out.display());
     Ok(())
