@@ -66,6 +66,34 @@ fn gradients_match_transformers() {
     assert_eq!(checked, golden_count, "every golden gradient is checked");
 }
 
+/// The closed-form distillation gradient through a frozen head (what `heal` runs) equals
+/// candle's autograd through the whole head graph (used when the head trains).
+#[test]
+fn frozen_head_distillation_matches_the_graph() {
+    // Another random model as the teacher, so that the KL is far from zero.
+    let teacher = tiny("tiny-mistral");
+    let mut student = tiny("tiny-llama3");
+    prune_2of4(&mut student);
+    let ids = &golden_ids("tiny-llama3")[..96];
+    let dev = candle_core::Device::Cpu;
+    let ctx = Ctx::new(&student.config, 1, 96, &dev).unwrap();
+    let th = lopper::model::forward::forward_hidden(&teacher, ids, 1, 96, &mut lopper::model::observer::NoObserver).unwrap();
+    let obj = step::Objective::Distill { teacher: &teacher, hidden: &th, tau: 1.0 };
+    let fast_tm = TrainModel::new(&student, Mode::Full, 0, &dev).unwrap();
+    let fast = step::loss_and_grads(&fast_tm, ids, 1, 96, &ctx, obj, None).unwrap();
+    let graph_tm = TrainModel::new(&student, Mode::All, 0, &dev).unwrap();
+    let graph = step::loss_and_grads(&graph_tm, ids, 1, 96, &ctx, obj, None).unwrap();
+    assert!(fast.loss > 1e-3, "the student differs from the teacher: {}", fast.loss);
+    assert!((fast.loss - graph.loss).abs() < 1e-3 * graph.loss, "loss {} vs {}", fast.loss, graph.loss);
+    for (nv, g) in fast_tm.vars.iter().zip(&fast.grads) {
+        let j = graph_tm.vars.iter().position(|v| v.name == nv.name).unwrap();
+        let a: Vec<f32> = g.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = graph.grads[j].as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r = max_rel(&a, &b);
+        assert!(r < 1e-3, "{}: {r:.2e}", nv.name);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // `lopper heal` on tiny models (byte-level tokenizer written by the test; 256 of 320 ids used).
 

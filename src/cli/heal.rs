@@ -111,7 +111,24 @@ fn perplexity(m: &lopper::Model, ids: &[u32], a: &HealArgs, text: &Path, quiet: 
     Ok(r)
 }
 
+/// Process settings for training: candle's element-wise ops on one thread (its pool's workers
+/// spin-wait, which on a few busy cores cost more than they gain; matrix products keep every
+/// thread), and large buffers reused from the heap instead of fresh zeroed pages for each of the
+/// graph's many temporaries.
+fn tune_for_training() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 pub fn run(a: HealArgs) -> Result<()> {
+    tune_for_training();
     if a.out.exists() && !a.force {
         bail!(lopper::Error::Output {
             path: a.out.clone(),

@@ -168,10 +168,12 @@ pub fn heal(
         let ids = data.at(st.step);
         let mut obs = BlockOutputs::default();
         let th = forward_hidden(teacher, ids, 1, seq, &mut obs)?;
+        crate::util::trace_rss(&format!("teacher at {:.2} s", t0.elapsed().as_secs_f64()));
         let obj = Objective::Distill { teacher, hidden: &th, tau: opts.tau };
         let hidden = opts.hidden_weight.map(|weight| HiddenTarget { outputs: &obs.0, weight });
         let out = step::loss_and_grads(&tm, ids, 1, seq, &ctx, obj, hidden)?;
         let finite = out.loss.is_finite() && grads_finite(&out.grads)?;
+        crate::util::trace_rss(&format!("student at {:.2} s", t0.elapsed().as_secs_f64()));
         if finite {
             bad_run = 0;
             opt.step(&tm.vars, &out.grads, lr_at(st.step, opts.steps, opts.lr))?;
@@ -191,6 +193,7 @@ pub fn heal(
                 )));
             }
         }
+        crate::util::trace_rss(&format!("update at {:.2} s", t0.elapsed().as_secs_f64()));
         st.step += 1;
         st.tokens += seq;
         st.seconds += t0.elapsed().as_secs_f64();

@@ -86,6 +86,61 @@ fn teacher_probs(z: &mut [f32], vocab: usize, tau: f64) -> f64 {
     plogp
 }
 
+/// Distillation through a frozen head without a vocabulary-sized graph: the KL's gradient with
+/// respect to the student's logits is `τ (q − p) / denom` in closed form (`q`, `p` the student's
+/// and teacher's softmax at temperature `τ`), computed row-parallel here; it is taken back
+/// through the head with one product, and only the final norm is differentiated by candle
+/// (`Σ n(x) ⊙ g`). Returns the loss value and `∂loss/∂x` for the chunk.
+fn head_chunk_frozen(
+    tm: &TrainModel,
+    x: &Var,
+    r0: usize,
+    ctx: &Ctx,
+    teacher: &Model,
+    hidden: &[f32],
+    tau: f64,
+    acc: &mut [Option<Tensor>],
+) -> Result<(f64, Tensor)> {
+    use rayon::prelude::*;
+    let n = x.as_tensor().dim(0).map_err(terr)?;
+    let head = tm.head(false);
+    let xn = graph::rmsnorm(x.as_tensor(), &tm.final_norm.get(true), ctx.eps, ctx.norm_dim).map_err(terr)?;
+    let zs: Vec<f32> = xn.detach().matmul(&head.t().map_err(terr)?).and_then(|z| z.flatten_all()).and_then(|z| z.to_vec1()).map_err(terr)?;
+    let d = teacher.config.hidden_size;
+    let zt = crate::model::forward::logits(&teacher.weights, &hidden[r0 * d..(r0 + n) * d], n);
+    let vocab = zs.len() / n;
+    let denom = (ctx.batch * ctx.seq) as f64;
+    let mut gz = vec![0f32; n * vocab];
+    let loss: f64 = gz
+        .par_chunks_mut(vocab)
+        .zip(zs.par_chunks(vocab).zip(zt.par_chunks(vocab)))
+        .map(|(g, (s, t))| {
+            let lse = |z: &[f32]| {
+                let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                m / tau + z.iter().map(|&v| ((v as f64 - m) / tau).exp()).sum::<f64>().ln()
+            };
+            let (ls, lt) = (lse(s), lse(t));
+            let mut kl = 0f64;
+            for i in 0..vocab {
+                let lq = s[i] as f64 / tau - ls;
+                let lp = t[i] as f64 / tau - lt;
+                let p = lp.exp();
+                if p > 0.0 {
+                    kl += p * (lp - lq);
+                }
+                g[i] = (tau * (lq.exp() - p) / denom) as f32;
+            }
+            kl * tau * tau / denom
+        })
+        .sum();
+    let g = Tensor::from_vec(gz, (n, vocab), &tm.device).and_then(|g| g.matmul(&head)).map_err(terr)?;
+    let lb = (&xn * &g).and_then(|t| t.sum_all()).map_err(terr)?;
+    let store = lb.backward().map_err(terr)?;
+    collect(tm, &store, acc)?;
+    let gx = store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?;
+    Ok((loss, gx))
+}
+
 /// Loss of rows `r0..r0+n` from their last hidden states `x` (a var); returns the loss tensor
 /// and the constant added to its value.
 fn head_chunk_loss(
@@ -128,6 +183,11 @@ fn head_chunk_loss(
     }
 }
 
+/// Phase timing and RSS on stderr when `LOPPER_TRACE_RSS` is set.
+fn trace(stage: &str, t0: std::time::Instant) {
+    crate::util::trace_rss(&format!("{stage} at {:.2} s", t0.elapsed().as_secs_f64()));
+}
+
 /// Loss and gradients of `tm` on `batch` windows of `seq` tokens `ids`.
 pub fn loss_and_grads(
     tm: &TrainModel,
@@ -145,6 +205,7 @@ pub fn loss_and_grads(
         )));
     }
     let dev = &tm.device;
+    let t0 = std::time::Instant::now();
     let rows = ids.len();
     let idt = Tensor::from_slice(ids, rows, dev).map_err(terr)?;
     // 1. Untracked forward, keeping block inputs.
@@ -156,6 +217,7 @@ pub fn loss_and_grads(
         inputs.push(h);
         h = y;
     }
+    trace("step: forward", t0);
     let mut acc: Vec<Option<Tensor>> = vec![None; tm.vars.len()];
     // 2. Head and loss, by row chunks.
     let mut head_loss = 0f64;
@@ -164,6 +226,14 @@ pub fn loss_and_grads(
     while r0 < rows {
         let n = HEAD_CHUNK.min(rows - r0);
         let x = Var::from_tensor(&h.narrow(0, r0, n).map_err(terr)?).map_err(terr)?;
+        let frozen_head = matches!(tm.head.as_ref().unwrap_or(&tm.embed), super::params::Param::Fixed(_));
+        if let (true, Objective::Distill { teacher, hidden, tau }) = (frozen_head, obj) {
+            let (l, gx) = head_chunk_frozen(tm, &x, r0, ctx, teacher, hidden, tau, &mut acc)?;
+            head_loss += l;
+            gparts.push(gx);
+            r0 += n;
+            continue;
+        }
         let (l, constant) = head_chunk_loss(tm, x.as_tensor(), ids, r0, ctx, obj)?;
         head_loss += l.to_dtype(DType::F64).and_then(|v| v.to_scalar::<f64>()).map_err(terr)? + constant;
         let store = l.backward().map_err(terr)?;
@@ -171,6 +241,7 @@ pub fn loss_and_grads(
         gparts.push(store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?);
         r0 += n;
     }
+    trace("step: head", t0);
     let mut g = Tensor::cat(&gparts, 0).map_err(terr)?;
     drop(h);
     // 3. Blocks, last to first.
@@ -195,6 +266,7 @@ pub fn loss_and_grads(
         collect(tm, &store, &mut acc)?;
         g = store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train(format!("no gradient reached the input of block {i}")))?;
     }
+    trace("step: blocks", t0);
     // 4. Embedding.
     if matches!(tm.embed, super::params::Param::Train(_)) {
         let e = graph::embed(&tm.embed.get(true), &idt).map_err(terr)?;
