@@ -54,14 +54,19 @@ fn gradients_match_transformers() {
     let loss = g["loss"].f32[0] as f64;
     assert!((out.loss - loss).abs() < 1e-5 * loss.abs().max(1.0), "loss {} vs {loss}", out.loss);
     let mut checked = 0;
+    let mut worst = (0f64, String::new());
     for (nv, gr) in tm.vars.iter().zip(&out.grads) {
         let want = &g.get(&format!("grad.{}", nv.name)).unwrap_or_else(|| panic!("no golden grad for {}", nv.name)).f32;
         let got = gr.as_ref().unwrap_or_else(|| panic!("no gradient for {}", nv.name));
         let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         let r = max_rel(&got, want);
         assert!(r < 1e-3, "{}: gradient differs by {r:.2e} (relative to its max)", nv.name);
+        if r > worst.0 {
+            worst = (r, nv.name.clone());
+        }
         checked += 1;
     }
+    eprintln!("loss {} vs {loss}; worst gradient {:.2e} ({})", out.loss, worst.0, worst.1);
     let golden_count = g.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(checked, golden_count, "every golden gradient is checked");
 }
