@@ -70,7 +70,8 @@ impl AdamW {
                 let g = match &mask {
                     Some(m) => (g * m)?,
                     None => g.clone(),
-                };
+                }
+                .detach();
                 let m = ((&self.m[j] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                 let v = ((&self.v[j] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                 let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
@@ -79,9 +80,10 @@ impl AdamW {
                 if let Some(mk) = &mask {
                     w2 = (w2 * mk)?;
                 }
-                nv.var.set(&w2)?;
-                self.m[j] = m;
-                self.v[j] = v;
+                nv.var.set(&w2.detach())?;
+                // Detached: state must not chain one step's graph to the next.
+                self.m[j] = m.detach();
+                self.v[j] = v.detach();
                 Ok(())
             };
             run().map_err(terr)?;

@@ -58,9 +58,12 @@ pub struct StepOut {
 fn collect(tm: &TrainModel, store: &candle_core::backprop::GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
     for (nv, a) in tm.vars.iter().zip(acc.iter_mut()) {
         if let Some(g) = store.get(nv.var.as_tensor()) {
+            // candle's gradients can keep an op graph (a product with a tracked tensor) that
+            // holds the block's weight-sized intermediates alive; detached, they hold nothing.
+            let g = g.detach();
             *a = Some(match a.take() {
-                Some(prev) => (prev + g).map_err(terr)?,
-                None => g.clone(),
+                Some(prev) => (prev + g).map_err(terr)?.detach(),
+                None => g,
             });
         }
     }
