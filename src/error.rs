@@ -71,6 +71,9 @@ pub enum Error {
     /// The weights' scratch file ([`crate::model::spill`]) in directory `path` failed.
     #[error("{path}: the weights' scratch file: {msg}")]
     Scratch { path: PathBuf, msg: String },
+    /// The training graph failed (a candle error, see [`crate::train`]).
+    #[error("training: {0}")]
+    Train(String),
 }
 
 /// Library result type.

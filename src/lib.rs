@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod structured;
 pub mod text;
 pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

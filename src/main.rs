@@ -41,6 +41,7 @@ fn run(args: cli::Cli) -> Result<()> {
         cli::Command::Convert(a) => cli::convert::run(a),
         cli::Command::Bench(a) => cli::bench::run(a),
         cli::Command::Run(a) => cli::run::run(a),
+        cli::Command::Heal(a) => cli::heal::run(a),
         cli::Command::Fetch => cli::fetch(),
     }
 }

@@ -6,6 +6,7 @@ pub mod bench_dynamic;
 pub mod convert;
 pub mod dynamic;
 pub mod eval;
+pub mod heal;
 pub mod inspect;
 pub mod pipeline;
 pub mod plan;
@@ -50,6 +51,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Benchmark decode and prefill tokens/s per weight format, against the measured memory bandwidth.
     Bench(bench::BenchArgs),
+    /// Heal a pruned model by distilling a dense teacher into it (LoRA or masked full fine-tuning).
+    Heal(heal::HealArgs),
     /// Download and cache the default model and texts; print their paths.
     Fetch,
 }
