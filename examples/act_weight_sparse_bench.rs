@@ -34,7 +34,9 @@ fn main() {
                 let mut a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
                 a.sort_by(|x, y| x.total_cmp(y));
                 let t = a[cols / 2];
-                row.iter_mut().filter(|v| v.abs() < t).for_each(|v| *v = 0.0);
+                row.iter_mut()
+                    .filter(|v| v.abs() < t)
+                    .for_each(|v| *v = 0.0);
             }
             m
         })
@@ -45,11 +47,18 @@ fn main() {
     let cpu_clock = rayon::current_num_threads() == 1;
     println!(
         "clock: {}",
-        if cpu_clock { "process CPU time" } else { "wall" }
+        if cpu_clock {
+            "process CPU time"
+        } else {
+            "wall"
+        }
     );
     let now = move || -> f64 {
         if cpu_clock {
-            let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: a valid timespec out-pointer.
             unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
             t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9

@@ -149,7 +149,10 @@ fn colbitmask_skips_zero_columns() {
         assert!(y.iter().all(|v| v.is_finite()), "{cap:?}");
         let mut all = vec![0f32; rows];
         f.matvec(&vec![1.0; cols], &mut all);
-        assert!(all.iter().any(|v| v.is_nan()), "dense input reads every column");
+        assert!(
+            all.iter().any(|v| v.is_nan()),
+            "dense input reads every column"
+        );
     }
 }
 
@@ -167,18 +170,24 @@ fn colbitmask_tensors_round_trip_and_corrupt_ones_are_refused() {
     let n = bad[v].data.len() - 1;
     bad[v].data.truncate(n);
     bad[v].shape = vec![n];
-    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad).unwrap_err().to_string();
+    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("m.w.values"), "{e}");
     // A bit set on a padding row (65 rows: rows 65..72 of each column's last byte).
     let mut bad = t.clone();
     let mk = pos("m.w.masks");
     let last = bad[mk].data.len() - 1;
     bad[mk].data[last] |= 0x80;
-    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad).unwrap_err().to_string();
+    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("m.w.masks"), "{e}");
     let mut bad = t;
     bad.retain(|x| x.name != "m.w.scales");
-    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad).unwrap_err().to_string();
+    let e = ColBitmaskOf::<i8>::from_tensors("m.w", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("m.w.scales"), "{e}");
 }
 

@@ -10,9 +10,9 @@
 mod common;
 use common::*;
 use lopper::calibrate::{self, CalibSet, SplitMix64};
+use lopper::model::flops;
 use lopper::prune::owl::{self, Allocation};
 use lopper::prune::{self, driver, Method, Pattern, PrunePlan, Scope, SiteStats, Target};
-use lopper::model::flops;
 use lopper::{Error, LinearKind, Model};
 use std::path::{Path, PathBuf};
 
@@ -1361,8 +1361,11 @@ fn pass_reports_name_the_passes_and_their_work() {
     for method in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
         let mut model = tiny_model();
         let orig = tiny_model();
-        let out = run_plan(&mut model, &PrunePlan::new(method, Pattern::Unstructured, 0.5))
-            .unwrap();
+        let out = run_plan(
+            &mut model,
+            &PrunePlan::new(method, Pattern::Unstructured, 0.5),
+        )
+        .unwrap();
         let names: Vec<&str> = out.passes.iter().map(|p| p.name).collect();
         if method == Method::Magnitude {
             assert!(names.is_empty(), "magnitude ran {names:?}");
@@ -1380,7 +1383,11 @@ fn pass_reports_name_the_passes_and_their_work() {
         let (st, fw) = (&out.passes[0], &out.passes[1]);
         assert_eq!((st.blocks, fw.blocks), (3, 2), "{method:?}");
         let gram = st.gram_gflop;
-        assert_eq!(gram > 0.0, method == Method::Sparsegpt, "{method:?} Gram {gram}");
+        assert_eq!(
+            gram > 0.0,
+            method == Method::Sparsegpt,
+            "{method:?} Gram {gram}"
+        );
         if method == Method::Sparsegpt {
             // Distinct inputs of a block: attention (64), o_proj (8·8), MLP (64), down (width).
             let tokens = (calib.n * calib.len) as f64;
@@ -1390,9 +1397,15 @@ fn pass_reports_name_the_passes_and_their_work() {
             let per_block = tokens * (2.0 * 64.0 * 65.0 + o * (o + 1.0) + down * (down + 1.0));
             assert!((gram - 3.0 * per_block / 1e9).abs() < 1e-12, "Gram {gram}");
         }
-        assert!((st.gflop - gram - work(true, 3)).abs() < 1e-9, "{method:?} statistics");
+        assert!(
+            (st.gflop - gram - work(true, 3)).abs() < 1e-9,
+            "{method:?} statistics"
+        );
         // The pruned blocks have the dense blocks' shapes, so the same analytic work.
-        assert!((fw.gflop - work(false, 2)).abs() < 1e-9, "{method:?} propagate");
+        assert!(
+            (fw.gflop - work(false, 2)).abs() < 1e-9,
+            "{method:?} propagate"
+        );
         assert!(work(true, 3) < work(false, 3));
         for p in &out.passes {
             assert!(p.seconds > 0.0 && (p.gflop_per_s - p.gflop / p.seconds).abs() < 1e-6);

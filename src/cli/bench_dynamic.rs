@@ -276,4 +276,3 @@ fn run_mode(
         extra,
     })
 }
-

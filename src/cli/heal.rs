@@ -102,7 +102,13 @@ fn same_path(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn perplexity(m: &lopper::Model, ids: &[u32], a: &HealArgs, text: &Path, quiet: bool) -> Result<lopper::eval::EvalResult> {
+fn perplexity(
+    m: &lopper::Model,
+    ids: &[u32],
+    a: &HealArgs,
+    text: &Path,
+    quiet: bool,
+) -> Result<lopper::eval::EvalResult> {
     let pb = super::bar(quiet, a.eval_windows as u64, "eval");
     let r = lopper::eval::perplexity(m, ids, a.eval_seq_len, a.eval_windows, text, &mut |d, _| {
         pb.set_position(d as u64)
@@ -131,13 +137,21 @@ pub fn run(a: HealArgs) -> Result<()> {
     }
     for (flag, p) in [("--model", &a.model), ("--teacher", &a.teacher)] {
         if same_path(p, &a.out) {
-            bail!("--out {} is the {flag} input; choose another directory", a.out.display());
+            bail!(
+                "--out {} is the {flag} input; choose another directory",
+                a.out.display()
+            );
         }
     }
     if a.seq_len < 2 || a.tokens == 0 {
         bail!("--seq-len must be at least 2 and --tokens positive");
     }
-    if !(a.kd_temp > 0.0) || a.lr.is_some_and(|l| !(l > 0.0)) || a.hidden_loss.is_some_and(|w| !(w >= 0.0)) {
+    // Negated so that NaN is refused too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    let bad = !(a.kd_temp > 0.0)
+        || a.lr.is_some_and(|l| !(l > 0.0))
+        || a.hidden_loss.is_some_and(|w| !(w >= 0.0));
+    if bad {
         bail!("--kd-temp and --lr must be positive, --hidden-loss non-negative");
     }
     if !a.full && a.lora_rank == 0 {
@@ -146,7 +160,10 @@ pub fn run(a: HealArgs) -> Result<()> {
     let mode = if a.full {
         Mode::Full
     } else {
-        Mode::Lora { rank: a.lora_rank, alpha: a.lora_alpha }
+        Mode::Lora {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha,
+        }
     };
     let lr = a.lr.unwrap_or(if a.full { 5e-5 } else { 1e-3 });
     let mut student = super::load_model(&a.model, a.quiet)?;
@@ -154,7 +171,9 @@ pub fn run(a: HealArgs) -> Result<()> {
     // Texts: the evaluation text is refused as training text.
     let eval_text = match &a.eval_text {
         Some(p) => Some(p.clone()),
-        None if a.eval => Some(lopper::assets::wiki_text().context("fetching wiki.utf8 for --eval")?),
+        None if a.eval => {
+            Some(lopper::assets::wiki_text().context("fetching wiki.utf8 for --eval")?)
+        }
         None => {
             let cached = lopper::assets::cache_dir().join(lopper::assets::WIKI_TEXT.file_name);
             cached.is_file().then_some(cached)
@@ -203,7 +222,13 @@ pub fn run(a: HealArgs) -> Result<()> {
         _ => None,
     };
     let ppl_before = match &eval_ids {
-        Some(ids) => Some(perplexity(&student, ids, &a, eval_text.as_deref().unwrap_or(Path::new("")), a.quiet)?),
+        Some(ids) => Some(perplexity(
+            &student,
+            ids,
+            &a,
+            eval_text.as_deref().unwrap_or(Path::new("")),
+            a.quiet,
+        )?),
         None => None,
     };
     let pb = super::bar(a.quiet, (steps * a.seq_len) as u64, "heal");
@@ -216,12 +241,19 @@ pub fn run(a: HealArgs) -> Result<()> {
     );
     let mut started: Option<usize> = None;
     let t0 = std::time::Instant::now();
-    let out = train::heal::heal(&student, &teacher, &data, &opts, &candle_core::Device::Cpu, &mut |st, loss| {
-        let first = *started.get_or_insert(st.tokens - a.seq_len);
-        pb.set_position(st.tokens as u64);
-        let tps = (st.tokens - first) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
-    })?;
+    let out = train::heal::heal(
+        &student,
+        &teacher,
+        &data,
+        &opts,
+        &candle_core::Device::Cpu,
+        &mut |st, loss| {
+            let first = *started.get_or_insert(st.tokens - a.seq_len);
+            pb.set_position(st.tokens as u64);
+            let tps = (st.tokens - first) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
+        },
+    )?;
     pb.finish_and_clear();
     if !out.finished {
         println!(
@@ -238,7 +270,13 @@ pub fn run(a: HealArgs) -> Result<()> {
         bail!("internal error: the sparsity changed from {zeros_before} to {zeros_after} zero weights; nothing written");
     }
     let ppl_after = match &eval_ids {
-        Some(ids) => Some(perplexity(&student, ids, &a, eval_text.as_deref().unwrap_or(Path::new("")), a.quiet)?),
+        Some(ids) => Some(perplexity(
+            &student,
+            ids,
+            &a,
+            eval_text.as_deref().unwrap_or(Path::new("")),
+            a.quiet,
+        )?),
         None => None,
     };
     let st = &out.state;
@@ -274,11 +312,24 @@ pub fn run(a: HealArgs) -> Result<()> {
         &[("report.json", report.as_bytes())],
     )?;
     let _ = std::fs::remove_dir_all(&ckpt_dir);
-    println!("trained       {} tokens in {:.1} s ({:.0} tokens/s), {} steps skipped", st.tokens, st.seconds, st.tokens as f64 / st.seconds.max(1e-9), st.skipped);
+    println!(
+        "trained       {} tokens in {:.1} s ({:.0} tokens/s), {} steps skipped",
+        st.tokens,
+        st.seconds,
+        st.tokens as f64 / st.seconds.max(1e-9),
+        st.skipped
+    );
     println!("sparsity      {sp_before:.5} before, {sp_after:.5} after");
     if let (Some(b), Some(c)) = (&ppl_before, &ppl_after) {
-        println!("perplexity    {:.3} before, {:.3} after", b.perplexity, c.perplexity);
-        println!("prefill       {:.0} tokens/s (eval of the same model); training runs at {:.3} of it", b.tokens_per_second, st.tokens as f64 / st.seconds.max(1e-9) / b.tokens_per_second);
+        println!(
+            "perplexity    {:.3} before, {:.3} after",
+            b.perplexity, c.perplexity
+        );
+        println!(
+            "prefill       {:.0} tokens/s (eval of the same model); training runs at {:.3} of it",
+            b.tokens_per_second,
+            st.tokens as f64 / st.seconds.max(1e-9) / b.tokens_per_second
+        );
     }
     println!("wrote         {} (report.json inside)", a.out.display());
     Ok(())

@@ -139,11 +139,7 @@ impl<E: Elem> ColBitmaskOf<E> {
             let first_row = (i % mb) * 8;
             (0..8).any(|bit| b & (1 << bit) != 0 && first_row + bit >= rows)
         }) {
-            return Err(ferr(
-                mt.name.clone(),
-                kind,
-                "sets a bit of a padding row",
-            ));
+            return Err(ferr(mt.name.clone(), kind, "sets a bit of a padding row"));
         }
         // The offsets follow from the masks; every count is checked against the values.
         let mut offsets = Vec::with_capacity(cols + 1);
@@ -201,7 +197,11 @@ impl<E: Elem> ColBitmaskOf<E> {
         self.masks[j * mb..(j + 1) * mb]
             .iter()
             .enumerate()
-            .flat_map(|(i, &b)| (0..8).filter(move |bit| b & (1 << bit) != 0).map(move |bit| i * 8 + bit))
+            .flat_map(|(i, &b)| {
+                (0..8)
+                    .filter(move |bit| b & (1 << bit) != 0)
+                    .map(move |bit| i * 8 + bit)
+            })
             .map(move |r| {
                 let v = self.v[at].to_f32();
                 at += 1;

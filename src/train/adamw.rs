@@ -128,7 +128,15 @@ mod tests {
     fn matches_the_scalar_reference_and_keeps_zeros() {
         let dev = Device::Cpu;
         let n = 64;
-        let w0: Vec<f32> = (0..n).map(|i| if i % 4 < 2 { 0.0 } else { (i as f32 * 0.37).sin() }).collect();
+        let w0: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 4 < 2 {
+                    0.0
+                } else {
+                    (i as f32 * 0.37).sin()
+                }
+            })
+            .collect();
         let mask: Vec<u8> = w0.iter().map(|&x| (x != 0.0) as u8).collect();
         let var = Var::from_vec(w0.clone(), n, &dev).unwrap();
         let nv = NamedVar {
@@ -136,13 +144,19 @@ mod tests {
             var: var.clone(),
             mask: Some(Tensor::from_vec(mask.clone(), n, &dev).unwrap()),
         };
-        let cfg = AdamCfg { weight_decay: 0.1, ..Default::default() };
+        let cfg = AdamCfg {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(std::slice::from_ref(&nv), cfg).unwrap();
         let (mut w, mut m, mut v) = (w0.clone(), vec![0f32; n], vec![0f32; n]);
         for t in 1..=5u64 {
-            let g: Vec<f32> = (0..n).map(|i| ((i as f32 + t as f32) * 1.3).cos()).collect();
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i as f32 + t as f32) * 1.3).cos())
+                .collect();
             let gt = Tensor::from_vec(g.clone(), n, &dev).unwrap();
-            opt.step(std::slice::from_ref(&nv), &[Some(gt)], 0.01).unwrap();
+            opt.step(std::slice::from_ref(&nv), &[Some(gt)], 0.01)
+                .unwrap();
             adamw_naive(&mut w, &g, Some(&mask), &mut m, &mut v, t, 0.01, cfg);
         }
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
@@ -152,6 +166,9 @@ mod tests {
                 assert_eq!(got[i], 0.0, "a masked weight moved");
             }
         }
-        assert!(got.iter().zip(&w0).any(|(a, b)| a != b), "the update did something");
+        assert!(
+            got.iter().zip(&w0).any(|(a, b)| a != b),
+            "the update did something"
+        );
     }
 }

@@ -53,13 +53,23 @@ fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// Write the checkpoint into `dir` atomically.
-pub fn save(dir: &Path, fingerprint: &str, tm: &TrainModel, opt: &AdamW, st: &LoopState) -> Result<PathBuf> {
+pub fn save(
+    dir: &Path,
+    fingerprint: &str,
+    tm: &TrainModel,
+    opt: &AdamW,
+    st: &LoopState,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(FILE);
     let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (j, nv) in tm.vars.iter().enumerate() {
         let dims = nv.var.as_tensor().dims().to_vec();
-        blobs.push((format!("var.{}", nv.name), dims.clone(), bytes_of(nv.var.as_tensor())?));
+        blobs.push((
+            format!("var.{}", nv.name),
+            dims.clone(),
+            bytes_of(nv.var.as_tensor())?,
+        ));
         blobs.push((format!("m.{}", nv.name), dims.clone(), bytes_of(&opt.m[j])?));
         blobs.push((format!("v.{}", nv.name), dims, bytes_of(&opt.v[j])?));
     }
@@ -78,7 +88,8 @@ pub fn save(dir: &Path, fingerprint: &str, tm: &TrainModel, opt: &AdamW, st: &Lo
     };
     let meta = serde_json::to_string(&meta).map_err(|e| out_err(&path, e.to_string()))?;
     let md = HashMap::from([("lopper_heal".to_string(), meta)]);
-    let bytes = safetensors::serialize(views, Some(md)).map_err(|e| out_err(&path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, Some(md)).map_err(|e| out_err(&path, e.to_string()))?;
     let tmp = dir.join(format!(".{FILE}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -90,7 +101,9 @@ pub fn save(dir: &Path, fingerprint: &str, tm: &TrainModel, opt: &AdamW, st: &Lo
         let _ = std::fs::remove_file(&tmp);
         out_err(
             &path,
-            format!("cannot write the checkpoint ({e}); the previous checkpoint, if any, is intact"),
+            format!(
+                "cannot write the checkpoint ({e}); the previous checkpoint, if any, is intact"
+            ),
         )
     })?;
     Ok(path)
@@ -118,16 +131,30 @@ pub fn load(dir: &Path, fingerprint: &str, tm: &TrainModel, opt: &mut AdamW) -> 
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(&path, "safetensors", e.to_string()))?;
     let get = |name: String, like: &Tensor| -> Result<Tensor> {
-        let v = st.tensor(&name).map_err(|_| bad(format!("tensor {name} is missing")))?;
+        let v = st
+            .tensor(&name)
+            .map_err(|_| bad(format!("tensor {name} is missing")))?;
         if v.shape() != like.dims() {
-            return Err(bad(format!("tensor {name} has shape {:?}, expected {:?}", v.shape(), like.dims())));
+            return Err(bad(format!(
+                "tensor {name} has shape {:?}, expected {:?}",
+                v.shape(),
+                like.dims()
+            )));
         }
-        let f: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Tensor::from_vec(f, like.dims(), like.device()).and_then(|t| t.to_dtype(DType::F32)).map_err(terr)
+        let f: Vec<f32> = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Tensor::from_vec(f, like.dims(), like.device())
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(terr)
     };
     for (j, nv) in tm.vars.iter().enumerate() {
         let w = nv.var.as_tensor();
-        nv.var.set(&get(format!("var.{}", nv.name), w)?).map_err(terr)?;
+        nv.var
+            .set(&get(format!("var.{}", nv.name), w)?)
+            .map_err(terr)?;
         opt.m[j] = get(format!("m.{}", nv.name), w)?;
         opt.v[j] = get(format!("v.{}", nv.name), w)?;
     }

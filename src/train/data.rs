@@ -73,7 +73,10 @@ pub fn read_text(path: &Path, wiki_lines: Option<&HashSet<u64>>) -> Result<Strin
         path: path.to_path_buf(),
         msg: format!("{why}: wiki.utf8 is the evaluation text and is never trained on"),
     };
-    if path.file_name().is_some_and(|n| n == assets::WIKI_TEXT.file_name) {
+    if path
+        .file_name()
+        .is_some_and(|n| n == assets::WIKI_TEXT.file_name)
+    {
         return Err(refuse("the file is named wiki.utf8".into()));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -87,7 +90,10 @@ pub fn read_text(path: &Path, wiki_lines: Option<&HashSet<u64>>) -> Result<Strin
         }
     }
     // C4's one-document-per-line layout, joined as calibration joins it.
-    let text = if path.file_name().is_some_and(|n| n == assets::C4_TEXT.file_name) {
+    let text = if path
+        .file_name()
+        .is_some_and(|n| n == assets::C4_TEXT.file_name)
+    {
         crate::text::join_documents(&text)
     } else {
         text
@@ -198,7 +204,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("wiki.utf8");
         std::fs::write(&p, "x").unwrap();
-        assert!(read_text(&p, None).unwrap_err().to_string().contains("evaluation text"));
+        assert!(read_text(&p, None)
+            .unwrap_err()
+            .to_string()
+            .contains("evaluation text"));
         let line = "A line of the evaluation text that is long enough to be recognised when it is copied into another file, word for word, as a training text that must never hold it.";
         let wiki = dir.path().join("w.txt");
         std::fs::write(&wiki, format!("{line}\nshort\n")).unwrap();

@@ -5,7 +5,7 @@
 //! `h += down(silu(gate(n₂(h))) · up(n₂(h)))`, RMSNorm over [`Config::norm_dim`], RoPE in HF's
 //! rotate-half layout from lopper's own tables ([`crate::model::rope::Rope`], so llama3 / linear
 //! scaling come for free), grouped-query attention, causal masking narrowed to
-//! [`Config::sliding_window`], optional biases. Shapes are read from each block's tensors, so
+//! [`Config::sliding_window`], optional biases, and Qwen3's per-head q/k RMSNorm. Shapes are read from each block's tensors, so
 //! structurally pruned models with per-layer widths run as they are.
 //!
 //! Everything is written with candle-core's differentiable primitives only (softmax and
@@ -38,6 +38,9 @@ pub struct BlockT {
     pub gate: Lin,
     pub up: Lin,
     pub down: Lin,
+    /// Qwen3's per-head RMSNorm scales of q and k (`[head_dim]`), applied before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 /// Per-shape constants shared by every block: RoPE tables and the attention mask.
@@ -133,8 +136,16 @@ fn attention(xn: &Tensor, p: &BlockT, c: &Ctx) -> CResult<Tensor> {
     let hd = c.head_dim;
     let nh = p.q.w.dim(0)? / hd;
     let nkv = p.k.w.dim(0)? / hd;
-    let q = rope(&heads(&linear(xn, &p.q)?, c, nh)?, &c.cos, &c.sin)?;
-    let mut k = rope(&heads(&linear(xn, &p.k)?, c, nkv)?, &c.cos, &c.sin)?;
+    let head_norm = |x: Tensor, w: &Option<Tensor>| -> CResult<Tensor> {
+        match w {
+            Some(w) => rmsnorm(&x, w, c.eps, hd),
+            None => Ok(x),
+        }
+    };
+    let q = head_norm(heads(&linear(xn, &p.q)?, c, nh)?, &p.q_norm)?;
+    let q = rope(&q, &c.cos, &c.sin)?;
+    let k = head_norm(heads(&linear(xn, &p.k)?, c, nkv)?, &p.k_norm)?;
+    let mut k = rope(&k, &c.cos, &c.sin)?;
     let mut v = heads(&linear(xn, &p.v)?, c, nkv)?;
     if nh != nkv {
         let g = nh / nkv;

@@ -71,9 +71,14 @@ pub fn check_pair(student: &Model, teacher: &Model, hidden: bool) -> Result<()> 
             student.source.display()
         )))
     };
-    let (sv, tv) = (student.weights.lm_head().rows(), teacher.weights.lm_head().rows());
+    let (sv, tv) = (
+        student.weights.lm_head().rows(),
+        teacher.weights.lm_head().rows(),
+    );
     if s.vocab_size != t.vocab_size || sv != tv {
-        return bad(format!("different vocabularies: {tv} tokens in the teacher, {sv} in the student"));
+        return bad(format!(
+            "different vocabularies: {tv} tokens in the teacher, {sv} in the student"
+        ));
     }
     if let (Some(a), Some(b)) = (&student.tokenizer, &teacher.tokenizer) {
         let (va, vb) = (a.get_vocab(true), b.get_vocab(true));
@@ -84,7 +89,11 @@ pub fn check_pair(student: &Model, teacher: &Model, hidden: bool) -> Result<()> 
             ));
         }
         if va.len() != vb.len() {
-            return bad(format!("different tokenizers: {} vs {} entries", vb.len(), va.len()));
+            return bad(format!(
+                "different tokenizers: {} vs {} entries",
+                vb.len(),
+                va.len()
+            ));
         }
     }
     if hidden && (s.num_hidden_layers != t.num_hidden_layers || s.hidden_size != t.hidden_size) {
@@ -104,7 +113,9 @@ pub fn fingerprint(student: &Model, teacher: &Model, data: &Windows, opts: &Heal
         h.update(serde_json::to_vec(&m.config).unwrap_or_default());
         for (name, t) in m.weights.named_tensors() {
             h.update(name.as_bytes());
-            h.update(bytemuck::cast_slice(&t.shape.iter().map(|&x| x as u64).collect::<Vec<_>>()));
+            h.update(bytemuck::cast_slice(
+                &t.shape.iter().map(|&x| x as u64).collect::<Vec<_>>(),
+            ));
             for x in t.values().iter().step_by(61) {
                 h.update(x.to_le_bytes());
             }
@@ -156,7 +167,10 @@ pub fn heal(
     }
     let mut st = LoopState::default();
     if opts.resume {
-        let dir = opts.checkpoint_dir.as_ref().ok_or_else(|| Error::Invalid("--resume needs a checkpoint directory".into()))?;
+        let dir = opts
+            .checkpoint_dir
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("--resume needs a checkpoint directory".into()))?;
         st = checkpoint::load(dir, &fp, &tm, &mut opt)?;
     }
     let seq = data.seq;
@@ -169,8 +183,15 @@ pub fn heal(
         let mut obs = BlockOutputs::default();
         let th = forward_hidden(teacher, ids, 1, seq, &mut obs)?;
         crate::util::trace_rss(&format!("teacher at {:.2} s", t0.elapsed().as_secs_f64()));
-        let obj = Objective::Distill { teacher, hidden: &th, tau: opts.tau };
-        let hidden = opts.hidden_weight.map(|weight| HiddenTarget { outputs: &obs.0, weight });
+        let obj = Objective::Distill {
+            teacher,
+            hidden: &th,
+            tau: opts.tau,
+        };
+        let hidden = opts.hidden_weight.map(|weight| HiddenTarget {
+            outputs: &obs.0,
+            weight,
+        });
         let out = step::loss_and_grads(&tm, ids, 1, seq, &ctx, obj, hidden)?;
         let finite = out.loss.is_finite() && grads_finite(&out.grads)?;
         crate::util::trace_rss(&format!("student at {:.2} s", t0.elapsed().as_secs_f64()));
@@ -207,15 +228,28 @@ pub fn heal(
             }
         }
         if stop {
-            return Ok(HealOutcome { tm, state: st, finished: false });
+            return Ok(HealOutcome {
+                tm,
+                state: st,
+                finished: false,
+            });
         }
     }
-    Ok(HealOutcome { tm, state: st, finished: true })
+    Ok(HealOutcome {
+        tm,
+        state: st,
+        finished: true,
+    })
 }
 
 fn grads_finite(grads: &[Option<candle_core::Tensor>]) -> Result<bool> {
     for g in grads.iter().flatten() {
-        let s = g.sqr().and_then(|t| t.sum_all()).and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_scalar::<f64>()).map_err(terr)?;
+        let s = g
+            .sqr()
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.to_dtype(DType::F64))
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(terr)?;
         if !s.is_finite() {
             return Ok(false);
         }

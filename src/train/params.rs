@@ -97,6 +97,9 @@ impl TLin {
 pub struct TBlock {
     pub attn_norm: Param,
     pub mlp_norm: Param,
+    /// Qwen3's per-head q/k norm scales (trained with the other norms).
+    pub q_norm: Option<Param>,
+    pub k_norm: Option<Param>,
     /// In [`LinearKind::ALL`] order.
     pub lins: Vec<TLin>,
 }
@@ -114,6 +117,8 @@ impl TBlock {
             gate: l(LinearKind::Gate)?,
             up: l(LinearKind::Up)?,
             down: l(LinearKind::Down)?,
+            q_norm: self.q_norm.as_ref().map(|p| p.get(track)),
+            k_norm: self.k_norm.as_ref().map(|p| p.get(track)),
         })
     }
 }
@@ -157,14 +162,24 @@ pub fn check_supported(model: &Model) -> Result<()> {
     // is refused until its graph is written.
     #[allow(unreachable_patterns)]
     match model.config.arch {
-        Arch::Llama | Arch::Mistral | Arch::Qwen2 => {}
+        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => {}
         other => {
             return Err(Error::UnsupportedArch {
                 path: model.source.clone(),
                 arch: format!("{} (training)", other.model_type()),
-                supported: "llama, mistral, qwen2",
+                supported: "llama, mistral, qwen2, qwen3",
             })
         }
+    }
+    // Of the other families' block tensors only qwen3's q/k norms are in the graph.
+    let extra = |l: &crate::LayerWeights| {
+        l.extra.post_attn_norm.is_some() || l.extra.post_mlp_norm.is_some() || l.extra.moe.is_some()
+    };
+    if model.weights.layers.iter().any(extra) || model.weights.embed_scale.is_some() {
+        return Err(Error::Invalid(format!(
+            "{}: training does not implement post-sublayer norms, experts or embedding scales",
+            model.source.display()
+        )));
     }
     let ext = model.lopper_extensions();
     if !ext.is_empty() {
@@ -218,6 +233,11 @@ impl TrainModel {
             let n = |s: &str| names::layer_tensor(i, s);
             let attn_norm = param(n(names::ATTN_NORM), &lw.attn_norm, full)?;
             let mlp_norm = param(n(names::MLP_NORM), &lw.mlp_norm, full)?;
+            let mut head_norm = |s: &str, t: &Option<LTensor>| -> Result<Option<Param>> {
+                t.as_ref().map(|t| param(n(s), t, full)).transpose()
+            };
+            let q_norm = head_norm("self_attn.q_norm.weight", &lw.extra.q_norm)?;
+            let k_norm = head_norm("self_attn.k_norm.weight", &lw.extra.k_norm)?;
             let mut lins = Vec::new();
             for kind in LinearKind::ALL {
                 let base = names::linear_module(i, kind);
@@ -226,6 +246,8 @@ impl TrainModel {
             blocks.push(TBlock {
                 attn_norm,
                 mlp_norm,
+                q_norm,
+                k_norm,
                 lins,
             });
         }
@@ -238,7 +260,10 @@ impl TrainModel {
         for b in &blocks {
             for l in &b.lins {
                 if let (Param::Train(v), Some(m)) = (&l.w, &l.mask) {
-                    if let Some(nv) = vars.iter_mut().find(|nv| nv.var.as_tensor().id() == v.as_tensor().id()) {
+                    if let Some(nv) = vars
+                        .iter_mut()
+                        .find(|nv| nv.var.as_tensor().id() == v.as_tensor().id())
+                    {
                         nv.mask = Some(m.clone());
                     }
                 }
@@ -265,7 +290,10 @@ impl TrainModel {
     pub fn write_back(&self, model: &mut Model) -> Result<()> {
         let back = |t: &Tensor| -> Result<LTensor> {
             let shape = t.dims().to_vec();
-            let v = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(terr)?;
+            let v = t
+                .flatten_all()
+                .and_then(|f| f.to_vec1::<f32>())
+                .map_err(terr)?;
             Ok(LTensor::new(shape, v))
         };
         let w = &mut model.weights;
@@ -284,6 +312,12 @@ impl TrainModel {
             }
             if let Param::Train(v) = &b.mlp_norm {
                 lw.mlp_norm = back(v.as_tensor())?;
+            }
+            if let Some(Param::Train(v)) = &b.q_norm {
+                lw.extra.q_norm = Some(back(v.as_tensor())?);
+            }
+            if let Some(Param::Train(v)) = &b.k_norm {
+                lw.extra.k_norm = Some(back(v.as_tensor())?);
             }
             for (tl, kind) in b.lins.iter().zip(LinearKind::ALL) {
                 if matches!(tl.w, Param::Fixed(_)) && tl.lora.is_none() {

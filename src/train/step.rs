@@ -55,7 +55,11 @@ pub struct StepOut {
     pub grads: Vec<Option<Tensor>>,
 }
 
-fn collect(tm: &TrainModel, store: &candle_core::backprop::GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
+fn collect(
+    tm: &TrainModel,
+    store: &candle_core::backprop::GradStore,
+    acc: &mut [Option<Tensor>],
+) -> Result<()> {
     for (nv, a) in tm.vars.iter().zip(acc.iter_mut()) {
         if let Some(g) = store.get(nv.var.as_tensor()) {
             // candle's gradients can keep an op graph (a product with a tracked tensor) that
@@ -94,6 +98,7 @@ fn teacher_probs(z: &mut [f32], vocab: usize, tau: f64) -> f64 {
 /// and teacher's softmax at temperature `τ`), computed row-parallel here; it is taken back
 /// through the head with one product, and only the final norm is differentiated by candle
 /// (`Σ n(x) ⊙ g`). Returns the loss value and `∂loss/∂x` for the chunk.
+#[allow(clippy::too_many_arguments)]
 fn head_chunk_frozen(
     tm: &TrainModel,
     x: &Var,
@@ -107,8 +112,19 @@ fn head_chunk_frozen(
     use rayon::prelude::*;
     let n = x.as_tensor().dim(0).map_err(terr)?;
     let head = tm.head(false);
-    let xn = graph::rmsnorm(x.as_tensor(), &tm.final_norm.get(true), ctx.eps, ctx.norm_dim).map_err(terr)?;
-    let zs: Vec<f32> = xn.detach().matmul(&head.t().map_err(terr)?).and_then(|z| z.flatten_all()).and_then(|z| z.to_vec1()).map_err(terr)?;
+    let xn = graph::rmsnorm(
+        x.as_tensor(),
+        &tm.final_norm.get(true),
+        ctx.eps,
+        ctx.norm_dim,
+    )
+    .map_err(terr)?;
+    let zs: Vec<f32> = xn
+        .detach()
+        .matmul(&head.t().map_err(terr)?)
+        .and_then(|z| z.flatten_all())
+        .and_then(|z| z.to_vec1())
+        .map_err(terr)?;
     let d = teacher.config.hidden_size;
     let zt = crate::model::forward::logits(&teacher.weights, &hidden[r0 * d..(r0 + n) * d], n);
     let vocab = zs.len() / n;
@@ -120,7 +136,11 @@ fn head_chunk_frozen(
         .map(|(g, (s, t))| {
             let lse = |z: &[f32]| {
                 let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                m / tau + z.iter().map(|&v| ((v as f64 - m) / tau).exp()).sum::<f64>().ln()
+                m / tau
+                    + z.iter()
+                        .map(|&v| ((v as f64 - m) / tau).exp())
+                        .sum::<f64>()
+                        .ln()
             };
             let (ls, lt) = (lse(s), lse(t));
             let mut kl = 0f64;
@@ -136,11 +156,16 @@ fn head_chunk_frozen(
             kl * tau * tau / denom
         })
         .sum();
-    let g = Tensor::from_vec(gz, (n, vocab), &tm.device).and_then(|g| g.matmul(&head)).map_err(terr)?;
+    let g = Tensor::from_vec(gz, (n, vocab), &tm.device)
+        .and_then(|g| g.matmul(&head))
+        .map_err(terr)?;
     let lb = (&xn * &g).and_then(|t| t.sum_all()).map_err(terr)?;
     let store = lb.backward().map_err(terr)?;
     collect(tm, &store, acc)?;
-    let gx = store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?;
+    let gx = store
+        .get(x.as_tensor())
+        .cloned()
+        .ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?;
     Ok((loss, gx))
 }
 
@@ -171,12 +196,20 @@ fn head_chunk_loss(
             }
             let t = Tensor::from_vec(t, n, dev).map_err(terr)?;
             let w = Tensor::from_vec(w, n, dev).map_err(terr)?;
-            Ok((graph::cross_entropy(&logits, &t, &w, denom).map_err(terr)?, 0.0))
+            Ok((
+                graph::cross_entropy(&logits, &t, &w, denom).map_err(terr)?,
+                0.0,
+            ))
         }
-        Objective::Distill { teacher, hidden, tau } => {
+        Objective::Distill {
+            teacher,
+            hidden,
+            tau,
+        } => {
             let d = teacher.config.hidden_size;
             let denom = (ctx.batch * seq) as f64;
-            let mut z = crate::model::forward::logits(&teacher.weights, &hidden[r0 * d..(r0 + n) * d], n);
+            let mut z =
+                crate::model::forward::logits(&teacher.weights, &hidden[r0 * d..(r0 + n) * d], n);
             let vocab = z.len() / n;
             let plogp = teacher_probs(&mut z, vocab, tau);
             let p = Tensor::from_vec(z, (n, vocab), dev).map_err(terr)?;
@@ -229,8 +262,19 @@ pub fn loss_and_grads(
     while r0 < rows {
         let n = HEAD_CHUNK.min(rows - r0);
         let x = Var::from_tensor(&h.narrow(0, r0, n).map_err(terr)?).map_err(terr)?;
-        let frozen_head = matches!(tm.head.as_ref().unwrap_or(&tm.embed), super::params::Param::Fixed(_));
-        if let (true, Objective::Distill { teacher, hidden, tau }) = (frozen_head, obj) {
+        let frozen_head = matches!(
+            tm.head.as_ref().unwrap_or(&tm.embed),
+            super::params::Param::Fixed(_)
+        );
+        if let (
+            true,
+            Objective::Distill {
+                teacher,
+                hidden,
+                tau,
+            },
+        ) = (frozen_head, obj)
+        {
             let (l, gx) = head_chunk_frozen(tm, &x, r0, ctx, teacher, hidden, tau, &mut acc)?;
             head_loss += l;
             gparts.push(gx);
@@ -238,10 +282,19 @@ pub fn loss_and_grads(
             continue;
         }
         let (l, constant) = head_chunk_loss(tm, x.as_tensor(), ids, r0, ctx, obj)?;
-        head_loss += l.to_dtype(DType::F64).and_then(|v| v.to_scalar::<f64>()).map_err(terr)? + constant;
+        head_loss += l
+            .to_dtype(DType::F64)
+            .and_then(|v| v.to_scalar::<f64>())
+            .map_err(terr)?
+            + constant;
         let store = l.backward().map_err(terr)?;
         collect(tm, &store, &mut acc)?;
-        gparts.push(store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?);
+        gparts.push(
+            store
+                .get(x.as_tensor())
+                .cloned()
+                .ok_or_else(|| Error::Train("no gradient reached the last hidden states".into()))?,
+        );
         r0 += n;
     }
     trace("step: head", t0);
@@ -258,16 +311,29 @@ pub fn loss_and_grads(
         let mut lb = (&y * &g).and_then(|t| t.sum_all()).map_err(terr)?;
         if let Some(ht) = hidden {
             let t = Tensor::from_slice(&ht.outputs[i], y.dims(), dev).map_err(terr)?;
-            let norm: f64 = ht.outputs[i].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().max(1e-30);
-            let hl = ((&y - &t).and_then(|d| d.sqr()).and_then(|d| d.sum_all()).map_err(terr)?
+            let norm: f64 = ht.outputs[i]
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .max(1e-30);
+            let hl = ((&y - &t)
+                .and_then(|d| d.sqr())
+                .and_then(|d| d.sum_all())
+                .map_err(terr)?
                 * (ht.weight / nl as f64 / norm))
                 .map_err(terr)?;
-            hidden_loss += hl.to_dtype(DType::F64).and_then(|v| v.to_scalar::<f64>()).map_err(terr)?;
+            hidden_loss += hl
+                .to_dtype(DType::F64)
+                .and_then(|v| v.to_scalar::<f64>())
+                .map_err(terr)?;
             lb = (lb + hl).map_err(terr)?;
         }
         let store = lb.backward().map_err(terr)?;
         collect(tm, &store, &mut acc)?;
-        g = store.get(x.as_tensor()).cloned().ok_or_else(|| Error::Train(format!("no gradient reached the input of block {i}")))?;
+        g = store
+            .get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| Error::Train(format!("no gradient reached the input of block {i}")))?;
     }
     trace("step: blocks", t0);
     // 4. Embedding.
