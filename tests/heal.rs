@@ -40,6 +40,7 @@ fn candle_forward_matches_plain_forward() {
         "tiny-qwen2",
         "tiny-mistral",
         "tiny-qwen3",
+        "tiny-phi3",
     ] {
         let model = tiny(name);
         let ids = golden_ids(name);
@@ -512,4 +513,21 @@ fn heal_refuses_bad_input() {
     ]);
     fails(&o, &["NaN/Inf", "3 steps in a row"]);
     assert!(!f.root.join("o3").exists());
+}
+
+/// Families whose training graph is not written are refused by name, before any work.
+#[test]
+fn untrained_families_are_refused() {
+    for (name, family) in [
+        ("tiny-gemma3", "gemma3"),
+        ("tiny-mixtral", "mixtral"),
+        ("tiny-qwen3-moe", "qwen3"),
+    ] {
+        let model = tiny(name);
+        let e = TrainModel::new(&model, Mode::Full, 0, &candle_core::Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{name} accepted"))
+            .to_string();
+        assert!(e.contains(family) && e.contains("training"), "{name}: {e}");
+    }
 }

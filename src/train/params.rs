@@ -162,12 +162,12 @@ pub fn check_supported(model: &Model) -> Result<()> {
     // is refused until its graph is written.
     #[allow(unreachable_patterns)]
     match model.config.arch {
-        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => {}
+        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {}
         other => {
             return Err(Error::UnsupportedArch {
                 path: model.source.clone(),
                 arch: format!("{} (training)", other.model_type()),
-                supported: "llama, mistral, qwen2, qwen3",
+                supported: "llama, mistral, qwen2, qwen3, phi3",
             })
         }
     }
