@@ -25,14 +25,13 @@
 //! column. Products with more than [`super::SMALL_M`] rows of `x` decode row tiles and use
 //! GEMM; the runtime keeps the row-major weight for those (prefill).
 
-use super::colmajor::PARTS;
+use super::colmajor::{rows_skip, skip_product};
 use super::elem::Elem;
 use super::{
     check_dense, check_sizes, ferr, find, isa, matmul_tiled, naive_product, read_dims, read_f32,
-    shape_tensor, Dtype, Isa, RawTensor, WeightFormat, PAR_BYTES, SMALL_M,
+    shape_tensor, Dtype, Isa, RawTensor, WeightFormat, SMALL_M,
 };
 use crate::Result;
-use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -225,44 +224,16 @@ impl<E: Elem> ColBitmaskOf<E> {
     /// `y (+)= W · x` for one row of `x`, reading only the columns with `x[j] ≠ 0`.
     pub fn matvec_skip(&self, x: &[f32], y: &mut [f32], acc: bool) {
         check_sizes(Self::KIND, self.rows, self.cols, x, 1, y);
-        let mut idx = Vec::with_capacity(self.cols);
-        let mut xs = Vec::with_capacity(self.cols);
-        for (j, &xj) in x[..self.cols].iter().enumerate() {
-            if xj != 0.0 {
-                idx.push(j as u32);
-                xs.push(xj);
-            }
-        }
-        let n = idx.len();
-        let bytes = n * (self.mask_bytes() + (self.v.len() * E::DTYPE.size()) / self.cols.max(1));
-        let parts = if bytes >= PAR_BYTES && n >= 4 * PARTS {
-            PARTS
-        } else {
-            1
-        };
         let rp = self.rows.next_multiple_of(PAD);
-        let per = n.div_ceil(parts).max(1);
-        let run = |p: usize| {
-            let (a, b) = ((p * per).min(n), ((p + 1) * per).min(n));
-            let mut part = vec![0f32; rp];
-            self.columns(&idx[a..b], &xs[a..b], &mut part);
-            part
-        };
-        let sums: Vec<Vec<f32>> = if parts == 1 {
-            vec![run(0)]
-        } else {
-            (0..parts).into_par_iter().map(run).collect()
-        };
-        for (r, y) in y[..self.rows].iter_mut().enumerate() {
-            let mut s = 0f32;
-            for p in &sums {
-                s += p[r];
-            }
-            if E::SCALED {
-                s *= self.scales[r];
-            }
-            *y = if acc { *y + s } else { s };
-        }
+        skip_product(
+            (self.rows, self.cols, rp),
+            x,
+            y,
+            acc,
+            &self.scales,
+            |idx| self.bytes_for_columns(idx),
+            |idx, xs, part| self.columns(idx, xs, part),
+        );
     }
 
     /// `acc[0..rp] += Σ_k xs[k] · W[:, idx[k]]` (before row scales): AVX2 where the kernel set
@@ -400,14 +371,10 @@ impl<E: Elem> WeightFormat for ColBitmaskOf<E> {
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
         if m <= SMALL_M {
-            let (c, r) = (self.cols, self.rows);
-            for i in 0..m {
-                self.matvec_skip(
-                    &x[i * c..(i + 1) * c],
-                    &mut y[i * r..(i + 1) * r],
-                    accumulate,
-                );
-            }
+            let dims = (self.rows, self.cols);
+            rows_skip(dims, x, m, y, accumulate, |x, y, a| {
+                self.matvec_skip(x, y, a)
+            });
         } else {
             matmul_tiled(self, x, m, y, accumulate);
         }

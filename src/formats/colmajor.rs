@@ -173,43 +173,86 @@ impl<E: Elem> ColMajorOf<E> {
     /// `y (+)= W · x` for one row of `x`, reading only the columns with `x[j] ≠ 0`.
     pub fn matvec_skip(&self, x: &[f32], y: &mut [f32], acc: bool) {
         check_sizes(Self::KIND, self.rows, self.cols, x, 1, y);
-        let mut idx = Vec::with_capacity(self.cols);
-        let mut xs = Vec::with_capacity(self.cols);
-        for (j, &xj) in x[..self.cols].iter().enumerate() {
-            if xj != 0.0 {
-                idx.push(j as u32);
-                xs.push(xj);
-            }
-        }
-        let n = idx.len();
-        let parts = if self.bytes_for_active(n) >= PAR_BYTES && n >= 4 * PARTS {
-            PARTS
-        } else {
-            1
-        };
         let rp = self.rows.next_multiple_of(PAD);
-        let per = n.div_ceil(parts).max(1);
-        let run = |p: usize| {
-            let (a, b) = ((p * per).min(n), ((p + 1) * per).min(n));
-            let mut part = vec![0f32; rp];
-            columns(&self.v, rp, &idx[a..b], &xs[a..b], &mut part);
-            part
-        };
-        let sums: Vec<Vec<f32>> = if parts == 1 {
-            vec![run(0)]
-        } else {
-            (0..parts).into_par_iter().map(run).collect()
-        };
-        for (r, y) in y[..self.rows].iter_mut().enumerate() {
-            let mut s = 0f32;
-            for p in &sums {
-                s += p[r];
-            }
-            if E::SCALED {
-                s *= self.scales[r];
-            }
-            *y = if acc { *y + s } else { s };
+        skip_product(
+            (self.rows, self.cols, rp),
+            x,
+            y,
+            acc,
+            &self.scales,
+            |idx| self.bytes_for_active(idx.len()),
+            |idx, xs, part| columns(&self.v, rp, idx, xs, part),
+        );
+    }
+}
+
+/// The column-skipping product shared by the column-major formats: `y (+)= W · x` for one row
+/// of `x` (`dims` = rows, cols, padded rows). The active columns (`x[j] ≠ 0`) are listed once
+/// and split into [`PARTS`] ranges when `bytes(active)` reaches [`PAR_BYTES`]; `columns(idx, xs,
+/// part)` sums a range into its own partial `y` (padded rows long), the partial sums are added
+/// in range order (so the bits do not depend on the thread count) and multiplied by the per-row
+/// `scales` when there are any.
+pub(super) fn skip_product(
+    dims: (usize, usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+    acc: bool,
+    scales: &[f32],
+    bytes: impl Fn(&[u32]) -> usize,
+    columns: impl Fn(&[u32], &[f32], &mut [f32]) + Sync,
+) {
+    let (rows, cols, rp) = dims;
+    let mut idx = Vec::with_capacity(cols);
+    let mut xs = Vec::with_capacity(cols);
+    for (j, &xj) in x[..cols].iter().enumerate() {
+        if xj != 0.0 {
+            idx.push(j as u32);
+            xs.push(xj);
         }
+    }
+    let n = idx.len();
+    let parts = if bytes(&idx) >= PAR_BYTES && n >= 4 * PARTS {
+        PARTS
+    } else {
+        1
+    };
+    let per = n.div_ceil(parts).max(1);
+    let run = |p: usize| {
+        let (a, b) = ((p * per).min(n), ((p + 1) * per).min(n));
+        let mut part = vec![0f32; rp];
+        columns(&idx[a..b], &xs[a..b], &mut part);
+        part
+    };
+    let sums: Vec<Vec<f32>> = if parts == 1 {
+        vec![run(0)]
+    } else {
+        (0..parts).into_par_iter().map(run).collect()
+    };
+    for (r, y) in y[..rows].iter_mut().enumerate() {
+        let mut s = 0f32;
+        for p in &sums {
+            s += p[r];
+        }
+        if !scales.is_empty() {
+            s *= scales[r];
+        }
+        *y = if acc { *y + s } else { s };
+    }
+}
+
+/// `y[m, rows] (+)= x[m, cols] · Wᵀ` one row of `x` at a time through `matvec_skip(x_i, y_i,
+/// acc)`: the decode path of the column-major formats (up to [`SMALL_M`] rows).
+pub(super) fn rows_skip(
+    dims: (usize, usize),
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    acc: bool,
+    matvec_skip: impl Fn(&[f32], &mut [f32], bool),
+) {
+    let (r, c) = dims;
+    for i in 0..m {
+        matvec_skip(&x[i * c..(i + 1) * c], &mut y[i * r..(i + 1) * r], acc);
     }
 }
 
@@ -345,14 +388,10 @@ impl<E: Elem> WeightFormat for ColMajorOf<E> {
     fn matmul_add(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         check_sizes(Self::KIND, self.rows, self.cols, x, m, y);
         if m <= SMALL_M {
-            let (c, r) = (self.cols, self.rows);
-            for i in 0..m {
-                self.matvec_skip(
-                    &x[i * c..(i + 1) * c],
-                    &mut y[i * r..(i + 1) * r],
-                    accumulate,
-                );
-            }
+            let dims = (self.rows, self.cols);
+            rows_skip(dims, x, m, y, accumulate, |x, y, a| {
+                self.matvec_skip(x, y, a)
+            });
         } else {
             matmul_tiled(self, x, m, y, accumulate);
         }

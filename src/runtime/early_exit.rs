@@ -24,7 +24,7 @@
 //! K/V each later block writes for them is the propagated exit state, exactly what sequential
 //! decoding writes; each row's NLL comes from the logits it exited with.
 
-use super::generate::{GenerateOpts, GenerateStats, StopReason};
+use super::generate::{GenerateOpts, GenerateStats};
 use super::kv::{on_pool, KvCache};
 use super::sample::{argmax, Sampler};
 use crate::model::forward::{block_forward_cached, embed, linear, logits, KvSlot};
@@ -233,17 +233,7 @@ pub fn generate_early_exit(
         gs.prefill_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         loop {
-            if stops.contains(&tok) {
-                gs.stop = StopReason::StopToken(tok);
-                break;
-            }
-            on_token(tok);
-            gs.new_tokens += 1;
-            if gs.new_tokens >= opts.max_new {
-                break;
-            }
-            if cache.remaining() == 0 {
-                gs.stop = StopReason::Context;
+            if !gs.emit(tok, &stops, opts.max_new, cache.remaining(), on_token) {
                 break;
             }
             let (l, ran) = on_pool(|| step(model, eo, tok, &mut cache, greedy))?;

@@ -76,6 +76,34 @@ impl GenerateStats {
             stop: StopReason::MaxNew,
         }
     }
+
+    /// One chosen token: hands it to `on_token` and counts it unless it is a stop token.
+    /// Returns whether decoding goes on: false at a stop token, after `max_new` tokens, or with
+    /// no cache position left (`remaining`), with [`GenerateStats::stop`] set to say which.
+    /// Shared by plain, early-exit and token-pruned decoding.
+    pub fn emit(
+        &mut self,
+        tok: u32,
+        stops: &[u32],
+        max_new: usize,
+        remaining: usize,
+        on_token: &mut dyn FnMut(u32),
+    ) -> bool {
+        if stops.contains(&tok) {
+            self.stop = StopReason::StopToken(tok);
+            return false;
+        }
+        on_token(tok);
+        self.new_tokens += 1;
+        if self.new_tokens >= max_new {
+            return false;
+        }
+        if remaining == 0 {
+            self.stop = StopReason::Context;
+            return false;
+        }
+        true
+    }
 }
 
 /// The tokens that end generation: the requested ones, plus EOS when asked.
@@ -128,17 +156,7 @@ pub fn generate(
         stats.prefill_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         loop {
-            if stops.contains(&tok) {
-                stats.stop = StopReason::StopToken(tok);
-                break;
-            }
-            on_token(tok);
-            stats.new_tokens += 1;
-            if stats.new_tokens >= opts.max_new {
-                break;
-            }
-            if cache.remaining() == 0 {
-                stats.stop = StopReason::Context;
+            if !stats.emit(tok, &stops, opts.max_new, cache.remaining(), on_token) {
                 break;
             }
             tok = step(&[tok], &mut cache)?;

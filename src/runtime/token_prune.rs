@@ -42,7 +42,7 @@
 //! revived, and the following tokens are scored teacher-forced against that cache (the first of
 //! them from the prefill's logits), as decoding would see them.
 
-use super::generate::{GenerateOpts, GenerateStats, StopReason};
+use super::generate::{GenerateOpts, GenerateStats};
 use super::kv::{forward_step, forward_step_all, forward_step_top_k, on_pool, KvCache};
 use super::sample::Sampler;
 use crate::kernels::{self, attention::AttnDims};
@@ -486,17 +486,7 @@ pub fn generate_token_pruned(
         let mut aux = Some(pf.aux);
         let t = Instant::now();
         loop {
-            if stops.contains(&tok) {
-                gs.stop = StopReason::StopToken(tok);
-                break;
-            }
-            on_token(tok);
-            gs.new_tokens += 1;
-            if gs.new_tokens >= opts.max_new {
-                break;
-            }
-            if cache.remaining() == 0 {
-                gs.stop = StopReason::Context;
+            if !gs.emit(tok, &stops, opts.max_new, cache.remaining(), on_token) {
                 break;
             }
             if let Some(a) = aux.take() {
