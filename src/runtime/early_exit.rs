@@ -201,16 +201,7 @@ pub fn generate_early_exit(
     on_token: &mut dyn FnMut(u32),
 ) -> Result<ExitStats> {
     let mut sampler = Sampler::new(opts.sampling)?;
-    if prompt_ids.is_empty() {
-        return Err(Error::Invalid("generation needs a non-empty prompt".into()));
-    }
-    let ctx = model.config.max_position_embeddings.max(1);
-    if prompt_ids.len() > ctx {
-        return Err(Error::Invalid(format!(
-            "the prompt has {} tokens; the model's context is {ctx}",
-            prompt_ids.len()
-        )));
-    }
+    let ctx = super::generate::check_prompt(model, prompt_ids)?;
     let greedy = opts.sampling.is_greedy();
     let stops = super::generate::stop_tokens(model, opts);
     let cap = (prompt_ids.len() + opts.max_new.saturating_sub(1)).min(ctx);

@@ -115,13 +115,8 @@ pub fn stop_tokens(model: &Model, opts: &GenerateOpts) -> Vec<u32> {
     stops
 }
 
-pub fn generate(
-    model: &Model,
-    prompt_ids: &[u32],
-    opts: &GenerateOpts,
-    on_token: &mut dyn FnMut(u32),
-) -> Result<GenerateStats> {
-    let mut sampler = Sampler::new(opts.sampling)?;
+/// Refuses an empty prompt or one longer than the model's context; returns the context.
+pub fn check_prompt(model: &Model, prompt_ids: &[u32]) -> Result<usize> {
     if prompt_ids.is_empty() {
         return Err(Error::Invalid("generation needs a non-empty prompt".into()));
     }
@@ -132,6 +127,17 @@ pub fn generate(
             prompt_ids.len()
         )));
     }
+    Ok(ctx)
+}
+
+pub fn generate(
+    model: &Model,
+    prompt_ids: &[u32],
+    opts: &GenerateOpts,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenerateStats> {
+    let mut sampler = Sampler::new(opts.sampling)?;
+    let ctx = check_prompt(model, prompt_ids)?;
     let stops = stop_tokens(model, opts);
     // The last new token is never fed back, so the cache needs prompt + max_new − 1 positions.
     let cap = (prompt_ids.len() + opts.max_new.saturating_sub(1)).min(ctx);
