@@ -221,16 +221,15 @@ pub fn run(a: HealArgs) -> Result<()> {
         (Some(p), true) => Some(super::eval::tokenize_text(&student, p)?),
         _ => None,
     };
-    let ppl_before = match &eval_ids {
-        Some(ids) => Some(perplexity(
-            &student,
-            ids,
-            &a,
-            eval_text.as_deref().unwrap_or(Path::new("")),
-            a.quiet,
-        )?),
-        None => None,
+    // `--eval`: the same windows before and after training.
+    let eval_ppl = |m: &lopper::Model| -> Result<Option<lopper::eval::EvalResult>> {
+        let text = eval_text.as_deref().unwrap_or(Path::new(""));
+        eval_ids
+            .as_ref()
+            .map(|ids| perplexity(m, ids, &a, text, a.quiet))
+            .transpose()
     };
+    let ppl_before = eval_ppl(&student)?;
     let pb = super::bar(a.quiet, (steps * a.seq_len) as u64, "heal");
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -269,16 +268,7 @@ pub fn run(a: HealArgs) -> Result<()> {
     if zeros_after != zeros_before {
         bail!("internal error: the sparsity changed from {zeros_before} to {zeros_after} zero weights; nothing written");
     }
-    let ppl_after = match &eval_ids {
-        Some(ids) => Some(perplexity(
-            &student,
-            ids,
-            &a,
-            eval_text.as_deref().unwrap_or(Path::new("")),
-            a.quiet,
-        )?),
-        None => None,
-    };
+    let ppl_after = eval_ppl(&student)?;
     let st = &out.state;
     let report = json!({
         "command": "heal",
