@@ -236,9 +236,7 @@ pub fn generate_early_exit(
         }
         gs.decode_seconds = t.elapsed().as_secs_f64();
     }
-    let rate = |k: usize, s: f64| if s > 0.0 { k as f64 / s } else { 0.0 };
-    gs.prefill_tokens_per_s = rate(gs.prompt_tokens, gs.prefill_seconds);
-    gs.decode_tokens_per_s = rate(gs.decode_steps, gs.decode_seconds);
+    gs.finish_rates();
     Ok(ExitStats {
         generate: gs,
         tokens,

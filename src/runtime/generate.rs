@@ -77,6 +77,13 @@ impl GenerateStats {
         }
     }
 
+    /// Fills the tokens/s figures from the counts and seconds.
+    pub fn finish_rates(&mut self) {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        self.prefill_tokens_per_s = rate(self.prompt_tokens, self.prefill_seconds);
+        self.decode_tokens_per_s = rate(self.decode_steps, self.decode_seconds);
+    }
+
     /// One chosen token: hands it to `on_token` and counts it unless it is a stop token.
     /// Returns whether decoding goes on: false at a stop token, after `max_new` tokens, or with
     /// no cache position left (`remaining`), with [`GenerateStats::stop`] set to say which.
@@ -170,9 +177,7 @@ pub fn generate(
         }
         stats.decode_seconds = t.elapsed().as_secs_f64();
     }
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    stats.prefill_tokens_per_s = rate(stats.prompt_tokens, stats.prefill_seconds);
-    stats.decode_tokens_per_s = rate(stats.decode_steps, stats.decode_seconds);
+    stats.finish_rates();
     Ok(stats)
 }
 

@@ -495,9 +495,7 @@ pub fn generate_token_pruned(
         }
         gs.decode_seconds = t.elapsed().as_secs_f64();
     }
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    gs.prefill_tokens_per_s = rate(gs.prompt_tokens, gs.prefill_seconds);
-    gs.decode_tokens_per_s = rate(gs.decode_steps, gs.decode_seconds);
+    gs.finish_rates();
     Ok(PruneStats {
         generate: gs,
         counts,
